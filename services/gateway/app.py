@@ -1,0 +1,60 @@
+"""The gateway: FastAPI app that validates, authorizes, records and queues jobs."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+
+from conveyor.auth import parse_bootstrap_keys
+from conveyor.database import Database
+from conveyor.handlers import load_handler_modules
+from conveyor.health import health_router
+from conveyor.outbox import OutboxRelay
+from conveyor.settings import Settings
+from conveyor.topics_setup import TopicKeeper
+from services.gateway import jobs
+from services.gateway.problems import install_problem_handlers
+from services.gateway.state import GatewayState
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        db = Database(settings.resolved_database_url)
+        await db.migrate()
+        relay = OutboxRelay(db, settings.kafka_bootstrap)
+        # Kafka may be down at start: the gateway still accepts jobs, and the relay publishes later.
+        topics = TopicKeeper(settings)
+        await topics.start()
+        await relay.start()
+        app.state.gateway = GatewayState(
+            settings=settings,
+            db=db,
+            registry=load_handler_modules(settings.handler_modules),
+            relay=relay,
+            bootstrap_keys=parse_bootstrap_keys(settings.api_keys),
+        )
+        try:
+            yield
+        finally:
+            await relay.stop()
+            await topics.stop()
+            await db.close()
+
+    app = FastAPI(
+        title="Conveyor gateway",
+        version="0.1.0",
+        description="Submit long-running jobs (202 Accepted) and follow them to their result.",
+        lifespan=lifespan,
+    )
+    install_problem_handlers(app)
+    app.include_router(jobs.router)
+
+    def dependencies(request: Request) -> tuple[Database, Settings]:
+        state: GatewayState = request.app.state.gateway
+        return state.db, state.settings
+
+    app.include_router(health_router(dependencies))
+    return app

@@ -1,0 +1,117 @@
+"""RFC 9457 problem details: every error the gateway answers is `application/problem+json`."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from pydantic_core import ErrorDetails
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = structlog.get_logger(__name__)
+
+PROBLEM_JSON = "application/problem+json"
+PROBLEM_TYPE_BASE = "urn:conveyor:problem:"
+# How long a client should wait before retrying while a dependency is down.
+DEPENDENCY_RETRY_AFTER_S = 5
+
+
+class Problem(Exception):
+    def __init__(
+        self,
+        status: int,
+        title: str,
+        detail: str | None = None,
+        *,
+        slug: str | None = None,
+        headers: dict[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(detail or title)
+        self.status = status
+        self.title = title
+        self.detail = detail
+        self.type = PROBLEM_TYPE_BASE + slug if slug else "about:blank"
+        self.headers = headers or {}
+        self.extensions = extensions
+
+    def body(self, instance: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {"type": self.type, "title": self.title, "status": self.status}
+        if self.detail:
+            body["detail"] = self.detail
+        if instance:
+            body["instance"] = instance
+        body.update(self.extensions)
+        return body
+
+
+def problem_response(problem: Problem, request: Request | None = None) -> JSONResponse:
+    instance = request.url.path if request is not None else None
+    return JSONResponse(
+        problem.body(instance), status_code=problem.status, headers=problem.headers, media_type=PROBLEM_JSON
+    )
+
+
+def field_errors(
+    errors: list[ErrorDetails] | list[Any], prefix: tuple[str | int, ...] = ()
+) -> list[dict[str, str]]:
+    """Pydantic errors as `[{"field": "payload.seconds", "message": ...}]`."""
+    fields = []
+    for error in errors:
+        loc = [part for part in (*prefix, *error.get("loc", ())) if part != "body"]
+        fields.append({"field": ".".join(str(part) for part in loc) or "(body)", "message": error["msg"]})
+    return fields
+
+
+def validation_problem(
+    exc: ValidationError | list[ErrorDetails], prefix: tuple[str | int, ...] = ()
+) -> Problem:
+    errors = field_errors(exc.errors() if isinstance(exc, ValidationError) else exc, prefix)
+    fields = ", ".join(error["field"] for error in errors)
+    return Problem(422, "Invalid request", f"invalid: {fields}", slug="invalid-request", errors=errors)
+
+
+def dependency_down(name: str) -> Problem:
+    return Problem(
+        503,
+        "Service unavailable",
+        f"the {name} is unreachable; nothing was accepted, retry later",
+        slug="dependency-unavailable",
+        headers={"Retry-After": str(DEPENDENCY_RETRY_AFTER_S)},
+    )
+
+
+def install_problem_handlers(app: FastAPI) -> None:
+    async def on_problem(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, Problem)
+        return problem_response(exc, request)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        problem = Problem(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}))
+        return problem_response(problem, request)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return problem_response(validation_problem(list(exc.errors())), request)
+
+    async def on_database_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("gateway.database_unavailable", error=str(exc))
+        return problem_response(dependency_down("database"), request)
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("gateway.unexpected_error", path=request.url.path)
+        return problem_response(Problem(500, "Internal error", slug="internal"), request)
+
+    app.add_exception_handler(Problem, on_problem)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    for error in (OperationalError, InterfaceError, PoolTimeout, ConnectionError, TimeoutError):
+        app.add_exception_handler(error, on_database_down)
+    app.add_exception_handler(Exception, on_unexpected)

@@ -1,0 +1,27 @@
+"""What the gateway's request handlers share: settings, database, registry, relay, bootstrap keys."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from conveyor.auth import Principal
+from conveyor.database import Database
+from conveyor.handlers import Registry
+from conveyor.outbox import OutboxRelay
+from conveyor.settings import Settings
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    db: Database
+    registry: Registry
+    relay: OutboxRelay
+    bootstrap_keys: dict[str, Principal]
+
+
+def gateway_state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state

@@ -1,0 +1,88 @@
+"""Leases: a running job belongs to its worker only while the worker's heartbeat renews the lease.
+
+When a worker dies (`kill -9`, a lost machine), its leases run out and any live worker's reaper
+gives the jobs their next attempt. A worker that finds it lost a lease tells the handler to stop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import structlog
+
+from conveyor.database import Database
+from conveyor.jobstore import announce_state, expired_leases, fail_attempt, renew_leases
+from conveyor.models import OutboxMessage
+from conveyor.outbox import OutboxRelay
+from services.worker.execution import JobExecutor
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_LEASE_S = 15.0
+# Renew three times per lease, so one slow database round trip does not cost a job.
+RENEWALS_PER_LEASE = 3
+REAP_INTERVAL_S = 2.0
+REAP_BATCH = 100
+
+
+class LeaseKeeper:
+    def __init__(
+        self, *, db: Database, relay: OutboxRelay, executor: JobExecutor, prefix: str, lease_s: float
+    ):
+        self._db = db
+        self._relay = relay
+        self._executor = executor
+        self._prefix = prefix
+        self._lease_s = lease_s
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        self._tasks = [
+            asyncio.create_task(
+                self._every(self._lease_s / RENEWALS_PER_LEASE, self.renew), name="lease-renew"
+            ),
+            asyncio.create_task(self._every(REAP_INTERVAL_S, self.reap), name="lease-reap"),
+        ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _every(self, interval: float, action: Callable[[], Awaitable[object]]) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await action()
+            except Exception:  # a database hiccup must not stop the heartbeat for good
+                log.exception("lease.task_failed")
+
+    async def renew(self) -> None:
+        running = {job_id: execution.attempt for job_id, execution in self._executor.running.items()}
+        async with self._db.session() as session:
+            held = await renew_leases(session, self._executor.worker_id, running, self._lease_s)
+        for job_id in running.keys() - held:
+            execution = self._executor.running.get(job_id)
+            if execution is not None:
+                log.warning("lease.lost", job_id=job_id, attempt=execution.attempt)
+                execution.context.cancelled.set()
+
+    async def reap(self) -> int:
+        """Give each job whose lease ran out its next attempt (or fail it if attempts are spent)."""
+        rows: list[OutboxMessage] = []
+        async with self._db.session() as session:
+            for job in await expired_leases(session, REAP_BATCH):
+                error = {
+                    "type": "LeaseExpired",
+                    "message": f"worker {job.worker_id} stopped renewing its lease",
+                    "attempt": job.attempts,
+                }
+                updated = await fail_attempt(session, job, error)
+                if updated is None:
+                    continue
+                log.warning("lease.expired", job_id=job.id, attempt=job.attempts, worker=job.worker_id)
+                rows.extend(announce_state(session, self._prefix, updated))
+        if rows:
+            await self._relay.publish(rows)
+        return len(rows)

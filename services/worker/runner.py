@@ -1,0 +1,184 @@
+"""The worker loop: fetch job messages, run up to `concurrency` jobs at once, commit what is finished.
+
+The loop never blocks on a job: handlers run in tasks while the loop keeps polling Kafka, so a job
+that runs for an hour never pushes the worker out of its consumer group (max.poll.interval.ms).
+At capacity the loop pauses its partitions rather than stop polling. An offset is committed only
+once every job before it on its partition has reached a recorded state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import uuid
+
+import structlog
+from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.errors import CommitFailedError, KafkaError
+from pydantic import ValidationError
+
+from conveyor.broker import create_job_consumer
+from conveyor.database import Database
+from conveyor.events import JobMessage
+from conveyor.handlers import Registry
+from conveyor.outbox import OutboxRelay
+from conveyor.settings import Settings
+from conveyor.topics_setup import TopicKeeper
+from services.worker.execution import JobExecutor
+from services.worker.leases import DEFAULT_LEASE_S, LeaseKeeper
+from services.worker.offsets import OffsetTracker
+
+log = structlog.get_logger(__name__)
+
+WORKER_GROUP = "conveyor-workers"
+POLL_TIMEOUT_MS = 200
+COMMIT_INTERVAL_S = 0.5
+# How long SIGTERM lets in-flight jobs finish before the rest are handed back.
+DEFAULT_DRAIN_GRACE_S = 30.0
+
+
+def new_worker_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._worker.commit(set(revoked))
+        self._worker.offsets.forget(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("worker.assigned", partitions=sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
+
+
+class Worker:
+    def __init__(self, settings: Settings, registry: Registry, *, lease_s: float = DEFAULT_LEASE_S) -> None:
+        self.settings = settings
+        self.worker_id = new_worker_id()
+        self.db = Database(settings.resolved_database_url)
+        self.relay = OutboxRelay(self.db, settings.kafka_bootstrap)
+        self.executor = JobExecutor(
+            db=self.db,
+            relay=self.relay,
+            registry=registry,
+            prefix=settings.topic_prefix,
+            worker_id=self.worker_id,
+            lease_s=lease_s,
+        )
+        self.leases = LeaseKeeper(
+            db=self.db,
+            relay=self.relay,
+            executor=self.executor,
+            prefix=settings.topic_prefix,
+            lease_s=lease_s,
+        )
+        self.offsets = OffsetTracker()
+        self.concurrency = settings.worker_concurrency
+        self._consumer: AIOKafkaConsumer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def run(self, stop: asyncio.Event, drain_grace_s: float = DEFAULT_DRAIN_GRACE_S) -> None:
+        await self.db.migrate()
+        topics = TopicKeeper(self.settings)
+        await topics.start()
+        await topics.ready.wait()
+        await self.relay.start()
+        await self.leases.start()
+        self._consumer = create_job_consumer(
+            self.settings.kafka_bootstrap,
+            self.settings.topic_prefix,
+            WORKER_GROUP,
+            listener=_CommitOnRevoke(self),
+            max_poll_records=self.concurrency,
+        )
+        await self._consumer.start()
+        log.info("worker.started", worker_id=self.worker_id, concurrency=self.concurrency)
+        try:
+            await self._loop(stop)
+            await self._drain(drain_grace_s)
+        finally:
+            await self._shutdown(topics)
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        assert self._consumer is not None
+        loop = asyncio.get_running_loop()
+        last_commit = loop.time()
+        while not stop.is_set():
+            free = self.concurrency - len(self._tasks)
+            self._set_paused(free <= 0)
+            batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=max(free, 1))
+            for tp, records in batches.items():
+                for record in records:
+                    self._dispatch(tp, record.offset, record.value)
+            if loop.time() - last_commit >= COMMIT_INTERVAL_S:
+                await self.commit()
+                last_commit = loop.time()
+
+    def _set_paused(self, paused: bool) -> None:
+        assert self._consumer is not None
+        assignment = self._consumer.assignment()
+        if paused:
+            self._consumer.pause(*assignment)
+        else:
+            self._consumer.resume(*assignment)
+
+    def _dispatch(self, tp: TopicPartition, offset: int, value: bytes) -> None:
+        self.offsets.started(tp, offset)
+        task = asyncio.create_task(
+            self._handle(tp, offset, value), name=f"job@{tp.topic}[{tp.partition}]:{offset}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _handle(self, tp: TopicPartition, offset: int, value: bytes) -> None:
+        try:
+            message = JobMessage.model_validate_json(value)
+        except ValidationError:
+            log.error("worker.bad_message", topic=tp.topic, partition=tp.partition, offset=offset)
+            self.offsets.finished(tp, offset)
+            return
+        try:
+            await self.executor.execute(message)
+        except Exception:
+            # The job's state is unrecorded (the database is down?): keep the offset uncommitted so the
+            # message comes back; the lease hands the job to another attempt if it was claimed.
+            log.exception("worker.execute_failed", job_id=message.job_id)
+            return
+        self.offsets.finished(tp, offset)
+
+    async def commit(self, partitions: set[TopicPartition] | None = None) -> None:
+        if self._consumer is None:
+            return
+        offsets = self.offsets.committable(partitions)
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except (CommitFailedError, KafkaError) as exc:
+            log.warning("worker.commit_failed", error=str(exc))
+            return
+        self.offsets.mark_committed(offsets)
+
+    async def _drain(self, grace_s: float) -> None:
+        """Stop fetching, give in-flight jobs `grace_s` to finish, hand the rest back, commit."""
+        log.info("worker.draining", in_flight=len(self._tasks), grace_s=grace_s)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=grace_s)
+        for execution in list(self.executor.running.values()):
+            execution.context.cancelled.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.commit()
+
+    async def _shutdown(self, topics: TopicKeeper) -> None:
+        await self.leases.stop()
+        if self._consumer is not None:
+            await self._consumer.stop()
+        await self.relay.stop()
+        await topics.stop()
+        await self.db.close()
+        log.info("worker.stopped", worker_id=self.worker_id)

@@ -1,0 +1,1 @@
+"""Conveyor: the common library shared by the gateway, the workers and the progress service."""

@@ -1,0 +1,135 @@
+"""Kafka access behind small, named functions: producers, consumers and topic administration."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError
+
+from conveyor.topics import all_topics, events_topic, job_topics
+
+# Acknowledged by every in-sync replica, idempotent: an accepted write survives a broker's loss
+# and a retried send is not duplicated.
+PRODUCER_ACKS = "all"
+PRODUCER_LINGER_MS = 2
+PRODUCER_REQUEST_TIMEOUT_MS = 10_000
+ADMIN_TIMEOUT_MS = 10_000
+TOPIC_ALREADY_EXISTS = 36
+# Keep a week of events and jobs: long enough to replay a backlog after an outage.
+TOPIC_RETENTION_MS = 7 * 24 * 3600 * 1000
+
+
+class BrokerUnavailable(Exception):
+    """Kafka could not be reached or refused the request."""
+
+
+def create_producer(bootstrap: str) -> AIOKafkaProducer:
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        acks=PRODUCER_ACKS,
+        enable_idempotence=True,
+        linger_ms=PRODUCER_LINGER_MS,
+        request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
+    )
+
+
+async def start_producer(bootstrap: str) -> AIOKafkaProducer:
+    producer = create_producer(bootstrap)
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        await producer.stop()
+        raise BrokerUnavailable(str(exc)) from exc
+    return producer
+
+
+def create_job_consumer(
+    bootstrap: str, prefix: str, group_id: str, listener: ConsumerRebalanceListener, **options: Any
+) -> AIOKafkaConsumer:
+    """A consumer in the workers' group, on every priority topic, committing offsets by hand."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        **options,
+    )
+    consumer.subscribe(job_topics(prefix), listener=listener)
+    return consumer
+
+
+async def start_events_consumer(bootstrap: str, prefix: str) -> AIOKafkaConsumer:
+    """A consumer of every partition of the events topic, with no group (every reader sees every
+    event), positioned at the topic's end as of now."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="latest"
+    )
+    await consumer.start()
+    try:
+        topic = events_topic(prefix)
+        await consumer.topics()  # loads the cluster's metadata, so the topic's partitions are known
+        partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            raise BrokerUnavailable(f"topic {topic!r} does not exist")
+        assignment = [TopicPartition(topic, partition) for partition in sorted(partitions)]
+        consumer.assign(assignment)
+        await consumer.seek_to_end(*assignment)
+        for tp in assignment:
+            # Resolve the position now, so "the end" is this moment rather than the first fetch.
+            await consumer.position(tp)
+    except BaseException:
+        await consumer.stop()
+        raise
+    return consumer
+
+
+async def _with_admin(bootstrap: str) -> AIOKafkaAdminClient:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS)
+    try:
+        await admin.start()
+    except KafkaError as exc:
+        await admin.close()
+        raise BrokerUnavailable(str(exc)) from exc
+    return admin
+
+
+async def missing_topics(bootstrap: str, prefix: str) -> list[str]:
+    admin = await _with_admin(bootstrap)
+    try:
+        existing = set(await admin.list_topics())
+    except KafkaError as exc:
+        raise BrokerUnavailable(str(exc)) from exc
+    finally:
+        await admin.close()
+    return [topic for topic in all_topics(prefix) if topic not in existing]
+
+
+async def ensure_topics(bootstrap: str, prefix: str, partitions: int, replication_factor: int) -> list[str]:
+    """Create whichever of the project's topics do not exist yet; returns the ones it created."""
+    missing = await missing_topics(bootstrap, prefix)
+    if not missing:
+        return []
+    config = {"retention.ms": str(TOPIC_RETENTION_MS)}
+    if replication_factor > 1:
+        # With acks=all, a write then survives the loss of any one replica.
+        config["min.insync.replicas"] = str(min(2, replication_factor))
+    admin = await _with_admin(bootstrap)
+    try:
+        response = await admin.create_topics(
+            [NewTopic(topic, partitions, replication_factor, topic_configs=config) for topic in missing],
+            timeout_ms=ADMIN_TIMEOUT_MS,
+        )
+    except KafkaError as exc:
+        raise BrokerUnavailable(str(exc)) from exc
+    finally:
+        await admin.close()
+    failures = [
+        f"{topic}: {message or code}"
+        for topic, code, message, *_ in response.topic_errors
+        if code not in (0, TOPIC_ALREADY_EXISTS)
+    ]
+    if failures:
+        raise BrokerUnavailable("could not create topics: " + "; ".join(failures))
+    return missing

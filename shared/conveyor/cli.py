@@ -1,0 +1,177 @@
+"""The `conveyor` command: run the embedded stack, a single service, Kafka, migrations, API keys."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from conveyor.logs import configure_logging
+from conveyor.settings import Settings, load_settings
+
+app = typer.Typer(no_args_is_help=True, help="Conveyor: jobs behind a 202 API, on Kafka.")
+kafka_app = typer.Typer(
+    no_args_is_help=True, help="The project's own Apache Kafka (KRaft) from Maven Central."
+)
+keys_app = typer.Typer(no_args_is_help=True, help="API keys stored (hashed) in the database.")
+app.add_typer(kafka_app, name="kafka")
+app.add_typer(keys_app, name="keys")
+console = Console(stderr=True)
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    configure_logging(settings.log_level, settings.log_json)
+    return settings
+
+
+def _require_bootstrap(settings: Settings) -> None:
+    if not settings.kafka_bootstrap:
+        console.print(
+            "[red]CONVEYOR_KAFKA_BOOTSTRAP is not set[/red] (use `conveyor run` for the embedded stack)"
+        )
+        raise typer.Exit(2)
+
+
+@app.command()
+def run() -> None:
+    """Set up and run the whole embedded stack in the foreground: Kafka, gateway, workers, progress."""
+    from conveyor.stack import run_stack
+
+    sys.exit(run_stack(_settings()))
+
+
+@app.command()
+def gateway() -> None:
+    """Run the gateway (HTTP API) alone."""
+    from services.gateway.main import serve
+
+    settings = _settings()
+    _require_bootstrap(settings)
+    serve(settings)
+
+
+@app.command()
+def worker() -> None:
+    """Run one worker alone."""
+    from services.worker.main import serve
+
+    settings = _settings()
+    _require_bootstrap(settings)
+    serve(settings)
+
+
+@app.command()
+def progress() -> None:
+    """Run the progress service (WebSockets) alone."""
+    from services.progress.main import serve
+
+    settings = _settings()
+    _require_bootstrap(settings)
+    serve(settings)
+
+
+@app.command()
+def migrate() -> None:
+    """Apply the database migrations (services also do this when they start)."""
+    from conveyor.database import Database
+
+    async def upgrade(url: str) -> None:
+        db = Database(url)
+        try:
+            await db.migrate()
+        finally:
+            await db.close()
+
+    settings = _settings()
+    asyncio.run(upgrade(settings.resolved_database_url))
+    console.print(f"migrated {settings.resolved_database_url}")
+
+
+@app.command("topics")
+def create_topics() -> None:
+    """Create the project's topics (idempotent)."""
+    from conveyor.broker import ensure_topics
+
+    s = _settings()
+    _require_bootstrap(s)
+    created = asyncio.run(
+        ensure_topics(s.kafka_bootstrap, s.topic_prefix, s.partitions, s.replication_factor)
+    )
+    console.print(f"created: {', '.join(created) or 'nothing, all topics exist'}")
+
+
+@kafka_app.command("fetch")
+def kafka_fetch() -> None:
+    """Download the broker's jars from Maven Central into the cache (once)."""
+    from conveyor.embedded.kafka import fetch_broker_jars
+
+    settings = _settings()
+    console.print(str(fetch_broker_jars(settings.cache_dir, settings.kafka_version)))
+
+
+@kafka_app.command("start")
+def kafka_start(
+    nodes: Annotated[int, typer.Option(min=1, max=3, help="1, or 3 for a cluster on loopback")] = 1,
+    data_dir: Annotated[Path | None, typer.Option(help="Default: <data dir>/kafka")] = None,
+) -> None:
+    """Run Kafka in the foreground until Ctrl-C or SIGTERM."""
+    from conveyor.embedded.kafka import KafkaCluster
+
+    settings = _settings()
+    cluster = KafkaCluster(
+        data_dir or settings.data_dir / "kafka",
+        nodes=nodes,
+        base_port=settings.kafka_port,
+        cache_dir=settings.cache_dir,
+        version=settings.kafka_version,
+    )
+    cluster.start()
+    console.print(f"Kafka is up: [bold]{cluster.bootstrap_servers}[/bold] (Ctrl-C stops it)")
+    try:
+        _wait_for_signal()
+    finally:
+        cluster.stop()
+
+
+@keys_app.command("create")
+def keys_create(
+    tenant: Annotated[str, typer.Option(help="The tenant the key acts for")],
+    scopes: Annotated[str, typer.Option(help="Comma-separated: submit,read,cancel")] = "submit,read,cancel",
+    name: Annotated[str, typer.Option(help="A label for the key")] = "",
+) -> None:
+    """Create an API key; it is printed once and stored only as a hash."""
+    from conveyor.auth import create_api_key
+    from conveyor.database import Database
+
+    async def create(url: str) -> str:
+        db = Database(url)
+        try:
+            await db.migrate()
+            async with db.session() as session:
+                return await create_api_key(
+                    session, tenant, frozenset(s.strip() for s in scopes.split(",")), name
+                )
+        finally:
+            await db.close()
+
+    settings = _settings()
+    try:
+        key = asyncio.run(create(settings.resolved_database_url))
+    except ValueError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from None
+    print(key)
+
+
+def _wait_for_signal() -> None:
+    received: list[int] = []
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda number, _frame: received.append(number))
+    while not received:
+        signal.pause()

@@ -1,0 +1,58 @@
+"""Built-in demo job types, loaded by default: `demo.echo`, `demo.sleep`, `demo.fail`, `demo.noop`."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from conveyor.handlers import JobContext, job
+
+MAX_SLEEP_S = 3600
+MAX_STEPS = 1000
+
+
+class SleepIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = Field(default=1.0, ge=0, le=MAX_SLEEP_S, description="How long the job runs.")
+    steps: int = Field(default=1, ge=1, le=MAX_STEPS, description="Progress reports, one after each step.")
+
+
+class FailIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    fail_times: int = Field(default=1, ge=0, description="Raise on the first N attempts, then succeed.")
+
+
+class DemoFailure(RuntimeError):
+    pass
+
+
+@job("demo.echo")
+async def echo(ctx: JobContext, payload: Any) -> Any:
+    """Returns its payload as the result."""
+    return payload
+
+
+@job("demo.noop")
+async def noop(ctx: JobContext, payload: Any) -> None:
+    """Does nothing: for measuring the system itself."""
+
+
+@job("demo.sleep", payload=SleepIn)
+async def sleep(ctx: JobContext, payload: SleepIn) -> dict[str, Any]:
+    """Sleeps `seconds` in `steps` steps, reporting progress after each step."""
+    for step in range(1, payload.steps + 1):
+        await asyncio.sleep(payload.seconds / payload.steps)
+        await ctx.progress(done=step, total=payload.steps, message=f"step {step} of {payload.steps}")
+    return {"slept_s": payload.seconds, "steps": payload.steps}
+
+
+@job("demo.fail", payload=FailIn, max_attempts=3)
+async def fail(ctx: JobContext, payload: FailIn) -> dict[str, int]:
+    """Raises on the first `fail_times` attempts, then succeeds."""
+    if ctx.attempt <= payload.fail_times:
+        raise DemoFailure(f"failing on purpose: attempt {ctx.attempt} of the first {payload.fail_times}")
+    return {"attempts": ctx.attempt}

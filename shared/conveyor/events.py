@@ -1,0 +1,68 @@
+"""The messages that travel on Kafka: job messages (work to do) and job events (what happened)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from conveyor.lifecycle import JobState
+from conveyor.models import Job
+
+
+class JobMessage(BaseModel):
+    """Published on a priority topic. The database row stays the truth: the message only says 'look'."""
+
+    job_id: str
+    tenant: str
+    type: str
+    priority: int
+    attempt: int  # the attempt this message asks for: the number of attempts made so far, plus one
+
+
+class Progress(BaseModel):
+    percent: float | None = None
+    message: str | None = None
+
+
+class JobEvent(BaseModel):
+    """Published on the events topic, keyed by job id, numbered 1, 2, 3... per job."""
+
+    job_id: str
+    tenant: str
+    seq: int
+    type: Literal["state", "progress"]
+    status: JobState
+    progress: Progress
+    attempt: int
+    at: datetime
+    result: Any | None = None
+    error: dict[str, Any] | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.type == "state" and self.status.is_terminal
+
+
+def job_message_for(job: Job) -> JobMessage:
+    return JobMessage(
+        job_id=job.id, tenant=job.tenant, type=job.type, priority=job.priority, attempt=job.attempts + 1
+    )
+
+
+def event_for(job: Job, kind: Literal["state", "progress"]) -> JobEvent:
+    """The event that announces the job row as it is now (its `last_seq` already counts this event)."""
+    status = JobState(job.status)
+    return JobEvent(
+        job_id=job.id,
+        tenant=job.tenant,
+        seq=job.last_seq,
+        type=kind,
+        status=status,
+        progress=Progress(percent=job.progress_percent, message=job.progress_message),
+        attempt=job.attempts,
+        at=job.updated_at,
+        result=job.result if status is JobState.SUCCEEDED else None,
+        error=job.error if status is JobState.FAILED else None,
+    )

@@ -1,0 +1,199 @@
+"""Reads and writes of jobs, each a small named function over an `AsyncSession`.
+
+Status changes go through `transition`: one conditional UPDATE whose WHERE clause allows only the
+legal source states (from `conveyor.lifecycle`) and, for a worker, only its own attempt. Two writers
+racing on a job cannot both win, and a late writer from a fenced-off attempt changes nothing.
+Every write that clients should hear about bumps `last_seq` and stages a `JobEvent` in the outbox.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from typing import Any, Literal
+
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from conveyor.events import event_for, job_message_for
+from conveyor.lifecycle import JobState, sources_of
+from conveyor.models import Job, OutboxMessage, utcnow
+from conveyor.outbox import stage_message
+from conveyor.topics import events_topic, job_topic
+
+
+def new_job_id() -> str:
+    return str(uuid.uuid4())
+
+
+async def insert_job(
+    session: AsyncSession,
+    *,
+    tenant: str,
+    type: str,
+    payload: Any,
+    priority: int,
+    max_attempts: int,
+    job_id: str | None = None,
+) -> Job:
+    now = utcnow()
+    job = Job(
+        id=job_id or new_job_id(),
+        tenant=tenant,
+        type=type,
+        status=JobState.QUEUED,
+        priority=priority,
+        payload=payload,
+        attempts=0,
+        max_attempts=max_attempts,
+        last_seq=1,  # event 1 is the job's `queued` state
+        created_at=now,
+        updated_at=now,
+    )
+    session.add(job)
+    await session.flush()
+    return job
+
+
+async def get_job(session: AsyncSession, tenant: str, job_id: str) -> Job | None:
+    """The tenant's job, or None: another tenant's job is indistinguishable from a missing one."""
+    return await session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
+
+
+async def load_job(session: AsyncSession, job_id: str) -> Job | None:
+    """A job by id alone, for services that act on messages rather than on a tenant's request."""
+    return await session.get(Job, job_id, populate_existing=True)
+
+
+async def transition(
+    session: AsyncSession,
+    job_id: str,
+    target: JobState,
+    *,
+    attempt: int | None = None,
+    **values: Any,
+) -> Job | None:
+    """Move a job to `target` if the lifecycle allows it from its current state; None if not."""
+    statement = update(Job).where(Job.id == job_id, Job.status.in_(sorted(sources_of(target))))
+    if attempt is not None:
+        statement = statement.where(Job.attempts == attempt)
+    statement = statement.values(status=target, last_seq=Job.last_seq + 1, updated_at=utcnow(), **values)
+    return await _update_returning(session, statement)
+
+
+async def claim_job(session: AsyncSession, job_id: str, worker_id: str, lease_s: float) -> Job | None:
+    """queued -> running, with the next attempt number, the worker and its lease. None if not claimable."""
+    now = utcnow()
+    return await transition(
+        session,
+        job_id,
+        JobState.RUNNING,
+        attempts=Job.attempts + 1,
+        worker_id=worker_id,
+        started_at=now,
+        lease_expires_at=now + timedelta(seconds=lease_s),
+        progress_percent=None,
+        progress_message=None,
+    )
+
+
+async def renew_leases(
+    session: AsyncSession, worker_id: str, attempts: dict[str, int], lease_s: float
+) -> set[str]:
+    """Push the leases of this worker's running attempts forward; returns the job ids it still holds."""
+    if not attempts:
+        return set()
+    rows = await session.execute(
+        update(Job)
+        .where(Job.id.in_(list(attempts)), Job.status == JobState.RUNNING, Job.worker_id == worker_id)
+        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        .returning(Job.id, Job.attempts)
+        .execution_options(synchronize_session=False)
+    )
+    return {job_id for job_id, attempt in rows.all() if attempts.get(job_id) == attempt}
+
+
+async def expired_leases(session: AsyncSession, limit: int) -> list[Job]:
+    """Running jobs whose worker stopped renewing its lease: it died or lost the database."""
+    query = (
+        select(Job)
+        .where(Job.status == JobState.RUNNING, Job.lease_expires_at < utcnow())
+        .order_by(Job.lease_expires_at)
+        .limit(limit)
+    )
+    return list((await session.scalars(query)).all())
+
+
+async def record_progress(
+    session: AsyncSession, job_id: str, attempt: int, percent: float | None, message: str | None
+) -> Job | None:
+    """Store the running attempt's latest progress. None if the attempt no longer owns the job."""
+    statement = (
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobState.RUNNING, Job.attempts == attempt)
+        .values(
+            progress_percent=percent,
+            progress_message=message,
+            last_seq=Job.last_seq + 1,
+            updated_at=utcnow(),
+        )
+    )
+    return await _update_returning(session, statement)
+
+
+async def complete_job(session: AsyncSession, job_id: str, attempt: int, result: Any) -> Job | None:
+    return await transition(
+        session,
+        job_id,
+        JobState.SUCCEEDED,
+        attempt=attempt,
+        result=result,
+        error=None,
+        progress_percent=100.0,
+        finished_at=utcnow(),
+        lease_expires_at=None,
+    )
+
+
+async def fail_attempt(session: AsyncSession, job: Job, error: dict[str, Any]) -> Job | None:
+    """Record a failed attempt: back to queued for another try, or failed once attempts are spent."""
+    if job.attempts < job.max_attempts:
+        return await transition(
+            session, job.id, JobState.QUEUED, attempt=job.attempts, error=error, lease_expires_at=None
+        )
+    return await transition(
+        session,
+        job.id,
+        JobState.FAILED,
+        attempt=job.attempts,
+        error=error,
+        finished_at=utcnow(),
+        lease_expires_at=None,
+    )
+
+
+def announce(
+    session: AsyncSession, prefix: str, job: Job, kind: Literal["state", "progress"]
+) -> OutboxMessage:
+    """Stage the event for the job's latest change, keyed by job id so a job's events stay in order."""
+    return stage_message(session, events_topic(prefix), job.id, event_for(job, kind))
+
+
+def announce_state(session: AsyncSession, prefix: str, job: Job) -> list[OutboxMessage]:
+    """Stage the event for a state change, and the job's message too if it is queued again."""
+    rows = [announce(session, prefix, job, "state")]
+    if job.status == JobState.QUEUED:
+        rows.append(enqueue(session, prefix, job))
+    return rows
+
+
+def enqueue(session: AsyncSession, prefix: str, job: Job) -> OutboxMessage:
+    """Stage the job's message on its priority topic, keyed by tenant (one tenant's flood stays put)."""
+    return stage_message(session, job_topic(prefix, job.priority), job.tenant, job_message_for(job))
+
+
+async def _update_returning(session: AsyncSession, statement: Any) -> Job | None:
+    result = await session.execute(
+        statement.returning(Job).execution_options(synchronize_session=False, populate_existing=True)
+    )
+    return result.scalars().first()

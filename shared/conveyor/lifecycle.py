@@ -1,0 +1,50 @@
+"""The job lifecycle: its states and the transitions between them, defined once for every service.
+
+Every write of a job's status goes through a conditional update built from `LEGAL_TRANSITIONS`
+(see `conveyor.jobstore.transition`), so a stale or repeated message can never move a job backwards:
+the update simply matches no row.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class JobState(enum.StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL_STATES
+
+
+TERMINAL_STATES: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
+
+LEGAL_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELED}),
+    # RUNNING -> QUEUED is a retry: a new attempt, with a higher attempt number.
+    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.QUEUED, JobState.CANCELED}),
+    JobState.SUCCEEDED: frozenset(),
+    JobState.FAILED: frozenset(),
+    JobState.CANCELED: frozenset(),
+}
+
+
+class IllegalTransition(Exception):
+    def __init__(self, current: JobState, target: JobState) -> None:
+        super().__init__(f"a {current} job cannot become {target}")
+        self.current = current
+        self.target = target
+
+
+def can_transition(current: JobState, target: JobState) -> bool:
+    return target in LEGAL_TRANSITIONS[current]
+
+
+def sources_of(target: JobState) -> frozenset[JobState]:
+    """The states from which a job may move to `target`."""
+    return frozenset(state for state, targets in LEGAL_TRANSITIONS.items() if target in targets)

@@ -1,0 +1,85 @@
+"""The one settings class. Every value can be set by an environment variable prefixed `CONVEYOR_`."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_GATEWAY_PORT = 8000
+DEFAULT_PROGRESS_PORT = 8001
+DEFAULT_KAFKA_PORT = 19092
+DEFAULT_KAFKA_VERSION = "4.1.1"
+DEFAULT_PARTITIONS = 6
+DEFAULT_WORKER_CONCURRENCY = 8
+DEFAULT_MAX_ATTEMPTS = 3
+# What the gateway suggests a client waits before its first poll of a fresh job.
+DEFAULT_RETRY_AFTER_S = 1
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("data"), description="Where the embedded stack keeps its state.")
+    cache_dir: Path = Field(
+        default=Path.home() / ".cache" / "conveyor",
+        description="Where downloaded broker jars are cached across runs.",
+    )
+
+    # Kafka. Empty bootstrap means "start the embedded broker" for `conveyor run`; services need it set.
+    kafka_bootstrap: str = Field(default="", description="Kafka bootstrap servers, host:port[,host:port].")
+    kafka_version: str = DEFAULT_KAFKA_VERSION
+    kafka_port: int = DEFAULT_KAFKA_PORT
+    topic_prefix: str = Field(default="conveyor", description="Prefix of every topic the project uses.")
+    partitions: int = Field(default=DEFAULT_PARTITIONS, ge=1)
+    replication_factor: int = Field(default=1, ge=1)
+
+    # Database. Empty means SQLite in the data folder.
+    database_url: str = ""
+
+    # HTTP.
+    host: str = "127.0.0.1"
+    gateway_port: int = DEFAULT_GATEWAY_PORT
+    progress_port: int = DEFAULT_PROGRESS_PORT
+    public_url: str = Field(default="", description="Base URL clients use for the gateway (links).")
+    progress_public_url: str = Field(default="", description="Base URL clients use for the progress service.")
+
+    # Auth: bootstrap keys, `tenant:key,tenant:key`. Keys stored in the database work as well.
+    api_keys: str = ""
+
+    # Workers.
+    handlers: str = Field(default="conveyor.demo", description="Comma-separated handler modules to import.")
+    worker_concurrency: int = Field(default=DEFAULT_WORKER_CONCURRENCY, ge=1)
+    default_max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
+
+    # Embedded stack (`conveyor run`).
+    workers: int = Field(default=2, ge=0, description="Worker processes `conveyor run` starts.")
+
+    log_level: str = "INFO"
+    log_json: bool = False
+
+    @cached_property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / 'conveyor.db').resolve()}"
+
+    @property
+    def handler_modules(self) -> list[str]:
+        return [name.strip() for name in self.handlers.split(",") if name.strip()]
+
+    @property
+    def gateway_url(self) -> str:
+        return self.public_url.rstrip("/") or f"http://{self.host}:{self.gateway_port}"
+
+    @property
+    def progress_url(self) -> str:
+        if self.progress_public_url:
+            return self.progress_public_url.rstrip("/")
+        return f"ws://{self.host}:{self.progress_port}"
+
+
+def load_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,139 @@
+"""`conveyor run`: the whole embedded stack in the foreground, each service its own process.
+
+Kafka (unless CONVEYOR_KAFKA_BOOTSTRAP names a cluster), then migrations and topics, then the
+gateway, the workers and the progress service under the supervisor. Ctrl-C or SIGTERM stops them
+all, Kafka last. State lives in the data folder, so a second run keeps the first run's jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+
+from rich.console import Console
+
+from conveyor.auth import generate_key
+from conveyor.broker import BrokerUnavailable, ensure_topics
+from conveyor.database import Database
+from conveyor.settings import Settings
+from conveyor.supervisor import ServiceSpec, Supervisor
+
+DEV_TENANT = "dev"
+TOPICS_TIMEOUT_S = 60.0
+
+console = Console()
+
+
+def dev_api_key(data_dir: Path) -> str:
+    """The development key, made once and kept in the data folder so it survives restarts."""
+    path = data_dir / "dev-api-key"
+    if path.exists():
+        return path.read_text().strip()
+    key = generate_key()
+    path.write_text(key + "\n")
+    path.chmod(0o600)
+    return key
+
+
+def run_stack(settings: Settings) -> int:
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    key = dev_api_key(data_dir)
+    api_keys = settings.api_keys or f"{DEV_TENANT}:{key}"
+
+    cluster = None
+    bootstrap = settings.kafka_bootstrap
+    if not bootstrap:
+        from conveyor.embedded.kafka import KafkaCluster
+
+        console.print("Starting Kafka (KRaft, one node)...")
+        cluster = KafkaCluster(
+            data_dir / "kafka",
+            nodes=1,
+            base_port=settings.kafka_port,
+            cache_dir=settings.cache_dir,
+            version=settings.kafka_version,
+        )
+        cluster.start()
+        bootstrap = cluster.bootstrap_servers
+    try:
+        env = {
+            "CONVEYOR_KAFKA_BOOTSTRAP": bootstrap,
+            "CONVEYOR_API_KEYS": api_keys,
+            "CONVEYOR_DATA_DIR": str(data_dir),
+            "CONVEYOR_DATABASE_URL": settings.resolved_database_url,
+        }
+        asyncio.run(_prepare(settings, bootstrap))
+        specs = [ServiceSpec("gateway", _conveyor("gateway"), env)]
+        specs += [
+            ServiceSpec(f"worker-{n}", _conveyor("worker"), env) for n in range(1, settings.workers + 1)
+        ]
+        specs.append(ServiceSpec("progress", _conveyor("progress"), env))
+        _print_banner(settings, bootstrap, key if not settings.api_keys else None)
+        asyncio.run(_supervise(specs))
+    finally:
+        if cluster is not None:
+            console.print("Stopping Kafka...")
+            cluster.stop()
+    console.print("Stopped.")
+    return 0
+
+
+def _conveyor(command: str) -> list[str]:
+    return [sys.executable, "-m", "conveyor", command]
+
+
+async def _prepare(settings: Settings, bootstrap: str) -> None:
+    db = Database(settings.resolved_database_url)
+    try:
+        await db.migrate()
+    finally:
+        await db.close()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TOPICS_TIMEOUT_S
+    while True:
+        try:
+            await ensure_topics(
+                bootstrap, settings.topic_prefix, settings.partitions, settings.replication_factor
+            )
+            return
+        except BrokerUnavailable:
+            if loop.time() > deadline:
+                raise
+            await asyncio.sleep(1)
+
+
+async def _supervise(specs: list[ServiceSpec]) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await Supervisor(specs).run(stop)
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signum)
+
+
+def _print_banner(settings: Settings, bootstrap: str, key: str | None) -> None:
+    gateway = f"http://{settings.host}:{settings.gateway_port}"
+    console.rule("[bold]Conveyor is running[/bold]")
+    console.print(f"Gateway   {gateway}   (API docs: {gateway}/docs)")
+    console.print(f"Progress  ws://{settings.host}:{settings.progress_port}/v1/jobs/<id>/events")
+    console.print(f"Kafka     {bootstrap}")
+    console.print(f"Database  {settings.resolved_database_url}")
+    if key:
+        console.print(
+            f"API key   [bold]{key}[/bold]   (tenant {DEV_TENANT!r}; kept in {settings.data_dir}/dev-api-key)"
+        )
+    console.print("Try:")
+    console.print(
+        f"  curl -i -H 'Authorization: Bearer {key or '<key>'}' -H 'Content-Type: application/json' "
+        f"""-d '{{"type": "demo.sleep", "payload": {{"seconds": 2, "steps": 4}}}}' {gateway}/v1/jobs"""
+    )
+    console.print("Ctrl-C stops everything.")
+    console.rule()

@@ -1,0 +1,37 @@
+"""Names of the Kafka topics the project uses. Every topic starts with the configured prefix."""
+
+from __future__ import annotations
+
+# Priority 1 is the most urgent; each level has a topic of its own so a backlog of one level
+# never sits in front of another level's jobs.
+HIGHEST_PRIORITY = 1
+LOWEST_PRIORITY = 5
+DEFAULT_PRIORITY = 3
+PRIORITIES = range(HIGHEST_PRIORITY, LOWEST_PRIORITY + 1)
+
+
+def job_topic(prefix: str, priority: int) -> str:
+    return f"{prefix}.jobs.p{priority}"
+
+
+def job_topics(prefix: str) -> list[str]:
+    return [job_topic(prefix, priority) for priority in PRIORITIES]
+
+
+def events_topic(prefix: str) -> str:
+    return f"{prefix}.events"
+
+
+def dead_letter_topic(prefix: str) -> str:
+    return f"{prefix}.dead-letter"
+
+
+def all_topics(prefix: str) -> list[str]:
+    return [*job_topics(prefix), events_topic(prefix), dead_letter_topic(prefix)]
+
+
+def priority_of_topic(prefix: str, topic: str) -> int:
+    for priority in PRIORITIES:
+        if topic == job_topic(prefix, priority):
+            return priority
+    raise ValueError(f"{topic!r} is not a job topic of prefix {prefix!r}")

@@ -1,0 +1,52 @@
+"""Creates the project's topics at a service's start, and keeps trying while Kafka is away."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from conveyor.broker import BrokerUnavailable, ensure_topics
+from conveyor.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+RETRY_INTERVAL_S = 2.0
+
+
+class TopicKeeper:
+    """`start()` tries once; if Kafka is unreachable, a background task retries until it succeeds."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._task: asyncio.Task[None] | None = None
+        self.ready = asyncio.Event()
+
+    async def start(self) -> None:
+        if not await self._try_once():
+            self._task = asyncio.create_task(self._retry(), name="topic-keeper")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    async def _retry(self) -> None:
+        while True:
+            await asyncio.sleep(RETRY_INTERVAL_S)
+            if await self._try_once():
+                return
+
+    async def _try_once(self) -> bool:
+        s = self._settings
+        try:
+            created = await ensure_topics(
+                s.kafka_bootstrap, s.topic_prefix, s.partitions, s.replication_factor
+            )
+        except BrokerUnavailable as exc:
+            log.warning("topics.unavailable", error=str(exc))
+            return False
+        if created:
+            log.info("topics.created", topics=created)
+        self.ready.set()
+        return True
