@@ -19,7 +19,6 @@ from services.worker.execution import JobExecutor
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_LEASE_S = 15.0
 # Renew three times per lease, so one slow database round trip does not cost a job.
 RENEWALS_PER_LEASE = 3
 REAP_INTERVAL_S = 2.0

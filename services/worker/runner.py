@@ -26,7 +26,7 @@ from conveyor.outbox import OutboxRelay
 from conveyor.settings import Settings
 from conveyor.topics_setup import TopicKeeper
 from services.worker.execution import JobExecutor
-from services.worker.leases import DEFAULT_LEASE_S, LeaseKeeper
+from services.worker.leases import LeaseKeeper
 from services.worker.offsets import OffsetTracker
 
 log = structlog.get_logger(__name__)
@@ -34,8 +34,6 @@ log = structlog.get_logger(__name__)
 WORKER_GROUP = "conveyor-workers"
 POLL_TIMEOUT_MS = 200
 COMMIT_INTERVAL_S = 0.5
-# How long SIGTERM lets in-flight jobs finish before the rest are handed back.
-DEFAULT_DRAIN_GRACE_S = 30.0
 
 
 def new_worker_id() -> str:
@@ -55,7 +53,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 
 
 class Worker:
-    def __init__(self, settings: Settings, registry: Registry, *, lease_s: float = DEFAULT_LEASE_S) -> None:
+    def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
         self.worker_id = new_worker_id()
         self.db = Database(settings.resolved_database_url)
@@ -66,21 +64,21 @@ class Worker:
             registry=registry,
             prefix=settings.topic_prefix,
             worker_id=self.worker_id,
-            lease_s=lease_s,
+            lease_s=settings.lease_s,
         )
         self.leases = LeaseKeeper(
             db=self.db,
             relay=self.relay,
             executor=self.executor,
             prefix=settings.topic_prefix,
-            lease_s=lease_s,
+            lease_s=settings.lease_s,
         )
         self.offsets = OffsetTracker()
         self.concurrency = settings.worker_concurrency
         self._consumer: AIOKafkaConsumer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
 
-    async def run(self, stop: asyncio.Event, drain_grace_s: float = DEFAULT_DRAIN_GRACE_S) -> None:
+    async def run(self, stop: asyncio.Event) -> None:
         await self.db.migrate()
         topics = TopicKeeper(self.settings)
         await topics.start()
@@ -98,7 +96,7 @@ class Worker:
         log.info("worker.started", worker_id=self.worker_id, concurrency=self.concurrency)
         try:
             await self._loop(stop)
-            await self._drain(drain_grace_s)
+            await self._drain(self.settings.drain_grace_s)
         finally:
             await self._shutdown(topics)
 

@@ -66,14 +66,10 @@ async def start_events_consumer(bootstrap: str, prefix: str) -> AIOKafkaConsumer
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False, auto_offset_reset="latest"
     )
+    topic = events_topic(prefix)
+    assignment = [TopicPartition(topic, partition) for partition in await topic_partitions(bootstrap, topic)]
     await consumer.start()
     try:
-        topic = events_topic(prefix)
-        await consumer.topics()  # loads the cluster's metadata, so the topic's partitions are known
-        partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            raise BrokerUnavailable(f"topic {topic!r} does not exist")
-        assignment = [TopicPartition(topic, partition) for partition in sorted(partitions)]
         consumer.assign(assignment)
         await consumer.seek_to_end(*assignment)
         for tp in assignment:
@@ -93,6 +89,19 @@ async def _with_admin(bootstrap: str) -> AIOKafkaAdminClient:
         await admin.close()
         raise BrokerUnavailable(str(exc)) from exc
     return admin
+
+
+async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
+    admin = await _with_admin(bootstrap)
+    try:
+        described = await admin.describe_topics([topic])
+    except KafkaError as exc:
+        raise BrokerUnavailable(str(exc)) from exc
+    finally:
+        await admin.close()
+    if not described or described[0]["error_code"] != 0:
+        raise BrokerUnavailable(f"topic {topic!r} does not exist")
+    return sorted(partition["partition"] for partition in described[0]["partitions"])
 
 
 async def missing_topics(bootstrap: str, prefix: str) -> list[str]:

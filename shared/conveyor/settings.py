@@ -15,6 +15,8 @@ DEFAULT_KAFKA_VERSION = "4.1.1"
 DEFAULT_PARTITIONS = 6
 DEFAULT_WORKER_CONCURRENCY = 8
 DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_LEASE_S = 15.0
+DEFAULT_DRAIN_GRACE_S = 30.0
 # What the gateway suggests a client waits before its first poll of a fresh job.
 DEFAULT_RETRY_AFTER_S = 1
 
@@ -53,6 +55,12 @@ class Settings(BaseSettings):
     handlers: str = Field(default="conveyor.demo", description="Comma-separated handler modules to import.")
     worker_concurrency: int = Field(default=DEFAULT_WORKER_CONCURRENCY, ge=1)
     default_max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
+    lease_s: float = Field(
+        default=DEFAULT_LEASE_S, gt=0, description="How long a running job survives its worker's silence."
+    )
+    drain_grace_s: float = Field(
+        default=DEFAULT_DRAIN_GRACE_S, ge=0, description="How long SIGTERM lets in-flight jobs finish."
+    )
 
     # Embedded stack (`conveyor run`).
     workers: int = Field(default=2, ge=0, description="Worker processes `conveyor run` starts.")
