@@ -24,6 +24,7 @@ from conveyor.events import JobMessage
 from conveyor.handlers import Registry
 from conveyor.outbox import OutboxRelay
 from conveyor.settings import Settings
+from conveyor.topics import worker_group
 from conveyor.topics_setup import TopicKeeper
 from services.worker.execution import JobExecutor
 from services.worker.leases import LeaseKeeper
@@ -31,7 +32,6 @@ from services.worker.offsets import OffsetTracker
 
 log = structlog.get_logger(__name__)
 
-WORKER_GROUP = "conveyor-workers"
 POLL_TIMEOUT_MS = 200
 COMMIT_INTERVAL_S = 0.5
 
@@ -88,7 +88,7 @@ class Worker:
         self._consumer = create_job_consumer(
             self.settings.kafka_bootstrap,
             self.settings.topic_prefix,
-            WORKER_GROUP,
+            worker_group(self.settings.topic_prefix),
             listener=_CommitOnRevoke(self),
             max_poll_records=self.concurrency,
         )

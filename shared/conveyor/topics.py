@@ -30,6 +30,11 @@ def all_topics(prefix: str) -> list[str]:
     return [*job_topics(prefix), events_topic(prefix), dead_letter_topic(prefix)]
 
 
+def worker_group(prefix: str) -> str:
+    """The workers' consumer group: one per deployment, so deployments can share a Kafka cluster."""
+    return f"{prefix}-workers"
+
+
 def priority_of_topic(prefix: str, topic: str) -> int:
     for priority in PRIORITIES:
         if topic == job_topic(prefix, priority):

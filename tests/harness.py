@@ -1,0 +1,115 @@
+"""Runs Conveyor's services as real OS processes for tests, as they run in production."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 30.0
+POLL_INTERVAL_S = 0.1
+
+TENANT_A, KEY_A = "tenant-a", "key-a-0123456789"
+TENANT_B, KEY_B = "tenant-b", "key-b-0123456789"
+
+
+async def eventually(check: Any, timeout: float, what: str) -> Any:
+    """Poll `check()` (sync or async) until it returns something truthy; fail after `timeout`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        value = check()
+        if asyncio.iscoroutine(value):
+            value = await value
+        if value:
+            return value
+        if loop.time() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(POLL_INTERVAL_S)
+
+
+@dataclass
+class Stack:
+    """A gateway, workers and a progress service sharing one database and one topic prefix."""
+
+    env: dict[str, str]
+    log_dir: Path
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.env['CONVEYOR_GATEWAY_PORT']}"
+
+    @property
+    def progress_url(self) -> str:
+        return f"ws://127.0.0.1:{self.env['CONVEYOR_PROGRESS_PORT']}"
+
+    def start(self, name: str, command: str | None = None, **env: str) -> subprocess.Popen[bytes]:
+        log = (self.log_dir / f"{name}.log").open("ab")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "conveyor", command or name],
+            env={**os.environ, **self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.processes[name] = process
+        return process
+
+    def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
+        process = self.processes[name]
+        process.send_signal(signum)
+        process.wait(timeout=STOP_TIMEOUT_S)
+
+    def stop_all(self) -> None:
+        for process in self.processes.values():
+            if process.poll() is None:
+                process.terminate()
+        for process in self.processes.values():
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+    def log(self, name: str) -> str:
+        return (self.log_dir / f"{name}.log").read_text(errors="replace")
+
+    async def wait_ready(self, base_url: str) -> None:
+        async with httpx.AsyncClient(timeout=5) as client:
+
+            async def ready() -> bool:
+                for process in self.processes.values():
+                    if process.poll() is not None:
+                        raise AssertionError(f"a service exited early: {process.args}\n{self._logs()}")
+                try:
+                    return (await client.get(f"{base_url}/readyz")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await eventually(ready, READY_TIMEOUT_S, f"{base_url}/readyz")
+
+    def _logs(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.log_dir.glob("*.log"))
+
+    def client(self, key: str = KEY_A) -> httpx.AsyncClient:
+        return httpx.AsyncClient(
+            base_url=self.gateway_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+        )
+
+
+async def wait_for_status(client: httpx.AsyncClient, job_id: str, statuses: set[str], timeout: float) -> dict[str, Any]:
+    async def reached() -> dict[str, Any] | None:
+        body: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
+        return body if body["status"] in statuses else None
+
+    result: dict[str, Any] = await eventually(reached, timeout, f"job {job_id} to reach {statuses}")
+    return result
