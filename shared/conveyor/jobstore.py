@@ -12,7 +12,7 @@ import uuid
 from datetime import timedelta
 from typing import Any, Literal
 
-from sqlalchemy import select, update
+from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.events import event_for, job_message_for
@@ -100,17 +100,20 @@ async def claim_job(session: AsyncSession, job_id: str, worker_id: str, lease_s:
 async def renew_leases(
     session: AsyncSession, worker_id: str, attempts: dict[str, int], lease_s: float
 ) -> set[str]:
-    """Push the leases of this worker's running attempts forward; returns the job ids it still holds."""
+    """Push forward the leases of this worker's running attempts; returns the job ids it still holds."""
     if not attempts:
         return set()
+    held_by_attempt = or_(
+        *(and_(Job.id == job_id, Job.attempts == attempt) for job_id, attempt in attempts.items())
+    )
     rows = await session.execute(
         update(Job)
-        .where(Job.id.in_(list(attempts)), Job.status == JobState.RUNNING, Job.worker_id == worker_id)
+        .where(held_by_attempt, Job.status == JobState.RUNNING, Job.worker_id == worker_id)
         .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
-        .returning(Job.id, Job.attempts)
+        .returning(Job.id)
         .execution_options(synchronize_session=False)
     )
-    return {job_id for job_id, attempt in rows.all() if attempts.get(job_id) == attempt}
+    return set(rows.scalars().all())
 
 
 async def expired_leases(session: AsyncSession, limit: int) -> list[Job]:

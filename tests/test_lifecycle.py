@@ -1,0 +1,23 @@
+from conveyor.lifecycle import LEGAL_TRANSITIONS, TERMINAL_STATES, JobState, can_transition, sources_of
+
+
+def test_terminal_states_have_no_way_out() -> None:
+    for state in TERMINAL_STATES:
+        assert LEGAL_TRANSITIONS[state] == frozenset()
+        assert state.is_terminal
+
+
+def test_every_state_is_reachable_from_queued() -> None:
+    reached, frontier = {JobState.QUEUED}, [JobState.QUEUED]
+    while frontier:
+        for target in LEGAL_TRANSITIONS[frontier.pop()]:
+            if target not in reached:
+                reached.add(target)
+                frontier.append(target)
+    assert reached == set(JobState)
+
+
+def test_running_is_only_entered_from_queued() -> None:
+    assert sources_of(JobState.RUNNING) == {JobState.QUEUED}
+    assert not can_transition(JobState.SUCCEEDED, JobState.RUNNING)
+    assert can_transition(JobState.RUNNING, JobState.QUEUED)  # a retry
