@@ -8,12 +8,13 @@ from the broker's jars (Maven Central) and Debian's PostgreSQL packages.
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
+from harness import KEY_A, KEY_B, TENANT_A, TENANT_B, Stack, free_port
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -21,7 +22,6 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from conveyor.embedded.kafka import KafkaCluster, free_port_block
 from conveyor.embedded.postgres import PostgresServer
 from conveyor.embedded.postgres import free_port as free_pg_port
-from harness import KEY_A, KEY_B, TENANT_A, TENANT_B, Stack
 
 KAFKA_ENV = "CONVEYOR_TEST_KAFKA_BOOTSTRAP"
 POSTGRES_ENV = "CONVEYOR_TEST_POSTGRES_URL"
@@ -68,29 +68,17 @@ async def create_postgres_database(admin_url: str, name: str) -> str:
     return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_kind(request: pytest.FixtureRequest) -> str:
-    kind: str = request.param
-    return kind
+DATABASE_KINDS = ["sqlite", "postgresql"]
 
 
-@pytest.fixture
-async def database_url(database_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    if database_kind == "sqlite":
-        return f"sqlite+aiosqlite:///{tmp_path / 'conveyor.db'}"
+async def new_database_url(kind: str, directory: Path, request: pytest.FixtureRequest) -> str:
+    if kind == "sqlite":
+        return f"sqlite+aiosqlite:///{directory / 'conveyor.db'}"
     admin_url: str = request.getfixturevalue("postgres_admin_url")
     return await create_postgres_database(admin_url, f"t_{uuid.uuid4().hex[:12]}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-@pytest.fixture
-def stack_env(kafka_bootstrap: str, database_url: str, tmp_path: Path) -> dict[str, str]:
+def deployment_env(kafka_bootstrap: str, database_url: str, directory: Path) -> dict[str, str]:
     """The CONVEYOR_ settings of one isolated deployment: its own topics, database and ports."""
     return {
         "CONVEYOR_KAFKA_BOOTSTRAP": kafka_bootstrap,
@@ -100,24 +88,58 @@ def stack_env(kafka_bootstrap: str, database_url: str, tmp_path: Path) -> dict[s
         "CONVEYOR_API_KEYS": f"{TENANT_A}:{KEY_A},{TENANT_B}:{KEY_B}",
         "CONVEYOR_GATEWAY_PORT": str(free_port()),
         "CONVEYOR_PROGRESS_PORT": str(free_port()),
-        "CONVEYOR_DATA_DIR": str(tmp_path / "data"),
+        "CONVEYOR_DATA_DIR": str(directory / "data"),
         "CONVEYOR_LEASE_S": str(TEST_LEASE_S),
         "CONVEYOR_DRAIN_GRACE_S": "5",
     }
 
 
+@asynccontextmanager
+async def running_stack(env: dict[str, str], directory: Path) -> AsyncIterator[Stack]:
+    """Gateway, one worker and the progress service, each its own process, ready to serve."""
+    log_dir = directory / "logs"
+    log_dir.mkdir()
+    stack = Stack(env=env, log_dir=log_dir)
+    stack.start("gateway")
+    stack.start("worker-1", "worker")
+    stack.start("progress")
+    try:
+        await stack.wait_ready(stack.gateway_url)
+        await stack.wait_ready(stack.progress_url.replace("ws://", "http://"))
+        yield stack
+    finally:
+        stack.stop_all()
+
+
+@pytest.fixture(params=DATABASE_KINDS)
+def database_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+async def database_url(database_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    return await new_database_url(database_kind, tmp_path, request)
+
+
+@pytest.fixture
+def stack_env(kafka_bootstrap: str, database_url: str, tmp_path: Path) -> dict[str, str]:
+    return deployment_env(kafka_bootstrap, database_url, tmp_path)
+
+
 @pytest.fixture
 async def stack(stack_env: dict[str, str], tmp_path: Path) -> AsyncIterator[Stack]:
-    """Gateway, one worker and the progress service, each its own process, ready to serve."""
-    log_dir = tmp_path / "logs"
-    log_dir.mkdir()
-    running = Stack(env=stack_env, log_dir=log_dir)
-    running.start("gateway")
-    running.start("worker-1", "worker")
-    running.start("progress")
-    try:
-        await running.wait_ready(running.gateway_url)
-        await running.wait_ready(running.progress_url.replace("ws://", "http://"))
+    """A fresh deployment for one test: for tests that kill, restart or fill it."""
+    async with running_stack(stack_env, tmp_path) as running:
         yield running
-    finally:
-        running.stop_all()
+
+
+@pytest.fixture(scope="module", params=DATABASE_KINDS)
+async def module_stack(
+    request: pytest.FixtureRequest, kafka_bootstrap: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Stack]:
+    """One deployment shared by a module's tests that only read and submit (contract tests)."""
+    directory = tmp_path_factory.mktemp(f"stack-{request.param}")
+    database_url = await new_database_url(request.param, directory, request)
+    async with running_stack(deployment_env(kafka_bootstrap, database_url, directory), directory) as running:
+        yield running

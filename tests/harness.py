@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -21,10 +22,17 @@ TENANT_A, KEY_A = "tenant-a", "key-a-0123456789"
 TENANT_B, KEY_B = "tenant-b", "key-b-0123456789"
 
 
-async def eventually(check: Any, timeout: float, what: str) -> Any:
-    """Poll `check()` (sync or async) until it returns something truthy; fail after `timeout`."""
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def eventually(check: Any, within_s: float, what: str) -> Any:
+    """Poll `check()` (sync or async) until it returns something truthy; fail after `within_s`."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + within_s
     while True:
         value = check()
         if asyncio.iscoroutine(value):
@@ -32,7 +40,7 @@ async def eventually(check: Any, timeout: float, what: str) -> Any:
         if value:
             return value
         if loop.time() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {within_s}s waiting for {what}")
         await asyncio.sleep(POLL_INTERVAL_S)
 
 
@@ -98,7 +106,9 @@ class Stack:
             await eventually(ready, READY_TIMEOUT_S, f"{base_url}/readyz")
 
     def _logs(self) -> str:
-        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.log_dir.glob("*.log"))
+        return "\n".join(
+            f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.log_dir.glob("*.log")
+        )
 
     def client(self, key: str = KEY_A) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -106,10 +116,12 @@ class Stack:
         )
 
 
-async def wait_for_status(client: httpx.AsyncClient, job_id: str, statuses: set[str], timeout: float) -> dict[str, Any]:
+async def wait_for_status(
+    client: httpx.AsyncClient, job_id: str, statuses: set[str], within_s: float
+) -> dict[str, Any]:
     async def reached() -> dict[str, Any] | None:
         body: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
         return body if body["status"] in statuses else None
 
-    result: dict[str, Any] = await eventually(reached, timeout, f"job {job_id} to reach {statuses}")
+    result: dict[str, Any] = await eventually(reached, within_s, f"job {job_id} to reach {statuses}")
     return result

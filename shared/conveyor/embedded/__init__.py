@@ -1,0 +1,1 @@
+"""Real infrastructure run locally (a Kafka broker from Maven Central) for development and tests."""

@@ -1,0 +1,161 @@
+"""The gateway's HTTP contract: authentication, problem details, tenant isolation, health."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+import httpx
+from harness import KEY_B, Stack, eventually, free_port, wait_for_status
+
+PROBLEM_JSON = "application/problem+json"
+
+
+async def run_cli(stack: Stack, *args: str) -> str:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "conveyor",
+        *args,
+        env={**os.environ, **stack.env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    assert process.returncode == 0, stderr.decode()
+    return stdout.decode().strip()
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM_JSON
+    body: dict[str, object] = response.json()
+    assert body["status"] == status
+    assert body["title"]
+    return body
+
+
+UNAUTHORIZED: list[dict[str, str]] = [
+    {},
+    {"Authorization": "Bearer wrong-key"},
+    {"Authorization": "Bearer"},
+    {"Authorization": "Basic a2V5LWEtMDEyMzQ1Njc4OQ=="},
+]
+
+
+async def test_requests_without_a_valid_key_get_401(module_stack: Stack) -> None:
+    for headers in UNAUTHORIZED:
+        async with httpx.AsyncClient(base_url=module_stack.gateway_url, headers=headers) as client:
+            responses = [
+                await client.post("/v1/jobs", json={"type": "demo.echo"}),
+                await client.get("/v1/jobs/anything"),
+                await client.get("/v1/job-types"),
+            ]
+        for response in responses:
+            assert_problem(response, 401)
+            assert response.headers["www-authenticate"].startswith("Bearer")
+
+
+async def test_client_errors_are_problem_details_naming_the_field(module_stack: Stack) -> None:
+    async with module_stack.client() as client:
+        unknown = assert_problem(await client.post("/v1/jobs", json={"type": "no.such"}), 422)
+        assert unknown["errors"] == [{"field": "type", "message": unknown["errors"][0]["message"]}]  # type: ignore[index]
+        assert "demo.sleep" in unknown["known_types"]  # type: ignore[operator]
+
+        payload = assert_problem(
+            await client.post("/v1/jobs", json={"type": "demo.sleep", "payload": {"seconds": "soon"}}), 422
+        )
+        assert [e["field"] for e in payload["errors"]] == ["payload.seconds"]  # type: ignore[attr-defined]
+
+        extra = assert_problem(
+            await client.post("/v1/jobs", json={"type": "demo.sleep", "payload": {"minutes": 1}}), 422
+        )
+        assert [e["field"] for e in extra["errors"]] == ["payload.minutes"]  # type: ignore[attr-defined]
+
+        priority = assert_problem(
+            await client.post("/v1/jobs", json={"type": "demo.echo", "priority": 9}), 422
+        )
+        assert [e["field"] for e in priority["errors"]] == ["priority"]  # type: ignore[attr-defined]
+
+        missing = assert_problem(await client.post("/v1/jobs", json={"payload": {}}), 422)
+        assert [e["field"] for e in missing["errors"]] == ["type"]  # type: ignore[attr-defined]
+
+        not_object = assert_problem(await client.post("/v1/jobs", json=[1, 2]), 422)
+        assert not_object["errors"]
+
+        malformed = await client.post(
+            "/v1/jobs", content=b'{"type": ', headers={"Content-Type": "application/json"}
+        )
+        assert_problem(malformed, 400)
+
+        not_json = await client.post(
+            "/v1/jobs", content=b"type=demo.echo", headers={"Content-Type": "text/plain"}
+        )
+        assert_problem(not_json, 415)
+
+        big = await client.post(
+            "/v1/jobs",
+            content=b'{"type": "demo.echo", "payload": "' + b"x" * (1024 * 1024) + b'"}',
+            headers={"Content-Type": "application/json"},
+        )
+        assert_problem(big, 413)
+
+        assert_problem(await client.get("/v1/nothing-here"), 404)
+        assert_problem(await client.delete("/v1/jobs"), 405)
+
+
+async def test_a_tenant_never_sees_another_tenants_job(module_stack: Stack) -> None:
+    async with module_stack.client() as owner, module_stack.client(KEY_B) as other:
+        job = (await owner.post("/v1/jobs", json={"type": "demo.echo", "payload": {"secret": 1}})).json()
+        hidden = assert_problem(await other.get(f"/v1/jobs/{job['id']}"), 404)
+        missing = assert_problem(await other.get("/v1/jobs/00000000-0000-0000-0000-000000000000"), 404)
+        assert hidden["title"] == missing["title"]  # indistinguishable from a job that does not exist
+        assert (await owner.get(f"/v1/jobs/{job['id']}")).status_code == 200
+
+
+async def test_job_types_list_the_demo_types_with_their_schemas(module_stack: Stack) -> None:
+    async with module_stack.client() as client:
+        types = {t["name"]: t for t in (await client.get("/v1/job-types")).json()}
+    assert {"demo.echo", "demo.sleep", "demo.fail", "demo.noop"} <= set(types)
+    assert set(types["demo.sleep"]["payload_schema"]["properties"]) == {"seconds", "steps"}
+
+
+async def test_health_and_readiness(module_stack: Stack) -> None:
+    async with httpx.AsyncClient() as client:
+        for base in (module_stack.gateway_url, module_stack.progress_url.replace("ws://", "http://")):
+            assert (await client.get(f"{base}/healthz")).json() == {"status": "ok"}
+            ready = await client.get(f"{base}/readyz")
+            assert ready.status_code == 200
+            assert ready.json()["checks"] == {"database": "ok", "kafka": "ok"}
+
+
+async def test_readiness_fails_when_kafka_is_unreachable(module_stack: Stack) -> None:
+    port = free_port()
+    module_stack.start(
+        "gateway-no-kafka", "gateway", CONVEYOR_KAFKA_BOOTSTRAP="127.0.0.1:1", CONVEYOR_GATEWAY_PORT=str(port)
+    )
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
+
+        async def alive() -> bool:
+            try:
+                return (await client.get("/healthz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await eventually(alive, 60, "the gateway without Kafka to start")
+        ready = await client.get("/readyz")
+    assert ready.status_code == 503
+    assert ready.json()["checks"]["database"] == "ok"
+    assert ready.json()["checks"]["kafka"].startswith("unreachable")
+
+
+async def test_keys_created_with_the_cli_authenticate_with_their_scopes(module_stack: Stack) -> None:
+    create = ["keys", "create", "--tenant", "tenant-c"]
+    reader_key = await run_cli(module_stack, *create, "--scopes", "read")
+    full_key = await run_cli(module_stack, *create)
+    async with module_stack.client(full_key) as client, module_stack.client(reader_key) as read_only:
+        job = (await client.post("/v1/jobs", json={"type": "demo.echo", "payload": 1})).json()
+        assert (await wait_for_status(client, job["id"], {"succeeded"}, 60))["result"] == 1
+        assert (await read_only.get(f"/v1/jobs/{job['id']}")).status_code == 200
+        assert_problem(await read_only.post("/v1/jobs", json={"type": "demo.echo"}), 403)
