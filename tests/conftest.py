@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from harness import KEY_A, KEY_B, TENANT_A, TENANT_B, Stack, free_port
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -22,6 +21,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from conveyor.embedded.kafka import KafkaCluster, free_port_block
 from conveyor.embedded.postgres import PostgresServer
 from conveyor.embedded.postgres import free_port as free_pg_port
+
+from harness import KEY_A, KEY_B, TENANT_A, TENANT_B, Stack, free_port
 
 KAFKA_ENV = "CONVEYOR_TEST_KAFKA_BOOTSTRAP"
 POSTGRES_ENV = "CONVEYOR_TEST_POSTGRES_URL"

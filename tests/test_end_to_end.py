@@ -12,7 +12,9 @@ from harness import KEY_A, Stack, wait_for_status
 JOB_TIMEOUT_S = 60
 
 
-async def collect_events(stack: Stack, job_id: str, key: str = KEY_A) -> tuple[list[dict[str, Any]], int | None]:
+async def collect_events(
+    stack: Stack, job_id: str, key: str = KEY_A
+) -> tuple[list[dict[str, Any]], int | None]:
     url = f"{stack.progress_url}/v1/jobs/{job_id}/events"
     messages = []
     async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
@@ -23,7 +25,9 @@ async def collect_events(stack: Stack, job_id: str, key: str = KEY_A) -> tuple[l
 
 async def test_sleep_job_runs_from_202_to_succeeded_with_live_progress(stack: Stack) -> None:
     async with stack.client() as client:
-        response = await client.post("/v1/jobs", json={"type": "demo.sleep", "payload": {"seconds": 2, "steps": 4}})
+        response = await client.post(
+            "/v1/jobs", json={"type": "demo.sleep", "payload": {"seconds": 2, "steps": 4}}
+        )
 
         assert response.status_code == 202
         job = response.json()
@@ -43,7 +47,9 @@ async def test_sleep_job_runs_from_202_to_succeeded_with_live_progress(stack: St
         assert snapshot["type"] == "snapshot"
         assert snapshot["job"]["id"] == job["id"]
         seqs = [event["seq"] for event in events]
-        assert seqs == list(range(snapshot["seq"] + 1, snapshot["seq"] + 1 + len(events))), "gap-free, in order"
+        assert seqs == list(range(snapshot["seq"] + 1, snapshot["seq"] + 1 + len(events))), (
+            "gap-free, in order"
+        )
         assert events[-1]["type"] == "state"
         assert events[-1]["status"] == "succeeded"
         assert events[-1]["result"] == {"slept_s": 2.0, "steps": 4}
@@ -82,7 +88,9 @@ async def test_failing_job_is_retried_until_it_succeeds(stack: Stack) -> None:
 async def test_job_that_keeps_failing_ends_failed_with_its_error(stack: Stack) -> None:
     async with stack.client() as client:
         job = (
-            await client.post("/v1/jobs", json={"type": "demo.fail", "payload": {"fail_times": 9}, "max_attempts": 2})
+            await client.post(
+                "/v1/jobs", json={"type": "demo.fail", "payload": {"fail_times": 9}, "max_attempts": 2}
+            )
         ).json()
         final = await wait_for_status(client, job["id"], {"succeeded", "failed"}, JOB_TIMEOUT_S)
         response = await client.get(f"/v1/jobs/{job['id']}")

@@ -7,6 +7,7 @@ import os
 import sys
 
 import httpx
+
 from harness import KEY_B, Stack, eventually, free_port, wait_for_status
 
 PROBLEM_JSON = "application/problem+json"

@@ -15,6 +15,7 @@ from conveyor.events import Progress
 from conveyor.models import OutboxMessage
 from conveyor.outbox import OutboxRelay, stage_message
 from conveyor.topics import events_topic
+
 from harness import eventually
 
 
