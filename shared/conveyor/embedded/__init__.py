@@ -1,1 +1,1 @@
-"""Real infrastructure run locally (a Kafka broker from Maven Central) for development and tests."""
+"""Real servers the project starts for itself when no Docker engine is at hand: Kafka and PostgreSQL."""

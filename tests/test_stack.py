@@ -1,0 +1,170 @@
+"""`conveyor run` (what `make run` starts): the embedded stack as separate, supervised processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from conveyor.embedded.kafka import free_port_block
+
+from harness import eventually, free_port, wait_for_status
+
+STARTUP_S = 180.0
+STOP_S = 90.0
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every process below `pid`, with its command line (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            try:
+                found[child] = (
+                    (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                )
+            except OSError:
+                continue
+            frontier.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class RunningStack:
+    def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+        self.data_dir = data_dir
+        self.env = env
+        self.log = data_dir.parent / "run.log"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.env['CONVEYOR_GATEWAY_PORT']}"
+
+    def start(self) -> subprocess.Popen[bytes]:
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "conveyor", "run"],
+                env={**os.environ, **self.env},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self.process
+
+    async def ready(self) -> bool:
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"conveyor run exited:\n{self.log.read_text()[-4000:]}")
+        try:
+            async with httpx.AsyncClient() as client:
+                gateway = await client.get(f"{self.gateway}/readyz")
+                progress = await client.get(f"http://127.0.0.1:{self.env['CONVEYOR_PROGRESS_PORT']}/readyz")
+        except httpx.TransportError:
+            return False
+        return gateway.status_code == 200 and progress.status_code == 200
+
+    def client(self) -> httpx.AsyncClient:
+        key = (self.data_dir / "dev-api-key").read_text().strip()
+        return httpx.AsyncClient(base_url=self.gateway, headers={"Authorization": f"Bearer {key}"})
+
+
+@pytest.fixture
+def run_stack(tmp_path: Path) -> Iterator[RunningStack]:
+    kafka_port = free_port_block(2)
+    env = {
+        "CONVEYOR_DATA_DIR": str(tmp_path / "data"),
+        "CONVEYOR_KAFKA_PORT": str(kafka_port),
+        "CONVEYOR_GATEWAY_PORT": str(free_port()),
+        "CONVEYOR_PROGRESS_PORT": str(free_port()),
+        "CONVEYOR_WORKERS": "2",
+        "CONVEYOR_LEASE_S": "3",
+    }
+    for name in ("CONVEYOR_KAFKA_BOOTSTRAP", "CONVEYOR_DATABASE_URL", "CONVEYOR_API_KEYS"):
+        env[name] = ""  # the embedded defaults, whatever the caller's environment says
+    stack = RunningStack(tmp_path / "data", env)
+    yield stack
+    if stack.process is not None and stack.process.poll() is None:
+        os.killpg(stack.process.pid, signal.SIGKILL)
+        for pid in descendants(stack.process.pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_run_supervises_stops_cleanly_and_keeps_jobs(run_stack: RunningStack) -> None:
+    process = run_stack.start()
+    await eventually(run_stack.ready, STARTUP_S, "the embedded stack to be ready")
+    tree = descendants(process.pid)
+    names = {pid: cmd for pid, cmd in tree.items() if "-m conveyor " in cmd}
+    assert sorted(cmd.split("-m conveyor ")[1].strip() for cmd in names.values()) == [
+        "gateway",
+        "progress",
+        "worker",
+        "worker",
+    ]
+    assert any("kafka.Kafka" in cmd for cmd in tree.values()) or _kafka_pids(run_stack.data_dir)
+
+    async with run_stack.client() as client:
+        job = (
+            await client.post("/v1/jobs", json={"type": "demo.sleep", "payload": {"seconds": 1, "steps": 2}})
+        ).json()
+        assert (await wait_for_status(client, job["id"], {"succeeded"}, 60))["result"]["steps"] == 2
+
+    # The supervisor restarts a service that dies, as compose's restart policy would.
+    gateway_pid = next(pid for pid, cmd in names.items() if cmd.endswith("conveyor gateway "))
+    os.kill(gateway_pid, signal.SIGKILL)
+    await eventually(lambda: not alive(gateway_pid), 10, "the gateway to die")
+    await eventually(run_stack.ready, 60, "the restarted gateway")
+    assert gateway_pid not in descendants(process.pid)
+
+    # SIGTERM stops everything it started, Kafka included.
+    everything = set(descendants(process.pid)) | set(_kafka_pids(run_stack.data_dir))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=STOP_S) == 0
+    await eventually(lambda: not any(alive(pid) for pid in everything), 30, "every process to be gone")
+
+    # A second run starts without fetching anything and keeps the first run's jobs.
+    process = run_stack.start()
+    await eventually(run_stack.ready, 60, "the second start")
+    async with run_stack.client() as client:
+        again = (await client.get(f"/v1/jobs/{job['id']}")).json()
+    assert again["status"] == "succeeded"
+    assert "Downloading" not in run_stack.log.read_text()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=STOP_S) == 0
+
+
+def _kafka_pids(data_dir: Path) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+            except OSError:
+                continue
+            if "kafka.Kafka" in cmdline and str(data_dir) in cmdline:
+                pids.append(int(entry.name))
+    return pids
