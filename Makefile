@@ -1,0 +1,43 @@
+# The two commands: `make run` (set up and run the embedded stack) and `make test` (set up and run the tests).
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+INSTALLED := $(VENV)/.installed
+
+.PHONY: run test setup postgres lint typecheck bench clean
+
+$(INSTALLED): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+## setup: the virtualenv, the project and its dependencies, and the Kafka broker's jars (cached)
+setup: $(INSTALLED)
+	$(BIN)/conveyor kafka fetch
+
+## run: the whole embedded stack in the foreground (Ctrl-C stops it)
+run: setup
+	$(BIN)/conveyor run
+
+## postgres: PostgreSQL from Debian's packages, if it is not installed (the tests start their own server)
+postgres:
+	bash scripts/ensure-postgres.sh
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: setup
+	$(BIN)/mypy
+
+## test: lint, type-check, then every test against a real Kafka broker, SQLite and PostgreSQL
+test: setup postgres lint typecheck
+	$(BIN)/pytest
+
+## bench: accept rate and end-to-end rate of noop jobs on a fresh embedded stack
+bench: setup
+	$(BIN)/python bench/throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
