@@ -67,7 +67,7 @@ class LeaseKeeper:
                 log.warning("lease.lost", job_id=job_id, attempt=execution.attempt)
                 execution.context.cancelled.set()
 
-    async def reap(self) -> int:
+    async def reap(self) -> None:
         """Give each job whose lease ran out its next attempt (or fail it if attempts are spent)."""
         rows: list[OutboxMessage] = []
         async with self._db.session() as session:
@@ -84,4 +84,3 @@ class LeaseKeeper:
                 rows.extend(announce_state(session, self._prefix, updated))
         if rows:
             await self._relay.publish(rows)
-        return len(rows)

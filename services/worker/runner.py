@@ -34,6 +34,8 @@ log = structlog.get_logger(__name__)
 
 POLL_TIMEOUT_MS = 200
 COMMIT_INTERVAL_S = 0.5
+EXECUTE_RETRY_BASE_S = 0.5
+EXECUTE_RETRY_CAP_S = 30.0
 
 
 def new_worker_id() -> str:
@@ -138,13 +140,18 @@ class Worker:
             log.error("worker.bad_message", topic=tp.topic, partition=tp.partition, offset=offset)
             self.offsets.finished(tp, offset)
             return
-        try:
-            await self.executor.execute(message)
-        except Exception:
-            # The job's state is unrecorded (the database is down?): keep the offset uncommitted so the
-            # message comes back; the lease hands the job to another attempt if it was claimed.
-            log.exception("worker.execute_failed", job_id=message.job_id)
-            return
+        failures = 0
+        while True:
+            try:
+                await self.executor.execute(message)
+                break
+            except Exception:
+                # The database did not answer. Try again: a claim that failed is retried; an outcome that
+                # could not be recorded makes the retry find the job still running, and its lease runs
+                # out so the reaper requeues it. Either way the offset stays uncommitted until then.
+                failures += 1
+                log.exception("worker.execute_failed", job_id=message.job_id, failures=failures)
+                await asyncio.sleep(min(EXECUTE_RETRY_CAP_S, EXECUTE_RETRY_BASE_S * 2 ** min(failures, 6)))
         self.offsets.finished(tp, offset)
 
     async def commit(self, partitions: set[TopicPartition] | None = None) -> None:
