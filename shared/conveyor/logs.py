@@ -11,6 +11,8 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
     logging.basicConfig(level=level.upper(), format="%(message)s")
     # aiokafka is chatty about reconnects that we already report ourselves.
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
+    # Alembic announces its dialect at every start; keep only the upgrades it runs.
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=False)
     )

@@ -24,7 +24,8 @@ from conveyor.supervisor import ServiceSpec, Supervisor
 DEV_TENANT = "dev"
 TOPICS_TIMEOUT_S = 60.0
 
-console = Console()
+# soft_wrap: never break the printed commands, so they can be copied whole.
+console = Console(soft_wrap=True)
 
 
 def dev_api_key(data_dir: Path) -> str:
