@@ -102,7 +102,7 @@ async def read_job(
 ) -> JSONResponse:
     """The status monitor: status, latest progress, and the result or error once done."""
     require_scope(principal, "read")
-    async with state.db.session() as session:
+    async with state.db.reading() as session:
         job = await get_job(session, principal.tenant, job_id)
     if job is None:
         raise Problem(404, "Not found", f"no job {job_id!r}", slug="job-not-found")

@@ -21,7 +21,7 @@ async def require_principal(request: Request, state: GatewayState = Depends(gate
             slug="unauthorized",
             headers=UNAUTHORIZED_HEADERS,
         )
-    async with state.db.session() as session:
+    async with state.db.reading() as session:
         principal = await authenticate(session, state.bootstrap_keys, token)
     if principal is None:
         raise Problem(

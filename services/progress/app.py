@@ -76,5 +76,5 @@ async def _authenticate(websocket: WebSocket, state: ProgressState) -> Principal
     token = bearer_token(websocket.headers.get("authorization")) or websocket.query_params.get("token")
     if not token:
         return None
-    async with state.db.session() as session:
+    async with state.db.reading() as session:
         return await authenticate(session, state.bootstrap_keys, token)

@@ -29,7 +29,7 @@ async def stream_job_events(
     # certain to reach the subscription, and older ones are dropped by their `seq`.
     subscription = hub.subscribe(job_id)
     try:
-        async with db.session() as session:
+        async with db.reading() as session:
             job = await get_job(session, principal.tenant, job_id)
         if job is None:
             await websocket.send_json({"type": "error", "error": "unknown_job", "job_id": job_id})

@@ -109,10 +109,18 @@ class Worker:
         while not stop.is_set():
             free = self.concurrency - len(self._tasks)
             self._set_paused(free <= 0)
-            batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=max(free, 1))
-            for tp, records in batches.items():
-                for record in records:
-                    self._dispatch(tp, record.offset, record.value)
+            if free <= 0:
+                # At capacity: wake as soon as a job finishes, and still poll (paused partitions return
+                # nothing) so the consumer stays in its group however long the jobs run.
+                await asyncio.wait(
+                    set(self._tasks), timeout=POLL_TIMEOUT_MS / 1000, return_when=asyncio.FIRST_COMPLETED
+                )
+                await self._consumer.getmany(timeout_ms=0)
+            else:
+                batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=free)
+                for tp, records in batches.items():
+                    for record in records:
+                        self._dispatch(tp, record.offset, record.value)
             if loop.time() - last_commit >= COMMIT_INTERVAL_S:
                 await self.commit()
                 last_commit = loop.time()

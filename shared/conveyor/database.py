@@ -23,18 +23,18 @@ def is_sqlite(url: str) -> bool:
     return make_url(url).get_backend_name() == "sqlite"
 
 
-def create_engine(url: str) -> AsyncEngine:
+def create_engine(url: str, *, read_only: bool = False) -> AsyncEngine:
     if is_sqlite(url):
         database = make_url(url).database
         if database and database != ":memory:":
             Path(database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        _tune_sqlite(engine)
+        _tune_sqlite(engine, begin="BEGIN" if read_only else "BEGIN IMMEDIATE")
         return engine
     return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
 
-def _tune_sqlite(engine: AsyncEngine) -> None:
+def _tune_sqlite(engine: AsyncEngine, begin: str) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when transactions begin (see on_begin).
@@ -49,25 +49,34 @@ def _tune_sqlite(engine: AsyncEngine) -> None:
     @event.listens_for(engine.sync_engine, "begin")
     def on_begin(connection: Connection) -> None:
         # A deferred transaction that reads and then writes can fail with SQLITE_BUSY without waiting,
-        # when another process wrote in between. Taking the write lock up front makes it wait instead.
-        connection.exec_driver_sql("BEGIN IMMEDIATE")
+        # when another process wrote in between: writers take the write lock up front (BEGIN IMMEDIATE)
+        # and wait for it instead. Readers begin deferred, so in WAL mode they never wait for writers.
+        connection.exec_driver_sql(begin)
 
 
 class Database:
-    """One engine and its session factory; `session()` is a unit of work that commits on success."""
+    """`session()` is a unit of work that commits on success; `reading()` is for reads only."""
 
     def __init__(self, url: str) -> None:
         self.url = url
         self.engine = create_engine(url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+        # SQLite needs a second engine whose transactions begin deferred; other databases share one.
+        self.read_engine = create_engine(url, read_only=True) if is_sqlite(url) else self.engine
+        self.read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
         async with self.sessions.begin() as session:
             yield session
 
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncSession]:
+        async with self.read_sessions() as session:
+            yield session
+
     async def ping(self) -> None:
-        async with self.engine.connect() as connection:
+        async with self.read_engine.connect() as connection:
             await connection.execute(text("SELECT 1"))
 
     async def migrate(self) -> None:
@@ -76,6 +85,8 @@ class Database:
 
     async def close(self) -> None:
         await self.engine.dispose()
+        if self.read_engine is not self.engine:
+            await self.read_engine.dispose()
 
 
 def _alembic_config(connection: Connection) -> Config:

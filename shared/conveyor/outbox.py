@@ -12,12 +12,14 @@ import asyncio
 import contextlib
 from collections.abc import Iterable
 from datetime import timedelta
+from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
 from pydantic import BaseModel
 from sqlalchemy import ColumnElement, delete, or_, select
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.broker import BrokerUnavailable, start_producer
@@ -45,8 +47,11 @@ def stage_message(session: AsyncSession, topic: str, key: str, message: BaseMode
 class OutboxRelay:
     """Publishes outbox rows to Kafka in id order, then deletes them.
 
-    `publish(ids)` publishes the rows a caller has just committed and returns once they are on Kafka
-    (or leaves them for the sweep if Kafka is down). The background sweep publishes orphans.
+    Fresh rows are handed over in memory by the process that committed them (`publish` waits until
+    they are on Kafka, `notify` does not), so the hot path reads nothing back from the database, and
+    the deletes of published rows are batched in the background. After a failure to reach Kafka, rows
+    are re-read from the database in id order until the backlog is gone, so a job's events keep
+    their order. The background sweep also publishes orphans left by dead processes.
     """
 
     def __init__(self, db: Database, bootstrap: str) -> None:
@@ -54,7 +59,9 @@ class OutboxRelay:
         self._bootstrap = bootstrap
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
-        self._pending: set[int] = set()
+        self._fresh: list[OutboxMessage] = []  # committed, handed over in memory, not yet sent
+        self._pending: set[int] = set()  # committed, to be re-read from the database and sent
+        self._published: set[int] = set()  # sent, to be deleted
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._failures = 0
@@ -67,19 +74,20 @@ class OutboxRelay:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
+        await self._flush()
         async with self._lock:
-            await self._drain(sweep=False)
+            await self._delete_published()
             await self._close_producer()
 
     async def publish(self, rows: Iterable[OutboxMessage]) -> bool:
         """Publish freshly committed rows now. True if they reached Kafka; else the relay retries them."""
-        self._pending.update(row.id for row in rows)
-        async with self._lock:
-            return await self._drain(sweep=False)
+        published = await self._send_fresh(list(rows))
+        self._wake.set()  # the background loop deletes what was published
+        return published
 
     def notify(self, rows: Iterable[OutboxMessage]) -> None:
         """Hand freshly committed rows to the background relay without waiting for Kafka."""
-        self._pending.update(row.id for row in rows)
+        self._fresh.extend(rows)
         self._wake.set()
 
     @property
@@ -100,13 +108,53 @@ class OutboxRelay:
             sweep = loop.time() - last_sweep >= SWEEP_INTERVAL_S
             if sweep:
                 last_sweep = loop.time()
-            async with self._lock:
-                await self._drain(sweep=sweep or self._failures > 0)
+            try:
+                await self._flush()
+                async with self._lock:
+                    if sweep or self._failures:
+                        await self._drain(sweep=True)
+                    await self._delete_published()
+            except (SQLAlchemyError, OSError) as exc:
+                # The database is away: every row is still in the outbox, and the next round retries.
+                log.warning("outbox.database_unavailable", error=str(exc))
 
     def _backoff(self) -> float:
         return float(min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(self._failures, 10)))
 
+    async def _flush(self) -> bool:
+        """Send the rows handed over by `notify`."""
+        rows, self._fresh = self._fresh, []
+        return await self._send_fresh(rows)
+
+    async def _send_fresh(self, rows: list[OutboxMessage]) -> bool:
+        """Send rows committed by this process. They are queued on the producer in order under the lock,
+        and their acknowledgements awaited outside it, so concurrent callers share batches and round trips.
+        While a backlog waits in the database, new rows join it instead, so order holds."""
+        if not rows:
+            return True
+        async with self._lock:
+            if self._pending:
+                self._pending.update(row.id for row in rows)
+                return await self._drain(sweep=False)
+            try:
+                acks = await self._enqueue(rows)
+            except (KafkaError, BrokerUnavailable, OSError) as exc:
+                self._pending.update(row.id for row in rows)
+                await self._failed(exc)
+                return False
+        try:
+            await asyncio.gather(*acks)
+        except (KafkaError, BrokerUnavailable, OSError) as exc:
+            self._pending.update(row.id for row in rows)
+            async with self._lock:
+                await self._failed(exc)
+            return False
+        self._published.update(row.id for row in rows)
+        self._failures = 0
+        return True
+
     async def _drain(self, sweep: bool) -> bool:
+        """Re-read rows from the database (the backlog, and with `sweep` the orphans) and send them."""
         try:
             while True:
                 wanted = sorted(self._pending)[:BATCH_SIZE]
@@ -120,10 +168,25 @@ class OutboxRelay:
                 if len(rows) < BATCH_SIZE and not self._pending:
                     return True
         except (KafkaError, BrokerUnavailable, OSError) as exc:
-            self._failures += 1
-            log.warning("outbox.publish_failed", error=str(exc), failures=self._failures)
-            await self._close_producer()
+            await self._failed(exc)
             return False
+
+    async def _failed(self, exc: BaseException) -> None:
+        self._failures += 1
+        log.warning("outbox.publish_failed", error=str(exc), failures=self._failures)
+        await self._close_producer()
+
+    async def _delete_published(self) -> None:
+        if not self._published:
+            return
+        ids, self._published = self._published, set()
+        try:
+            await self._delete(sorted(ids))
+        except (SQLAlchemyError, OSError) as exc:
+            # Harmless if it never happens: the sweep would publish these rows again, and a repeat is
+            # dropped downstream. Try again on the next round.
+            log.warning("outbox.delete_failed", error=str(exc))
+            self._published |= ids
 
     async def _load(self, ids: list[int], sweep: bool) -> list[OutboxMessage]:
         conditions: list[ColumnElement[bool]] = []
@@ -133,18 +196,19 @@ class OutboxRelay:
             conditions.append(OutboxMessage.created_at < utcnow() - timedelta(seconds=ORPHAN_AGE_S))
         if not conditions:
             return []
-        async with self._db.session() as session:
+        async with self._db.reading() as session:
             query = select(OutboxMessage).where(or_(*conditions)).order_by(OutboxMessage.id).limit(BATCH_SIZE)
             return list((await session.scalars(query)).all())
 
     async def _send(self, rows: list[OutboxMessage]) -> None:
+        await asyncio.gather(*await self._enqueue(rows))
+
+    async def _enqueue(self, rows: list[OutboxMessage]) -> list[asyncio.Future[Any]]:
+        """Queue rows on the producer in order; the futures resolve when Kafka acknowledges them."""
         if self._producer is None:
             self._producer = await start_producer(self._bootstrap)
-        # Sent in id order through one producer: messages with the same key keep their order.
-        futures = [
-            await self._producer.send(row.topic, key=row.key.encode(), value=row.value) for row in rows
-        ]
-        await asyncio.gather(*futures)
+        # One producer, idempotent: messages with the same key reach Kafka in the order queued here.
+        return [await self._producer.send(row.topic, key=row.key.encode(), value=row.value) for row in rows]
 
     async def _delete(self, ids: list[int]) -> None:
         async with self._db.session() as session:
