@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from conveyor.embedded.kafka import free_port_block
+from conveyor.embedded.kafka import free_port_block, is_port_free
 
 from harness import eventually, free_port, wait_for_status
 
@@ -54,6 +54,17 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def start_conveyor(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "conveyor", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
 class RunningStack:
     def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
         self.data_dir = data_dir
@@ -66,14 +77,7 @@ class RunningStack:
         return f"http://127.0.0.1:{self.env['CONVEYOR_GATEWAY_PORT']}"
 
     def start(self) -> subprocess.Popen[bytes]:
-        with self.log.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "conveyor", "run"],
-                env={**os.environ, **self.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        self.process = start_conveyor(["run"], {**os.environ, **self.env}, self.log)
         return self.process
 
     async def ready(self) -> bool:
@@ -153,8 +157,29 @@ async def test_run_supervises_stops_cleanly_and_keeps_jobs(run_stack: RunningSta
         again = (await client.get(f"/v1/jobs/{job['id']}")).json()
     assert again["status"] == "succeeded"
     assert "Downloading" not in run_stack.log.read_text()
-    process.send_signal(signal.SIGTERM)
+    # Ctrl-C in the terminal (SIGINT) stops everything too.
+    everything = set(descendants(process.pid)) | set(_kafka_pids(run_stack.data_dir))
+    process.send_signal(signal.SIGINT)
     assert process.wait(timeout=STOP_S) == 0
+    await eventually(lambda: not any(alive(pid) for pid in everything), 30, "every process to be gone")
+
+
+async def test_kafka_runs_alone_until_stopped(tmp_path: Path) -> None:
+    port = free_port_block(2)
+    env = {**os.environ, "CONVEYOR_KAFKA_PORT": str(port), "CONVEYOR_DATA_DIR": str(tmp_path)}
+    process = start_conveyor(["kafka", "start"], env, tmp_path / "kafka.log")
+    try:
+        await eventually(
+            lambda: bool(_kafka_pids(tmp_path)) and not is_port_free(port), 120, "Kafka to serve"
+        )
+        kafka = _kafka_pids(tmp_path)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=STOP_S) == 0
+        assert not any(alive(pid) for pid in kafka)
+        assert is_port_free(port)
+    finally:
+        if process.poll() is None:
+            process.kill()
 
 
 def _kafka_pids(data_dir: Path) -> list[int]:
