@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import uvicorn
-
+from conveyor.serving import serve_http
 from conveyor.settings import Settings
 from services.progress.app import create_app
 
 
 def serve(settings: Settings) -> None:
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.progress_port,
-        log_config=None,
-        access_log=False,
-    )
+    serve_http(create_app(settings), settings, settings.progress_port)
