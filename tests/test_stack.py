@@ -193,3 +193,14 @@ def _kafka_pids(data_dir: Path) -> list[int]:
             if "kafka.Kafka" in cmdline and str(data_dir) in cmdline:
                 pids.append(int(entry.name))
     return pids
+
+
+async def test_a_stop_during_startup_leaves_nothing_running(run_stack: RunningStack) -> None:
+    process = run_stack.start()
+    # Stop while Kafka is still starting: its JVM exists, the services do not yet.
+    await eventually(lambda: bool(_kafka_pids(run_stack.data_dir)), 120, "the Kafka process to appear")
+    kafka = _kafka_pids(run_stack.data_dir)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=STOP_S) == 0
+    await eventually(lambda: not any(alive(pid) for pid in kafka), 30, "Kafka to be gone")
+    assert not _kafka_pids(run_stack.data_dir)

@@ -39,28 +39,40 @@ def dev_api_key(data_dir: Path) -> str:
     return key
 
 
+class StopRequested(Exception):
+    """SIGTERM or SIGINT arrived before the services were up."""
+
+
+def _stop_requested(signum: int, _frame: object) -> None:
+    raise StopRequested(signal.Signals(signum).name)
+
+
 def run_stack(settings: Settings) -> int:
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     key = dev_api_key(data_dir)
     api_keys = settings.api_keys or f"{DEV_TENANT}:{key}"
+    # Until the supervisor takes over the signals, a stop request unwinds through `finally`, so a Kafka
+    # that is starting (its own process session) is stopped too, never left behind.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _stop_requested)
 
     cluster = None
-    bootstrap = settings.kafka_bootstrap
-    if not bootstrap:
-        from conveyor.embedded.kafka import KafkaCluster
-
-        console.print("Starting Kafka (KRaft, one node)...")
-        cluster = KafkaCluster(
-            data_dir / "kafka",
-            nodes=1,
-            base_port=settings.kafka_port,
-            cache_dir=settings.cache_dir,
-            version=settings.kafka_version,
-        )
-        cluster.start()
-        bootstrap = cluster.bootstrap_servers
     try:
+        bootstrap = settings.kafka_bootstrap
+        if not bootstrap:
+            from conveyor.embedded.kafka import KafkaCluster
+
+            console.print("Starting Kafka (KRaft, one node)...")
+            cluster = KafkaCluster(
+                data_dir / "kafka",
+                nodes=1,
+                base_port=settings.kafka_port,
+                cache_dir=settings.cache_dir,
+                version=settings.kafka_version,
+            )
+            cluster.start()
+            bootstrap = cluster.bootstrap_servers
         env = {
             "CONVEYOR_KAFKA_BOOTSTRAP": bootstrap,
             "CONVEYOR_API_KEYS": api_keys,
@@ -75,7 +87,12 @@ def run_stack(settings: Settings) -> int:
         specs.append(ServiceSpec("progress", _conveyor("progress"), env))
         _print_banner(settings, bootstrap, key if not settings.api_keys else None)
         asyncio.run(_supervise(specs))
+    except StopRequested as stop:
+        console.print(f"{stop} received while starting.")
     finally:
+        # A second signal while stopping must not cut the stop short.
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, signal.SIG_IGN)
         if cluster is not None:
             console.print("Stopping Kafka...")
             cluster.stop()
