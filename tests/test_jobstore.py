@@ -15,6 +15,7 @@ from conveyor.jobstore import (
     fail_attempt,
     get_job,
     insert_job,
+    lost_attempts,
     record_progress,
     renew_leases,
     transition,
@@ -123,3 +124,19 @@ async def test_another_tenant_cannot_read_the_job(db: Database) -> None:
     async with db.session() as session:
         assert await get_job(session, "t", job.id) is not None
         assert await get_job(session, "other", job.id) is None
+
+
+async def test_an_attempt_loses_its_job_only_to_someone_else(db: Database) -> None:
+    done, requeued, reaped = await new_job(db), await new_job(db), await new_job(db, max_attempts=1)
+    async with db.session() as session:
+        for job in (done, requeued, reaped):
+            assert await claim_job(session, job.id, "w1", lease_s=30) is not None
+        assert await complete_job(session, done.id, 1, "ok") is not None
+        claimed = await get_job(session, "t", requeued.id)
+        assert claimed is not None
+        assert await fail_attempt(session, claimed, {"type": "LeaseExpired", "message": ""}) is not None
+        last = await get_job(session, "t", reaped.id)
+        assert last is not None
+        assert await fail_attempt(session, last, {"type": "LeaseExpired", "message": ""}) is not None
+        lost = await lost_attempts(session, "w1", {done.id: 1, requeued.id: 1, reaped.id: 1})
+    assert lost == {requeued.id, reaped.id}

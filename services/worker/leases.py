@@ -12,7 +12,14 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from conveyor.database import Database
-from conveyor.jobstore import announce_state, expired_leases, fail_attempt, renew_leases
+from conveyor.jobstore import (
+    LEASE_EXPIRED,
+    announce_state,
+    expired_leases,
+    fail_attempt,
+    lost_attempts,
+    renew_leases,
+)
 from conveyor.models import OutboxMessage
 from conveyor.outbox import OutboxRelay
 from services.worker.execution import JobExecutor
@@ -61,9 +68,11 @@ class LeaseKeeper:
         running = {job_id: execution.attempt for job_id, execution in self._executor.running.items()}
         async with self._db.session() as session:
             held = await renew_leases(session, self._executor.worker_id, running, self._lease_s)
-        for job_id in running.keys() - held:
+            missed = {job_id: running[job_id] for job_id in running.keys() - held}
+            lost = await lost_attempts(session, self._executor.worker_id, missed)
+        for job_id in lost:
             execution = self._executor.running.get(job_id)
-            if execution is not None:
+            if execution is not None and execution.attempt == missed[job_id]:
                 log.warning("lease.lost", job_id=job_id, attempt=execution.attempt)
                 execution.context.cancelled.set()
 
@@ -73,7 +82,7 @@ class LeaseKeeper:
         async with self._db.session() as session:
             for job in await expired_leases(session, REAP_BATCH):
                 error = {
-                    "type": "LeaseExpired",
+                    "type": LEASE_EXPIRED,
                     "message": f"worker {job.worker_id} stopped renewing its lease",
                     "attempt": job.attempts,
                 }

@@ -21,6 +21,9 @@ from conveyor.models import Job, OutboxMessage, utcnow
 from conveyor.outbox import stage_message
 from conveyor.topics import events_topic, job_topic
 
+# The error type recorded on an attempt whose worker stopped renewing its lease.
+LEASE_EXPIRED = "LeaseExpired"
+
 
 def new_job_id() -> str:
     return str(uuid.uuid4())
@@ -114,6 +117,23 @@ async def renew_leases(
         .execution_options(synchronize_session=False)
     )
     return set(rows.scalars().all())
+
+
+async def lost_attempts(session: AsyncSession, worker_id: str, attempts: dict[str, int]) -> set[str]:
+    """Of these attempts, the ones no longer in charge of their job: it was requeued, canceled, or taken
+    by another attempt. An attempt that recorded its own outcome meanwhile has lost nothing."""
+    if not attempts:
+        return set()
+    jobs = await session.scalars(select(Job).where(Job.id.in_(list(attempts))))
+    own_outcome = {JobState.SUCCEEDED, JobState.FAILED}
+    return {
+        job.id
+        for job in jobs
+        if job.attempts != attempts[job.id]
+        or job.worker_id != worker_id
+        or job.status not in own_outcome
+        or (job.error or {}).get("type") == LEASE_EXPIRED
+    }
 
 
 async def expired_leases(session: AsyncSession, limit: int) -> list[Job]:
