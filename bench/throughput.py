@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import importlib.util
 import json
 import math
 import os
@@ -27,7 +26,6 @@ import random
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -44,6 +42,8 @@ import httpx
 from rich import box
 from rich.console import Console
 from rich.table import Table
+
+from conveyor.embedded.kafka import is_port_free
 
 JOB_TYPE = "demo.noop"
 JOB_BODY: dict[str, Any] = {"type": JOB_TYPE, "payload": {}}
@@ -457,16 +457,6 @@ def print_cpu(fig: dict[str, Any], bench_cpu_s: float) -> None:
 # --- the embedded stack -----------------------------------------------------------------------------
 
 
-def is_port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((LOCALHOST, port))
-        except OSError:
-            return False
-    return True
-
-
 def free_ports(count: int, taken: set[int]) -> int:
     """A base port from which `count` consecutive ports are free now and not in `taken`."""
     low, high = PORT_RANGE
@@ -642,15 +632,6 @@ class EmbeddedStack:
 # --- main -------------------------------------------------------------------------------------------
 
 
-def skip_sniffio_lookups() -> None:
-    """httpcore tries `import sniffio` on every pool operation; without sniffio installed (anyio 4.16 no
-    longer brings it), each failed import searches sys.path again, which cost this benchmark seconds of
-    CPU per thousand requests, on a machine it shares with the stack. None in sys.modules makes that
-    import fail at once, with the same outcome (asyncio)."""
-    if "sniffio" not in sys.modules and importlib.util.find_spec("sniffio") is None:
-        sys.modules["sniffio"] = None  # type: ignore[assignment]
-
-
 def make_client(url: str, key: str, concurrency: int) -> httpx.AsyncClient:
     return httpx.AsyncClient(
         base_url=url,
@@ -797,7 +778,6 @@ async def cancel_on_sigterm(work: Coroutine[Any, Any, None]) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    skip_sniffio_lookups()
     stack: EmbeddedStack | None = None
     failed = True
     previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
