@@ -19,7 +19,7 @@ from conveyor.events import event_for, job_message_for
 from conveyor.lifecycle import JobState, sources_of
 from conveyor.models import Job, OutboxMessage, utcnow
 from conveyor.outbox import stage_message
-from conveyor.topics import events_topic, job_topic
+from conveyor.topics import events_topic, job_key, job_topic
 
 # The error type recorded on an attempt whose worker stopped renewing its lease.
 LEASE_EXPIRED = "LeaseExpired"
@@ -211,8 +211,9 @@ def announce_state(session: AsyncSession, prefix: str, job: Job) -> list[OutboxM
 
 
 def enqueue(session: AsyncSession, prefix: str, job: Job) -> OutboxMessage:
-    """Stage the job's message on its priority topic, keyed by tenant (one tenant's flood stays put)."""
-    return stage_message(session, job_topic(prefix, job.priority), job.tenant, job_message_for(job))
+    """Stage the job's message on its priority topic, keyed so a tenant's jobs stay on few partitions."""
+    key = job_key(job.tenant, job.id)
+    return stage_message(session, job_topic(prefix, job.priority), key, job_message_for(job))
 
 
 async def _update_returning(session: AsyncSession, statement: Any) -> Job | None:
