@@ -1,6 +1,6 @@
 import uuid
 
-from conveyor.topics import TENANT_SPREAD, all_topics, job_key, job_topics, priority_of_topic, worker_group
+from conveyor.topics import TENANT_SPREAD, all_topics, job_key, job_topics, worker_group
 
 
 def test_a_tenants_jobs_spread_over_a_few_keys_only() -> None:
@@ -13,5 +13,4 @@ def test_a_tenants_jobs_spread_over_a_few_keys_only() -> None:
 def test_topic_names_follow_the_prefix() -> None:
     assert job_topics("cv") == [f"cv.jobs.p{n}" for n in range(1, 6)]
     assert set(all_topics("cv")) == {*job_topics("cv"), "cv.events", "cv.dead-letter"}
-    assert priority_of_topic("cv", "cv.jobs.p4") == 4
     assert worker_group("cv") == "cv-workers"

@@ -69,10 +69,6 @@ class EventHub:
             if not subscribers:
                 del self._subscriptions[subscription.job_id]
 
-    @property
-    def subscriber_count(self) -> int:
-        return sum(len(subscribers) for subscribers in self._subscriptions.values())
-
     async def _run(self) -> None:
         assert self._consumer is not None
         while True:

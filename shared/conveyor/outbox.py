@@ -90,10 +90,6 @@ class OutboxRelay:
         self._fresh.extend(rows)
         self._wake.set()
 
-    @property
-    def healthy(self) -> bool:
-        return self._failures == 0
-
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
         last_sweep = loop.time()

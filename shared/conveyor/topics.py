@@ -44,10 +44,3 @@ def all_topics(prefix: str) -> list[str]:
 def worker_group(prefix: str) -> str:
     """The workers' consumer group: one per deployment, so deployments can share a Kafka cluster."""
     return f"{prefix}-workers"
-
-
-def priority_of_topic(prefix: str, topic: str) -> int:
-    for priority in PRIORITIES:
-        if topic == job_topic(prefix, priority):
-            return priority
-    raise ValueError(f"{topic!r} is not a job topic of prefix {prefix!r}")
