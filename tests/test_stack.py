@@ -164,22 +164,36 @@ async def test_run_supervises_stops_cleanly_and_keeps_jobs(run_stack: RunningSta
     await eventually(lambda: not any(alive(pid) for pid in everything), 30, "every process to be gone")
 
 
-async def test_kafka_runs_alone_until_stopped(tmp_path: Path) -> None:
+@pytest.mark.parametrize("stop_when", ["starting", "serving"])
+async def test_kafka_runs_alone_until_stopped(tmp_path: Path, stop_when: str) -> None:
     port = free_port_block(2)
     env = {**os.environ, "CONVEYOR_KAFKA_PORT": str(port), "CONVEYOR_DATA_DIR": str(tmp_path)}
     process = start_conveyor(["kafka", "start"], env, tmp_path / "kafka.log")
     try:
-        await eventually(
-            lambda: bool(_kafka_pids(tmp_path)) and not is_port_free(port), 120, "Kafka to serve"
-        )
+        await eventually(lambda: bool(_kafka_pids(tmp_path)), 120, "the Kafka process to appear")
+        if stop_when == "serving":
+            await eventually(
+                lambda: "Kafka is up" in (tmp_path / "kafka.log").read_text(), 120, "Kafka to serve"
+            )
         kafka = _kafka_pids(tmp_path)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=STOP_S) == 0
-        assert not any(alive(pid) for pid in kafka)
+        await eventually(lambda: not any(alive(pid) for pid in kafka), 30, "Kafka to be gone")
         assert is_port_free(port)
     finally:
         if process.poll() is None:
             process.kill()
+
+
+async def test_a_stop_during_startup_leaves_nothing_running(run_stack: RunningStack) -> None:
+    process = run_stack.start()
+    # Stop while Kafka is still starting: its JVM exists, the services do not yet.
+    await eventually(lambda: bool(_kafka_pids(run_stack.data_dir)), 120, "the Kafka process to appear")
+    kafka = _kafka_pids(run_stack.data_dir)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=STOP_S) == 0
+    await eventually(lambda: not any(alive(pid) for pid in kafka), 30, "Kafka to be gone")
+    assert not _kafka_pids(run_stack.data_dir)
 
 
 def _kafka_pids(data_dir: Path) -> list[int]:
@@ -193,14 +207,3 @@ def _kafka_pids(data_dir: Path) -> list[int]:
             if "kafka.Kafka" in cmdline and str(data_dir) in cmdline:
                 pids.append(int(entry.name))
     return pids
-
-
-async def test_a_stop_during_startup_leaves_nothing_running(run_stack: RunningStack) -> None:
-    process = run_stack.start()
-    # Stop while Kafka is still starting: its JVM exists, the services do not yet.
-    await eventually(lambda: bool(_kafka_pids(run_stack.data_dir)), 120, "the Kafka process to appear")
-    kafka = _kafka_pids(run_stack.data_dir)
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(timeout=STOP_S) == 0
-    await eventually(lambda: not any(alive(pid) for pid in kafka), 30, "Kafka to be gone")
-    assert not _kafka_pids(run_stack.data_dir)

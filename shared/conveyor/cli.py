@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -13,6 +12,7 @@ from rich.console import Console
 
 from conveyor.logs import configure_logging
 from conveyor.settings import Settings, load_settings
+from conveyor.stopping import StopRequested, ignore_stop_signals, raise_on_stop_signals, wait_for_stop
 
 app = typer.Typer(no_args_is_help=True, help="Conveyor: jobs behind a 202 API, on Kafka.")
 kafka_app = typer.Typer(
@@ -131,11 +131,15 @@ def kafka_start(
         cache_dir=settings.cache_dir,
         version=settings.kafka_version,
     )
-    cluster.start()
-    console.print(f"Kafka is up: [bold]{cluster.bootstrap_servers}[/bold] (Ctrl-C stops it)")
+    raise_on_stop_signals()  # before the start: a stop while Kafka starts must stop it too
     try:
-        _wait_for_signal()
+        cluster.start()
+        console.print(f"Kafka is up: [bold]{cluster.bootstrap_servers}[/bold] (Ctrl-C stops it)")
+        wait_for_stop()
+    except StopRequested:
+        pass
     finally:
+        ignore_stop_signals()
         cluster.stop()
 
 
@@ -167,11 +171,3 @@ def keys_create(
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
     print(key)
-
-
-def _wait_for_signal() -> None:
-    received: list[int] = []
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, lambda number, _frame: received.append(number))
-    while not received:
-        signal.pause()

@@ -19,6 +19,7 @@ from conveyor.auth import generate_key
 from conveyor.broker import BrokerUnavailable, ensure_topics
 from conveyor.database import Database
 from conveyor.settings import Settings
+from conveyor.stopping import StopRequested, ignore_stop_signals, raise_on_stop_signals
 from conveyor.supervisor import ServiceSpec, Supervisor
 
 DEV_TENANT = "dev"
@@ -39,14 +40,6 @@ def dev_api_key(data_dir: Path) -> str:
     return key
 
 
-class StopRequested(Exception):
-    """SIGTERM or SIGINT arrived before the services were up."""
-
-
-def _stop_requested(signum: int, _frame: object) -> None:
-    raise StopRequested(signal.Signals(signum).name)
-
-
 def run_stack(settings: Settings) -> int:
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -54,8 +47,7 @@ def run_stack(settings: Settings) -> int:
     api_keys = settings.api_keys or f"{DEV_TENANT}:{key}"
     # Until the supervisor takes over the signals, a stop request unwinds through `finally`, so a Kafka
     # that is starting (its own process session) is stopped too, never left behind.
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, _stop_requested)
+    raise_on_stop_signals()
 
     cluster = None
     try:
@@ -90,9 +82,7 @@ def run_stack(settings: Settings) -> int:
     except StopRequested as stop:
         console.print(f"{stop} received while starting.")
     finally:
-        # A second signal while stopping must not cut the stop short.
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(signum, signal.SIG_IGN)
+        ignore_stop_signals()
         if cluster is not None:
             console.print("Stopping Kafka...")
             cluster.stop()
