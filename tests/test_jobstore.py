@@ -128,15 +128,19 @@ async def test_another_tenant_cannot_read_the_job(db: Database) -> None:
 
 async def test_an_attempt_loses_its_job_only_to_someone_else(db: Database) -> None:
     done, requeued, reaped = await new_job(db), await new_job(db), await new_job(db, max_attempts=1)
+    retried = await new_job(db)
     async with db.session() as session:
-        for job in (done, requeued, reaped):
+        for job in (done, requeued, reaped, retried):
             assert await claim_job(session, job.id, "w1", lease_s=30) is not None
         assert await complete_job(session, done.id, 1, "ok") is not None
+        own_failure = await get_job(session, "t", retried.id)
+        assert own_failure is not None
+        assert await fail_attempt(session, own_failure, {"type": "Boom", "message": ""}) is not None
         claimed = await get_job(session, "t", requeued.id)
         assert claimed is not None
         assert await fail_attempt(session, claimed, {"type": "LeaseExpired", "message": ""}) is not None
         last = await get_job(session, "t", reaped.id)
         assert last is not None
         assert await fail_attempt(session, last, {"type": "LeaseExpired", "message": ""}) is not None
-        lost = await lost_attempts(session, "w1", {done.id: 1, requeued.id: 1, reaped.id: 1})
-    assert lost == {requeued.id, reaped.id}
+        lost = await lost_attempts(session, "w1", {done.id: 1, requeued.id: 1, reaped.id: 1, retried.id: 1})
+    assert lost == {requeued.id, reaped.id}  # not `retried`: its own failure queued it for a retry

@@ -120,18 +120,18 @@ async def renew_leases(
 
 
 async def lost_attempts(session: AsyncSession, worker_id: str, attempts: dict[str, int]) -> set[str]:
-    """Of these attempts, the ones no longer in charge of their job: it was requeued, canceled, or taken
-    by another attempt. An attempt that recorded its own outcome meanwhile has lost nothing."""
+    """Of these attempts, the ones whose job was taken from them: by another attempt or worker, by a
+    cancel, or by the reaper (which records LEASE_EXPIRED). An attempt that recorded its own outcome
+    meanwhile (succeeded, failed, or queued again for a retry) has lost nothing."""
     if not attempts:
         return set()
     jobs = await session.scalars(select(Job).where(Job.id.in_(list(attempts))))
-    own_outcome = {JobState.SUCCEEDED, JobState.FAILED}
     return {
         job.id
         for job in jobs
         if job.attempts != attempts[job.id]
         or job.worker_id != worker_id
-        or job.status not in own_outcome
+        or job.status == JobState.CANCELED
         or (job.error or {}).get("type") == LEASE_EXPIRED
     }
 
