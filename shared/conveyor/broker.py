@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListener, TopicPartition
@@ -81,37 +83,30 @@ async def start_events_consumer(bootstrap: str, prefix: str) -> AIOKafkaConsumer
     return consumer
 
 
-async def _with_admin(bootstrap: str) -> AIOKafkaAdminClient:
+@asynccontextmanager
+async def admin_client(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
+    """An admin client for one task: Kafka's errors come out as BrokerUnavailable, and it is closed."""
     admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=ADMIN_TIMEOUT_MS)
     try:
         await admin.start()
-    except KafkaError as exc:
-        await admin.close()
-        raise BrokerUnavailable(str(exc)) from exc
-    return admin
-
-
-async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
-    admin = await _with_admin(bootstrap)
-    try:
-        described = await admin.describe_topics([topic])
+        yield admin
     except KafkaError as exc:
         raise BrokerUnavailable(str(exc)) from exc
     finally:
         await admin.close()
+
+
+async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
+    async with admin_client(bootstrap) as admin:
+        described = await admin.describe_topics([topic])
     if not described or described[0]["error_code"] != 0:
         raise BrokerUnavailable(f"topic {topic!r} does not exist")
     return sorted(partition["partition"] for partition in described[0]["partitions"])
 
 
 async def missing_topics(bootstrap: str, prefix: str) -> list[str]:
-    admin = await _with_admin(bootstrap)
-    try:
+    async with admin_client(bootstrap) as admin:
         existing = set(await admin.list_topics())
-    except KafkaError as exc:
-        raise BrokerUnavailable(str(exc)) from exc
-    finally:
-        await admin.close()
     return [topic for topic in all_topics(prefix) if topic not in existing]
 
 
@@ -124,16 +119,11 @@ async def ensure_topics(bootstrap: str, prefix: str, partitions: int, replicatio
     if replication_factor > 1:
         # With acks=all, a write then survives the loss of any one replica.
         config["min.insync.replicas"] = str(min(2, replication_factor))
-    admin = await _with_admin(bootstrap)
-    try:
+    async with admin_client(bootstrap) as admin:
         response = await admin.create_topics(
             [NewTopic(topic, partitions, replication_factor, topic_configs=config) for topic in missing],
             timeout_ms=ADMIN_TIMEOUT_MS,
         )
-    except KafkaError as exc:
-        raise BrokerUnavailable(str(exc)) from exc
-    finally:
-        await admin.close()
     failures = [
         f"{topic}: {message or code}"
         for topic, code, message, *_ in response.topic_errors
