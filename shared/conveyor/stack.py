@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from conveyor.auth import generate_key
 from conveyor.broker import BrokerUnavailable, ensure_topics
 from conveyor.database import Database
 from conveyor.settings import Settings
-from conveyor.stopping import StopRequested, ignore_stop_signals, raise_on_stop_signals
+from conveyor.stopping import STOP_SIGNALS, StopRequested, ignore_stop_signals, raise_on_stop_signals
 from conveyor.supervisor import ServiceSpec, Supervisor
 
 DEV_TENANT = "dev"
@@ -117,12 +116,12 @@ async def _prepare(settings: Settings, bootstrap: str) -> None:
 async def _supervise(specs: list[ServiceSpec]) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
     try:
         await Supervisor(specs).run(stop)
     finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
+        for signum in STOP_SIGNALS:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
 
