@@ -72,10 +72,27 @@ class Stack:
         self.processes[name] = process
         return process
 
+    async def start_progress(self, name: str, port: int | None = None, **env: str) -> str:
+        """Another progress instance on its own port (the same one again after a restart); its ws:// URL."""
+        port = port or free_port()
+        self.start(name, "progress", CONVEYOR_PROGRESS_PORT=str(port), **env)
+        await self.wait_ready(f"http://127.0.0.1:{port}")
+        return f"ws://127.0.0.1:{port}"
+
     def kill(self, name: str, signum: int = signal.SIGKILL) -> None:
         process = self.processes[name]
         process.send_signal(signum)
         process.wait(timeout=STOP_TIMEOUT_S)
+
+    def stop(self, name: str) -> None:
+        """Stop one service for good (SIGTERM) and forget it."""
+        process = self.processes.pop(name)
+        process.terminate()
+        try:
+            process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
     def stop_all(self) -> None:
         for process in self.processes.values():

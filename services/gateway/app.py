@@ -12,10 +12,10 @@ from conveyor.database import Database
 from conveyor.handlers import load_handler_modules
 from conveyor.health import health_router
 from conveyor.outbox import OutboxRelay
+from conveyor.problems import install_problem_handlers
 from conveyor.settings import Settings
 from conveyor.topics_setup import TopicKeeper
 from services.gateway import jobs
-from services.gateway.problems import install_problem_handlers
 from services.gateway.state import GatewayState
 
 

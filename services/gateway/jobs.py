@@ -13,9 +13,9 @@ from conveyor.auth import Principal
 from conveyor.handlers import JobType, UnknownJobType
 from conveyor.jobstore import announce, enqueue, get_job, insert_job
 from conveyor.lifecycle import JobState
+from conveyor.problems import PROBLEM_JSON, Problem, validation_problem
 from conveyor.schemas import JobResource, JobSubmission, JobTypeInfo, job_path, job_resource
 from conveyor.settings import DEFAULT_RETRY_AFTER_S
-from services.gateway.problems import PROBLEM_JSON, Problem, validation_problem
 from services.gateway.security import require_principal, require_scope
 from services.gateway.state import GatewayState, gateway_state
 

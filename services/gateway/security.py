@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import Depends, Request
 
 from conveyor.auth import Principal, authenticate, bearer_token
-from services.gateway.problems import Problem
+from conveyor.problems import Problem
 from services.gateway.state import GatewayState, gateway_state
 
 UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="conveyor"'}

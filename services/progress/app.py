@@ -1,28 +1,24 @@
-"""The progress service: live job events over WebSockets, fed by the events topic."""
+"""The progress service: live job events over WebSockets and Server-Sent Events, fed by the events
+topic, with gaps and resumes served from the job's history in the database."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
-from fastapi import FastAPI, Request, WebSocket
+from fastapi import FastAPI, Query, Request, WebSocket
+from fastapi.responses import Response
 
-from conveyor.auth import Principal, authenticate, bearer_token, parse_bootstrap_keys
+from conveyor.auth import parse_bootstrap_keys
 from conveyor.database import Database
 from conveyor.health import health_router
+from conveyor.problems import install_problem_handlers
 from conveyor.settings import Settings
 from conveyor.topics_setup import TopicKeeper
+from services.progress import sockets, sse
 from services.progress.hub import EventHub
-from services.progress.streams import CLOSE_POLICY_VIOLATION, stream_job_events
-
-
-@dataclass
-class ProgressState:
-    settings: Settings
-    db: Database
-    hub: EventHub
-    bootstrap_keys: dict[str, Principal]
+from services.progress.retention import HistoryPruner
+from services.progress.state import ProgressState
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -35,33 +31,43 @@ def create_app(settings: Settings) -> FastAPI:
         await topics.ready.wait()
         hub = EventHub(settings.kafka_bootstrap, settings.topic_prefix)
         await hub.start()
+        pruner = HistoryPruner(db, settings.event_history_s)
+        await pruner.start()
         app.state.progress = ProgressState(settings, db, hub, parse_bootstrap_keys(settings.api_keys))
         try:
             yield
         finally:
+            await pruner.stop()
             await hub.stop()
             await topics.stop()
             await db.close()
 
     app = FastAPI(title="Conveyor progress", version="0.1.0", lifespan=lifespan)
+    install_problem_handlers(app)
 
     @app.websocket("/v1/jobs/{job_id}/events")
-    async def job_events(websocket: WebSocket, job_id: str) -> None:
-        """A snapshot of the job, then each state change and progress report, then the terminal event."""
-        state: ProgressState = websocket.app.state.progress
-        await websocket.accept()
-        principal = await _authenticate(websocket, state)
-        if principal is None or "read" not in principal.scopes:
-            await websocket.close(CLOSE_POLICY_VIOLATION, "unauthorized")
-            return
-        await stream_job_events(
-            websocket,
-            db=state.db,
-            hub=state.hub,
-            principal=principal,
-            job_id=job_id,
-            events_url=settings.progress_url,
-        )
+    async def job_events_socket(websocket: WebSocket, job_id: str) -> None:
+        """A snapshot of the job (or, with `?after_seq=N`, the events after N), then each new event,
+        then the terminal event, then close 1000."""
+        await sockets.serve_job_events(websocket, websocket.app.state.progress, job_id)
+
+    @app.websocket("/v1/events")
+    async def events_socket(websocket: WebSocket) -> None:
+        """Many jobs on one socket: `subscribe` / `unsubscribe` by `job_ids`, or `all` of the tenant's."""
+        await sockets.serve_events(websocket, websocket.app.state.progress)
+
+    @app.get("/v1/jobs/{job_id}/events", response_model=None)
+    async def job_events_http(
+        request: Request,
+        job_id: str,
+        after_seq: int | None = Query(default=None, ge=0, description="Only events after this seq."),
+        limit: int = Query(
+            default=sse.MAX_PAGE, ge=1, le=sse.MAX_PAGE, description="Events per page (JSON)."
+        ),
+    ) -> Response:
+        """Server-Sent Events with `Accept: text/event-stream` (resume with `Last-Event-ID`); else the
+        job's recorded events as JSON."""
+        return await sse.job_events(request, job_id, after_seq, limit)
 
     def dependencies(request: Request) -> tuple[Database, Settings]:
         state: ProgressState = request.app.state.progress
@@ -69,12 +75,3 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(health_router(dependencies))
     return app
-
-
-async def _authenticate(websocket: WebSocket, state: ProgressState) -> Principal | None:
-    # Browsers cannot set headers on a WebSocket: they may pass the key as `?token=`.
-    token = bearer_token(websocket.headers.get("authorization")) or websocket.query_params.get("token")
-    if not token:
-        return None
-    async with state.db.reading() as session:
-        return await authenticate(session, state.bootstrap_keys, token)

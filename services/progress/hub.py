@@ -1,14 +1,17 @@
-"""The event hub: one consumer of the whole events topic per instance, fanning events out to subscribers.
+"""The event hub: one reader of the whole events topic per instance, handing each event to the
+channels that watch its job or its tenant.
 
-It reads with no consumer group, so every progress instance sees every event. It is positioned at
-the end of the topic before it serves anyone: a subscriber registers with the hub first and reads
-the job's snapshot second, so any event newer than the snapshot is sure to reach it.
+It reads with no consumer group, so every progress instance sees every event, and starts at the end
+of the topic: what happened before a client watched comes from the database (`conveyor.eventlog`),
+not from Kafka. A channel watches first and reads its snapshot second, so an event newer than the
+snapshot is certain to reach it; older ones are dropped by their `seq`.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from typing import Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer
@@ -20,22 +23,13 @@ from conveyor.events import JobEvent
 
 log = structlog.get_logger(__name__)
 
-# Each subscriber's own queue: a slow client fills its queue, never the hub's.
-SUBSCRIBER_QUEUE_SIZE = 1000
 POLL_TIMEOUT_MS = 200
+FETCH_RETRY_S = 1.0
 
 
-class Subscription:
-    def __init__(self, job_id: str) -> None:
-        self.job_id = job_id
-        self.queue: asyncio.Queue[JobEvent] = asyncio.Queue(SUBSCRIBER_QUEUE_SIZE)
-        self.overflowed = asyncio.Event()
-
+class Listener(Protocol):
     def offer(self, event: JobEvent) -> None:
-        try:
-            self.queue.put_nowait(event)
-        except asyncio.QueueFull:
-            self.overflowed.set()
+        """Take an event without blocking: the hub never waits for one client."""
 
 
 class EventHub:
@@ -43,7 +37,8 @@ class EventHub:
         self._bootstrap = bootstrap
         self._prefix = prefix
         self._consumer: AIOKafkaConsumer | None = None
-        self._subscriptions: dict[str, set[Subscription]] = defaultdict(set)
+        self._by_job: dict[str, set[Listener]] = defaultdict(set)
+        self._by_tenant: dict[str, set[Listener]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -57,17 +52,17 @@ class EventHub:
         if self._consumer is not None:
             await self._consumer.stop()
 
-    def subscribe(self, job_id: str) -> Subscription:
-        subscription = Subscription(job_id)
-        self._subscriptions[job_id].add(subscription)
-        return subscription
+    def watch_job(self, job_id: str, listener: Listener) -> None:
+        self._by_job[job_id].add(listener)
 
-    def unsubscribe(self, subscription: Subscription) -> None:
-        subscribers = self._subscriptions.get(subscription.job_id)
-        if subscribers is not None:
-            subscribers.discard(subscription)
-            if not subscribers:
-                del self._subscriptions[subscription.job_id]
+    def unwatch_job(self, job_id: str, listener: Listener) -> None:
+        _discard(self._by_job, job_id, listener)
+
+    def watch_tenant(self, tenant: str, listener: Listener) -> None:
+        self._by_tenant[tenant].add(listener)
+
+    def unwatch_tenant(self, tenant: str, listener: Listener) -> None:
+        _discard(self._by_tenant, tenant, listener)
 
     async def _run(self) -> None:
         assert self._consumer is not None
@@ -76,20 +71,29 @@ class EventHub:
                 batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS)
             except KafkaError as exc:
                 log.warning("hub.fetch_failed", error=str(exc))
-                await asyncio.sleep(1)
+                await asyncio.sleep(FETCH_RETRY_S)
                 continue
             for records in batches.values():
                 for record in records:
-                    self._dispatch(record.key, record.value)
+                    self.dispatch(record.key, record.value)
 
-    def _dispatch(self, key: bytes | None, value: bytes) -> None:
-        job_id = key.decode() if key else None
-        if job_id not in self._subscriptions:
+    def dispatch(self, key: bytes | None, value: bytes) -> None:
+        job_id = key.decode() if key else ""
+        if job_id not in self._by_job and not self._by_tenant:
             return  # nobody watches this job: skip parsing
         try:
             event = JobEvent.model_validate_json(value)
         except ValidationError:
             log.error("hub.bad_event", job_id=job_id)
             return
-        for subscription in self._subscriptions.get(event.job_id, ()):
-            subscription.offer(event)
+        listeners = self._by_job.get(event.job_id, set()) | self._by_tenant.get(event.tenant, set())
+        for listener in listeners:
+            listener.offer(event)
+
+
+def _discard(index: dict[str, set[Listener]], name: str, listener: Listener) -> None:
+    listeners = index.get(name)
+    if listeners is not None:
+        listeners.discard(listener)
+        if not listeners:
+            del index[name]

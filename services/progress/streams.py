@@ -1,83 +1,247 @@
-"""One job's event stream over a WebSocket: a snapshot, each newer event, the terminal event, close 1000."""
+"""What one connection is sent: for each job it watches, a snapshot (or a replay from the history
+when it resumes), then each newer event, in `seq` order, each once.
+
+The live events come from the hub through the connection's channel. They may arrive out of order or
+with holes (a client away, events published by different processes, an orphan published late); the
+job's history in the database fills any hole, and an event at or below the last `seq` sent is a
+repeat and dropped. So a client sees 1, 2, 3... with no gap and no repeat, whatever Kafka did.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-
-from starlette.websockets import WebSocket, WebSocketDisconnect
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
 from conveyor.auth import Principal
 from conveyor.database import Database
+from conveyor.eventlog import events_between
 from conveyor.events import JobEvent
-from conveyor.jobstore import get_job
+from conveyor.jobstore import active_jobs, get_job
 from conveyor.lifecycle import JobState
+from conveyor.models import Job
 from conveyor.schemas import job_resource
-from services.progress.hub import EventHub, Subscription
+from services.progress.channel import (
+    Channel,
+    Item,
+    QueuedEvent,
+    Reply,
+    Subscribe,
+    SubscribeAll,
+    Unsubscribe,
+    UnsubscribeAll,
+)
+from services.progress.hub import EventHub
 
+# WebSocket close codes. 4000-4999 are the application's own: the client asked for something wrong,
+# the job is unknown to its tenant, or it fell behind and should reconnect with `after_seq`.
 CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
-# Application close codes (4000-4999): the job is unknown to this tenant; the client fell behind.
+CLOSE_TRY_AGAIN_LATER = 1013
+CLOSE_BAD_REQUEST = 4400
 CLOSE_UNKNOWN_JOB = 4404
 CLOSE_FELL_BEHIND = 4008
 
+# A `subscribe all` snapshot lists at most this many unfinished jobs, newest first.
+ALL_JOBS_SNAPSHOT_LIMIT = 1000
+# Jobs one connection may watch by id.
+MAX_SUBSCRIPTIONS = 1000
+# With `subscribe all`, the last seq sent is remembered for this many jobs (the most recent ones).
+MAX_TRACKED_JOBS = 10_000
 
-async def stream_job_events(
-    websocket: WebSocket, *, db: Database, hub: EventHub, principal: Principal, job_id: str, events_url: str
-) -> None:
-    # Subscribe before reading the snapshot: an event committed after the snapshot was read is then
-    # certain to reach the subscription, and older ones are dropped by their `seq`.
-    subscription = hub.subscribe(job_id)
-    try:
-        async with db.reading() as session:
-            job = await get_job(session, principal.tenant, job_id)
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class StreamEnd:
+    code: int
+    reason: str = ""
+
+
+def error_message(error: str, detail: str, **fields: Any) -> dict[str, Any]:
+    return {"type": "error", "error": error, "detail": detail, **fields}
+
+
+def event_message(event: JobEvent, first_seq: int) -> dict[str, Any]:
+    message = event.model_dump(mode="json")
+    if first_seq < event.seq:
+        message["coalesced_from"] = first_seq  # this progress event stands for first_seq..seq
+    return message
+
+
+def snapshot_message(job: Job, events_url: str) -> dict[str, Any]:
+    resource = job_resource(job, events_url).model_dump(mode="json")
+    return {"type": "snapshot", "job_id": job.id, "seq": job.last_seq, "job": resource}
+
+
+class EventStream:
+    """Sends one connection what its channel holds, in order. With `single_job`, the stream ends
+    once that job's terminal event is sent (or the job is unknown); else it runs until cancelled."""
+
+    def __init__(
+        self,
+        *,
+        hub: EventHub,
+        db: Database,
+        principal: Principal,
+        channel: Channel,
+        send: Send,
+        events_url: str,
+        single_job: bool = False,
+    ) -> None:
+        self._hub = hub
+        self._db = db
+        self._principal = principal
+        self._channel = channel
+        self._send = send
+        self._events_url = events_url
+        self._single_job = single_job
+        self._watched: set[str] = set()
+        self._all = False
+        # The last seq sent, per job.
+        self._cursors: OrderedDict[str, int] = OrderedDict()
+
+    @property
+    def idle(self) -> bool:
+        return not self._watched and not self._all
+
+    async def run(self) -> StreamEnd:
+        try:
+            while True:
+                end = await self._handle(await self._channel.get())
+                if end is not None:
+                    return end
+        finally:
+            self._leave()
+
+    async def _handle(self, item: Item) -> StreamEnd | None:
+        match item:
+            case QueuedEvent():
+                return await self._forward(item)
+            case Subscribe(job_ids=job_ids, after_seq=after_seq):
+                for job_id in job_ids:
+                    end = await self._subscribe(job_id, after_seq.get(job_id))
+                    if end is not None:
+                        return end
+            case Unsubscribe(job_ids=job_ids):
+                for job_id in job_ids:
+                    self._unwatch(job_id)
+                await self._send({"type": "unsubscribed", "job_ids": list(job_ids)})
+            case SubscribeAll():
+                await self._subscribe_all()
+            case UnsubscribeAll():
+                self._hub.unwatch_tenant(self._principal.tenant, self._channel)
+                self._all = False
+                for job_id in [job_id for job_id in self._cursors if job_id not in self._watched]:
+                    del self._cursors[job_id]
+                await self._send({"type": "unsubscribed", "all": True})
+            case Reply(message=message):
+                await self._send(message)
+        return None
+
+    async def _subscribe(self, job_id: str, after_seq: int | None) -> StreamEnd | None:
+        if job_id not in self._watched and len(self._watched) >= MAX_SUBSCRIPTIONS:
+            await self._send(
+                error_message("too_many_subscriptions", f"at most {MAX_SUBSCRIPTIONS} jobs", job_id=job_id)
+            )
+            return None
+        # Watch first, read second: an event newer than what is read below is sure to be queued.
+        self._hub.watch_job(job_id, self._channel)
+        self._watched.add(job_id)
+        replay: list[JobEvent] | None = None
+        async with self._db.reading() as session:
+            job = await get_job(session, self._principal.tenant, job_id)
+            if job is not None and after_seq is not None and 0 <= after_seq < job.last_seq:
+                replay = await events_between(session, job_id, after_seq, job.last_seq)
         if job is None:
-            await websocket.send_json({"type": "error", "error": "unknown_job", "job_id": job_id})
-            await websocket.close(CLOSE_UNKNOWN_JOB, "unknown job")
-            return
-        resource = job_resource(job, events_url)
-        await websocket.send_json(
-            {"type": "snapshot", "seq": job.last_seq, "job": resource.model_dump(mode="json")}
-        )
+            self._unwatch(job_id)
+            await self._send(error_message("unknown_job", "no such job", job_id=job_id))
+            return StreamEnd(CLOSE_UNKNOWN_JOB, "unknown job") if self._single_job else None
+        if after_seq is not None and not 0 <= after_seq <= job.last_seq:
+            self._unwatch(job_id)
+            detail = f"after_seq must be between 0 and the job's last seq, {job.last_seq}"
+            await self._send(error_message("invalid_after_seq", detail, job_id=job_id))
+            return StreamEnd(CLOSE_BAD_REQUEST, "invalid after_seq") if self._single_job else None
+        if after_seq is None or (replay is None and after_seq < job.last_seq):
+            # A fresh subscription, or a resume whose history was pruned: the current state instead.
+            snapshot = snapshot_message(job, self._events_url)
+            if after_seq is not None:
+                snapshot["history_pruned"] = True
+            await self._send(snapshot)
+        else:
+            await self._send(
+                {"type": "resumed", "job_id": job_id, "after_seq": after_seq, "last_seq": job.last_seq}
+            )
+            for event in replay or ():
+                await self._send(event_message(event, event.seq))
+        self._advance(job_id, job.last_seq)
         if JobState(job.status).is_terminal:
-            await websocket.close(CLOSE_NORMAL)
-            return
-        await _forward_until_terminal(websocket, subscription, after_seq=job.last_seq)
-    finally:
-        hub.unsubscribe(subscription)
+            return self._finished(job_id)
+        return None
 
+    async def _subscribe_all(self) -> None:
+        tenant = self._principal.tenant
+        self._hub.watch_tenant(tenant, self._channel)
+        self._all = True
+        async with self._db.reading() as session:
+            jobs = await active_jobs(session, tenant, ALL_JOBS_SNAPSHOT_LIMIT + 1)
+        listed = jobs[:ALL_JOBS_SNAPSHOT_LIMIT]
+        for job in reversed(listed):
+            if job.id not in self._cursors:
+                self._advance(job.id, job.last_seq)
+        await self._send(
+            {
+                "type": "snapshot",
+                "all": True,
+                "jobs": [snapshot_message(job, self._events_url) for job in listed],
+                "truncated": len(jobs) > len(listed),
+            }
+        )
 
-async def _forward_until_terminal(websocket: WebSocket, subscription: Subscription, after_seq: int) -> None:
-    sender = asyncio.create_task(_send_events(websocket, subscription, after_seq))
-    receiver = asyncio.create_task(_read_until_disconnect(websocket))
-    done, pending = await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
-    for task in pending:
-        task.cancel()
-    await asyncio.gather(*pending, return_exceptions=True)
-    if sender in done and sender.exception() is None:
-        code, reason = sender.result()
-        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
-            await websocket.close(code, reason)
+    async def _forward(self, item: QueuedEvent) -> StreamEnd | None:
+        event = item.event
+        cursor = self._cursors.get(event.job_id)
+        if cursor is None:
+            if not self._all:
+                return None  # no longer watched
+            cursor = 0  # a job first seen under `subscribe all`: from its first event
+        if event.seq <= cursor:
+            return None  # sent already: in a snapshot, a replay, or a republished repeat
+        first_seq = max(item.first_seq, cursor + 1)
+        if first_seq > cursor + 1:
+            # A hole: events that have not arrived (yet). The history has them, committed before this one.
+            async with self._db.reading() as session:
+                missing = await events_between(session, event.job_id, cursor, first_seq - 1)
+            for earlier in missing or ():
+                await self._send(event_message(earlier, earlier.seq))
+        await self._send(event_message(event, first_seq))
+        self._advance(event.job_id, event.seq)
+        if event.is_terminal and event.job_id in self._watched:
+            return self._finished(event.job_id)
+        return None
 
+    def _advance(self, job_id: str, seq: int) -> None:
+        self._cursors[job_id] = seq
+        self._cursors.move_to_end(job_id)
+        while len(self._cursors) > MAX_TRACKED_JOBS:
+            oldest = next(job for job in self._cursors if job not in self._watched)
+            del self._cursors[oldest]
 
-async def _send_events(websocket: WebSocket, subscription: Subscription, after_seq: int) -> tuple[int, str]:
-    last_seq = after_seq
-    while True:
-        event: JobEvent = await subscription.queue.get()
-        if subscription.overflowed.is_set():
-            return CLOSE_FELL_BEHIND, f"fell behind; resume after seq {last_seq}"
-        if event.seq <= last_seq:
-            continue  # already in the snapshot, or a repeat of a republished event
-        await websocket.send_text(event.model_dump_json())
-        last_seq = event.seq
-        if event.is_terminal:
-            return CLOSE_NORMAL, ""
+    def _finished(self, job_id: str) -> StreamEnd | None:
+        """The job reached a terminal state: its subscription is over."""
+        self._unwatch(job_id)
+        return StreamEnd(CLOSE_NORMAL) if self._single_job else None
 
+    def _unwatch(self, job_id: str) -> None:
+        self._hub.unwatch_job(job_id, self._channel)
+        self._watched.discard(job_id)
+        if not self._all:
+            self._cursors.pop(job_id, None)
 
-async def _read_until_disconnect(websocket: WebSocket) -> None:
-    """The client sends nothing on this endpoint; reading only notices that it went away."""
-    with contextlib.suppress(WebSocketDisconnect):
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                return
+    def _leave(self) -> None:
+        for job_id in list(self._watched):
+            self._hub.unwatch_job(job_id, self._channel)
+        if self._all:
+            self._hub.unwatch_tenant(self._principal.tenant, self._channel)

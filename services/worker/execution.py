@@ -20,6 +20,7 @@ from conveyor.handlers import JobContext, Registry, run_handler
 from conveyor.jobstore import announce, announce_state, claim_job, complete_job, fail_attempt, record_progress
 from conveyor.models import Job, OutboxMessage
 from conveyor.outbox import OutboxRelay
+from services.worker.reporting import ProgressWriter
 
 log = structlog.get_logger(__name__)
 
@@ -58,20 +59,21 @@ class JobExecutor:
         if job is None:
             log.info("job.skipped", job_id=message.job_id, reason="not claimable")
             return
+        progress = ProgressWriter(job.id, lambda percent, text: self._report(job, percent, text))
+
+        async def report(percent: float | None, text: str | None) -> None:
+            progress.report(percent, text)
+
         context = JobContext(
-            job_id=job.id,
-            tenant=job.tenant,
-            type=job.type,
-            attempt=job.attempts,
-            report=lambda percent, text: self._report(job, percent, text),
+            job_id=job.id, tenant=job.tenant, type=job.type, attempt=job.attempts, report=report
         )
         self.running[job.id] = Execution(job.id, job.attempts, context)
         try:
-            await self._run(job, context)
+            await self._run(job, context, progress)
         finally:
             self.running.pop(job.id, None)
 
-    async def _run(self, job: Job, context: JobContext) -> None:
+    async def _run(self, job: Job, context: JobContext, progress: ProgressWriter) -> None:
         log.info("job.started", job_id=job.id, type=job.type, attempt=job.attempts)
         try:
             job_type = self._registry.get(job.type)
@@ -79,8 +81,11 @@ class JobExecutor:
                 await run_handler(job_type, context, job_type.validate_payload(job.payload))
             )
         except Exception as exc:  # the handler's failure, an unknown type, a result that is not JSON
+            await progress.flush()
             await self._record_failure(job, exc)
             return
+        # The last progress report is written before the outcome, so it never follows the terminal event.
+        await progress.flush()
         await self._record(job.id, lambda session: complete_job(session, job.id, job.attempts, result))
 
     async def _claim(self, job_id: str) -> Job | None:

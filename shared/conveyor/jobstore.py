@@ -3,7 +3,8 @@
 Status changes go through `transition`: one conditional UPDATE whose WHERE clause allows only the
 legal source states (from `conveyor.lifecycle`) and, for a worker, only its own attempt. Two writers
 racing on a job cannot both win, and a late writer from a fenced-off attempt changes nothing.
-Every write that clients should hear about bumps `last_seq` and stages a `JobEvent` in the outbox.
+Every write that clients should hear about bumps `last_seq`, records a `JobEvent` in the job's history
+and stages it in the outbox.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any, Literal
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from conveyor.eventlog import record_event
 from conveyor.events import event_for, job_message_for
-from conveyor.lifecycle import JobState, sources_of
+from conveyor.lifecycle import TERMINAL_STATES, JobState, sources_of
 from conveyor.models import Job, OutboxMessage, utcnow
 from conveyor.outbox import stage_message
 from conveyor.topics import events_topic, job_key, job_topic
@@ -61,6 +63,17 @@ async def insert_job(
 async def get_job(session: AsyncSession, tenant: str, job_id: str) -> Job | None:
     """The tenant's job, or None: another tenant's job is indistinguishable from a missing one."""
     return await session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
+
+
+async def active_jobs(session: AsyncSession, tenant: str, limit: int) -> list[Job]:
+    """The tenant's jobs that are not finished yet, newest first."""
+    query = (
+        select(Job)
+        .where(Job.tenant == tenant, Job.status.not_in(sorted(TERMINAL_STATES)))
+        .order_by(Job.created_at.desc())
+        .limit(limit)
+    )
+    return list((await session.scalars(query)).all())
 
 
 async def load_job(session: AsyncSession, job_id: str) -> Job | None:
@@ -198,8 +211,11 @@ async def fail_attempt(session: AsyncSession, job: Job, error: dict[str, Any]) -
 def announce(
     session: AsyncSession, prefix: str, job: Job, kind: Literal["state", "progress"]
 ) -> OutboxMessage:
-    """Stage the event for the job's latest change, keyed by job id so a job's events stay in order."""
-    return stage_message(session, events_topic(prefix), job.id, event_for(job, kind))
+    """Record the event for the job's latest change in its history, and stage it for the events topic,
+    keyed by job id so a job's events stay on one partition."""
+    event = event_for(job, kind)
+    record_event(session, event)
+    return stage_message(session, events_topic(prefix), job.id, event)
 
 
 def announce_state(session: AsyncSession, prefix: str, job: Job) -> list[OutboxMessage]:

@@ -1,4 +1,4 @@
-"""SQLAlchemy models: jobs, API keys, and the outbox of messages waiting for Kafka."""
+"""SQLAlchemy models: jobs, their event history, API keys, and the outbox of messages waiting for Kafka."""
 
 from __future__ import annotations
 
@@ -64,6 +64,17 @@ class Job(Base):
         Index("ix_jobs_tenant_created", "tenant", "created_at"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
     )
+
+
+class JobEventRecord(Base):
+    """One event of a job's history, written with the change it announces: resumes replay from here."""
+
+    __tablename__ = "job_events"
+
+    job_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    # The event as published on Kafka (a `JobEvent` as JSON), so a replay sends exactly what went live.
+    body: Mapped[str] = mapped_column(Text)
 
 
 class ApiKey(Base):

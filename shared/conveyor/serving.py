@@ -9,5 +9,14 @@ from conveyor.settings import Settings
 
 
 def serve_http(app: ASGIApp, settings: Settings, port: int) -> None:
-    # Our structlog setup, not uvicorn's logging config; no access log on the hot path.
-    uvicorn.run(app, host=settings.host, port=port, log_config=None, access_log=False)
+    # Our structlog setup, not uvicorn's logging config; no access log on the hot path. WebSocket
+    # heartbeats are protocol pings sent by uvicorn: a peer that stops answering them is dropped.
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        ws_ping_interval=settings.progress_ping_interval_s,
+        ws_ping_timeout=settings.progress_ping_timeout_s,
+    )

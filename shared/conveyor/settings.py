@@ -17,6 +17,14 @@ DEFAULT_WORKER_CONCURRENCY = 8
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 15.0
 DEFAULT_DRAIN_GRACE_S = 30.0
+# The progress service: events a client may have waiting before it is told to resume; protocol-level
+# WebSocket pings; how long a socket may sit with no subscription and no message; how long a
+# finished job's event history is kept for resumes.
+DEFAULT_PROGRESS_CLIENT_QUEUE = 1000
+DEFAULT_PROGRESS_PING_INTERVAL_S = 20.0
+DEFAULT_PROGRESS_PING_TIMEOUT_S = 20.0
+DEFAULT_PROGRESS_IDLE_TIMEOUT_S = 60.0
+DEFAULT_EVENT_HISTORY_S = 7 * 24 * 3600.0
 # What the gateway suggests a client waits before its first poll of a fresh job.
 DEFAULT_RETRY_AFTER_S = 1
 
@@ -60,6 +68,31 @@ class Settings(BaseSettings):
     )
     drain_grace_s: float = Field(
         default=DEFAULT_DRAIN_GRACE_S, ge=0, description="How long SIGTERM lets in-flight jobs finish."
+    )
+
+    # Progress service.
+    progress_client_queue: int = Field(
+        default=DEFAULT_PROGRESS_CLIENT_QUEUE,
+        ge=1,
+        description="Events one client may have waiting; past it the client is closed with 4008 to resume.",
+    )
+    progress_ping_interval_s: float = Field(
+        default=DEFAULT_PROGRESS_PING_INTERVAL_S, gt=0, description="WebSocket ping interval."
+    )
+    progress_ping_timeout_s: float = Field(
+        default=DEFAULT_PROGRESS_PING_TIMEOUT_S,
+        gt=0,
+        description="A socket whose pong is this late is closed.",
+    )
+    progress_idle_timeout_s: float = Field(
+        default=DEFAULT_PROGRESS_IDLE_TIMEOUT_S,
+        gt=0,
+        description="A socket with no subscription that sends nothing for this long is closed.",
+    )
+    event_history_s: float = Field(
+        default=DEFAULT_EVENT_HISTORY_S,
+        gt=0,
+        description="How long a finished job's events are kept for clients that resume.",
     )
 
     # Embedded stack (`conveyor run`).

@@ -1,4 +1,4 @@
-"""RFC 9457 problem details: every error the gateway answers is `application/problem+json`."""
+"""RFC 9457 problem details: every HTTP error a service answers is `application/problem+json`."""
 
 from __future__ import annotations
 
@@ -102,11 +102,11 @@ def install_problem_handlers(app: FastAPI) -> None:
         return problem_response(validation_problem(list(exc.errors())), request)
 
     async def on_database_down(request: Request, exc: Exception) -> JSONResponse:
-        log.warning("gateway.database_unavailable", error=str(exc))
+        log.warning("http.database_unavailable", error=str(exc))
         return problem_response(dependency_down("database"), request)
 
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("gateway.unexpected_error", path=request.url.path)
+        log.exception("http.unexpected_error", path=request.url.path)
         return problem_response(Problem(500, "Internal error", slug="internal"), request)
 
     app.add_exception_handler(Problem, on_problem)

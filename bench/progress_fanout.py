@@ -1,0 +1,1325 @@
+"""Progress fan-out benchmark: many WebSocket subscribers on one progress instance, watching jobs that report.
+
+It prints figures and asserts nothing. Without ``--url`` it starts its own embedded stack
+(``python -m conveyor run``) in a fresh temporary data folder on free ports and stops it at the end.
+
+Method. ``--jobs`` ``demo.sleep`` jobs are submitted, each reporting progress every ``--interval``
+seconds for ``--job-seconds``. ``--subscribers`` WebSocket subscribers are spread round-robin over the
+jobs, all on the one progress service, from ``--clients`` client processes (asyncio, uvloop when it is
+installed), so that one Python client process is not the bottleneck.
+
+- The started stack runs with no workers at first, so the jobs stay queued while the subscribers
+  connect: each gets its snapshot (``queued``) and waits. Once all are connected, the benchmark starts
+  ``--workers`` worker processes itself (``python -m conveyor worker``, same data folder and broker)
+  and every event of the jobs (running, each progress report, the terminal state) is measured.
+  Against a running stack (``--url``) the jobs start at once, so they run ``--lead`` seconds longer
+  and only the events recorded after every subscriber connected count for latency.
+- Connect time: per subscriber, from opening the socket to receiving the snapshot; and the wall time
+  until all N are connected.
+- Memory per connection: the progress service's RSS (``VmRSS`` in ``/proc/<pid>/status``) once all N
+  are connected, minus its RSS just before, divided by N. The process is found among the started
+  stack's children by its command line (``-m conveyor progress``); for ``--url``, give
+  ``--progress-pid`` or it looks for a single such process on this machine.
+- Delivery latency, per delivered event: the client's receipt time (``time.time()`` when the message
+  is read) minus the event's ``at`` (when the worker recorded it). Same machine, same clock.
+- Delivered vs expected, per subscriber: it should get every ``seq`` after its snapshot's, up to the
+  job's last ``seq`` (read from a fresh snapshot after the run). Gaps are reported, split by whether
+  the event after the gap was marked ``coalesced_from`` (merged because the client was slow).
+
+    python bench/progress_fanout.py [--subscribers 2000] [--jobs 20] [--clients 2] [--job-seconds 30]
+                                    [--url URL --key KEY [--progress-url WS_URL] [--progress-pid PID]]
+                                    [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich import box
+from rich.table import Table
+
+# The sibling benchmark: its embedded stack, and its figure and table helpers.
+from throughput import (
+    REPO_ROOT,
+    EmbeddedStack,
+    StackError,
+    cancel_on_sigterm,
+    console,
+    database_kind,
+    fmt,
+    interrupt,
+    percentile,
+    rounded,
+    stack_cpu,
+    table,
+    tail,
+)
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from conveyor.settings import DEFAULT_WORKER_CONCURRENCY
+
+JOB_TYPE = "demo.sleep"
+TERMINAL = frozenset({"succeeded", "failed", "canceled"})
+MAX_STEPS = 1000  # demo.sleep's limit
+LOCALHOST = "127.0.0.1"
+
+DEFAULT_SUBSCRIBERS = 2000
+DEFAULT_JOBS = 20
+DEFAULT_CLIENTS = 2
+DEFAULT_JOB_SECONDS = 30.0
+DEFAULT_INTERVAL_S = 0.5
+DEFAULT_WORKERS = 2
+DEFAULT_CONNECT_CONCURRENCY = 100
+DEFAULT_LEAD_S = 60.0
+DEFAULT_STARTUP_TIMEOUT_S = 180.0
+DEFAULT_WAIT_TIMEOUT_S = 120.0
+WARMUP_CONNECTIONS = 10
+# Seconds to let the progress service settle before reading its RSS (after the warm-up, after connecting).
+RSS_SETTLE_S = 2.0
+CONNECT_TIMEOUT_S = 30.0
+SNAPSHOT_TIMEOUT_S = 30.0
+CLOSE_TIMEOUT_S = 5.0
+CLIENT_START_TIMEOUT_S = 60.0
+READY_POLL_S = 0.25
+CONNECT_PHASE_TIMEOUT_S = 600.0
+STOP_TIMEOUT_S = 90.0
+REQUEST_TIMEOUT_S = 30.0
+PROGRESS_EVERY_S = 5.0
+CLOSE_NORMAL = 1000
+# Stack log lines worth reporting: structlog's console renderer writes `[warning  ]`, `[error    ]`...
+LOG_PROBLEM = re.compile(r"\[(warning|error|critical)\s*\]|Traceback|Exception", re.IGNORECASE)
+LOG_SAMPLES = 12
+
+
+# --- small helpers -----------------------------------------------------------------------------------
+
+
+def raise_nofile_limit() -> int:
+    """Raise the soft limit of open files to the hard limit (one socket per subscriber); returns it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        return hard
+    return soft
+
+
+def cpu_time() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid: int) -> float | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = text.rsplit(")", 1)[1].split()  # after "pid (comm)"; comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+
+
+def proc_status_kib(pid: int, name: str) -> int | None:
+    """A `kB` field of /proc/<pid>/status (VmRSS, VmHWM...), in KiB."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(name + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def proc_argv(pid: int) -> list[str]:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return []
+    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
+
+
+def proc_parent(pid: int) -> int | None:
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(text.rsplit(")", 1)[1].split()[1])
+
+
+def is_progress_service(argv: Sequence[str]) -> bool:
+    return any(argv[i : i + 3] == ["-m", "conveyor", "progress"] for i in range(len(argv)))
+
+
+def find_progress_pids(root_pid: int | None) -> list[int]:
+    """Processes running `python -m conveyor progress`; with `root_pid`, only its descendants."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or not is_progress_service(proc_argv(int(entry.name))):
+            continue
+        pid = int(entry.name)
+        if root_pid is None:
+            found.append(pid)
+            continue
+        ancestor: int | None = pid
+        while ancestor not in (None, 0, 1):
+            ancestor = proc_parent(ancestor) if ancestor is not None else None
+            if ancestor == root_pid:
+                found.append(pid)
+                break
+    return sorted(found)
+
+
+def ts(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
+
+
+def ms(values: Sequence[float]) -> dict[str, float | None]:
+    """p50/p90/p99/max of seconds, in milliseconds."""
+    return {
+        "p50": rounded(scaled(percentile(values, 50))),
+        "p90": rounded(scaled(percentile(values, 90))),
+        "p99": rounded(scaled(percentile(values, 99))),
+        "max": rounded(scaled(max(values) if values else None)),
+    }
+
+
+def scaled(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+# --- the client processes ----------------------------------------------------------------------------
+#
+# Each client process holds its share of the subscribers. It talks to the benchmark over a pipe, in
+# plain tuples and dicts: ("ready") once imported; it waits for "go", connects every subscriber, sends
+# ("connected", stats); then it reads events until every subscription ended or "stop" arrives, and
+# sends ("done", results).
+
+
+@dataclass
+class Subscriber:
+    job_id: str
+    ws: ClientConnection | None = None
+    connect_s: float | None = None
+    error: str | None = None
+    snapshot_seq: int | None = None
+    snapshot_status: str | None = None
+    # (seq, at, received, terminal, coalesced_from or None), in arrival order.
+    events: list[tuple[int, float, float, bool, int | None]] = field(default_factory=list)
+    other: Counter[str] = field(default_factory=Counter)
+    close_code: int | None = None
+    close_reason: str = ""
+    terminal: bool = False
+    open_at_stop: bool = False
+    deflate: bool = False
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "connect_s": self.connect_s,
+            "error": self.error,
+            "snapshot_seq": self.snapshot_seq,
+            "snapshot_status": self.snapshot_status,
+            "events": self.events,
+            "other": dict(self.other),
+            "close_code": self.close_code,
+            "close_reason": self.close_reason,
+            "terminal": self.terminal,
+            "open_at_stop": self.open_at_stop,
+            "deflate": self.deflate,
+        }
+
+
+def error_kind(exc: BaseException) -> str:
+    if isinstance(exc, InvalidStatus):
+        return f"HTTP {exc.response.status_code}"
+    if isinstance(exc, ConnectionClosed):
+        code = exc.rcvd.code if exc.rcvd is not None else None
+        return f"closed {code} before the snapshot"
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return f"{type(exc).__name__} ({os.strerror(exc.errno)})"
+    return type(exc).__name__
+
+
+async def watch(sub: Subscriber, plan: dict[str, Any], gate: asyncio.Semaphore, attempted: Any) -> None:
+    """One subscriber: connect, read the snapshot, then every event until the socket closes."""
+    url = f"{plan['progress_url']}/v1/jobs/{sub.job_id}/events"
+    try:
+        async with gate:
+            started = time.perf_counter()
+            try:
+                sub.ws = await connect(
+                    url,
+                    additional_headers={"Authorization": f"Bearer {plan['key']}"},
+                    compression="deflate" if plan["deflate"] else None,
+                    proxy=None,
+                    open_timeout=CONNECT_TIMEOUT_S,
+                    # The server pings; client pings would only add load to the thing measured.
+                    ping_interval=None,
+                    close_timeout=CLOSE_TIMEOUT_S,
+                )
+                first = json.loads(await asyncio.wait_for(sub.ws.recv(), SNAPSHOT_TIMEOUT_S))
+            except Exception as exc:
+                sub.error = error_kind(exc)
+                return
+            sub.connect_s = time.perf_counter() - started
+            extensions = (
+                sub.ws.response.headers.get("Sec-WebSocket-Extensions", "") if sub.ws.response else ""
+            )
+            sub.deflate = "permessage-deflate" in extensions
+            if first.get("type") != "snapshot":
+                sub.error = f"first message was {first.get('type')!r}, not a snapshot"
+                return
+            sub.snapshot_seq = int(first["seq"])
+            sub.snapshot_status = first.get("job", {}).get("status")
+    finally:
+        attempted()
+    ws = sub.ws
+    assert ws is not None
+    try:
+        async for message in ws:
+            received = time.time()
+            event = json.loads(message)
+            kind = event.get("type")
+            if kind not in ("state", "progress"):
+                sub.other[str(kind)] += 1
+                continue
+            terminal = kind == "state" and event.get("status") in TERMINAL
+            coalesced = event.get("coalesced_from")
+            sub.events.append(
+                (
+                    int(event["seq"]),
+                    ts(event["at"]),
+                    received,
+                    terminal,
+                    None if coalesced is None else int(coalesced),
+                )
+            )
+            sub.terminal = sub.terminal or terminal
+    except ConnectionClosed:
+        pass  # the close code is read below
+    except Exception as exc:
+        sub.error = f"while reading: {error_kind(exc)}"
+    sub.close_code = ws.close_code
+    sub.close_reason = ws.close_reason or ""
+
+
+async def run_client(plan: dict[str, Any], conn: Connection) -> None:
+    loop = asyncio.get_running_loop()
+    inbox: asyncio.Queue[str] = asyncio.Queue()
+
+    def on_message() -> None:
+        try:
+            inbox.put_nowait(conn.recv())
+        except (EOFError, OSError):  # the benchmark went away
+            loop.remove_reader(conn.fileno())
+            inbox.put_nowait("stop")
+
+    def send(kind: str, body: dict[str, Any]) -> None:
+        # The event loop made the pipe non-blocking for its reader; a big message needs blocking writes.
+        os.set_blocking(conn.fileno(), True)
+        try:
+            conn.send((kind, body))
+        finally:
+            os.set_blocking(conn.fileno(), False)
+
+    loop.add_reader(conn.fileno(), on_message)
+    send("ready", {})
+    if await inbox.get() != "go":
+        return
+    go_at = time.time()
+    cpu_go = cpu_time()
+    subs = [Subscriber(job_id) for job_id in plan["job_ids"]]
+    gate = asyncio.Semaphore(plan["connect_concurrency"])
+    left = len(subs)
+    all_attempted = asyncio.Event()
+
+    def attempted() -> None:
+        nonlocal left
+        left -= 1
+        if left == 0:
+            all_attempted.set()
+
+    tasks = [asyncio.create_task(watch(sub, plan, gate, attempted)) for sub in subs]
+    if subs:
+        await all_attempted.wait()
+    send("connected", {"go_at": go_at, "connected_at": time.time(), "cpu_s": cpu_time() - cpu_go})
+    cpu_connected = cpu_time()
+
+    stop = asyncio.create_task(inbox.get())
+    everyone = asyncio.gather(*tasks)
+    waiters: set[asyncio.Future[Any]] = {stop, everyone}
+    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if not everyone.done():
+        for sub, task in zip(subs, tasks, strict=True):
+            if not task.done():
+                sub.open_at_stop = True
+                task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(
+            *(sub.ws.close() for sub in subs if sub.open_at_stop and sub.ws is not None),
+            return_exceptions=True,
+        )
+    stop.cancel()
+    loop.remove_reader(conn.fileno())
+    done_at, cpu_s = time.time(), cpu_time() - cpu_connected
+    send("done", {"subscribers": [sub.result() for sub in subs], "cpu_s": cpu_s, "done_at": done_at})
+
+
+def client_process(plan: dict[str, Any], conn: Connection) -> None:
+    """Entry point of a client process (spawned: a fresh interpreter, no state inherited)."""
+    raise_nofile_limit()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the benchmark stops its clients itself
+    try:
+        import uvloop
+
+        loop_factory: Any = uvloop.new_event_loop
+    except ImportError:
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(run_client(plan, conn))
+    conn.close()
+
+
+class Clients:
+    """The client processes, seen from the benchmark."""
+
+    def __init__(self, plans: list[dict[str, Any]]) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.conns: list[Connection] = []
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        for plan in plans:
+            ours, theirs = context.Pipe()
+            process = context.Process(target=client_process, args=(plan, theirs), daemon=True)
+            process.start()
+            theirs.close()
+            self.conns.append(ours)
+            self.processes.append(process)
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes if process.pid is not None]
+
+    def broadcast(self, message: str) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send(message)
+
+    async def gather(self, kind: str, timeout_s: float | None) -> list[dict[str, Any] | None]:
+        """Each client's next message, which must be `kind`; None for a client that died or timed out."""
+        return await asyncio.to_thread(self._gather, kind, timeout_s)
+
+    def _gather(self, kind: str, timeout_s: float | None) -> list[dict[str, Any] | None]:
+        answers: dict[int, dict[str, Any] | None] = {}
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        pending = {conn: n for n, conn in enumerate(self.conns)}
+        while pending:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            ready = wait(list(pending.keys()), timeout=remaining)
+            if not ready:
+                break
+            for conn in ready:
+                assert isinstance(conn, Connection)
+                n = pending.pop(conn)
+                try:
+                    got, body = conn.recv()
+                except (EOFError, OSError):
+                    answers[n] = None
+                    continue
+                if got != kind:
+                    raise RuntimeError(f"client {n} sent {got!r}, expected {kind!r}")
+                answers[n] = body
+        return [answers.get(n) for n in range(len(self.conns))]
+
+    def stop(self) -> None:
+        self.broadcast("stop")
+        for process in self.processes:
+            process.join(timeout=CLOSE_TIMEOUT_S * 2)
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
+# --- the benchmark's own workers (started stack only) ------------------------------------------------
+
+
+class Workers:
+    """`python -m conveyor worker` processes on the started stack's broker and database."""
+
+    def __init__(self, stack: EmbeddedStack, count: int, concurrency: int) -> None:
+        self.stack = stack
+        self.count = count
+        self.concurrency = concurrency
+        self.log_path = stack.root / "workers.log"
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        env = {key: value for key, value in os.environ.items() if key not in EmbeddedStack.OVERRIDDEN}
+        env.update(
+            CONVEYOR_DATA_DIR=str(self.stack.data_dir),
+            CONVEYOR_HOST=LOCALHOST,
+            CONVEYOR_KAFKA_BOOTSTRAP=f"{LOCALHOST}:{self.stack.kafka_port}",
+            CONVEYOR_WORKER_CONCURRENCY=str(self.concurrency),
+            PYTHONUNBUFFERED="1",
+        )
+        if self.stack.database_url:
+            env["CONVEYOR_DATABASE_URL"] = self.stack.database_url
+        with self.log_path.open("ab") as log:
+            for _ in range(self.count):
+                self.processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "conveyor", "worker"],
+                        cwd=REPO_ROOT,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                )
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                console.print(
+                    f"[red]worker {process.pid} did not stop in {STOP_TIMEOUT_S:.0f} s; killing it[/red]"
+                )
+                process.kill()
+                process.wait()
+
+
+# --- figures -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Figures:
+    settings: dict[str, Any]
+    startup_s: float | None = None
+    load_avg_end: float | None = None
+    connect: dict[str, Any] = field(default_factory=dict)
+    memory: dict[str, Any] = field(default_factory=dict)
+    delivery: dict[str, Any] = field(default_factory=dict)
+    closes: dict[str, Any] = field(default_factory=dict)
+    jobs: dict[str, Any] = field(default_factory=dict)
+    cpu: dict[str, Any] = field(default_factory=dict)
+    stack_log: dict[str, Any] = field(default_factory=dict)
+
+
+def connect_figures(
+    subs: Sequence[dict[str, Any]], stages: Sequence[dict[str, Any] | None], requested: int
+) -> dict[str, Any]:
+    times = [sub["connect_s"] for sub in subs if sub["snapshot_seq"] is not None]
+    errors = Counter(sub["error"] or "?" for sub in subs if sub["snapshot_seq"] is None)
+    known = [stage for stage in stages if stage is not None]
+    wall = max(s["connected_at"] for s in known) - min(s["go_at"] for s in known) if known else None
+    return {
+        "requested": requested,
+        "connected": len(times),
+        "errors": dict(errors),
+        "wall_s": rounded(wall, 3),
+        "rate_per_s": round(len(times) / wall, 1) if wall else None,
+        "per_connection_ms": ms(times),
+        "deflate_negotiated": sum(bool(sub["deflate"]) for sub in subs),
+    }
+
+
+def delivery_figures(
+    subs: Sequence[dict[str, Any]], final_seq: dict[str, int], window_start: float, window_end: float
+) -> dict[str, Any]:
+    latencies: list[float] = []
+    before_window = 0
+    first_at, last_received = math.inf, -math.inf
+    # Per event (job, seq): its `at`, and the first and last receipt among its subscribers.
+    per_event: dict[tuple[str, int], list[float]] = {}
+    expected = delivered = duplicates = out_of_order = stale = 0
+    gap_coalesced = gap_other = tail_missing = coalesced_events = 0
+    for sub in subs:
+        if sub["snapshot_seq"] is None:
+            continue
+        job_id = sub["job_id"]
+        last = sub["snapshot_seq"]
+        final = max(final_seq.get(job_id, 0), max((e[0] for e in sub["events"]), default=0))
+        expected += max(0, final - sub["snapshot_seq"])
+        seen: set[int] = set()
+        for seq, at, received, _terminal, coalesced in sub["events"]:
+            if coalesced is not None:
+                coalesced_events += 1
+            if seq <= sub["snapshot_seq"]:
+                stale += 1
+                continue
+            if seq in seen:
+                duplicates += 1
+                continue
+            seen.add(seq)
+            if seq < last:
+                out_of_order += 1
+            elif seq > last + 1:
+                if coalesced is not None:
+                    gap_coalesced += seq - last - 1
+                else:
+                    gap_other += seq - last - 1
+            last = max(last, seq)
+            if at >= window_start:
+                latencies.append(received - at)
+                first_at = min(first_at, at)
+                last_received = max(last_received, received)
+                slot = per_event.setdefault((job_id, seq), [at, received, received])
+                slot[1] = min(slot[1], received)
+                slot[2] = max(slot[2], received)
+            else:
+                before_window += 1
+        delivered += len(seen)
+        tail_missing += max(0, final - last)
+    first = [first_at - at for at, first_at, _ in per_event.values()]
+    spread = [last_at - first_at for _, first_at, last_at in per_event.values()]
+    span = last_received - first_at if latencies else 0.0
+    return {
+        "expected": expected,
+        "delivered": delivered,
+        "missing": expected - delivered,
+        "missing_in_gaps_coalesced": gap_coalesced,
+        "missing_in_gaps_other": gap_other,
+        "missing_at_end": tail_missing,
+        "coalesced_events": coalesced_events,
+        "duplicates": duplicates,
+        "out_of_order": out_of_order,
+        "not_newer_than_snapshot": stale,
+        "measured_deliveries": len(latencies),
+        "before_window": before_window,
+        "distinct_events": len(per_event),
+        "window_s": round(window_end - window_start, 2),
+        "span_s": round(span, 2),
+        "deliveries_per_s": round(len(latencies) / span, 1) if span > 0 else None,
+        "latency_ms": ms(latencies),
+        "first_receipt_ms": ms(first),
+        "fanout_spread_ms": ms(spread),
+    }
+
+
+def close_figures(subs: Sequence[dict[str, Any]], lost: int) -> dict[str, Any]:
+    """How each subscription ended; `lost`: subscribers of client processes that died (no results)."""
+    outcomes: Counter[str] = Counter()
+    if lost:
+        outcomes["lost with their client process"] = lost
+    reasons: Counter[str] = Counter()
+    other: Counter[str] = Counter()
+    read_errors: Counter[str] = Counter()
+    for sub in subs:
+        other.update(sub["other"])
+        if sub["snapshot_seq"] is None:
+            outcomes["never connected"] += 1
+            continue
+        if sub["error"] is not None:
+            read_errors[sub["error"]] += 1
+        if sub["open_at_stop"]:
+            outcomes["still open at the deadline"] += 1
+        elif sub["terminal"] and sub["close_code"] == CLOSE_NORMAL:
+            outcomes["terminal event, then 1000"] += 1
+        elif sub["terminal"]:
+            outcomes[f"terminal event, then {sub['close_code']}"] += 1
+        else:
+            outcomes[f"closed {sub['close_code']} before the terminal event"] += 1
+            reasons[f"{sub['close_code']} {sub['close_reason']}".strip()] += 1
+    return {
+        "outcomes": dict(outcomes),
+        "early_close_reasons": dict(reasons),
+        "read_errors": dict(read_errors),
+        "other_messages": dict(other),
+    }
+
+
+def memory_figures(
+    pid: int | None,
+    how: str,
+    before_kib: int | None,
+    after_kib: int | None,
+    closed_kib: int | None,
+    peak_kib: int | None,
+    connected: int,
+    pid_after: list[int],
+) -> dict[str, Any]:
+    delta = after_kib - before_kib if after_kib is not None and before_kib is not None else None
+    return {
+        "pid": pid,
+        "found_by": how,
+        "rss_before_kib": before_kib,
+        "rss_connected_kib": after_kib,
+        "rss_delta_kib": delta,
+        "per_connection_kib": round(delta / connected, 1) if delta is not None and connected else None,
+        "rss_after_close_kib": closed_kib,
+        "peak_rss_kib": peak_kib,
+        "restarted": bool(pid is not None and pid_after and pid not in pid_after),
+    }
+
+
+def cpu_snapshot(
+    stack_pid: int | None, progress_pid: int | None, workers: Sequence[int], clients: Sequence[int]
+) -> dict[str, float]:
+    totals = stack_cpu(stack_pid) if stack_pid else {}
+    totals.pop("run", None)  # the supervisor idles
+    if not stack_pid and progress_pid:
+        totals["progress"] = proc_cpu_s(progress_pid) or 0.0
+    for name, pids in (("workers (with start-up)", workers), ("bench clients", clients)):
+        used = [proc_cpu_s(pid) for pid in pids]
+        if pids:
+            totals[name] = totals.get(name, 0.0) + sum(value for value in used if value is not None)
+    return totals
+
+
+def cpu_phase(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, Any]:
+    return {
+        "wall_s": round(wall_s, 2),
+        "cpu_s": {name: round(after[name] - before.get(name, 0.0), 2) for name in sorted(after)},
+    }
+
+
+def scan_stack_log(path: Path, offset: int) -> dict[str, Any]:
+    """Warnings, errors and tracebacks the stack logged from `offset` on."""
+    try:
+        with path.open("rb") as log:
+            log.seek(offset)
+            text = log.read().decode(errors="replace")
+    except OSError:
+        return {}
+    problems = [line for line in text.splitlines() if LOG_PROBLEM.search(line)]
+    return {"lines": len(problems), "samples": problems[:LOG_SAMPLES]}
+
+
+# --- output ------------------------------------------------------------------------------------------
+
+
+def kib(value: int | float | None) -> str:
+    return "-" if value is None else f"{value / 1024:,.1f}"
+
+
+def print_header(s: dict[str, Any]) -> None:
+    rows = [
+        ("gateway", str(s["gateway"]), str(s["origin"])),
+        ("progress", str(s["progress"]), "one instance"),
+        ("subscribers", fmt(s["subscribers"]), f"{s['subscribers_per_job']} per job"),
+        (
+            "jobs",
+            fmt(s["jobs"]),
+            f"{JOB_TYPE}: {s['job_seconds']:g} s, {s['steps_note']}",
+        ),
+        (
+            "client processes",
+            str(s["clients"]),
+            f"{s['client_loop']}, deflate {'offered' if s['deflate'] else 'off'}",
+        ),
+        ("connect concurrency", str(s["connect_concurrency"]), "handshakes in flight"),
+        ("workers", str(s["workers"]), str(s["workers_note"])),
+        ("database", str(s["database"]), ""),
+        (
+            "machine",
+            f"{s['cpu_count']} cores",
+            f"{s['platform']}, Python {s['python']}, open files {s['nofile']}",
+        ),
+        ("load average", f"{s['load_avg_start']:.2f}", "1 min, before the run (CPUs are shared)"),
+    ]
+    console.print(table("Progress fan-out benchmark", rows))
+
+
+def print_connect(fig: dict[str, Any]) -> None:
+    per = fig["per_connection_ms"]
+    rows = [
+        ("connected", fmt(fig["connected"]), f"of {fig['requested']:,}"),
+        ("wall time", fmt(fig["wall_s"], 2), "s until all had their snapshot"),
+        ("connect rate", fmt(fig["rate_per_s"]), "connections/s"),
+        ("per connection p50", fmt(per["p50"]), "ms (open -> snapshot received)"),
+        ("per connection p90", fmt(per["p90"]), "ms"),
+        ("per connection p99", fmt(per["p99"]), "ms"),
+        ("per connection max", fmt(per["max"]), "ms"),
+        ("permessage-deflate", fmt(fig["deflate_negotiated"]), "connections negotiated it"),
+    ]
+    for kind, n in sorted(fig["errors"].items()):
+        rows.append(("connect error", fmt(n), kind))
+    console.print(table("Connect", rows))
+
+
+def print_memory(fig: dict[str, Any]) -> None:
+    if fig.get("pid") is None:
+        console.print(f"[yellow]Memory: progress service process not found ({fig.get('found_by')}).[/yellow]")
+        return
+    rows = [
+        ("progress pid", str(fig["pid"]), str(fig["found_by"])),
+        ("RSS before", kib(fig["rss_before_kib"]), "MiB (after a warm-up)"),
+        ("RSS all connected", kib(fig["rss_connected_kib"]), "MiB"),
+        ("per connection", fmt(fig["per_connection_kib"]), "KiB ((connected - before) / connected)"),
+        ("RSS after all closed", kib(fig["rss_after_close_kib"]), "MiB"),
+        ("peak RSS", kib(fig["peak_rss_kib"]), "MiB (VmHWM, since the process started)"),
+    ]
+    if fig["restarted"]:
+        rows.append(("[red]restarted[/red]", "yes", "the pid changed during the run: figures are unsound"))
+    console.print(table("Memory of the progress service", rows))
+
+
+def print_delivery(fig: dict[str, Any]) -> None:
+    lat, first, spread = fig["latency_ms"], fig["first_receipt_ms"], fig["fanout_spread_ms"]
+    rows = [
+        (
+            "delivered",
+            fmt(fig["delivered"]),
+            f"of {fig['expected']:,} expected events (every seq after the snapshot)",
+        ),
+        ("missing", fmt(fig["missing"]), ""),
+        ("  in gaps, coalesced", fmt(fig["missing_in_gaps_coalesced"]), "(next event had coalesced_from)"),
+        ("  in gaps, unexplained", fmt(fig["missing_in_gaps_other"]), ""),
+        ("  at the end", fmt(fig["missing_at_end"]), "(never got there: closed early or deadline)"),
+        ("coalesced events", fmt(fig["coalesced_events"]), "carried coalesced_from"),
+        ("duplicates / out of order", f"{fig['duplicates']} / {fig['out_of_order']}", ""),
+        (
+            "measured deliveries",
+            fmt(fig["measured_deliveries"]),
+            f"{fig['distinct_events']:,} distinct events",
+        ),
+        (
+            "delivery rate",
+            fmt(fig["deliveries_per_s"]),
+            f"deliveries/s over {fig['span_s']:.1f} s (first `at` -> last receipt)",
+        ),
+        ("latency p50", fmt(lat["p50"]), "ms (worker's `at` -> client receipt)"),
+        ("latency p90", fmt(lat["p90"]), "ms"),
+        ("latency p99", fmt(lat["p99"]), "ms"),
+        ("latency max", fmt(lat["max"]), "ms"),
+        (
+            "first receipt p50 / p99",
+            f"{fmt(first['p50'])} / {fmt(first['p99'])}",
+            "ms (the first subscriber of each event)",
+        ),
+        (
+            "fan-out spread p50 / p99",
+            f"{fmt(spread['p50'])} / {fmt(spread['p99'])}",
+            "ms (first to last subscriber of an event)",
+        ),
+    ]
+    if fig["before_window"]:
+        rows.append(
+            (
+                "before the window",
+                fmt(fig["before_window"]),
+                "deliveries not measured (recorded while connecting)",
+            )
+        )
+    if fig["not_newer_than_snapshot"]:
+        rows.append(("not newer than snapshot", fmt(fig["not_newer_than_snapshot"]), "events"))
+    console.print(table("Delivery", rows))
+
+
+def print_closes(fig: dict[str, Any]) -> None:
+    rows = [("subscriptions", fmt(n), outcome) for outcome, n in sorted(fig["outcomes"].items())]
+    rows += [("early close", fmt(n), reason) for reason, n in sorted(fig["early_close_reasons"].items())]
+    rows += [("read error", fmt(n), kind) for kind, n in sorted(fig["read_errors"].items())]
+    rows += [("other message", fmt(n), kind) for kind, n in sorted(fig["other_messages"].items())]
+    console.print(table("How the subscriptions ended", rows))
+
+
+def print_jobs(fig: dict[str, Any]) -> None:
+    statuses = ", ".join(f"{status}: {n}" for status, n in sorted(fig["statuses"].items()))
+    rows = [
+        ("jobs", fmt(fig["count"]), statuses),
+        ("attempts > 1", fmt(fig["retried"]), ""),
+        ("start spread", fmt(fig["start_spread_s"], 2), "s (first to last started_at)"),
+        ("run time p50", fmt(fig["run_s_p50"], 2), "s (started_at -> finished_at)"),
+    ]
+    console.print(table("Jobs", rows))
+
+
+def print_cpu(fig: dict[str, Any]) -> None:
+    phases = [fig.get("connect", {}), fig.get("delivery", {})]
+    out = Table(title="CPU seconds (share of one core)", title_justify="left", box=box.SIMPLE, pad_edge=False)
+    out.add_column("")
+    out.add_column(f"connecting ({phases[0].get('wall_s', 0):.1f} s)", justify="right")
+    out.add_column(f"delivery window ({phases[1].get('wall_s', 0):.1f} s)", justify="right")
+    for name in sorted(set(phases[0].get("cpu_s", {})) | set(phases[1].get("cpu_s", {}))):
+        cells = []
+        for phase in phases:
+            used = phase.get("cpu_s", {}).get(name)
+            wall = phase.get("wall_s") or 0
+            share = f" ({used / wall:.0%})" if used is not None and wall else ""
+            cells.append("-" if used is None else f"{used:.2f}{share}")
+        out.add_row(name, *cells)
+    console.print(out)
+
+
+def print_log(fig: dict[str, Any], path: Path) -> None:
+    if not fig:
+        return
+    if not fig["lines"]:
+        console.print(f"Stack log: no warnings, errors or tracebacks during the run ({path}).")
+        return
+    console.print(
+        f"[yellow]Stack log: {fig['lines']} warning/error lines during the run ({path}); first ones:[/yellow]"
+    )
+    for line in fig["samples"]:
+        console.print("  " + line[:300], markup=False)
+
+
+# --- the run -----------------------------------------------------------------------------------------
+
+
+async def submit_jobs(
+    client: httpx.AsyncClient, count: int, seconds: float, steps: int, aligned: bool
+) -> list[dict[str, Any]]:
+    """Job k makes `steps + k` reports in `seconds` (just `steps` when aligned)."""
+    bodies = [
+        {"type": JOB_TYPE, "payload": {"seconds": seconds, "steps": steps + (0 if aligned else k)}}
+        for k in range(count)
+    ]
+    responses = await asyncio.gather(*(client.post("/v1/jobs", json=body) for body in bodies))
+    jobs = []
+    for response in responses:
+        if response.status_code != 202:
+            raise RuntimeError(f"POST /v1/jobs answered {response.status_code}: {response.text[:300]}")
+        jobs.append(response.json())
+    return jobs
+
+
+async def snapshot_seq(progress_url: str, key: str, job_id: str) -> int | None:
+    """The job's `seq` now, from a fresh snapshot (the subscriber closes once it has it)."""
+    try:
+        async with connect(
+            f"{progress_url}/v1/jobs/{job_id}/events",
+            additional_headers={"Authorization": f"Bearer {key}"},
+            proxy=None,
+            open_timeout=CONNECT_TIMEOUT_S,
+            ping_interval=None,
+            close_timeout=CLOSE_TIMEOUT_S,
+        ) as ws:
+            first = json.loads(await asyncio.wait_for(ws.recv(), SNAPSHOT_TIMEOUT_S))
+    except (OSError, TimeoutError, ConnectionClosed, InvalidStatus, ValueError):
+        return None
+    return int(first["seq"]) if first.get("type") == "snapshot" else None
+
+
+async def wait_progress_ready(progress_url: str, timeout_s: float) -> None:
+    """Poll the progress service's GET /readyz (the gateway's answering does not mean it does)."""
+    base = progress_url.replace("ws://", "http://", 1).replace("wss://", "https://", 1)
+    deadline = time.monotonic() + timeout_s
+    last = "no answer yet"
+    async with httpx.AsyncClient(base_url=base, timeout=5.0) as client:
+        while True:
+            try:
+                response = await client.get("/readyz")
+                if response.status_code == 200:
+                    return
+                last = f"{response.status_code} {response.text[:300]}"
+            except httpx.HTTPError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the progress service was not ready in {timeout_s:.0f} s (last: {last})")
+            await asyncio.sleep(READY_POLL_S)
+
+
+def job_figures(bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    started = [ts(b["started_at"]) for b in bodies if b.get("started_at")]
+    runs = [
+        ts(b["finished_at"]) - ts(b["started_at"])
+        for b in bodies
+        if b.get("started_at") and b.get("finished_at")
+    ]
+    return {
+        "count": len(bodies),
+        "statuses": dict(Counter(b["status"] for b in bodies)),
+        "retried": sum(b.get("attempts", 0) > 1 for b in bodies),
+        "start_spread_s": rounded(max(started) - min(started), 3) if started else None,
+        "run_s_p50": rounded(percentile(runs, 50), 3),
+    }
+
+
+def client_plans(
+    args: argparse.Namespace, job_ids: Sequence[str], progress_url: str, key: str
+) -> list[dict[str, Any]]:
+    assignments = [job_ids[n % len(job_ids)] for n in range(args.subscribers)]
+    clients = min(args.clients, args.subscribers)
+    per_client = max(1, math.ceil(args.connect_concurrency / clients))
+    return [
+        {
+            "job_ids": assignments[n::clients],
+            "progress_url": progress_url,
+            "key": key,
+            "deflate": not args.no_deflate,
+            "connect_concurrency": per_client,
+        }
+        for n in range(clients)
+    ]
+
+
+async def run_benchmark(
+    args: argparse.Namespace,
+    url: str,
+    progress_url: str | None,
+    key: str,
+    figures: Figures,
+    stack: EmbeddedStack | None,
+    progress_pid: int | None,
+    pid_how: str,
+) -> None:
+    s = figures.settings
+    stack_pid = stack.process.pid if stack is not None and stack.process is not None else None
+    lead = 0.0 if stack is not None else args.lead
+    workers: Workers | None = None
+    clients: Clients | None = None
+    log_offset = stack.log_path.stat().st_size if stack is not None and stack.log_path.exists() else 0
+    async with httpx.AsyncClient(
+        base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=REQUEST_TIMEOUT_S
+    ) as http:
+        try:
+            console.print(f"Submitting {args.jobs} {JOB_TYPE} jobs...")
+            jobs = await submit_jobs(
+                http, args.jobs, lead + args.job_seconds, s["steps"] + s["lead_steps"], args.aligned
+            )
+            job_ids = [job["id"] for job in jobs]
+            if progress_url is None:
+                progress_url = jobs[0]["links"]["events"].rsplit("/v1/jobs/", 1)[0]
+                s["progress"] = progress_url
+            await wait_progress_ready(progress_url, args.startup_timeout)
+            console.print(f"Progress service: {progress_url}; warm-up: {WARMUP_CONNECTIONS} connections")
+            warm = [await snapshot_seq(progress_url, key, job_ids[0]) for _ in range(WARMUP_CONNECTIONS)]
+            if None in warm:
+                raise RuntimeError(f"{warm.count(None)} of {WARMUP_CONNECTIONS} warm-up connections failed")
+            await asyncio.sleep(RSS_SETTLE_S)
+            rss_before = proc_status_kib(progress_pid, "VmRSS") if progress_pid else None
+
+            plans = client_plans(args, job_ids, progress_url, key)
+            clients = Clients(plans)
+            if None in await clients.gather("ready", CLIENT_START_TIMEOUT_S):
+                raise RuntimeError("a client process did not start")
+            console.print(
+                f"Connecting {args.subscribers:,} subscribers from {len(plans)} client processes..."
+            )
+            cpu_go = cpu_snapshot(stack_pid, progress_pid, [], clients.pids)
+            wall_go = time.perf_counter()
+            clients.broadcast("go")
+            stages = await clients.gather("connected", CONNECT_PHASE_TIMEOUT_S)
+            if None in stages:
+                raise RuntimeError(
+                    f"a client process died, or took over {CONNECT_PHASE_TIMEOUT_S:.0f} s to connect"
+                )
+            cpu_connected = cpu_snapshot(stack_pid, progress_pid, [], clients.pids)
+            wall_connected = time.perf_counter()
+            console.print(
+                f"Every subscriber connected or failed after {wall_connected - wall_go:.1f} s; "
+                f"reading the progress service's RSS in {RSS_SETTLE_S:.0f} s"
+            )
+            await asyncio.sleep(RSS_SETTLE_S)
+            rss_connected = proc_status_kib(progress_pid, "VmRSS") if progress_pid else None
+
+            window_start = time.time()
+            wall_window = time.perf_counter()
+            cpu_window = cpu_snapshot(stack_pid, progress_pid, [], clients.pids)
+            if stack is not None:
+                workers = Workers(stack, args.workers, max(DEFAULT_WORKER_CONCURRENCY, args.jobs))
+                workers.start()
+                console.print(
+                    f"Started {args.workers} workers; the jobs run now, for about {args.job_seconds:g} s..."
+                )
+            else:
+                console.print(f"Measuring; the jobs end in about {args.job_seconds:g} s...")
+            deadline_s = lead + args.job_seconds + args.wait_timeout
+            results = await clients.gather("done", deadline_s)
+            if None in results:
+                console.print(
+                    f"[yellow]Deadline ({deadline_s:.0f} s) hit: stopping the subscribers still open[/yellow]"
+                )
+                clients.broadcast("stop")
+                late = await clients.gather("done", CLIENT_START_TIMEOUT_S)
+                results = [
+                    mine if mine is not None else again for mine, again in zip(results, late, strict=True)
+                ]
+            window_end = max((r["done_at"] for r in results if r is not None), default=time.time())
+            cpu_end = cpu_snapshot(stack_pid, progress_pid, workers.pids if workers else [], clients.pids)
+            wall_end = time.perf_counter()
+            await asyncio.sleep(RSS_SETTLE_S)
+            rss_closed = proc_status_kib(progress_pid, "VmRSS") if progress_pid else None
+            peak = proc_status_kib(progress_pid, "VmHWM") if progress_pid else None
+            pids_after = find_progress_pids(stack_pid) if progress_pid else []
+
+            subs = [sub for result in results if result is not None for sub in result["subscribers"]]
+            final_seq = {
+                job_id: seq
+                for job_id in job_ids
+                if (seq := await snapshot_seq(progress_url, key, job_id)) is not None
+            }
+            bodies = [(await http.get(f"/v1/jobs/{job_id}")).json() for job_id in job_ids]
+        finally:
+            if clients is not None:
+                clients.stop()
+            if workers is not None:
+                console.print("Stopping the workers...", style="dim")
+                workers.stop()
+
+    figures.connect = connect_figures(subs, stages, args.subscribers)
+    print_connect(figures.connect)
+    figures.memory = memory_figures(
+        progress_pid,
+        pid_how,
+        rss_before,
+        rss_connected,
+        rss_closed,
+        peak,
+        figures.connect["connected"],
+        pids_after,
+    )
+    print_memory(figures.memory)
+    figures.delivery = delivery_figures(subs, final_seq, window_start, window_end)
+    print_delivery(figures.delivery)
+    lost = sum(len(plan["job_ids"]) for plan, result in zip(plans, results, strict=True) if result is None)
+    figures.closes = close_figures(subs, lost)
+    print_closes(figures.closes)
+    figures.jobs = job_figures(bodies)
+    print_jobs(figures.jobs)
+    client_cpu = sum(r["cpu_s"] for r in results if r is not None)
+    figures.cpu = {
+        "connect": cpu_phase(cpu_go, cpu_connected, wall_connected - wall_go),
+        "delivery": cpu_phase(cpu_window, cpu_end, wall_end - wall_window),
+        "clients_cpu_s_delivery": round(client_cpu, 2),
+    }
+    print_cpu(figures.cpu)
+    if stack is not None:
+        figures.stack_log = scan_stack_log(stack.log_path, log_offset)
+        print_log(figures.stack_log, stack.log_path)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--url", help="a running gateway; without it the benchmark starts its own stack")
+    parser.add_argument(
+        "--progress-url", help="ws://host:port of the progress service (default: the jobs' links)"
+    )
+    parser.add_argument("--key", help="API key for --url (default: env CONVEYOR_BENCH_KEY)")
+    parser.add_argument(
+        "--progress-pid", type=int, help="pid of the progress service for --url (memory figures)"
+    )
+    parser.add_argument(
+        "--subscribers",
+        type=int,
+        default=DEFAULT_SUBSCRIBERS,
+        help="WebSocket subscribers (default %(default)s)",
+    )
+    parser.add_argument(
+        "--jobs", type=int, default=DEFAULT_JOBS, help="jobs they watch (default %(default)s)"
+    )
+    parser.add_argument(
+        "--clients", type=int, default=DEFAULT_CLIENTS, help="client processes (default %(default)s)"
+    )
+    parser.add_argument(
+        "--job-seconds",
+        type=float,
+        default=DEFAULT_JOB_SECONDS,
+        help="how long each job runs and reports progress (default %(default)s)",
+    )
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=DEFAULT_INTERVAL_S,
+        help="seconds between a job's progress reports (default %(default)s)",
+    )
+    parser.add_argument(
+        "--workers", type=int, default=DEFAULT_WORKERS, help="worker processes to start (default %(default)s)"
+    )
+    parser.add_argument(
+        "--connect-concurrency",
+        type=int,
+        default=DEFAULT_CONNECT_CONCURRENCY,
+        help="handshakes in flight, over all client processes (default %(default)s)",
+    )
+    parser.add_argument(
+        "--lead",
+        type=float,
+        default=DEFAULT_LEAD_S,
+        help="with --url: seconds the jobs run before the measured part, to cover connecting "
+        "(default %(default)s)",
+    )
+    parser.add_argument(
+        "--aligned",
+        action="store_true",
+        help="every job reports at the same pace, so all their reports arrive together (the worst case)",
+    )
+    parser.add_argument("--no-deflate", action="store_true", help="do not offer permessage-deflate")
+    parser.add_argument("--database-url", help="database for the started stack (default: SQLite)")
+    parser.add_argument(
+        "--startup-timeout",
+        type=float,
+        default=DEFAULT_STARTUP_TIMEOUT_S,
+        help="seconds (default %(default)s)",
+    )
+    parser.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=DEFAULT_WAIT_TIMEOUT_S,
+        help="seconds to wait for the terminal events after the jobs' nominal end (default %(default)s)",
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument("--keep-data", action="store_true", help="keep the started stack's temporary folder")
+    args = parser.parse_args(argv)
+    for name in ("subscribers", "jobs", "clients", "workers", "connect_concurrency"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.interval <= 0 or args.job_seconds < args.interval:
+        parser.error("--interval must be positive and at most --job-seconds")
+    if args.url and not (args.key or os.environ.get("CONVEYOR_BENCH_KEY")):
+        parser.error("--url needs --key or CONVEYOR_BENCH_KEY")
+    if (args.progress_url or args.progress_pid) and not args.url:
+        parser.error("--progress-url and --progress-pid go with --url")
+    steps = round(args.job_seconds / args.interval) + (round(args.lead / args.interval) if args.url else 0)
+    steps += 0 if args.aligned else args.jobs - 1
+    if steps > MAX_STEPS:
+        parser.error(f"{steps} progress reports per job; {JOB_TYPE} allows {MAX_STEPS}: raise --interval")
+    return args
+
+
+def steps_note(args: argparse.Namespace) -> str:
+    steps = round((args.job_seconds + (args.lead if args.url else 0.0)) / args.interval)
+    if args.aligned or args.jobs == 1:
+        return f"{steps} steps each (every {args.interval:g} s; aligned: the jobs report together)"
+    last = steps + args.jobs - 1
+    fastest = args.interval * steps / last
+    return f"{steps}-{last} steps (every {args.interval:g} to {fastest:.3g} s: they drift apart)"
+
+
+def settings_of(args: argparse.Namespace, url: str, progress_url: str | None, nofile: int) -> dict[str, Any]:
+    external = bool(args.url)
+    try:
+        import uvloop  # noqa: F401
+
+        client_loop = "uvloop"
+    except ImportError:
+        client_loop = "asyncio"
+    return {
+        "gateway": url,
+        "origin": "external" if external else "started by the benchmark",
+        "progress": progress_url or "(from the jobs' links)",
+        "subscribers": args.subscribers,
+        "subscribers_per_job": f"{args.subscribers / args.jobs:g}",
+        "jobs": args.jobs,
+        "job_seconds": args.job_seconds + (args.lead if external else 0.0),
+        "steps": round(args.job_seconds / args.interval),
+        "lead_steps": round(args.lead / args.interval) if external else 0,
+        "aligned": args.aligned,
+        "steps_note": steps_note(args),
+        "interval_s": args.interval,
+        "lead_s": args.lead if external else 0.0,
+        "clients": min(args.clients, args.subscribers),
+        "client_loop": client_loop,
+        "deflate": not args.no_deflate,
+        "connect_concurrency": args.connect_concurrency,
+        "workers": "unknown" if external else args.workers,
+        "workers_note": (
+            f"jobs start at once; {args.lead:g} s lead before the measured part"
+            if external
+            else "started by the benchmark once all subscribers are connected"
+        ),
+        "database": database_kind(args.database_url) if args.database_url or not external else "unknown",
+        "cpu_count": os.cpu_count(),
+        "platform": sys.platform,
+        "python": sys.version.split()[0],
+        "nofile": nofile,
+        "load_avg_start": os.getloadavg()[0],
+    }
+
+
+def locate_progress(args: argparse.Namespace, stack: EmbeddedStack | None) -> tuple[int | None, str]:
+    if args.progress_pid:
+        return args.progress_pid, "--progress-pid"
+    root = stack.process.pid if stack is not None and stack.process is not None else None
+    pids = find_progress_pids(root)
+    where = "child of the started stack" if root else "the only `conveyor progress` process here"
+    if len(pids) == 1:
+        return pids[0], where
+    return None, f"{len(pids)} `conveyor progress` processes found; give --progress-pid"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    nofile = raise_nofile_limit()  # before the stack starts: its processes inherit it
+    stack: EmbeddedStack | None = None
+    failed = True
+    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+            progress_url = args.progress_url.rstrip("/") if args.progress_url else None
+            key = args.key or os.environ["CONVEYOR_BENCH_KEY"]
+            figures = Figures(settings_of(args, url, progress_url, nofile))
+            print_header(figures.settings)
+        else:
+            # No workers under the supervisor: the benchmark starts them once everyone is connected.
+            stack = EmbeddedStack(0, args.database_url, None)
+            url = stack.url
+            progress_url = f"ws://{LOCALHOST}:{stack.progress_port}"
+            figures = Figures(settings_of(args, url, progress_url, nofile))
+            print_header(figures.settings)
+            console.print(
+                f"Starting the stack (`conveyor run`; Kafka on ports {stack.kafka_port}-"
+                f"{stack.kafka_port + 1}, data and log in {stack.root})..."
+            )
+            stack.start()
+            try:
+                figures.startup_s = round(stack.wait_ready(args.startup_timeout), 2)
+            except StackError as exc:
+                console.print(f"[red]Startup failed: {exc}[/red]")
+                console.print(f"Stack log: {stack.log_path}; its last lines:")
+                console.print(tail(stack.log_path), markup=False)
+                return 1
+            console.print(f"Stack ready in {figures.startup_s:.1f} s (GET /readyz answered 200).")
+            key = stack.api_key()
+
+        progress_pid, pid_how = locate_progress(args, stack)
+        asyncio.run(
+            cancel_on_sigterm(
+                run_benchmark(args, url, progress_url, key, figures, stack, progress_pid, pid_how)
+            )
+        )
+        figures.load_avg_end = os.getloadavg()[0]
+        console.print(f"Load average (1 min) at the end: {figures.load_avg_end:.2f}")
+        if args.json:
+            args.json.write_text(json.dumps(figures.__dict__, indent=2) + "\n")
+            console.print(f"Figures written to {args.json}")
+        failed = False
+        return 0
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        console.print("[yellow]Interrupted.[/yellow]")
+        return 130
+    finally:
+        if stack is not None:
+            stack.stop()
+            if failed or args.keep_data:
+                console.print(f"Stack data and log kept in {stack.root}")
+            else:
+                stack.remove()
+        signal.signal(signal.SIGTERM, previous_sigterm)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

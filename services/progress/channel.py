@@ -1,0 +1,111 @@
+"""A client's channel: the bounded queue of everything waiting to be sent to one connection.
+
+The hub offers events without ever waiting, so a slow client fills its own queue and nobody else's.
+While a job's newest queued item is a progress event, the job's next progress event replaces it (the
+newest wins, and it remembers the first `seq` it stands for); state events are never dropped.
+A queue that still reaches its limit marks the channel overflowed: the connection is then closed
+with a code that tells the client to resume from the last `seq` it got.
+
+Requests from the client (subscribe, unsubscribe, ping) travel through the same queue, so everything
+the client is sent keeps the order in which it happened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from conveyor.events import JobEvent
+
+
+@dataclass
+class QueuedEvent:
+    event: JobEvent
+    # The oldest seq this item stands for: below `event.seq` when progress events were coalesced.
+    first_seq: int
+
+
+@dataclass(frozen=True)
+class Subscribe:
+    job_ids: tuple[str, ...]
+    after_seq: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Unsubscribe:
+    job_ids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SubscribeAll:
+    pass
+
+
+@dataclass(frozen=True)
+class UnsubscribeAll:
+    pass
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A message for the client as it is (a pong, an error about its last message)."""
+
+    message: dict[str, Any]
+
+
+Request = Subscribe | Unsubscribe | SubscribeAll | UnsubscribeAll | Reply
+Item = QueuedEvent | Request
+
+
+class Channel:
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._items: deque[Item] = deque()
+        # Per job, its newest queued item if that item is a progress event: the one a newer one replaces.
+        self._coalescible: dict[str, QueuedEvent] = {}
+        self._ready = asyncio.Event()
+        self.overflowed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def offer(self, event: JobEvent) -> None:
+        if self.overflowed.is_set():
+            return
+        if event.type == "progress":
+            queued = self._coalescible.get(event.job_id)
+            # Only the next seq: an event that arrived out of order may hide a state change in between.
+            if queued is not None and event.seq == queued.event.seq + 1:
+                queued.event = event
+                return
+        item = QueuedEvent(event, first_seq=event.seq)
+        if not self._put(item):
+            return
+        if event.type == "progress":
+            self._coalescible[event.job_id] = item
+        else:
+            self._coalescible.pop(event.job_id, None)
+
+    def request(self, request: Request) -> None:
+        self._put(request)
+
+    async def get(self) -> Item:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        item = self._items.popleft()
+        if isinstance(item, QueuedEvent) and self._coalescible.get(item.event.job_id) is item:
+            del self._coalescible[item.event.job_id]
+        return item
+
+    def _put(self, item: Item) -> bool:
+        if self.overflowed.is_set():
+            return False
+        if len(self._items) >= self._limit:
+            self.overflowed.set()
+            return False
+        self._items.append(item)
+        self._ready.set()
+        return True

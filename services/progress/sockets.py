@@ -1,0 +1,223 @@
+"""The WebSocket endpoints: one job's events, and one socket for many jobs.
+
+Each connection runs three tasks until the first one ends: its stream (sends what its channel holds),
+its reader (turns client messages into channel requests), and a watchdog (overflow, idleness). The
+hub only ever puts events in the channel, so a client that reads slowly never holds anyone else up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+from typing import Any
+
+import structlog
+from sqlalchemy.exc import SQLAlchemyError
+from starlette.websockets import WebSocket, WebSocketDisconnect
+
+from conveyor.auth import Principal, authenticate, bearer_token
+from services.progress.channel import Channel, Reply, Subscribe
+from services.progress.protocol import (
+    PONG,
+    AuthMessage,
+    BadMessage,
+    PingMessage,
+    SubscribeMessage,
+    UnsubscribeMessage,
+    parse_client_message,
+    requests_for,
+)
+from services.progress.state import ProgressState
+from services.progress.streams import (
+    CLOSE_BAD_REQUEST,
+    CLOSE_FELL_BEHIND,
+    CLOSE_GOING_AWAY,
+    CLOSE_POLICY_VIOLATION,
+    CLOSE_TRY_AGAIN_LATER,
+    EventStream,
+    StreamEnd,
+    error_message,
+)
+
+log = structlog.get_logger(__name__)
+
+# How long a client that sent no key in the handshake has to send it as its first message.
+AUTH_TIMEOUT_S = 10.0
+AFTER_SEQ = re.compile(r"[0-9]{1,18}")
+FELL_BEHIND = StreamEnd(CLOSE_FELL_BEHIND, "fell behind: reconnect with after_seq")
+DATABASE_DOWN = StreamEnd(CLOSE_TRY_AGAIN_LATER, "database unavailable: reconnect with after_seq")
+
+
+async def serve_job_events(websocket: WebSocket, state: ProgressState, job_id: str) -> None:
+    """`/v1/jobs/{job_id}/events`: a snapshot (or a replay after `?after_seq=N`), the job's events, its
+    terminal event, then close 1000. The client may send pings; nothing else."""
+    await websocket.accept()
+    principal = await _authenticate(websocket, state)
+    if principal is None:
+        return
+    after_seq = _after_seq(websocket.query_params.get("after_seq"))
+    if isinstance(after_seq, str):
+        await _send_and_close(websocket, error_message("invalid_after_seq", after_seq), CLOSE_BAD_REQUEST)
+        return
+    channel = Channel(state.settings.progress_client_queue)
+    stream = _stream(websocket, state, principal, channel, single_job=True)
+    channel.request(Subscribe((job_id,), {job_id: after_seq} if after_seq is not None else {}))
+
+    def on_message(text: str) -> None:
+        message = parse_client_message(text)
+        if not isinstance(message, PingMessage):
+            raise BadMessage(error_message("bad_message", 'this socket takes only {"op": "ping"}'))
+        channel.request(Reply(PONG))
+
+    await _run(websocket, state, channel, stream, on_message)
+
+
+async def serve_events(websocket: WebSocket, state: ProgressState) -> None:
+    """`/v1/events`: the client subscribes to jobs by id, or to all of its tenant's, and unsubscribes."""
+    await websocket.accept()
+    principal = await _authenticate(websocket, state)
+    if principal is None:
+        return
+    channel = Channel(state.settings.progress_client_queue)
+    stream = _stream(websocket, state, principal, channel, single_job=False)
+
+    def on_message(text: str) -> None:
+        message = parse_client_message(text)
+        if isinstance(message, PingMessage):
+            channel.request(Reply(PONG))
+        elif isinstance(message, SubscribeMessage | UnsubscribeMessage):
+            for request in requests_for(message):
+                channel.request(request)
+        else:
+            raise BadMessage(error_message("bad_message", "already authenticated"))
+
+    await _run(websocket, state, channel, stream, on_message)
+
+
+def _stream(
+    websocket: WebSocket, state: ProgressState, principal: Principal, channel: Channel, *, single_job: bool
+) -> EventStream:
+    async def send(message: dict[str, Any]) -> None:
+        await websocket.send_text(json.dumps(message))
+
+    return EventStream(
+        hub=state.hub,
+        db=state.db,
+        principal=principal,
+        channel=channel,
+        send=send,
+        events_url=state.settings.progress_url,
+        single_job=single_job,
+    )
+
+
+async def _run(
+    websocket: WebSocket,
+    state: ProgressState,
+    channel: Channel,
+    stream: EventStream,
+    on_message: Any,
+) -> None:
+    loop = asyncio.get_running_loop()
+    last_heard = loop.time()
+
+    async def read() -> None:
+        nonlocal last_heard
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            last_heard = loop.time()
+            text = message.get("text")
+            if text is None:
+                channel.request(Reply(error_message("bad_message", "send JSON text frames")))
+                continue
+            try:
+                on_message(text)
+            except BadMessage as exc:
+                channel.request(Reply(exc.message))
+
+    async def watch() -> StreamEnd:
+        idle_timeout = state.settings.progress_idle_timeout_s
+        while True:
+            waited = loop.time() - last_heard
+            if stream.idle and waited >= idle_timeout:
+                return StreamEnd(CLOSE_GOING_AWAY, "idle")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(channel.overflowed.wait(), timeout=max(0.1, idle_timeout - waited))
+                return FELL_BEHIND
+
+    sender = asyncio.create_task(stream.run())
+    tasks = {sender, asyncio.create_task(read()), asyncio.create_task(watch())}
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    end = _end_of(done)
+    if end is not None:
+        with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+            await websocket.close(end.code, end.reason)
+
+
+def _end_of(done: set[asyncio.Task[Any]]) -> StreamEnd | None:
+    """How the connection should close; None if the client went away."""
+    for task in done:
+        if task.cancelled():
+            continue
+        exc = task.exception()
+        if isinstance(exc, SQLAlchemyError | OSError):
+            log.warning("progress.database_unavailable", error=str(exc))
+            return DATABASE_DOWN
+        if isinstance(exc, WebSocketDisconnect):
+            return None
+        if exc is not None:
+            raise exc
+        result = task.result()
+        if isinstance(result, StreamEnd):
+            return result
+    return None
+
+
+async def _authenticate(websocket: WebSocket, state: ProgressState) -> Principal | None:
+    """The key from the `Authorization` header, a `token` query parameter, or an `auth` first message.
+    A missing or bad key closes the socket with 1008 (policy violation)."""
+    token = bearer_token(websocket.headers.get("authorization")) or websocket.query_params.get("token")
+    if not token:
+        token = await _first_message_token(websocket)
+    principal = None
+    if token:
+        async with state.db.reading() as session:
+            principal = await authenticate(session, state.bootstrap_keys, token)
+    if principal is None or "read" not in principal.scopes:
+        detail = "send a valid API key with the read scope"
+        await _send_and_close(websocket, error_message("unauthorized", detail), CLOSE_POLICY_VIOLATION)
+        return None
+    return principal
+
+
+async def _first_message_token(websocket: WebSocket) -> str | None:
+    try:
+        text = await asyncio.wait_for(websocket.receive_text(), timeout=AUTH_TIMEOUT_S)
+        message = parse_client_message(text)
+    except (TimeoutError, BadMessage, WebSocketDisconnect, RuntimeError, KeyError):
+        return None
+    return message.token if isinstance(message, AuthMessage) else None
+
+
+def _after_seq(value: str | None) -> int | str | None:
+    """The `after_seq` query parameter; a string says what is wrong with it."""
+    if value is None:
+        return None
+    if not AFTER_SEQ.fullmatch(value):
+        return f"after_seq must be a non-negative integer, got {value[:40]!r}"
+    return int(value)
+
+
+async def _send_and_close(websocket: WebSocket, message: dict[str, Any], code: int) -> None:
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
+        await websocket.send_text(json.dumps(message))
+        await websocket.close(code, message["error"])

@@ -1,0 +1,150 @@
+"""The same event stream over HTTP, for clients that cannot use WebSockets.
+
+`GET /v1/jobs/{job_id}/events` with `Accept: text/event-stream` streams Server-Sent Events: each
+message has the event's `seq` as its id, so a reconnecting `EventSource` resumes by itself with
+`Last-Event-ID`. Once the job is finished and everything was sent, a reconnect gets 204, which tells
+an `EventSource` to stop. Without that Accept header the endpoint answers the job's recorded events
+as JSON (`?after_seq=N&limit=M`), for clients that catch up by polling.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette import EventSourceResponse, ServerSentEvent
+
+from conveyor.auth import Principal, authenticate, bearer_token
+from conveyor.eventlog import events_between
+from conveyor.jobstore import get_job
+from conveyor.lifecycle import JobState
+from conveyor.problems import Problem
+from services.progress.channel import Channel, Subscribe
+from services.progress.sockets import AFTER_SEQ
+from services.progress.state import ProgressState
+from services.progress.streams import EventStream
+
+# A comment line this often keeps proxies from closing a quiet stream.
+SSE_PING_S = 15
+# How many events one JSON page holds at most.
+MAX_PAGE = 1000
+# What the sender may have handed over that the response has not written yet.
+SSE_BUFFER = 16
+UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="conveyor"'}
+
+
+async def job_events(
+    request: Request, job_id: str, after_seq: int | None = None, limit: int = MAX_PAGE
+) -> Response:
+    state: ProgressState = request.app.state.progress
+    principal = await _principal(request, state)
+    streaming = "text/event-stream" in request.headers.get("accept", "")
+    last_event_id = request.headers.get("last-event-id")
+    if streaming and after_seq is None and last_event_id:
+        if not AFTER_SEQ.fullmatch(last_event_id):
+            raise _invalid("Last-Event-ID", "must be the seq of an event")
+        after_seq = int(last_event_id)
+    if after_seq is not None and after_seq < 0:
+        raise _invalid("after_seq", "must be 0 or more")
+    if not 1 <= limit <= MAX_PAGE:
+        raise _invalid("limit", f"must be between 1 and {MAX_PAGE}")
+    async with state.db.reading() as session:
+        job = await get_job(session, principal.tenant, job_id)
+        if job is None:
+            raise Problem(404, "Not found", "no such job", slug="not-found")
+        if after_seq is not None and after_seq > job.last_seq:
+            raise _invalid("after_seq", f"is past the job's last seq, {job.last_seq}")
+        finished = JobState(job.status).is_terminal and after_seq == job.last_seq
+        if not streaming:
+            upto = min(job.last_seq, (after_seq or 0) + limit)
+            events = await events_between(session, job_id, after_seq or 0, upto)
+            if events is None:
+                raise Problem(410, "Gone", "this part of the job's history was pruned", slug="history-pruned")
+            body = {
+                "job_id": job_id,
+                "last_seq": job.last_seq,
+                "events": [event.model_dump(mode="json") for event in events],
+            }
+            return JSONResponse(body)
+    if finished:
+        return Response(status_code=204)
+    return EventSourceResponse(_stream(state, principal, job_id, after_seq), ping=SSE_PING_S)
+
+
+async def _stream(
+    state: ProgressState, principal: Principal, job_id: str, after_seq: int | None
+) -> AsyncIterator[ServerSentEvent]:
+    outgoing: asyncio.Queue[dict[str, Any]] = asyncio.Queue(SSE_BUFFER)
+    channel = Channel(state.settings.progress_client_queue)
+    stream = EventStream(
+        hub=state.hub,
+        db=state.db,
+        principal=principal,
+        channel=channel,
+        send=outgoing.put,
+        events_url=state.settings.progress_url,
+        single_job=True,
+    )
+    channel.request(Subscribe((job_id,), {job_id: after_seq} if after_seq is not None else {}))
+    sender = asyncio.create_task(stream.run())
+    overflow = asyncio.create_task(channel.overflowed.wait())
+    try:
+        while True:
+            getter = asyncio.create_task(outgoing.get())
+            await asyncio.wait({getter, sender, overflow}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                yield _sse(getter.result())
+                continue
+            getter.cancel()
+            if overflow.done():
+                # The client fell behind; its EventSource reconnects with the last id it got.
+                yield ServerSentEvent(json.dumps({"error": "fell_behind"}), event="error")
+                return
+            sender.result()  # raise what stopped it
+            while not outgoing.empty():
+                yield _sse(outgoing.get_nowait())
+            return
+    finally:
+        for task in (sender, overflow):
+            task.cancel()
+        await asyncio.gather(sender, overflow, return_exceptions=True)
+
+
+def _sse(message: dict[str, Any]) -> ServerSentEvent:
+    seq = message.get("seq") if message["type"] in ("snapshot", "state", "progress") else None
+    return ServerSentEvent(
+        json.dumps(message), event=message["type"], id=str(seq) if seq is not None else None
+    )
+
+
+async def _principal(request: Request, state: ProgressState) -> Principal:
+    token = bearer_token(request.headers.get("authorization")) or request.query_params.get("token")
+    principal = None
+    if token:
+        async with state.db.reading() as session:
+            principal = await authenticate(session, state.bootstrap_keys, token)
+    if principal is None:
+        raise Problem(
+            401,
+            "Unauthorized",
+            "send a valid API key as `Authorization: Bearer <key>`",
+            slug="unauthorized",
+            headers=UNAUTHORIZED_HEADERS,
+        )
+    if "read" not in principal.scopes:
+        raise Problem(403, "Forbidden", "this API key lacks the 'read' scope", slug="forbidden")
+    return principal
+
+
+def _invalid(field: str, message: str) -> Problem:
+    return Problem(
+        422,
+        "Invalid request",
+        f"invalid: {field}",
+        slug="invalid-request",
+        errors=[{"field": field, "message": f"{field} {message}"}],
+    )

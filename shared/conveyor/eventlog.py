@@ -1,0 +1,55 @@
+"""A job's event history: every event is stored with the change it announces, so any gap a live
+stream has (a client away, a progress instance restarted, events reaching Kafka out of order) can be
+filled from the database.
+
+The history of a job is complete from seq 1 to the job's `last_seq` until it is pruned, some time
+after the job finished (`CONVEYOR_EVENT_HISTORY_S`).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from conveyor.events import JobEvent
+from conveyor.lifecycle import TERMINAL_STATES
+from conveyor.models import Job, JobEventRecord
+
+
+def record_event(session: AsyncSession, event: JobEvent) -> None:
+    """Add the event to its job's history, in the caller's transaction."""
+    session.add(JobEventRecord(job_id=event.job_id, seq=event.seq, body=event.model_dump_json()))
+
+
+async def events_between(
+    session: AsyncSession, job_id: str, after_seq: int, upto_seq: int
+) -> list[JobEvent] | None:
+    """The job's events after `after_seq` up to `upto_seq`, in order; None if some were pruned."""
+    if upto_seq <= after_seq:
+        return []
+    query = (
+        select(JobEventRecord.body)
+        .where(
+            JobEventRecord.job_id == job_id, JobEventRecord.seq > after_seq, JobEventRecord.seq <= upto_seq
+        )
+        .order_by(JobEventRecord.seq)
+    )
+    events = [JobEvent.model_validate_json(body) for body in (await session.scalars(query)).all()]
+    if len(events) != upto_seq - after_seq:
+        return None
+    return events
+
+
+async def prune_event_history(session: AsyncSession, finished_before: datetime) -> int:
+    """Delete the history of jobs that finished before the given time; returns the rows deleted."""
+    finished = select(Job.id).where(
+        Job.status.in_(sorted(TERMINAL_STATES)), Job.finished_at < finished_before
+    )
+    result = await session.execute(
+        delete(JobEventRecord)
+        .where(JobEventRecord.job_id.in_(finished))
+        .execution_options(synchronize_session=False)
+    )
+    return int(getattr(result, "rowcount", 0) or 0)
