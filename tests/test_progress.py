@@ -398,8 +398,9 @@ async def test_server_sent_events_stream_and_resume_with_last_event_id(module_st
 
 
 async def test_a_slow_client_does_not_delay_a_fast_one_and_is_told_to_resume(module_stack: Stack) -> None:
-    instance = await module_stack.start_progress("progress-small-queue", CONVEYOR_PROGRESS_CLIENT_QUEUE="50")
+    instance = await module_stack.start_progress("progress-small-queue", CONVEYOR_PROGRESS_CLIENT_QUEUE="200")
     url = f"{instance}/v1/events"
+    jobs = 150
     # The slow client reads nothing: its kernel buffer is tiny and its library stops reading when full.
     # (set before connecting, so the TCP window it offers is small from the start).
     slow_socket = socket.socket()
@@ -413,22 +414,27 @@ async def test_a_slow_client_does_not_delay_a_fast_one_and_is_told_to_resume(mod
             for ws in (slow, fast):
                 await ws.send(json.dumps({"op": "subscribe", "all": True}))
             assert (await receive(fast))["type"] == "snapshot"
-            # Results of 80 kB each, incompressible: more than the kernel's buffers (4 MB here) can hold.
+            # Results of 80 kB each, incompressible: far more than the kernel's buffers (4 MB here) hold.
             payload = {"text": os.urandom(40_000).hex()}
-            job_ids = [
-                await submit(module_stack, {"type": "demo.echo", "payload": payload}) for _ in range(120)
-            ]
+            body = {"type": "demo.echo", "payload": payload}
 
-            finished: dict[str, list[Message]] = {job_id: [] for job_id in job_ids}
-            pending = set(job_ids)
-            while pending:
-                message = await receive(fast)
-                if message.get("job_id") in finished:
-                    finished[message["job_id"]].append(message)
-                    if message.get("status") == "succeeded":
-                        pending.discard(message["job_id"])
-            for events in finished.values():
-                assert_gap_free(events, after_seq=0)
+            async def submit_all() -> list[str]:
+                async with module_stack.client() as client:
+                    return [(await client.post("/v1/jobs", json=body)).json()["id"] for _ in range(jobs)]
+
+            submitting = asyncio.create_task(submit_all())
+            by_job: dict[str, list[Message]] = {}
+            succeeded: set[str] = set()
+            while not submitting.done() or not succeeded.issuperset(submitting.result()):
+                message = await receive(fast)  # the fast client reads while jobs are submitted and run
+                if message["type"] in ("state", "progress"):
+                    by_job.setdefault(message["job_id"], []).append(message)
+                    if message["status"] == "succeeded":
+                        succeeded.add(message["job_id"])
+            job_ids = submitting.result()
+            for job_id in job_ids:
+                assert_gap_free(by_job[job_id], after_seq=0)
+                assert by_job[job_id][-1]["result"] == payload
 
             # Meanwhile the slow one fell hopelessly behind: once it reads, it finds a 4008 close.
             received, code = await read_to_close(slow)
