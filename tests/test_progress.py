@@ -16,6 +16,9 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from conveyor.database import Database
+from conveyor.jobstore import announce, record_progress
+
 from harness import KEY_A, KEY_B, Stack, eventually, wait_for_status
 
 JOB_TIMEOUT_S = 90
@@ -494,3 +497,33 @@ async def test_progress_reports_under_load_are_coalesced_at_the_source_not_lost(
     progress = [event for event in recorded if event["type"] == "progress"]
     assert progress and progress[-1]["progress"]["message"] == "step 1000 of 1000"
     assert len(progress) < 1000  # written as fast as the database allowed, the rest coalesced
+
+
+async def test_an_event_kafka_has_not_delivered_is_filled_from_the_history_and_its_late_copy_dropped(
+    module_stack: Stack,
+) -> None:
+    job_id = await submit(module_stack, sleep_job(seconds=14, steps=70))
+    async with connect(f"{module_stack.progress_url}/v1/jobs/{job_id}/events") as ws:
+        snapshot = await receive(ws)
+        first = [await receive(ws)]
+        while first[-1]["type"] != "progress":
+            first.append(await receive(ws))
+        # A process commits an event, then dies before publishing it: it waits in the outbox for the
+        # orphan sweep (10 s), while the worker's next events reach Kafka first.
+        db = Database(module_stack.env["CONVEYOR_DATABASE_URL"])
+        try:
+            async with db.session() as session:
+                job = await record_progress(
+                    session, job_id, first[-1]["attempt"], 50.0, "from a dead process"
+                )
+                assert job is not None
+                announce(session, module_stack.env["CONVEYOR_TOPIC_PREFIX"], job, "progress")
+        finally:
+            await db.close()
+        rest, code = await read_to_close(ws)
+
+    assert code == 1000
+    events = first + rest
+    assert_gap_free(events, after_seq=snapshot["seq"])
+    orphan = [e for e in events if e["progress"]["message"] == "from a dead process"]
+    assert len(orphan) == 1 and orphan[0]["seq"] == job.last_seq, "delivered once, in its place"
