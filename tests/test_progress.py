@@ -401,7 +401,10 @@ async def test_server_sent_events_stream_and_resume_with_last_event_id(module_st
 
 
 async def test_a_slow_client_does_not_delay_a_fast_one_and_is_told_to_resume(module_stack: Stack) -> None:
-    instance = await module_stack.start_progress("progress-small-queue", CONVEYOR_PROGRESS_CLIENT_QUEUE="200")
+    # No protocol pings: the slow client would miss them, and this test is about its queue.
+    instance = await module_stack.start_progress(
+        "progress-small-queue", CONVEYOR_PROGRESS_CLIENT_QUEUE="200", CONVEYOR_PROGRESS_PING_INTERVAL_S="3600"
+    )
     url = f"{instance}/v1/events"
     jobs = 150
     # The slow client reads nothing: its kernel buffer is tiny and its library stops reading when full.
@@ -428,12 +431,13 @@ async def test_a_slow_client_does_not_delay_a_fast_one_and_is_told_to_resume(mod
             submitting = asyncio.create_task(submit_all())
             by_job: dict[str, list[Message]] = {}
             succeeded: set[str] = set()
-            while not submitting.done() or not succeeded.issuperset(submitting.result()):
-                message = await receive(fast)  # the fast client reads while jobs are submitted and run
-                if message["type"] in ("state", "progress"):
-                    by_job.setdefault(message["job_id"], []).append(message)
-                    if message["status"] == "succeeded":
-                        succeeded.add(message["job_id"])
+            async with asyncio.timeout(JOB_TIMEOUT_S):
+                while not submitting.done() or not succeeded.issuperset(submitting.result()):
+                    message = await receive(fast)  # the fast client reads while jobs are submitted and run
+                    if message["type"] in ("state", "progress"):
+                        by_job.setdefault(message["job_id"], []).append(message)
+                        if message["status"] == "succeeded":
+                            succeeded.add(message["job_id"])
             job_ids = submitting.result()
             for job_id in job_ids:
                 assert_gap_free(by_job[job_id], after_seq=0)

@@ -45,6 +45,7 @@ log = structlog.get_logger(__name__)
 
 # How long a client that sent no key in the handshake has to send it as its first message.
 AUTH_TIMEOUT_S = 10.0
+MIN_WATCH_S = 0.1
 AFTER_SEQ = re.compile(r"[0-9]{1,18}")
 FELL_BEHIND = StreamEnd(CLOSE_FELL_BEHIND, "fell behind: reconnect with after_seq")
 DATABASE_DOWN = StreamEnd(CLOSE_TRY_AGAIN_LATER, "database unavailable: reconnect with after_seq")
@@ -145,8 +146,11 @@ async def _run(
             waited = loop.time() - last_heard
             if stream.idle and waited >= idle_timeout:
                 return StreamEnd(CLOSE_GOING_AWAY, "idle")
+            # A socket with subscriptions is not idle: look again a whole timeout later, not sooner,
+            # so thousands of quiet sockets cost no wake-ups.
+            wait_s = idle_timeout - waited if stream.idle else idle_timeout
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(channel.overflowed.wait(), timeout=max(0.1, idle_timeout - waited))
+                await asyncio.wait_for(channel.overflowed.wait(), timeout=max(MIN_WATCH_S, wait_s))
                 return FELL_BEHIND
 
     sender = asyncio.create_task(stream.run())
@@ -158,6 +162,8 @@ async def _run(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     end = _end_of(done)
+    if end is FELL_BEHIND:
+        log.info("progress.client_fell_behind", queued=len(channel))
     if end is not None:
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await websocket.close(end.code, end.reason)
