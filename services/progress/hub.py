@@ -82,7 +82,7 @@ class EventHub:
         if job_id not in self._by_job and not self._by_tenant:
             return  # nobody watches this job: skip parsing
         try:
-            event = JobEvent.model_validate_json(value)
+            event = JobEvent.from_json(value)
         except ValidationError:
             log.error("hub.bad_event", job_id=job_id)
             return

@@ -37,6 +37,7 @@ from services.progress.streams import (
     CLOSE_POLICY_VIOLATION,
     CLOSE_TRY_AGAIN_LATER,
     EventStream,
+    Outgoing,
     StreamEnd,
     error_message,
 )
@@ -100,8 +101,8 @@ async def serve_events(websocket: WebSocket, state: ProgressState) -> None:
 def _stream(
     websocket: WebSocket, state: ProgressState, principal: Principal, channel: Channel, *, single_job: bool
 ) -> EventStream:
-    async def send(message: dict[str, Any]) -> None:
-        await websocket.send_text(json.dumps(message))
+    async def send(message: Outgoing) -> None:
+        await websocket.send_text(message.text)
 
     return EventStream(
         hub=state.hub,

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
@@ -26,7 +25,7 @@ from conveyor.problems import Problem
 from services.progress.channel import Channel, Subscribe
 from services.progress.sockets import AFTER_SEQ
 from services.progress.state import ProgressState
-from services.progress.streams import EventStream
+from services.progress.streams import EventStream, Outgoing
 
 # A comment line this often keeps proxies from closing a quiet stream.
 SSE_PING_S = 15
@@ -78,7 +77,7 @@ async def job_events(
 async def _stream(
     state: ProgressState, principal: Principal, job_id: str, after_seq: int | None
 ) -> AsyncIterator[ServerSentEvent]:
-    outgoing: asyncio.Queue[dict[str, Any]] = asyncio.Queue(SSE_BUFFER)
+    outgoing: asyncio.Queue[Outgoing] = asyncio.Queue(SSE_BUFFER)
     channel = Channel(state.settings.progress_client_queue)
     stream = EventStream(
         hub=state.hub,
@@ -114,11 +113,9 @@ async def _stream(
         await asyncio.gather(sender, overflow, return_exceptions=True)
 
 
-def _sse(message: dict[str, Any]) -> ServerSentEvent:
-    seq = message.get("seq") if message["type"] in ("snapshot", "state", "progress") else None
-    return ServerSentEvent(
-        json.dumps(message), event=message["type"], id=str(seq) if seq is not None else None
-    )
+def _sse(message: Outgoing) -> ServerSentEvent:
+    seq = str(message.seq) if message.seq is not None else None
+    return ServerSentEvent(message.text, event=message.type, id=seq)
 
 
 async def _principal(request: Request, state: ProgressState) -> Principal:

@@ -9,6 +9,7 @@ repeat and dropped. So a client sees 1, 2, 3... with no gap and no repeat, whate
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -51,7 +52,29 @@ MAX_SUBSCRIPTIONS = 1000
 # With `subscribe all`, the last seq sent is remembered for this many jobs (the most recent ones).
 MAX_TRACKED_JOBS = 10_000
 
-Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message ready for the wire: its JSON text, and the type and seq an SSE frame is labelled with."""
+
+    type: str
+    seq: int | None
+    text: str
+
+    @classmethod
+    def of(cls, message: dict[str, Any]) -> Outgoing:
+        seq = message.get("seq") if message["type"] == "snapshot" else None
+        return cls(message["type"], seq, json.dumps(message))
+
+    @classmethod
+    def of_event(cls, event: JobEvent, first_seq: int) -> Outgoing:
+        if first_seq < event.seq:
+            return cls(event.type, event.seq, json.dumps(event_message(event, first_seq)))
+        # The same text for every subscriber: serialized once per event, not once per client.
+        return cls(event.type, event.seq, event.as_json())
+
+
+Send = Callable[[Outgoing], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -128,7 +151,7 @@ class EventStream:
             case Unsubscribe(job_ids=job_ids):
                 for job_id in job_ids:
                     self._unwatch(job_id)
-                await self._send({"type": "unsubscribed", "job_ids": list(job_ids)})
+                await self._say({"type": "unsubscribed", "job_ids": list(job_ids)})
             case SubscribeAll():
                 await self._subscribe_all()
             case UnsubscribeAll():
@@ -136,14 +159,14 @@ class EventStream:
                 self._all = False
                 for job_id in [job_id for job_id in self._cursors if job_id not in self._watched]:
                     del self._cursors[job_id]
-                await self._send({"type": "unsubscribed", "all": True})
+                await self._say({"type": "unsubscribed", "all": True})
             case Reply(message=message):
-                await self._send(message)
+                await self._say(message)
         return None
 
     async def _subscribe(self, job_id: str, after_seq: int | None) -> StreamEnd | None:
         if job_id not in self._watched and len(self._watched) >= MAX_SUBSCRIPTIONS:
-            await self._send(
+            await self._say(
                 error_message("too_many_subscriptions", f"at most {MAX_SUBSCRIPTIONS} jobs", job_id=job_id)
             )
             return None
@@ -157,25 +180,25 @@ class EventStream:
                 replay = await events_between(session, job_id, after_seq, job.last_seq)
         if job is None:
             self._unwatch(job_id)
-            await self._send(error_message("unknown_job", "no such job", job_id=job_id))
+            await self._say(error_message("unknown_job", "no such job", job_id=job_id))
             return StreamEnd(CLOSE_UNKNOWN_JOB, "unknown job") if self._single_job else None
         if after_seq is not None and not 0 <= after_seq <= job.last_seq:
             self._unwatch(job_id)
             detail = f"after_seq must be between 0 and the job's last seq, {job.last_seq}"
-            await self._send(error_message("invalid_after_seq", detail, job_id=job_id))
+            await self._say(error_message("invalid_after_seq", detail, job_id=job_id))
             return StreamEnd(CLOSE_BAD_REQUEST, "invalid after_seq") if self._single_job else None
         if after_seq is None or (replay is None and after_seq < job.last_seq):
             # A fresh subscription, or a resume whose history was pruned: the current state instead.
             snapshot = snapshot_message(job, self._events_url)
             if after_seq is not None:
                 snapshot["history_pruned"] = True
-            await self._send(snapshot)
+            await self._say(snapshot)
         else:
-            await self._send(
+            await self._say(
                 {"type": "resumed", "job_id": job_id, "after_seq": after_seq, "last_seq": job.last_seq}
             )
             for event in replay or ():
-                await self._send(event_message(event, event.seq))
+                await self._deliver(event, event.seq)
         self._advance(job_id, job.last_seq)
         if JobState(job.status).is_terminal:
             return self._finished(job_id)
@@ -191,7 +214,7 @@ class EventStream:
         for job in reversed(listed):
             if job.id not in self._cursors:
                 self._advance(job.id, job.last_seq)
-        await self._send(
+        await self._say(
             {
                 "type": "snapshot",
                 "all": True,
@@ -215,12 +238,18 @@ class EventStream:
             async with self._db.reading() as session:
                 missing = await events_between(session, event.job_id, cursor, first_seq - 1)
             for earlier in missing or ():
-                await self._send(event_message(earlier, earlier.seq))
-        await self._send(event_message(event, first_seq))
+                await self._deliver(earlier, earlier.seq)
+        await self._deliver(event, first_seq)
         self._advance(event.job_id, event.seq)
         if event.is_terminal and event.job_id in self._watched:
             return self._finished(event.job_id)
         return None
+
+    async def _say(self, message: dict[str, Any]) -> None:
+        await self._send(Outgoing.of(message))
+
+    async def _deliver(self, event: JobEvent, first_seq: int) -> None:
+        await self._send(Outgoing.of_event(event, first_seq))
 
     def _advance(self, job_id: str, seq: int) -> None:
         self._cursors[job_id] = seq

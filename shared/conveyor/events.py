@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, PrivateAttr
 
 from conveyor.lifecycle import JobState
 from conveyor.models import Job
@@ -39,6 +39,20 @@ class JobEvent(BaseModel):
     at: datetime
     result: Any | None = None
     error: dict[str, Any] | None = None
+    _json: str | None = PrivateAttr(default=None)
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> JobEvent:
+        """Parse an event read from Kafka, keeping its text to send on as it is."""
+        event = cls.model_validate_json(raw)
+        event._json = raw.decode()
+        return event
+
+    def as_json(self) -> str:
+        """The event as JSON, serialized once however many clients it is sent to."""
+        if self._json is None:
+            self._json = self.model_dump_json()
+        return self._json
 
     @property
     def is_terminal(self) -> bool:
