@@ -3,10 +3,12 @@
 It prints figures and asserts nothing. Without ``--url`` it starts its own embedded stack
 (``python -m conveyor run``) in a fresh temporary data folder on free ports and stops it at the end.
 
-Method. ``--jobs`` ``demo.sleep`` jobs are submitted, each reporting progress every ``--interval``
-seconds for ``--job-seconds``. ``--subscribers`` WebSocket subscribers are spread round-robin over the
-jobs, all on the one progress service, from ``--clients`` client processes (asyncio, uvloop when it is
-installed), so that one Python client process is not the bottleneck.
+Method. ``--jobs`` ``demo.sleep`` jobs are submitted, each reporting progress for ``--job-seconds``:
+job k makes ``job-seconds / interval + k`` reports, so the jobs' paces differ slightly and their
+reports drift apart rather than all arriving at once (``--aligned``: every job every ``--interval``
+seconds, all together, the worst case). ``--subscribers`` WebSocket subscribers are spread round-robin
+over the jobs, all on the one progress service, from ``--clients`` client processes (asyncio, uvloop
+when it is installed), so that one Python client process is not the bottleneck.
 
 - The started stack runs with no workers at first, so the jobs stay queued while the subscribers
   connect: each gets its snapshot (``queued``) and waits. Once all are connected, the benchmark starts
@@ -18,13 +20,13 @@ installed), so that one Python client process is not the bottleneck.
   until all N are connected.
 - Memory per connection: the progress service's RSS (``VmRSS`` in ``/proc/<pid>/status``) once all N
   are connected, minus its RSS just before, divided by N. The process is found among the started
-  stack's children by its command line (``-m conveyor progress``); for ``--url``, give
-  ``--progress-pid`` or it looks for a single such process on this machine.
+  stack's children by its command line (``-m conveyor progress``); for ``--url``, it is the local
+  process listening on the progress port (``/proc/net/tcp``), or ``--progress-pid``.
 - Delivery latency, per delivered event: the client's receipt time (``time.time()`` when the message
   is read) minus the event's ``at`` (when the worker recorded it). Same machine, same clock.
 - Delivered vs expected, per subscriber: it should get every ``seq`` after its snapshot's, up to the
   job's last ``seq`` (read from a fresh snapshot after the run). Gaps are reported, split by whether
-  the event after the gap was marked ``coalesced_from`` (merged because the client was slow).
+  the event after the gap was marked ``coalesced_from`` (merged by the server while queued).
 
     python bench/progress_fanout.py [--subscribers 2000] [--jobs 20] [--clients 2] [--job-seconds 30]
                                     [--url URL --key KEY [--progress-url WS_URL] [--progress-pid PID]]
@@ -47,12 +49,13 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from rich import box
@@ -83,6 +86,8 @@ JOB_TYPE = "demo.sleep"
 TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 MAX_STEPS = 1000  # demo.sleep's limit
 LOCALHOST = "127.0.0.1"
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
+TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
 
 DEFAULT_SUBSCRIBERS = 2000
 DEFAULT_JOBS = 20
@@ -105,7 +110,6 @@ READY_POLL_S = 0.25
 CONNECT_PHASE_TIMEOUT_S = 600.0
 STOP_TIMEOUT_S = 90.0
 REQUEST_TIMEOUT_S = 30.0
-PROGRESS_EVERY_S = 5.0
 CLOSE_NORMAL = 1000
 # Stack log lines worth reporting: structlog's console renderer writes `[warning  ]`, `[error    ]`...
 LOG_PROBLEM = re.compile(r"\[(warning|error|critical)\s*\]|Traceback|Exception", re.IGNORECASE)
@@ -122,11 +126,6 @@ def raise_nofile_limit() -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         return hard
     return soft
-
-
-def cpu_time() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -172,23 +171,43 @@ def is_progress_service(argv: Sequence[str]) -> bool:
     return any(argv[i : i + 3] == ["-m", "conveyor", "progress"] for i in range(len(argv)))
 
 
-def find_progress_pids(root_pid: int | None) -> list[int]:
-    """Processes running `python -m conveyor progress`; with `root_pid`, only its descendants."""
+def find_progress_pids(root_pid: int) -> list[int]:
+    """Descendants of `root_pid` running `python -m conveyor progress`."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or not is_progress_service(proc_argv(int(entry.name))):
             continue
-        pid = int(entry.name)
-        if root_pid is None:
-            found.append(pid)
-            continue
-        ancestor: int | None = pid
-        while ancestor not in (None, 0, 1):
-            ancestor = proc_parent(ancestor) if ancestor is not None else None
-            if ancestor == root_pid:
-                found.append(pid)
-                break
+        ancestor = proc_parent(int(entry.name))
+        while ancestor is not None and ancestor > 1 and ancestor != root_pid:
+            ancestor = proc_parent(ancestor)
+        if ancestor == root_pid:
+            found.append(int(entry.name))
     return sorted(found)
+
+
+def listening_pid(port: int) -> int | None:
+    """The process holding a listening TCP socket on `port` (from /proc/net/tcp*, then /proc/*/fd)."""
+    sockets = set()
+    for table_path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table_path).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] == TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                sockets.add(f"socket:[{fields[9]}]")
+    if not sockets:
+        return None
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in (entry / "fd").iterdir():
+                with contextlib.suppress(OSError):
+                    if os.readlink(fd) in sockets:
+                        return int(entry.name)
+    return None
 
 
 def ts(text: str) -> float:
@@ -225,7 +244,7 @@ class Subscriber:
     error: str | None = None
     snapshot_seq: int | None = None
     snapshot_status: str | None = None
-    # (seq, at, received, terminal, coalesced_from or None), in arrival order.
+    # (seq, at, received, is a state event, coalesced_from or None), in arrival order.
     events: list[tuple[int, float, float, bool, int | None]] = field(default_factory=list)
     other: Counter[str] = field(default_factory=Counter)
     close_code: int | None = None
@@ -262,7 +281,9 @@ def error_kind(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-async def watch(sub: Subscriber, plan: dict[str, Any], gate: asyncio.Semaphore, attempted: Any) -> None:
+async def watch(
+    sub: Subscriber, plan: dict[str, Any], gate: asyncio.Semaphore, attempted: Callable[[], None]
+) -> None:
     """One subscriber: connect, read the snapshot, then every event until the socket closes."""
     url = f"{plan['progress_url']}/v1/jobs/{sub.job_id}/events"
     try:
@@ -282,6 +303,8 @@ async def watch(sub: Subscriber, plan: dict[str, Any], gate: asyncio.Semaphore, 
                 first = json.loads(await asyncio.wait_for(sub.ws.recv(), SNAPSHOT_TIMEOUT_S))
             except Exception as exc:
                 sub.error = error_kind(exc)
+                if sub.ws is not None:
+                    await sub.ws.close()
                 return
             sub.connect_s = time.perf_counter() - started
             extensions = (
@@ -290,6 +313,7 @@ async def watch(sub: Subscriber, plan: dict[str, Any], gate: asyncio.Semaphore, 
             sub.deflate = "permessage-deflate" in extensions
             if first.get("type") != "snapshot":
                 sub.error = f"first message was {first.get('type')!r}, not a snapshot"
+                await sub.ws.close()
                 return
             sub.snapshot_seq = int(first["seq"])
             sub.snapshot_status = first.get("job", {}).get("status")
@@ -312,7 +336,7 @@ async def watch(sub: Subscriber, plan: dict[str, Any], gate: asyncio.Semaphore, 
                     int(event["seq"]),
                     ts(event["at"]),
                     received,
-                    terminal,
+                    kind == "state",
                     None if coalesced is None else int(coalesced),
                 )
             )
@@ -349,7 +373,6 @@ async def run_client(plan: dict[str, Any], conn: Connection) -> None:
     if await inbox.get() != "go":
         return
     go_at = time.time()
-    cpu_go = cpu_time()
     subs = [Subscriber(job_id) for job_id in plan["job_ids"]]
     gate = asyncio.Semaphore(plan["connect_concurrency"])
     left = len(subs)
@@ -364,8 +387,7 @@ async def run_client(plan: dict[str, Any], conn: Connection) -> None:
     tasks = [asyncio.create_task(watch(sub, plan, gate, attempted)) for sub in subs]
     if subs:
         await all_attempted.wait()
-    send("connected", {"go_at": go_at, "connected_at": time.time(), "cpu_s": cpu_time() - cpu_go})
-    cpu_connected = cpu_time()
+    send("connected", {"go_at": go_at, "connected_at": time.time()})
 
     stop = asyncio.create_task(inbox.get())
     everyone = asyncio.gather(*tasks)
@@ -383,8 +405,8 @@ async def run_client(plan: dict[str, Any], conn: Connection) -> None:
         )
     stop.cancel()
     loop.remove_reader(conn.fileno())
-    done_at, cpu_s = time.time(), cpu_time() - cpu_connected
-    send("done", {"subscribers": [sub.result() for sub in subs], "cpu_s": cpu_s, "done_at": done_at})
+    done_at = time.time()
+    send("done", {"subscribers": [sub.result() for sub in subs], "done_at": done_at})
 
 
 def client_process(plan: dict[str, Any], conn: Connection) -> None:
@@ -532,7 +554,7 @@ class Figures:
     closes: dict[str, Any] = field(default_factory=dict)
     jobs: dict[str, Any] = field(default_factory=dict)
     cpu: dict[str, Any] = field(default_factory=dict)
-    stack_log: dict[str, Any] = field(default_factory=dict)
+    logs: dict[str, Any] = field(default_factory=dict)
 
 
 def connect_figures(
@@ -540,6 +562,7 @@ def connect_figures(
 ) -> dict[str, Any]:
     times = [sub["connect_s"] for sub in subs if sub["snapshot_seq"] is not None]
     errors = Counter(sub["error"] or "?" for sub in subs if sub["snapshot_seq"] is None)
+    statuses = Counter(str(sub["snapshot_status"]) for sub in subs if sub["snapshot_seq"] is not None)
     known = [stage for stage in stages if stage is not None]
     wall = max(s["connected_at"] for s in known) - min(s["go_at"] for s in known) if known else None
     return {
@@ -550,6 +573,7 @@ def connect_figures(
         "rate_per_s": round(len(times) / wall, 1) if wall else None,
         "per_connection_ms": ms(times),
         "deflate_negotiated": sum(bool(sub["deflate"]) for sub in subs),
+        "snapshot_statuses": dict(statuses),
     }
 
 
@@ -557,6 +581,8 @@ def delivery_figures(
     subs: Sequence[dict[str, Any]], final_seq: dict[str, int], window_start: float, window_end: float
 ) -> dict[str, Any]:
     latencies: list[float] = []
+    progress_latencies: list[float] = []
+    state_latencies: list[float] = []
     before_window = 0
     first_at, last_received = math.inf, -math.inf
     # Per event (job, seq): its `at`, and the first and last receipt among its subscribers.
@@ -571,7 +597,7 @@ def delivery_figures(
         final = max(final_seq.get(job_id, 0), max((e[0] for e in sub["events"]), default=0))
         expected += max(0, final - sub["snapshot_seq"])
         seen: set[int] = set()
-        for seq, at, received, _terminal, coalesced in sub["events"]:
+        for seq, at, received, is_state, coalesced in sub["events"]:
             if coalesced is not None:
                 coalesced_events += 1
             if seq <= sub["snapshot_seq"]:
@@ -591,6 +617,7 @@ def delivery_figures(
             last = max(last, seq)
             if at >= window_start:
                 latencies.append(received - at)
+                (state_latencies if is_state else progress_latencies).append(received - at)
                 first_at = min(first_at, at)
                 last_received = max(last_received, received)
                 slot = per_event.setdefault((job_id, seq), [at, received, received])
@@ -621,6 +648,9 @@ def delivery_figures(
         "span_s": round(span, 2),
         "deliveries_per_s": round(len(latencies) / span, 1) if span > 0 else None,
         "latency_ms": ms(latencies),
+        "progress_latency_ms": ms(progress_latencies),
+        "state_latency_ms": ms(state_latencies),
+        "state_deliveries": len(state_latencies),
         "first_receipt_ms": ms(first),
         "fanout_spread_ms": ms(spread),
     }
@@ -678,7 +708,7 @@ def memory_figures(
         "per_connection_kib": round(delta / connected, 1) if delta is not None and connected else None,
         "rss_after_close_kib": closed_kib,
         "peak_rss_kib": peak_kib,
-        "restarted": bool(pid is not None and pid_after and pid not in pid_after),
+        "restarted": pid is not None and pid not in pid_after,
     }
 
 
@@ -703,7 +733,7 @@ def cpu_phase(before: dict[str, float], after: dict[str, float], wall_s: float) 
     }
 
 
-def scan_stack_log(path: Path, offset: int) -> dict[str, Any]:
+def scan_log(path: Path, offset: int) -> dict[str, Any]:
     """Warnings, errors and tracebacks the stack logged from `offset` on."""
     try:
         with path.open("rb") as log:
@@ -762,6 +792,8 @@ def print_connect(fig: dict[str, Any]) -> None:
         ("per connection max", fmt(per["max"]), "ms"),
         ("permessage-deflate", fmt(fig["deflate_negotiated"]), "connections negotiated it"),
     ]
+    for status, n in sorted(fig["snapshot_statuses"].items()):
+        rows.append(("snapshot said", fmt(n), status))
     for kind, n in sorted(fig["errors"].items()):
         rows.append(("connect error", fmt(n), kind))
     console.print(table("Connect", rows))
@@ -780,7 +812,7 @@ def print_memory(fig: dict[str, Any]) -> None:
         ("peak RSS", kib(fig["peak_rss_kib"]), "MiB (VmHWM, since the process started)"),
     ]
     if fig["restarted"]:
-        rows.append(("[red]restarted[/red]", "yes", "the pid changed during the run: figures are unsound"))
+        rows.append(("[red]restarted[/red]", "yes", "it exited or restarted during the run"))
     console.print(table("Memory of the progress service", rows))
 
 
@@ -812,6 +844,16 @@ def print_delivery(fig: dict[str, Any]) -> None:
         ("latency p90", fmt(lat["p90"]), "ms"),
         ("latency p99", fmt(lat["p99"]), "ms"),
         ("latency max", fmt(lat["max"]), "ms"),
+        (
+            "  progress events p50 / p99",
+            f"{fmt(fig['progress_latency_ms']['p50'])} / {fmt(fig['progress_latency_ms']['p99'])}",
+            "ms",
+        ),
+        (
+            "  state events p50 / p99",
+            f"{fmt(fig['state_latency_ms']['p50'])} / {fmt(fig['state_latency_ms']['p99'])}",
+            f"ms ({fig['state_deliveries']:,} deliveries: running, succeeded...)",
+        ),
         (
             "first receipt p50 / p99",
             f"{fmt(first['p50'])} / {fmt(first['p99'])}",
@@ -852,6 +894,8 @@ def print_jobs(fig: dict[str, Any]) -> None:
         ("start spread", fmt(fig["start_spread_s"], 2), "s (first to last started_at)"),
         ("run time p50", fmt(fig["run_s_p50"], 2), "s (started_at -> finished_at)"),
     ]
+    if (fig["start_spread_s"] or 0) > 1:
+        rows.append(("[yellow]note[/yellow]", "", "the jobs did not all run at once (too few worker slots?)"))
     console.print(table("Jobs", rows))
 
 
@@ -872,17 +916,16 @@ def print_cpu(fig: dict[str, Any]) -> None:
     console.print(out)
 
 
-def print_log(fig: dict[str, Any], path: Path) -> None:
-    if not fig:
-        return
-    if not fig["lines"]:
-        console.print(f"Stack log: no warnings, errors or tracebacks during the run ({path}).")
-        return
-    console.print(
-        f"[yellow]Stack log: {fig['lines']} warning/error lines during the run ({path}); first ones:[/yellow]"
-    )
-    for line in fig["samples"]:
-        console.print("  " + line[:300], markup=False)
+def print_logs(fig: dict[str, Any]) -> None:
+    for name, found in fig.items():
+        if not found:
+            continue
+        if not found["lines"]:
+            console.print(f"{name}: no warnings, errors or tracebacks during the run.")
+            continue
+        console.print(f"[yellow]{name}: {found['lines']} warning/error lines in the run; the first:[/yellow]")
+        for line in found["samples"]:
+            console.print("  " + line[:300], markup=False)
 
 
 # --- the run -----------------------------------------------------------------------------------------
@@ -982,8 +1025,6 @@ async def run_benchmark(
     key: str,
     figures: Figures,
     stack: EmbeddedStack | None,
-    progress_pid: int | None,
-    pid_how: str,
 ) -> None:
     s = figures.settings
     stack_pid = stack.process.pid if stack is not None and stack.process is not None else None
@@ -1004,6 +1045,7 @@ async def run_benchmark(
                 progress_url = jobs[0]["links"]["events"].rsplit("/v1/jobs/", 1)[0]
                 s["progress"] = progress_url
             await wait_progress_ready(progress_url, args.startup_timeout)
+            progress_pid, pid_how = locate_progress(args, stack, progress_url)
             console.print(f"Progress service: {progress_url}; warm-up: {WARMUP_CONNECTIONS} connections")
             warm = [await snapshot_seq(progress_url, key, job_ids[0]) for _ in range(WARMUP_CONNECTIONS)]
             if None in warm:
@@ -1063,7 +1105,10 @@ async def run_benchmark(
             await asyncio.sleep(RSS_SETTLE_S)
             rss_closed = proc_status_kib(progress_pid, "VmRSS") if progress_pid else None
             peak = proc_status_kib(progress_pid, "VmHWM") if progress_pid else None
-            pids_after = find_progress_pids(stack_pid) if progress_pid else []
+            if stack_pid:
+                pids_after = find_progress_pids(stack_pid)
+            else:  # still alive, or gone
+                pids_after = [progress_pid] if progress_pid and rss_closed is not None else []
 
             subs = [sub for result in results if result is not None for sub in result["subscribers"]]
             final_seq = {
@@ -1099,16 +1144,16 @@ async def run_benchmark(
     print_closes(figures.closes)
     figures.jobs = job_figures(bodies)
     print_jobs(figures.jobs)
-    client_cpu = sum(r["cpu_s"] for r in results if r is not None)
     figures.cpu = {
         "connect": cpu_phase(cpu_go, cpu_connected, wall_connected - wall_go),
         "delivery": cpu_phase(cpu_window, cpu_end, wall_end - wall_window),
-        "clients_cpu_s_delivery": round(client_cpu, 2),
     }
     print_cpu(figures.cpu)
     if stack is not None:
-        figures.stack_log = scan_stack_log(stack.log_path, log_offset)
-        print_log(figures.stack_log, stack.log_path)
+        figures.logs = {"stack.log": scan_log(stack.log_path, log_offset)}
+        if workers is not None:
+            figures.logs["workers.log"] = scan_log(workers.log_path, 0)
+        print_logs(figures.logs)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1143,7 +1188,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--interval",
         type=float,
         default=DEFAULT_INTERVAL_S,
-        help="seconds between a job's progress reports (default %(default)s)",
+        help="seconds between the progress reports of the slowest job (default %(default)s)",
     )
     parser.add_argument(
         "--workers", type=int, default=DEFAULT_WORKERS, help="worker processes to start (default %(default)s)"
@@ -1249,15 +1294,24 @@ def settings_of(args: argparse.Namespace, url: str, progress_url: str | None, no
     }
 
 
-def locate_progress(args: argparse.Namespace, stack: EmbeddedStack | None) -> tuple[int | None, str]:
+def locate_progress(
+    args: argparse.Namespace, stack: EmbeddedStack | None, progress_url: str
+) -> tuple[int | None, str]:
+    """The progress service's pid, and how it was found."""
     if args.progress_pid:
         return args.progress_pid, "--progress-pid"
-    root = stack.process.pid if stack is not None and stack.process is not None else None
-    pids = find_progress_pids(root)
-    where = "child of the started stack" if root else "the only `conveyor progress` process here"
-    if len(pids) == 1:
-        return pids[0], where
-    return None, f"{len(pids)} `conveyor progress` processes found; give --progress-pid"
+    if stack is not None and stack.process is not None:
+        pids = find_progress_pids(stack.process.pid)
+        if len(pids) == 1:
+            return pids[0], "child of the started stack"
+        return None, f"{len(pids)} `conveyor progress` children of the started stack"
+    parsed = urlsplit(progress_url)
+    if parsed.hostname not in LOCAL_HOSTS or parsed.port is None:
+        return None, "not on this machine; give --progress-pid"
+    pid = listening_pid(parsed.port)
+    if pid is None:
+        return None, f"no process here listens on port {parsed.port}; give --progress-pid"
+    return pid, f"listens on port {parsed.port}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1295,12 +1349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             console.print(f"Stack ready in {figures.startup_s:.1f} s (GET /readyz answered 200).")
             key = stack.api_key()
 
-        progress_pid, pid_how = locate_progress(args, stack)
-        asyncio.run(
-            cancel_on_sigterm(
-                run_benchmark(args, url, progress_url, key, figures, stack, progress_pid, pid_how)
-            )
-        )
+        asyncio.run(cancel_on_sigterm(run_benchmark(args, url, progress_url, key, figures, stack)))
         figures.load_avg_end = os.getloadavg()[0]
         console.print(f"Load average (1 min) at the end: {figures.load_avg_end:.2f}")
         if args.json:

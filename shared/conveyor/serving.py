@@ -19,4 +19,5 @@ def serve_http(app: ASGIApp, settings: Settings, port: int) -> None:
         access_log=False,
         ws_ping_interval=settings.progress_ping_interval_s,
         ws_ping_timeout=settings.progress_ping_timeout_s,
+        ws_per_message_deflate=settings.progress_ws_deflate,
     )
