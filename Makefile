@@ -35,9 +35,10 @@ typecheck: setup
 test: setup postgres lint typecheck
 	$(BIN)/pytest
 
-## bench: accept rate and end-to-end rate of noop jobs on a fresh embedded stack
+## bench: accept and end-to-end rate of noop jobs; then 2000 progress subscribers (latency, memory)
 bench: setup
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/progress_fanout.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
