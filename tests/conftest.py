@@ -18,6 +18,7 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
+from conveyor.database import Database
 from conveyor.embedded.kafka import KafkaCluster, free_port_block
 from conveyor.embedded.postgres import PostgresServer
 from conveyor.embedded.postgres import free_port as free_pg_port
@@ -121,6 +122,15 @@ def database_kind(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 async def database_url(database_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
     return await new_database_url(database_kind, tmp_path, request)
+
+
+@pytest.fixture
+async def db(database_url: str) -> AsyncIterator[Database]:
+    """A migrated database of the test's kind, used in-process (no services)."""
+    database = Database(database_url)
+    await database.migrate()
+    yield database
+    await database.close()
 
 
 @pytest.fixture

@@ -3,10 +3,7 @@ order for resumes, and pruned after the job finished."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
-
-import pytest
 
 from conveyor.database import Database
 from conveyor.eventlog import events_between, prune_event_history
@@ -14,14 +11,6 @@ from conveyor.jobstore import announce, announce_state, claim_job, complete_job,
 from conveyor.models import Job, utcnow
 
 PREFIX = "history-test"
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.migrate()
-    yield database
-    await database.close()
 
 
 async def finished_job(db: Database) -> Job:

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
-import pytest
 from sqlalchemy import func, select
 
 from conveyor.database import Database
@@ -22,14 +19,6 @@ from conveyor.jobstore import (
 )
 from conveyor.lifecycle import JobState
 from conveyor.models import Job
-
-
-@pytest.fixture
-async def db(database_url: str) -> AsyncIterator[Database]:
-    database = Database(database_url)
-    await database.migrate()
-    yield database
-    await database.close()
 
 
 async def new_job(db: Database, max_attempts: int = 2) -> Job:

@@ -5,35 +5,21 @@ from __future__ import annotations
 from fastapi import Depends, Request
 
 from conveyor.auth import Principal, authenticate, bearer_token
-from conveyor.problems import Problem
+from conveyor.problems import forbidden, unauthorized
 from services.gateway.state import GatewayState, gateway_state
-
-UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="conveyor"'}
 
 
 async def require_principal(request: Request, state: GatewayState = Depends(gateway_state)) -> Principal:
     token = bearer_token(request.headers.get("authorization"))
     if token is None:
-        raise Problem(
-            401,
-            "Unauthorized",
-            "send an API key as `Authorization: Bearer <key>`",
-            slug="unauthorized",
-            headers=UNAUTHORIZED_HEADERS,
-        )
+        raise unauthorized("send an API key as `Authorization: Bearer <key>`")
     async with state.db.reading() as session:
         principal = await authenticate(session, state.bootstrap_keys, token)
     if principal is None:
-        raise Problem(
-            401,
-            "Unauthorized",
-            "unknown or revoked API key",
-            slug="unauthorized",
-            headers=UNAUTHORIZED_HEADERS,
-        )
+        raise unauthorized("unknown or revoked API key")
     return principal
 
 
 def require_scope(principal: Principal, scope: str) -> None:
     if scope not in principal.scopes:
-        raise Problem(403, "Forbidden", f"this API key lacks the {scope!r} scope", slug="forbidden")
+        raise forbidden(scope)

@@ -21,7 +21,7 @@ from conveyor.auth import Principal, authenticate, bearer_token
 from conveyor.eventlog import events_between
 from conveyor.jobstore import get_job
 from conveyor.lifecycle import JobState
-from conveyor.problems import Problem
+from conveyor.problems import Problem, forbidden, unauthorized
 from services.progress.channel import Channel, Subscribe
 from services.progress.sockets import AFTER_SEQ
 from services.progress.state import ProgressState
@@ -33,7 +33,6 @@ SSE_PING_S = 15
 MAX_PAGE = 1000
 # What the sender may have handed over that the response has not written yet.
 SSE_BUFFER = 16
-UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="conveyor"'}
 
 
 async def job_events(
@@ -125,15 +124,9 @@ async def _principal(request: Request, state: ProgressState) -> Principal:
         async with state.db.reading() as session:
             principal = await authenticate(session, state.bootstrap_keys, token)
     if principal is None:
-        raise Problem(
-            401,
-            "Unauthorized",
-            "send a valid API key as `Authorization: Bearer <key>`",
-            slug="unauthorized",
-            headers=UNAUTHORIZED_HEADERS,
-        )
+        raise unauthorized("send a valid API key as `Authorization: Bearer <key>`")
     if "read" not in principal.scopes:
-        raise Problem(403, "Forbidden", "this API key lacks the 'read' scope", slug="forbidden")
+        raise forbidden("read")
     return principal
 
 

@@ -77,6 +77,17 @@ def validation_problem(
     return Problem(422, "Invalid request", f"invalid: {fields}", slug="invalid-request", errors=errors)
 
 
+UNAUTHORIZED_HEADERS = {"WWW-Authenticate": 'Bearer realm="conveyor"'}
+
+
+def unauthorized(detail: str) -> Problem:
+    return Problem(401, "Unauthorized", detail, slug="unauthorized", headers=UNAUTHORIZED_HEADERS)
+
+
+def forbidden(scope: str) -> Problem:
+    return Problem(403, "Forbidden", f"this API key lacks the {scope!r} scope", slug="forbidden")
+
+
 def dependency_down(name: str) -> Problem:
     return Problem(
         503,
