@@ -58,34 +58,47 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from rich import box
-from rich.table import Table
-
-# The sibling benchmark: its embedded stack, and its figure and table helpers.
-from throughput import (
-    REPO_ROOT,
+from benchkit import (
+    DEFAULT_WORKERS,
+    LOCALHOST,
+    READY_POLL_S,
+    REQUEST_TIMEOUT_S,
+    STOP_TIMEOUT_S,
+    TERMINAL,
     EmbeddedStack,
-    StackError,
-    cancel_on_sigterm,
+    StackFigures,
+    add_database_option,
+    add_key_option,
+    add_option,
+    add_stack_options,
+    add_url_option,
+    check_at_least_one,
+    check_target,
     console,
     database_kind,
     fmt,
-    interrupt,
+    machine_settings,
+    new_parser,
     percentile,
+    proc_argv,
+    proc_stat,
+    quantiles,
     rounded,
+    run_main,
+    spawn_conveyor,
     stack_cpu,
     table,
-    tail,
+    wait_or_kill,
 )
+from rich import box
+from rich.table import Table
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from conveyor.settings import DEFAULT_WORKER_CONCURRENCY
 
 JOB_TYPE = "demo.sleep"
-TERMINAL = frozenset({"succeeded", "failed", "canceled"})
 MAX_STEPS = 1000  # demo.sleep's limit
-LOCALHOST = "127.0.0.1"
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
 TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
 
@@ -94,10 +107,8 @@ DEFAULT_JOBS = 20
 DEFAULT_CLIENTS = 2
 DEFAULT_JOB_SECONDS = 30.0
 DEFAULT_INTERVAL_S = 0.5
-DEFAULT_WORKERS = 2
 DEFAULT_CONNECT_CONCURRENCY = 100
 DEFAULT_LEAD_S = 60.0
-DEFAULT_STARTUP_TIMEOUT_S = 180.0
 DEFAULT_WAIT_TIMEOUT_S = 120.0
 WARMUP_CONNECTIONS = 10
 # Seconds to let the progress service settle before reading its RSS (after the warm-up, after connecting).
@@ -106,11 +117,9 @@ CONNECT_TIMEOUT_S = 30.0
 SNAPSHOT_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 5.0
 CLIENT_START_TIMEOUT_S = 60.0
-READY_POLL_S = 0.25
 CONNECT_PHASE_TIMEOUT_S = 600.0
-STOP_TIMEOUT_S = 90.0
-REQUEST_TIMEOUT_S = 30.0
 CLOSE_NORMAL = 1000
+MS_PER_S = 1000
 # Stack log lines worth reporting: structlog's console renderer writes `[warning  ]`, `[error    ]`...
 LOG_PROBLEM = re.compile(r"\[(warning|error|critical)\s*\]|Traceback|Exception", re.IGNORECASE)
 LOG_SAMPLES = 12
@@ -128,16 +137,9 @@ def raise_nofile_limit() -> int:
     return soft
 
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
 def proc_cpu_s(pid: int) -> float | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()  # after "pid (comm)"; comm may hold spaces
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    stat = proc_stat(pid)
+    return None if stat is None else stat[1]
 
 
 def proc_status_kib(pid: int, name: str) -> int | None:
@@ -151,20 +153,9 @@ def proc_status_kib(pid: int, name: str) -> int | None:
     return None
 
 
-def proc_argv(pid: int) -> list[str]:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return []
-    return [arg.decode(errors="replace") for arg in raw.split(b"\0") if arg]
-
-
 def proc_parent(pid: int) -> int | None:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    return int(text.rsplit(")", 1)[1].split()[1])
+    stat = proc_stat(pid)
+    return None if stat is None else stat[0]
 
 
 def is_progress_service(argv: Sequence[str]) -> bool:
@@ -216,16 +207,7 @@ def ts(text: str) -> float:
 
 def ms(values: Sequence[float]) -> dict[str, float | None]:
     """p50/p90/p99/max of seconds, in milliseconds."""
-    return {
-        "p50": rounded(scaled(percentile(values, 50))),
-        "p90": rounded(scaled(percentile(values, 90))),
-        "p99": rounded(scaled(percentile(values, 99))),
-        "max": rounded(scaled(max(values) if values else None)),
-    }
-
-
-def scaled(seconds: float | None) -> float | None:
-    return None if seconds is None else seconds * 1000
+    return quantiles(values, MS_PER_S)
 
 
 # --- the client processes ----------------------------------------------------------------------------
@@ -497,29 +479,12 @@ class Workers:
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> None:
-        env = {key: value for key, value in os.environ.items() if key not in EmbeddedStack.OVERRIDDEN}
-        env.update(
-            CONVEYOR_DATA_DIR=str(self.stack.data_dir),
-            CONVEYOR_HOST=LOCALHOST,
+        env = self.stack.env(
             CONVEYOR_KAFKA_BOOTSTRAP=f"{LOCALHOST}:{self.stack.kafka_port}",
             CONVEYOR_WORKER_CONCURRENCY=str(self.concurrency),
-            PYTHONUNBUFFERED="1",
         )
-        if self.stack.database_url:
-            env["CONVEYOR_DATABASE_URL"] = self.stack.database_url
         with self.log_path.open("ab") as log:
-            for _ in range(self.count):
-                self.processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "conveyor", "worker"],
-                        cwd=REPO_ROOT,
-                        env=env,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                    )
-                )
+            self.processes += [spawn_conveyor("worker", env, log) for _ in range(self.count)]
 
     @property
     def pids(self) -> list[int]:
@@ -530,24 +495,14 @@ class Workers:
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
         for process in self.processes:
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                console.print(
-                    f"[red]worker {process.pid} did not stop in {STOP_TIMEOUT_S:.0f} s; killing it[/red]"
-                )
-                process.kill()
-                process.wait()
+            wait_or_kill(process, f"worker {process.pid} did not stop in {STOP_TIMEOUT_S:.0f} s; killing it")
 
 
 # --- figures -----------------------------------------------------------------------------------------
 
 
 @dataclass
-class Figures:
-    settings: dict[str, Any]
-    startup_s: float | None = None
-    load_avg_end: float | None = None
+class Figures(StackFigures):
     connect: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     delivery: dict[str, Any] = field(default_factory=dict)
@@ -757,11 +712,7 @@ def print_header(s: dict[str, Any]) -> None:
         ("gateway", str(s["gateway"]), str(s["origin"])),
         ("progress", str(s["progress"]), "one instance"),
         ("subscribers", fmt(s["subscribers"]), f"{s['subscribers_per_job']} per job"),
-        (
-            "jobs",
-            fmt(s["jobs"]),
-            f"{JOB_TYPE}: {s['job_seconds']:g} s, {s['steps_note']}",
-        ),
+        ("jobs", fmt(s["jobs"]), f"{JOB_TYPE}: {s['job_seconds']:g} s, {s['steps_note']}"),
         (
             "client processes",
             str(s["clients"]),
@@ -1019,14 +970,10 @@ def client_plans(
 
 
 async def run_benchmark(
-    args: argparse.Namespace,
-    url: str,
-    progress_url: str | None,
-    key: str,
-    figures: Figures,
-    stack: EmbeddedStack | None,
+    args: argparse.Namespace, figures: Figures, url: str, key: str, stack: EmbeddedStack | None
 ) -> None:
     s = figures.settings
+    progress_url = progress_url_of(args, stack)
     stack_pid = stack.process.pid if stack is not None and stack.process is not None else None
     lead = 0.0 if stack is not None else args.lead
     workers: Workers | None = None
@@ -1157,54 +1104,34 @@ async def run_benchmark(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--url", help="a running gateway; without it the benchmark starts its own stack")
+    parser = new_parser(__doc__)
+    add_url_option(parser)
     parser.add_argument(
         "--progress-url", help="ws://host:port of the progress service (default: the jobs' links)"
     )
-    parser.add_argument("--key", help="API key for --url (default: env CONVEYOR_BENCH_KEY)")
+    add_key_option(parser)
     parser.add_argument(
         "--progress-pid", type=int, help="pid of the progress service for --url (memory figures)"
     )
-    parser.add_argument(
-        "--subscribers",
-        type=int,
-        default=DEFAULT_SUBSCRIBERS,
-        help="WebSocket subscribers (default %(default)s)",
+    add_option(parser, "--subscribers", DEFAULT_SUBSCRIBERS, "WebSocket subscribers")
+    add_option(parser, "--jobs", DEFAULT_JOBS, "jobs they watch")
+    add_option(parser, "--clients", DEFAULT_CLIENTS, "client processes")
+    add_option(parser, "--job-seconds", DEFAULT_JOB_SECONDS, "how long each job runs and reports progress")
+    add_option(
+        parser, "--interval", DEFAULT_INTERVAL_S, "seconds between the progress reports of the slowest job"
     )
-    parser.add_argument(
-        "--jobs", type=int, default=DEFAULT_JOBS, help="jobs they watch (default %(default)s)"
-    )
-    parser.add_argument(
-        "--clients", type=int, default=DEFAULT_CLIENTS, help="client processes (default %(default)s)"
-    )
-    parser.add_argument(
-        "--job-seconds",
-        type=float,
-        default=DEFAULT_JOB_SECONDS,
-        help="how long each job runs and reports progress (default %(default)s)",
-    )
-    parser.add_argument(
-        "--interval",
-        type=float,
-        default=DEFAULT_INTERVAL_S,
-        help="seconds between the progress reports of the slowest job (default %(default)s)",
-    )
-    parser.add_argument(
-        "--workers", type=int, default=DEFAULT_WORKERS, help="worker processes to start (default %(default)s)"
-    )
-    parser.add_argument(
+    add_option(parser, "--workers", DEFAULT_WORKERS, "worker processes to start")
+    add_option(
+        parser,
         "--connect-concurrency",
-        type=int,
-        default=DEFAULT_CONNECT_CONCURRENCY,
-        help="handshakes in flight, over all client processes (default %(default)s)",
+        DEFAULT_CONNECT_CONCURRENCY,
+        "handshakes in flight, over all client processes",
     )
-    parser.add_argument(
+    add_option(
+        parser,
         "--lead",
-        type=float,
-        default=DEFAULT_LEAD_S,
-        help="with --url: seconds the jobs run before the measured part, to cover connecting "
-        "(default %(default)s)",
+        DEFAULT_LEAD_S,
+        "with --url: seconds the jobs run before the measured part, to cover connecting",
     )
     parser.add_argument(
         "--aligned",
@@ -1212,29 +1139,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="every job reports at the same pace, so all their reports arrive together (the worst case)",
     )
     parser.add_argument("--no-deflate", action="store_true", help="do not offer permessage-deflate")
-    parser.add_argument("--database-url", help="database for the started stack (default: SQLite)")
-    parser.add_argument(
-        "--startup-timeout",
-        type=float,
-        default=DEFAULT_STARTUP_TIMEOUT_S,
-        help="seconds (default %(default)s)",
+    add_database_option(parser)
+    add_stack_options(
+        parser,
+        DEFAULT_WAIT_TIMEOUT_S,
+        "seconds to wait for the terminal events after the jobs' nominal end",
     )
-    parser.add_argument(
-        "--wait-timeout",
-        type=float,
-        default=DEFAULT_WAIT_TIMEOUT_S,
-        help="seconds to wait for the terminal events after the jobs' nominal end (default %(default)s)",
-    )
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    parser.add_argument("--keep-data", action="store_true", help="keep the started stack's temporary folder")
     args = parser.parse_args(argv)
-    for name in ("subscribers", "jobs", "clients", "workers", "connect_concurrency"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    check_at_least_one(parser, args, ("subscribers", "jobs", "clients", "workers", "connect_concurrency"))
     if args.interval <= 0 or args.job_seconds < args.interval:
         parser.error("--interval must be positive and at most --job-seconds")
-    if args.url and not (args.key or os.environ.get("CONVEYOR_BENCH_KEY")):
-        parser.error("--url needs --key or CONVEYOR_BENCH_KEY")
+    check_target(parser, args)
     if (args.progress_url or args.progress_pid) and not args.url:
         parser.error("--progress-url and --progress-pid go with --url")
     steps = round(args.job_seconds / args.interval) + (round(args.lead / args.interval) if args.url else 0)
@@ -1286,9 +1201,7 @@ def settings_of(args: argparse.Namespace, url: str, progress_url: str | None, no
             else "started by the benchmark once all subscribers are connected"
         ),
         "database": database_kind(args.database_url) if args.database_url or not external else "unknown",
-        "cpu_count": os.cpu_count(),
-        "platform": sys.platform,
-        "python": sys.version.split()[0],
+        **machine_settings(),
         "nofile": nofile,
         "load_avg_start": os.getloadavg()[0],
     }
@@ -1314,60 +1227,27 @@ def locate_progress(
     return pid, f"listens on port {parsed.port}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    nofile = raise_nofile_limit()  # before the stack starts: its processes inherit it
-    stack: EmbeddedStack | None = None
-    failed = True
-    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        if args.url:
-            url = args.url.rstrip("/")
-            progress_url = args.progress_url.rstrip("/") if args.progress_url else None
-            key = args.key or os.environ["CONVEYOR_BENCH_KEY"]
-            figures = Figures(settings_of(args, url, progress_url, nofile))
-            print_header(figures.settings)
-        else:
-            # No workers under the supervisor: the benchmark starts them once everyone is connected.
-            stack = EmbeddedStack(0, args.database_url, None)
-            url = stack.url
-            progress_url = f"ws://{LOCALHOST}:{stack.progress_port}"
-            figures = Figures(settings_of(args, url, progress_url, nofile))
-            print_header(figures.settings)
-            console.print(
-                f"Starting the stack (`conveyor run`; Kafka on ports {stack.kafka_port}-"
-                f"{stack.kafka_port + 1}, data and log in {stack.root})..."
-            )
-            stack.start()
-            try:
-                figures.startup_s = round(stack.wait_ready(args.startup_timeout), 2)
-            except StackError as exc:
-                console.print(f"[red]Startup failed: {exc}[/red]")
-                console.print(f"Stack log: {stack.log_path}; its last lines:")
-                console.print(tail(stack.log_path), markup=False)
-                return 1
-            console.print(f"Stack ready in {figures.startup_s:.1f} s (GET /readyz answered 200).")
-            key = stack.api_key()
+def progress_url_of(args: argparse.Namespace, stack: EmbeddedStack | None) -> str | None:
+    """The started stack's progress service, or --progress-url (None: read it from the jobs' links)."""
+    if stack is not None:
+        return f"ws://{LOCALHOST}:{stack.progress_port}"
+    return args.progress_url.rstrip("/") if args.progress_url else None
 
-        asyncio.run(cancel_on_sigterm(run_benchmark(args, url, progress_url, key, figures, stack)))
-        figures.load_avg_end = os.getloadavg()[0]
-        console.print(f"Load average (1 min) at the end: {figures.load_avg_end:.2f}")
-        if args.json:
-            args.json.write_text(json.dumps(figures.__dict__, indent=2) + "\n")
-            console.print(f"Figures written to {args.json}")
-        failed = False
-        return 0
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        console.print("[yellow]Interrupted.[/yellow]")
-        return 130
-    finally:
-        if stack is not None:
-            stack.stop()
-            if failed or args.keep_data:
-                console.print(f"Stack data and log kept in {stack.root}")
-            else:
-                stack.remove()
-        signal.signal(signal.SIGTERM, previous_sigterm)
+
+def new_stack(args: argparse.Namespace) -> EmbeddedStack:
+    """No workers under the supervisor: the benchmark starts them once everyone is connected."""
+    return EmbeddedStack(0, args.database_url, None)
+
+
+def begin(args: argparse.Namespace, url: str, stack: EmbeddedStack | None) -> Figures:
+    nofile = raise_nofile_limit()  # before the stack starts: its processes inherit it
+    figures = Figures(settings_of(args, url, progress_url_of(args, stack), nofile))
+    print_header(figures.settings)
+    return figures
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_main(parse_args(argv), new_stack, begin, run_benchmark)
 
 
 if __name__ == "__main__":

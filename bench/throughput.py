@@ -19,83 +19,60 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
-import math
 import os
-import random
 import resource
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Coroutine, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import httpx
-from rich import box
-from rich.console import Console
-from rich.table import Table
-
-from conveyor.embedded.kafka import is_port_free
+from benchkit import (
+    DEFAULT_WORKERS,
+    REQUEST_TIMEOUT_S,
+    TERMINAL,
+    EmbeddedStack,
+    StackFigures,
+    add_database_option,
+    add_key_option,
+    add_option,
+    add_stack_options,
+    add_url_option,
+    check_at_least_one,
+    check_target,
+    console,
+    database_kind,
+    fmt,
+    machine_settings,
+    new_parser,
+    percentile,
+    quantiles,
+    rounded,
+    run_main,
+    stack_cpu,
+    table,
+)
 
 JOB_TYPE = "demo.noop"
 JOB_BODY: dict[str, Any] = {"type": JOB_TYPE, "payload": {}}
-TERMINAL = frozenset({"succeeded", "failed", "canceled"})
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 DEFAULT_JOBS = 2000
 DEFAULT_CONCURRENCY = 32
-DEFAULT_WORKERS = 2
 DEFAULT_WARMUP = 50
-DEFAULT_STARTUP_TIMEOUT_S = 180.0
 DEFAULT_WAIT_TIMEOUT_S = 300.0
 WARMUP_WAIT_TIMEOUT_S = 120.0
-STOP_TIMEOUT_S = 90.0
-READY_POLL_S = 0.25
 # Only how soon the benchmark notices finished jobs, not the figures (they come from the jobs' timestamps).
 POLL_INTERVAL_S = 1.0
 # Rounds in a row that finish nothing before the waiter polls every unfinished job, not just the oldest.
 IDLE_ROUNDS_BEFORE_FULL_SWEEP = 4
 FINAL_SWEEP_TIMEOUT_S = 60.0
 PROGRESS_EVERY_S = 5.0
-REQUEST_TIMEOUT_S = 30.0
-LOG_TAIL_LINES = 40
-# Below Linux's default ephemeral range (32768+), like the embedded Kafka's own port search.
-PORT_RANGE = (20000, 32000)
-LOCALHOST = "127.0.0.1"
-
-console = Console(highlight=False)
 
 
 # --- figures ----------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], p: float) -> float | None:
-    """Nearest-rank percentile (p in 0-100) of `values`; None when there are none."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def rounded(value: float | None, digits: int = 1) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def fmt(value: float | int | None, digits: int = 1) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:,.{digits}f}"
 
 
 def parse_ts(text: str | None) -> datetime | None:
@@ -122,10 +99,7 @@ class WaitResult:
 
 
 @dataclass
-class Figures:
-    settings: dict[str, Any]
-    startup_s: float | None = None
-    load_avg_end: float | None = None
+class Figures(StackFigures):
     warmup: dict[str, Any] = field(default_factory=dict)
     accept: dict[str, Any] = field(default_factory=dict)
     end_to_end: dict[str, Any] = field(default_factory=dict)
@@ -268,12 +242,7 @@ def accept_figures(result: SubmitResult, jobs: int) -> dict[str, Any]:
         "error_kinds": {kind: n for kind, n in result.outcomes.items() if kind != "202"},
         "wall_s": round(result.wall_s, 3),
         "accept_rate_per_s": round(accepted / result.wall_s, 1) if result.wall_s > 0 else None,
-        "latency_ms": {
-            "p50": rounded(percentile(lat, 50)),
-            "p90": rounded(percentile(lat, 90)),
-            "p99": rounded(percentile(lat, 99)),
-            "max": rounded(max(lat) if lat else None),
-        },
+        "latency_ms": quantiles(lat),
         "client_cpu_s": round(result.cpu_s, 2),
     }
 
@@ -317,16 +286,6 @@ def end_to_end_figures(wait: WaitResult, submitted: int) -> dict[str, Any]:
 
 
 # --- output -----------------------------------------------------------------------------------------
-
-
-def table(title: str, rows: Sequence[tuple[str, str, str]]) -> Table:
-    out = Table(title=title, title_justify="left", box=box.SIMPLE, show_header=False, pad_edge=False)
-    out.add_column("figure")
-    out.add_column("value", justify="right")
-    out.add_column("unit")
-    for row in rows:
-        out.add_row(*row)
-    return out
 
 
 def print_header(settings: dict[str, Any]) -> None:
@@ -383,54 +342,6 @@ def print_end_to_end(fig: dict[str, Any]) -> None:
 
 # --- CPU of the started stack (Linux /proc) ----------------------------------------------------------
 
-CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _proc_stat(pid: int) -> tuple[int, float] | None:
-    """(parent pid, CPU seconds used so far) of a live process, from /proc/<pid>/stat."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text.rsplit(")", 1)[1].split()  # after "pid (comm)"; comm may hold spaces
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
-
-
-def _component(pid: int) -> str:
-    try:
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    except OSError:
-        return "?"
-    words = [arg.decode(errors="replace") for arg in argv if arg]
-    if words and words[0].endswith("java"):
-        return "kafka"
-    if "conveyor" in words:
-        command = words[words.index("conveyor") + 1 :][:1]
-        return command[0] if command else "conveyor"
-    return Path(words[0]).name if words else "?"
-
-
-def stack_cpu(root_pid: int) -> dict[str, float]:
-    """CPU seconds per component (run, gateway, worker, progress, kafka) of `root_pid` and its children."""
-    if not Path("/proc").is_dir():
-        return {}
-    stats: dict[int, tuple[int, float]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) is not None:
-            stats[int(entry.name)] = stat
-    tree = {root_pid}
-    grew = True
-    while grew:
-        children = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree
-        tree |= children
-        grew = bool(children)
-    totals: dict[str, float] = {}
-    for pid in tree:
-        if pid in stats:
-            name = _component(pid)
-            totals[name] = totals.get(name, 0.0) + stats[pid][1]
-    return dict(totals)
-
 
 def cpu_figures(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, Any]:
     used = {name: after.get(name, 0.0) - before.get(name, 0.0) for name in after}
@@ -454,181 +365,6 @@ def print_cpu(fig: dict[str, Any], bench_cpu_s: float) -> None:
     console.print(table("CPU used by the started stack during phases 1 and 2", rows))
 
 
-# --- the embedded stack -----------------------------------------------------------------------------
-
-
-def free_ports(count: int, taken: set[int]) -> int:
-    """A base port from which `count` consecutive ports are free now and not in `taken`."""
-    low, high = PORT_RANGE
-    for _ in range(500):
-        base = random.randint(low, high - count)
-        block = range(base, base + count)
-        if not taken.intersection(block) and all(is_port_free(port) for port in block):
-            taken.update(block)
-            return base
-    raise RuntimeError(f"no block of {count} free ports in {low}-{high}")
-
-
-def database_kind(url: str | None) -> str:
-    if not url:
-        return "sqlite"
-    return url.split("://", 1)[0].split("+", 1)[0]
-
-
-def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-class StackError(RuntimeError):
-    pass
-
-
-class EmbeddedStack:
-    """`python -m conveyor run` as a subprocess, in a fresh data folder, on free ports."""
-
-    # Inherited settings that would point the stack somewhere else than where the benchmark looks.
-    OVERRIDDEN = (
-        "CONVEYOR_API_KEYS",
-        "CONVEYOR_KAFKA_BOOTSTRAP",
-        "CONVEYOR_DATABASE_URL",
-        "CONVEYOR_HOST",
-        "CONVEYOR_PUBLIC_URL",
-        "CONVEYOR_PROGRESS_PUBLIC_URL",
-    )
-
-    def __init__(self, workers: int, database_url: str | None, worker_concurrency: int | None) -> None:
-        self.workers = workers
-        self.database_url = database_url
-        self.worker_concurrency = worker_concurrency
-        self.root = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
-        self.data_dir = self.root / "data"
-        self.log_path = self.root / "stack.log"
-        taken: set[int] = set()
-        self.kafka_port = free_ports(2, taken)  # the broker, and the controller on the port after it
-        self.gateway_port = free_ports(1, taken)
-        self.progress_port = free_ports(1, taken)
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOCALHOST}:{self.gateway_port}"
-
-    def start(self) -> None:
-        env = {key: value for key, value in os.environ.items() if key not in self.OVERRIDDEN}
-        env.update(
-            CONVEYOR_DATA_DIR=str(self.data_dir),
-            CONVEYOR_HOST=LOCALHOST,
-            CONVEYOR_KAFKA_PORT=str(self.kafka_port),
-            CONVEYOR_GATEWAY_PORT=str(self.gateway_port),
-            CONVEYOR_PROGRESS_PORT=str(self.progress_port),
-            CONVEYOR_WORKERS=str(self.workers),
-            PYTHONUNBUFFERED="1",
-        )
-        if self.database_url:
-            env["CONVEYOR_DATABASE_URL"] = self.database_url
-        if self.worker_concurrency is not None:
-            env["CONVEYOR_WORKER_CONCURRENCY"] = str(self.worker_concurrency)
-        with self.log_path.open("wb") as log:
-            # Its own session: a Ctrl-C in the terminal reaches only the benchmark, which then stops the
-            # stack with SIGTERM and waits for it, so the stack is never stopped twice at once.
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "conveyor", "run"],
-                cwd=REPO_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def wait_ready(self, timeout_s: float) -> float:
-        """Poll GET /readyz until it answers 200; returns the seconds it took."""
-        assert self.process is not None
-        started = time.perf_counter()
-        deadline = started + timeout_s
-        last = "no answer yet"
-        with httpx.Client(base_url=self.url, timeout=5.0) as client:
-            while True:
-                code = self.process.poll()
-                if code is not None:
-                    raise StackError(f"`conveyor run` exited with status {code} before it was ready")
-                try:
-                    response = client.get("/readyz")
-                    if response.status_code == 200:
-                        return time.perf_counter() - started
-                    last = f"{response.status_code} {response.text[:300]}"
-                except httpx.HTTPError as exc:
-                    last = f"{type(exc).__name__}: {exc}"
-                if time.perf_counter() > deadline:
-                    raise StackError(f"the gateway was not ready after {timeout_s:.0f} s (last: {last})")
-                time.sleep(READY_POLL_S)
-
-    def api_key(self) -> str:
-        return (self.data_dir / "dev-api-key").read_text().strip()
-
-    def stop(self) -> None:
-        """SIGTERM `conveyor run` (it stops the services, then Kafka) and wait for it to exit."""
-        process = self.process
-        if process is None:
-            return
-        if process.poll() is not None:
-            self.stop_orphaned_kafka()
-            return
-        console.print("Stopping the stack...", style="dim")
-        started = time.perf_counter()
-        # A second Ctrl-C or SIGTERM must not leave the stack half stopped.
-        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            process.send_signal(signal.SIGTERM)
-            try:
-                code = process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                console.print(
-                    f"[red]`conveyor run` (pid {process.pid}) did not stop within {STOP_TIMEOUT_S:.0f} s; "
-                    f"killing it; its services or Kafka may be left running (see {self.log_path})[/red]"
-                )
-                process.kill()
-                code = process.wait()
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-        console.print(
-            f"Stack stopped in {time.perf_counter() - started:.1f} s (exit status {code}).", style="dim"
-        )
-        self.stop_orphaned_kafka()
-
-    def stop_orphaned_kafka(self) -> None:
-        """Stop a Kafka JVM that `conveyor run` left behind.
-
-        `conveyor run` stops Kafka on SIGTERM only once its services run: a SIGTERM while it is still
-        starting (a startup timeout, a Ctrl-C during startup) kills it at once, and the JVM, which leads
-        its own session, lives on. Only a process whose command line names this run's data folder is
-        touched.
-        """
-        for pid_file in sorted((self.data_dir / "kafka").glob("node-*/kafka.pid")):
-            try:
-                pid = int(pid_file.read_text().strip())
-                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except (OSError, ValueError):
-                continue  # gone, as it should be
-            if str(self.data_dir).encode() not in cmdline:
-                continue
-            console.print(f"[yellow]`conveyor run` left Kafka running (pid {pid}); stopping it.[/yellow]")
-            os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT_S
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(READY_POLL_S)
-            if Path(f"/proc/{pid}").exists():
-                os.kill(pid, signal.SIGKILL)
-
-    def remove(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
-
-
 # --- main -------------------------------------------------------------------------------------------
 
 
@@ -642,8 +378,9 @@ def make_client(url: str, key: str, concurrency: int) -> httpx.AsyncClient:
 
 
 async def run_benchmark(
-    args: argparse.Namespace, url: str, key: str, figures: Figures, stack_pid: int | None
+    args: argparse.Namespace, figures: Figures, url: str, key: str, stack: EmbeddedStack | None
 ) -> None:
+    stack_pid = stack.pid if stack is not None else None
     async with make_client(url, key, args.concurrency) as client:
         if args.warmup > 0:
             console.print(f"Warm-up: {args.warmup} jobs...")
@@ -689,50 +426,23 @@ async def run_benchmark(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--url", help="a running gateway; without it the benchmark starts its own stack")
-    parser.add_argument("--key", help="API key for --url (default: env CONVEYOR_BENCH_KEY)")
-    parser.add_argument(
-        "--jobs", type=int, default=DEFAULT_JOBS, help="jobs to measure (default %(default)s)"
-    )
-    parser.add_argument(
-        "--concurrency",
-        type=int,
-        default=DEFAULT_CONCURRENCY,
-        help="requests in flight (default %(default)s)",
-    )
-    parser.add_argument(
-        "--workers", type=int, default=DEFAULT_WORKERS, help="worker processes to start (default %(default)s)"
-    )
+    parser = new_parser(__doc__)
+    add_url_option(parser)
+    add_key_option(parser)
+    add_option(parser, "--jobs", DEFAULT_JOBS, "jobs to measure")
+    add_option(parser, "--concurrency", DEFAULT_CONCURRENCY, "requests in flight")
+    add_option(parser, "--workers", DEFAULT_WORKERS, "worker processes to start")
     parser.add_argument(
         "--worker-concurrency", type=int, help="jobs per worker at once (CONVEYOR_WORKER_CONCURRENCY)"
     )
-    parser.add_argument("--database-url", help="database for the started stack (default: SQLite)")
-    parser.add_argument(
-        "--warmup", type=int, default=DEFAULT_WARMUP, help="warm-up jobs, not measured (default %(default)s)"
-    )
-    parser.add_argument(
-        "--startup-timeout",
-        type=float,
-        default=DEFAULT_STARTUP_TIMEOUT_S,
-        help="seconds (default %(default)s)",
-    )
-    parser.add_argument(
-        "--wait-timeout",
-        type=float,
-        default=DEFAULT_WAIT_TIMEOUT_S,
-        help="seconds phase 2 waits for the jobs (default %(default)s)",
-    )
-    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    parser.add_argument("--keep-data", action="store_true", help="keep the started stack's temporary folder")
+    add_database_option(parser)
+    add_option(parser, "--warmup", DEFAULT_WARMUP, "warm-up jobs, not measured")
+    add_stack_options(parser, DEFAULT_WAIT_TIMEOUT_S, "seconds phase 2 waits for the jobs")
     args = parser.parse_args(argv)
-    for name in ("jobs", "concurrency"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be at least 1")
+    check_at_least_one(parser, args, ("jobs", "concurrency"))
     if args.warmup < 0 or args.workers < 0:
         parser.error("--warmup and --workers cannot be negative")
-    if args.url and not (args.key or os.environ.get("CONVEYOR_BENCH_KEY")):
-        parser.error("--url needs --key or CONVEYOR_BENCH_KEY")
+    check_target(parser, args)
     return args
 
 
@@ -750,83 +460,23 @@ def settings_of(args: argparse.Namespace, url: str) -> dict[str, Any]:
         "workers": "unknown" if external else args.workers,
         "worker_concurrency": "unknown" if external else worker_concurrency,
         "database": database_kind(args.database_url) if args.database_url or not external else "unknown",
-        "cpu_count": os.cpu_count(),
-        "platform": sys.platform,
-        "python": sys.version.split()[0],
+        **machine_settings(),
         "load_avg_start": os.getloadavg()[0],
     }
 
 
-def interrupt(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM outside the event loop: unwind like Ctrl-C, so that the `finally` stopping the stack runs."""
-    raise KeyboardInterrupt
+def new_stack(args: argparse.Namespace) -> EmbeddedStack:
+    return EmbeddedStack(args.workers, args.database_url, args.worker_concurrency)
 
 
-async def cancel_on_sigterm(work: Coroutine[Any, Any, None]) -> None:
-    """Run `work`; SIGTERM cancels it (an exception raised from a signal handler would escape from
-    whichever task happens to run, and SIGINT may be ignored, as in a background job)."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    loop.add_signal_handler(signal.SIGTERM, task.cancel)
-    try:
-        await work
-    finally:
-        loop.remove_signal_handler(signal.SIGTERM)  # which resets it to SIG_DFL
-        signal.signal(signal.SIGTERM, interrupt)
+def begin(args: argparse.Namespace, url: str, stack: EmbeddedStack | None) -> Figures:
+    figures = Figures(settings_of(args, url))
+    print_header(figures.settings)
+    return figures
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parse_args(argv)
-    stack: EmbeddedStack | None = None
-    failed = True
-    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        if args.url:
-            url = args.url.rstrip("/")
-            key = args.key or os.environ["CONVEYOR_BENCH_KEY"]
-            figures = Figures(settings_of(args, url))
-            print_header(figures.settings)
-        else:
-            stack = EmbeddedStack(args.workers, args.database_url, args.worker_concurrency)
-            url = stack.url
-            figures = Figures(settings_of(args, url))
-            print_header(figures.settings)
-            console.print(
-                f"Starting the stack (`conveyor run`; Kafka on ports {stack.kafka_port}-"
-                f"{stack.kafka_port + 1}, data and log in {stack.root})..."
-            )
-            stack.start()
-            try:
-                figures.startup_s = round(stack.wait_ready(args.startup_timeout), 2)
-            except StackError as exc:
-                console.print(f"[red]Startup failed: {exc}[/red]")
-                console.print(f"Stack log: {stack.log_path}; its last lines:")
-                console.print(tail(stack.log_path), markup=False)
-                return 1
-            console.print(f"Stack ready in {figures.startup_s:.1f} s (GET /readyz answered 200).")
-            key = stack.api_key()
-
-        stack_pid = stack.process.pid if stack is not None and stack.process is not None else None
-        asyncio.run(cancel_on_sigterm(run_benchmark(args, url, key, figures, stack_pid)))
-        figures.load_avg_end = os.getloadavg()[0]
-        console.print(f"Load average (1 min) at the end: {figures.load_avg_end:.2f}")
-        if args.json:
-            args.json.write_text(json.dumps(figures.__dict__, indent=2) + "\n")
-            console.print(f"Figures written to {args.json}")
-        failed = False
-        return 0
-    except (KeyboardInterrupt, asyncio.CancelledError):
-        console.print("[yellow]Interrupted.[/yellow]")
-        return 130
-    finally:
-        if stack is not None:
-            stack.stop()
-            if failed or args.keep_data:
-                console.print(f"Stack data and log kept in {stack.root}")
-            else:
-                stack.remove()
-        signal.signal(signal.SIGTERM, previous_sigterm)
+    return run_main(parse_args(argv), new_stack, begin, run_benchmark)
 
 
 if __name__ == "__main__":
