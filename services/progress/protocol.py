@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -11,6 +12,7 @@ from services.progress.channel import Request, Subscribe, SubscribeAll, Unsubscr
 from services.progress.streams import MAX_SUBSCRIPTIONS, error_message
 
 MAX_JOB_ID_LENGTH = 64
+SEQ = re.compile(r"[0-9]{1,18}")
 JobId = Annotated[str, Field(min_length=1, max_length=MAX_JOB_ID_LENGTH)]
 
 
@@ -82,6 +84,11 @@ def parse_client_message(text: str) -> ClientMessage:
         errors = field_errors(exc.errors(include_url=False, include_input=False))
         fields = ", ".join(error["field"] for error in errors)
         raise BadMessage(error_message("bad_message", f"invalid message: {fields}", errors=errors)) from None
+
+
+def parse_seq(text: str) -> int | None:
+    """A seq given as text (`?after_seq=`, `Last-Event-ID`); None if it is not one."""
+    return int(text) if SEQ.fullmatch(text) else None
 
 
 def requests_for(message: SubscribeMessage | UnsubscribeMessage) -> list[Request]:

@@ -10,14 +10,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import re
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from conveyor.auth import Principal, authenticate, bearer_token
+from conveyor.auth import Principal
 from services.progress.channel import Channel, Reply, Subscribe
 from services.progress.protocol import (
     PONG,
@@ -27,9 +27,10 @@ from services.progress.protocol import (
     SubscribeMessage,
     UnsubscribeMessage,
     parse_client_message,
+    parse_seq,
     requests_for,
 )
-from services.progress.state import ProgressState
+from services.progress.state import ProgressState, presented_token
 from services.progress.streams import (
     CLOSE_BAD_REQUEST,
     CLOSE_FELL_BEHIND,
@@ -47,7 +48,6 @@ log = structlog.get_logger(__name__)
 # How long a client that sent no key in the handshake has to send it as its first message.
 AUTH_TIMEOUT_S = 10.0
 MIN_WATCH_S = 0.1
-AFTER_SEQ = re.compile(r"[0-9]{1,18}")
 FELL_BEHIND = StreamEnd(CLOSE_FELL_BEHIND, "fell behind: reconnect with after_seq")
 DATABASE_DOWN = StreamEnd(CLOSE_TRY_AGAIN_LATER, "database unavailable: reconnect with after_seq")
 
@@ -59,9 +59,11 @@ async def serve_job_events(websocket: WebSocket, state: ProgressState, job_id: s
     principal = await _authenticate(websocket, state)
     if principal is None:
         return
-    after_seq = _after_seq(websocket.query_params.get("after_seq"))
-    if isinstance(after_seq, str):
-        await _send_and_close(websocket, error_message("invalid_after_seq", after_seq), CLOSE_BAD_REQUEST)
+    given = websocket.query_params.get("after_seq")
+    after_seq = parse_seq(given) if given is not None else None
+    if given is not None and after_seq is None:
+        detail = f"after_seq must be a non-negative integer, got {given[:40]!r}"
+        await _send_and_close(websocket, error_message("invalid_after_seq", detail), CLOSE_BAD_REQUEST)
         return
     channel = Channel(state.settings.progress_client_queue)
     stream = _stream(websocket, state, principal, channel, single_job=True)
@@ -120,7 +122,7 @@ async def _run(
     state: ProgressState,
     channel: Channel,
     stream: EventStream,
-    on_message: Any,
+    on_message: Callable[[str], None],
 ) -> None:
     loop = asyncio.get_running_loop()
     last_heard = loop.time()
@@ -192,13 +194,8 @@ def _end_of(done: set[asyncio.Task[Any]]) -> StreamEnd | None:
 async def _authenticate(websocket: WebSocket, state: ProgressState) -> Principal | None:
     """The key from the `Authorization` header, a `token` query parameter, or an `auth` first message.
     A missing or bad key closes the socket with 1008 (policy violation)."""
-    token = bearer_token(websocket.headers.get("authorization")) or websocket.query_params.get("token")
-    if not token:
-        token = await _first_message_token(websocket)
-    principal = None
-    if token:
-        async with state.db.reading() as session:
-            principal = await authenticate(session, state.bootstrap_keys, token)
+    token = presented_token(websocket) or await _first_message_token(websocket)
+    principal = await state.principal(token) if token else None
     if principal is None or "read" not in principal.scopes:
         detail = "send a valid API key with the read scope"
         await _send_and_close(websocket, error_message("unauthorized", detail), CLOSE_POLICY_VIOLATION)
@@ -213,15 +210,6 @@ async def _first_message_token(websocket: WebSocket) -> str | None:
     except (TimeoutError, BadMessage, WebSocketDisconnect, RuntimeError, KeyError):
         return None
     return message.token if isinstance(message, AuthMessage) else None
-
-
-def _after_seq(value: str | None) -> int | str | None:
-    """The `after_seq` query parameter; a string says what is wrong with it."""
-    if value is None:
-        return None
-    if not AFTER_SEQ.fullmatch(value):
-        return f"after_seq must be a non-negative integer, got {value[:40]!r}"
-    return int(value)
 
 
 async def _send_and_close(websocket: WebSocket, message: dict[str, Any], code: int) -> None:

@@ -17,14 +17,14 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from conveyor.auth import Principal, authenticate, bearer_token
+from conveyor.auth import Principal
 from conveyor.eventlog import events_between
 from conveyor.jobstore import get_job
 from conveyor.lifecycle import JobState
-from conveyor.problems import Problem, forbidden, unauthorized
+from conveyor.problems import Problem, forbidden, invalid_field, unauthorized
 from services.progress.channel import Channel, Subscribe
-from services.progress.sockets import AFTER_SEQ
-from services.progress.state import ProgressState
+from services.progress.protocol import parse_seq
+from services.progress.state import ProgressState, presented_token
 from services.progress.streams import EventStream, Outgoing
 
 # A comment line this often keeps proxies from closing a quiet stream.
@@ -38,24 +38,21 @@ SSE_BUFFER = 16
 async def job_events(
     request: Request, job_id: str, after_seq: int | None = None, limit: int = MAX_PAGE
 ) -> Response:
+    # `after_seq` (at least 0) and `limit` (1 to MAX_PAGE) were checked by the route's Query bounds.
     state: ProgressState = request.app.state.progress
     principal = await _principal(request, state)
     streaming = "text/event-stream" in request.headers.get("accept", "")
     last_event_id = request.headers.get("last-event-id")
     if streaming and after_seq is None and last_event_id:
-        if not AFTER_SEQ.fullmatch(last_event_id):
-            raise _invalid("Last-Event-ID", "must be the seq of an event")
-        after_seq = int(last_event_id)
-    if after_seq is not None and after_seq < 0:
-        raise _invalid("after_seq", "must be 0 or more")
-    if not 1 <= limit <= MAX_PAGE:
-        raise _invalid("limit", f"must be between 1 and {MAX_PAGE}")
+        after_seq = parse_seq(last_event_id)
+        if after_seq is None:
+            raise invalid_field("Last-Event-ID", "Last-Event-ID must be the seq of an event")
     async with state.db.reading() as session:
         job = await get_job(session, principal.tenant, job_id)
         if job is None:
             raise Problem(404, "Not found", "no such job", slug="not-found")
         if after_seq is not None and after_seq > job.last_seq:
-            raise _invalid("after_seq", f"is past the job's last seq, {job.last_seq}")
+            raise invalid_field("after_seq", f"after_seq is past the job's last seq, {job.last_seq}")
         finished = JobState(job.status).is_terminal and after_seq == job.last_seq
         if not streaming:
             upto = min(job.last_seq, (after_seq or 0) + limit)
@@ -118,23 +115,10 @@ def _sse(message: Outgoing) -> ServerSentEvent:
 
 
 async def _principal(request: Request, state: ProgressState) -> Principal:
-    token = bearer_token(request.headers.get("authorization")) or request.query_params.get("token")
-    principal = None
-    if token:
-        async with state.db.reading() as session:
-            principal = await authenticate(session, state.bootstrap_keys, token)
+    token = presented_token(request)
+    principal = await state.principal(token) if token else None
     if principal is None:
         raise unauthorized("send a valid API key as `Authorization: Bearer <key>`")
     if "read" not in principal.scopes:
         raise forbidden("read")
     return principal
-
-
-def _invalid(field: str, message: str) -> Problem:
-    return Problem(
-        422,
-        "Invalid request",
-        f"invalid: {field}",
-        slug="invalid-request",
-        errors=[{"field": field, "message": f"{field} {message}"}],
-    )

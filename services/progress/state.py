@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from conveyor.auth import Principal
+from starlette.requests import HTTPConnection
+
+from conveyor.auth import Principal, authenticate, bearer_token
 from conveyor.database import Database
 from conveyor.settings import Settings
 from services.progress.hub import EventHub
@@ -16,3 +18,14 @@ class ProgressState:
     db: Database
     hub: EventHub
     bootstrap_keys: dict[str, Principal]
+
+    async def principal(self, token: str) -> Principal | None:
+        """Who the API key belongs to; None for an unknown or revoked key."""
+        async with self.db.reading() as session:
+            return await authenticate(session, self.bootstrap_keys, token)
+
+
+def presented_token(connection: HTTPConnection) -> str | None:
+    """The API key from the `Authorization` header or, for browsers, which cannot set headers on a
+    WebSocket or an EventSource, a `token` query parameter."""
+    return bearer_token(connection.headers.get("authorization")) or connection.query_params.get("token")

@@ -69,7 +69,9 @@ class Outgoing:
     @classmethod
     def of_event(cls, event: JobEvent, first_seq: int) -> Outgoing:
         if first_seq < event.seq:
-            return cls(event.type, event.seq, json.dumps(event_message(event, first_seq)))
+            # This progress event stands for first_seq..seq: its text is this client's own.
+            message = {**event.model_dump(mode="json"), "coalesced_from": first_seq}
+            return cls(event.type, event.seq, json.dumps(message))
         # The same text for every subscriber: serialized once per event, not once per client.
         return cls(event.type, event.seq, event.as_json())
 
@@ -85,13 +87,6 @@ class StreamEnd:
 
 def error_message(error: str, detail: str, **fields: Any) -> dict[str, Any]:
     return {"type": "error", "error": error, "detail": detail, **fields}
-
-
-def event_message(event: JobEvent, first_seq: int) -> dict[str, Any]:
-    message = event.model_dump(mode="json")
-    if first_seq < event.seq:
-        message["coalesced_from"] = first_seq  # this progress event stands for first_seq..seq
-    return message
 
 
 def snapshot_message(job: Job, events_url: str) -> dict[str, Any]:

@@ -72,7 +72,15 @@ def field_errors(
 def validation_problem(
     exc: ValidationError | list[ErrorDetails], prefix: tuple[str | int, ...] = ()
 ) -> Problem:
-    errors = field_errors(exc.errors() if isinstance(exc, ValidationError) else exc, prefix)
+    return invalid_request(field_errors(exc.errors() if isinstance(exc, ValidationError) else exc, prefix))
+
+
+def invalid_field(field: str, message: str) -> Problem:
+    """A 422 for one field checked by hand rather than by a pydantic model."""
+    return invalid_request([{"field": field, "message": message}])
+
+
+def invalid_request(errors: list[dict[str, str]]) -> Problem:
     fields = ", ".join(error["field"] for error in errors)
     return Problem(422, "Invalid request", f"invalid: {fields}", slug="invalid-request", errors=errors)
 
