@@ -7,8 +7,8 @@ def test_terminal_states_have_no_way_out() -> None:
         assert state.is_terminal
 
 
-def test_every_state_is_reachable_from_queued() -> None:
-    reached, frontier = {JobState.QUEUED}, [JobState.QUEUED]
+def test_every_state_is_reachable_from_scheduled() -> None:
+    reached, frontier = {JobState.SCHEDULED}, [JobState.SCHEDULED]
     while frontier:
         for target in LEGAL_TRANSITIONS[frontier.pop()]:
             if target not in reached:
@@ -21,3 +21,9 @@ def test_running_is_only_entered_from_queued() -> None:
     assert sources_of(JobState.RUNNING) == {JobState.QUEUED}
     assert not can_transition(JobState.SUCCEEDED, JobState.RUNNING)
     assert can_transition(JobState.RUNNING, JobState.QUEUED)  # a retry
+
+
+def test_a_scheduled_job_is_queued_or_canceled_and_never_scheduled_again() -> None:
+    assert LEGAL_TRANSITIONS[JobState.SCHEDULED] == {JobState.QUEUED, JobState.CANCELED}
+    assert sources_of(JobState.SCHEDULED) == frozenset()
+    assert sources_of(JobState.CANCELED) == {JobState.SCHEDULED, JobState.QUEUED, JobState.RUNNING}

@@ -5,19 +5,22 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi.responses import Response
 
 from conveyor.auth import parse_bootstrap_keys
 from conveyor.database import Database
+from conveyor.eventlog import prune_event_history
 from conveyor.health import health_router
+from conveyor.models import utcnow
 from conveyor.problems import install_problem_handlers
+from conveyor.pruning import Pruner
 from conveyor.settings import Settings
 from conveyor.topics_setup import TopicKeeper
 from services.progress import sockets, sse
 from services.progress.hub import EventHub
-from services.progress.retention import HistoryPruner
 from services.progress.state import ProgressState
 
 
@@ -31,7 +34,8 @@ def create_app(settings: Settings) -> FastAPI:
         await topics.ready.wait()
         hub = EventHub(settings.kafka_bootstrap, settings.topic_prefix)
         await hub.start()
-        pruner = HistoryPruner(db, settings.event_history_s)
+        keep = timedelta(seconds=settings.event_history_s)
+        pruner = Pruner(db, "event-history", lambda session: prune_event_history(session, utcnow() - keep))
         await pruner.start()
         app.state.progress = ProgressState(settings, db, hub, parse_bootstrap_keys(settings.api_keys))
         try:

@@ -43,6 +43,8 @@ class JobType:
     payload_model: type[BaseModel] | None = None
     max_attempts: int | None = None
     description: str = ""
+    # Each attempt is stopped after this long unless the submission sets its own `timeout_s`.
+    timeout_s: float | None = None
 
     @property
     def is_async(self) -> bool:
@@ -89,11 +91,12 @@ def job(
     *,
     payload: type[BaseModel] | None = None,
     max_attempts: int | None = None,
+    timeout_s: float | None = None,
     description: str = "",
 ) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
         doc = description or inspect.getdoc(handler) or ""
-        registry.register(JobType(name, handler, payload, max_attempts, doc.split("\n\n")[0]))
+        registry.register(JobType(name, handler, payload, max_attempts, doc.split("\n\n")[0], timeout_s))
         return handler
 
     return register

@@ -10,16 +10,18 @@ and stages it in the outbox.
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.eventlog import record_event
 from conveyor.events import event_for, job_message_for
-from conveyor.lifecycle import TERMINAL_STATES, JobState, sources_of
-from conveyor.models import Job, OutboxMessage, utcnow
+from conveyor.lifecycle import TERMINAL_STATES, WAITING_STATES, JobState, sources_of
+from conveyor.models import Job, JobLabel, OutboxMessage, utcnow
 from conveyor.outbox import stage_message
 from conveyor.topics import events_topic, job_key, job_topic
 
@@ -39,23 +41,31 @@ async def insert_job(
     payload: Any,
     priority: int,
     max_attempts: int,
+    labels: dict[str, str] | None = None,
+    run_at: datetime | None = None,
+    timeout_s: float | None = None,
     job_id: str | None = None,
 ) -> Job:
+    """A new job: `scheduled` if `run_at` is still ahead, otherwise `queued`."""
     now = utcnow()
     job = Job(
         id=job_id or new_job_id(),
         tenant=tenant,
         type=type,
-        status=JobState.QUEUED,
+        status=JobState.SCHEDULED if run_at is not None and run_at > now else JobState.QUEUED,
         priority=priority,
         payload=payload,
         attempts=0,
         max_attempts=max_attempts,
-        last_seq=1,  # event 1 is the job's `queued` state
+        labels=labels or {},
+        run_at=run_at,
+        timeout_s=timeout_s,
+        last_seq=1,  # event 1 is the job's first state
         created_at=now,
         updated_at=now,
     )
     session.add(job)
+    session.add_all(JobLabel(job_id=job.id, key=key, value=value) for key, value in (labels or {}).items())
     await session.flush()
     return job
 
@@ -73,6 +83,57 @@ async def active_jobs(session: AsyncSession, tenant: str, limit: int) -> list[Jo
         .order_by(Job.created_at.desc())
         .limit(limit)
     )
+    return list((await session.scalars(query)).all())
+
+
+async def count_waiting_jobs(session: AsyncSession, tenant: str) -> int:
+    """How many of the tenant's jobs wait to run (scheduled or queued): what its queue limit counts."""
+    query = select(func.count()).where(Job.tenant == tenant, Job.status.in_(sorted(WAITING_STATES)))
+    return int(await session.scalar(query) or 0)
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What `list_jobs` selects; an empty collection or None means "any"."""
+
+    statuses: Collection[JobState] = ()
+    types: Collection[str] = ()
+    priorities: Collection[int] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+
+
+async def list_jobs(
+    session: AsyncSession,
+    tenant: str,
+    where: JobFilter,
+    limit: int,
+    before: tuple[datetime, str] | None = None,
+) -> list[Job]:
+    """The tenant's jobs matching `where`, newest first (ties broken by id), starting after the
+    `(created_at, id)` position `before` of a previous page: keyset pagination, stable under inserts."""
+    query = select(Job).where(Job.tenant == tenant)
+    if where.statuses:
+        query = query.where(Job.status.in_(sorted(where.statuses)))
+    if where.types:
+        query = query.where(Job.type.in_(sorted(where.types)))
+    if where.priorities:
+        query = query.where(Job.priority.in_(sorted(where.priorities)))
+    for key, value in sorted(where.labels.items()):
+        query = query.where(
+            exists().where(JobLabel.job_id == Job.id, JobLabel.key == key, JobLabel.value == value)
+        )
+    if where.created_after is not None:
+        query = query.where(Job.created_at >= where.created_after)
+    if where.created_before is not None:
+        query = query.where(Job.created_at < where.created_before)
+    if before is not None:
+        created_at, job_id = before
+        query = query.where(
+            or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.id < job_id))
+        )
+    query = query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit)
     return list((await session.scalars(query)).all())
 
 
@@ -111,6 +172,36 @@ async def claim_job(session: AsyncSession, job_id: str, worker_id: str, lease_s:
         progress_percent=None,
         progress_message=None,
     )
+
+
+async def cancel_job(session: AsyncSession, job_id: str) -> Job | None:
+    """Cancel a job that has not finished: a scheduled or queued one will never run; a running one's
+    worker sees the change and stops its handler. None if the job is already terminal."""
+    return await transition(session, job_id, JobState.CANCELED, finished_at=utcnow(), lease_expires_at=None)
+
+
+async def canceled_jobs(session: AsyncSession, job_ids: Collection[str]) -> set[str]:
+    """Of these jobs, the ones canceled: a worker asks this of the jobs it runs, often."""
+    if not job_ids:
+        return set()
+    query = select(Job.id).where(Job.id.in_(list(job_ids)), Job.status == JobState.CANCELED)
+    return set((await session.scalars(query)).all())
+
+
+async def due_jobs(session: AsyncSession, limit: int) -> list[Job]:
+    """Scheduled jobs whose `run_at` has come, the earliest first."""
+    query = (
+        select(Job)
+        .where(Job.status == JobState.SCHEDULED, Job.run_at <= utcnow())
+        .order_by(Job.run_at)
+        .limit(limit)
+    )
+    return list((await session.scalars(query)).all())
+
+
+async def queue_due_job(session: AsyncSession, job_id: str) -> Job | None:
+    """scheduled -> queued; None if someone else queued or canceled it first."""
+    return await transition(session, job_id, JobState.QUEUED)
 
 
 async def renew_leases(

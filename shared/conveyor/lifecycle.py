@@ -11,6 +11,8 @@ import enum
 
 
 class JobState(enum.StrEnum):
+    # Waiting for its `run_at`; the scheduler queues it then. It is not on Kafka yet.
+    SCHEDULED = "scheduled"
     QUEUED = "queued"
     RUNNING = "running"
     SUCCEEDED = "succeeded"
@@ -22,9 +24,12 @@ class JobState(enum.StrEnum):
         return self in TERMINAL_STATES
 
 
+# States a job waits in before it runs: what a tenant's queued-jobs limit counts.
+WAITING_STATES: frozenset[JobState] = frozenset({JobState.SCHEDULED, JobState.QUEUED})
 TERMINAL_STATES: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELED})
 
 LEGAL_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.SCHEDULED: frozenset({JobState.QUEUED, JobState.CANCELED}),
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELED}),
     # RUNNING -> QUEUED is a retry: a new attempt, with a higher attempt number.
     JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.QUEUED, JobState.CANCELED}),

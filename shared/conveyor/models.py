@@ -50,6 +50,12 @@ class Job(Base):
     progress_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer)
+    # The caller's own small string map; `job_labels` holds a copy per pair so lists can filter on them.
+    labels: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    # A scheduled job waits until then; None for a job submitted to run at once.
+    run_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Each attempt is stopped after this long and counts as failed; None means the type's or no limit.
+    timeout_s: Mapped[float | None] = mapped_column(nullable=True)
     # The sequence number of the job's latest event: events are numbered 1, 2, 3... per job.
     last_seq: Mapped[int] = mapped_column(Integer, default=0)
     worker_id: Mapped[str | None] = mapped_column(String(200), nullable=True)
@@ -63,7 +69,39 @@ class Job(Base):
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant", "created_at"),
         Index("ix_jobs_status_lease", "status", "lease_expires_at"),
+        Index("ix_jobs_tenant_status", "tenant", "status"),
+        Index("ix_jobs_status_run_at", "status", "run_at"),
     )
+
+
+class JobLabel(Base):
+    """One `key=value` label of a job, so `GET /v1/jobs?label=k=v` is an indexed lookup on any database."""
+
+    __tablename__ = "job_labels"
+
+    job_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    key: Mapped[str] = mapped_column(String(63), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+    __table_args__ = (Index("ix_job_labels_key_value", "key", "value"),)
+
+
+class IdempotencyKey(Base):
+    """A tenant's `Idempotency-Key`, the fingerprint of the request that first used it, and its job.
+
+    The primary key makes the database itself refuse a second job for the same key, also when two
+    identical requests race; the loser reads the winner's row and answers with the same job.
+    """
+
+    __tablename__ = "idempotency_keys"
+
+    tenant: Mapped[str] = mapped_column(String(128), primary_key=True)
+    key: Mapped[str] = mapped_column(String(255), primary_key=True)
+    # SHA-256 of the request body in canonical JSON: the same key with another body is refused.
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    job_id: Mapped[str] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
 
 
 class JobEventRecord(Base):

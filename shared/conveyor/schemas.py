@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from conveyor.events import Progress
 from conveyor.lifecycle import JobState
@@ -13,12 +13,45 @@ from conveyor.models import Job
 from conveyor.topics import DEFAULT_PRIORITY, HIGHEST_PRIORITY, LOWEST_PRIORITY
 
 MAX_ATTEMPTS_LIMIT = 100
+# How far ahead a job may be scheduled, and the longest per-attempt timeout a client may ask for.
+MAX_SCHEDULE_AHEAD_S = 366 * 24 * 3600.0
+MAX_TIMEOUT_S = 7 * 24 * 3600.0
+MAX_LABELS = 16
+
+LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
+LabelValue = Annotated[str, StringConstraints(max_length=255)]
+
+SUBMISSION_EXAMPLES: dict[str, dict[str, Any]] = {
+    "simple": {
+        "summary": "Run a job now",
+        "value": {"type": "demo.sleep", "payload": {"seconds": 2, "steps": 4}},
+    },
+    "urgent": {
+        "summary": "Most urgent, with a timeout and labels",
+        "value": {
+            "type": "demo.echo",
+            "payload": {"invoice": 1042},
+            "priority": 1,
+            "timeout_s": 60,
+            "max_attempts": 5,
+            "labels": {"customer": "acme", "batch": "2026-11"},
+        },
+    },
+    "delayed": {
+        "summary": "Run in ten minutes",
+        "value": {"type": "demo.noop", "delay_s": 600},
+    },
+    "scheduled": {
+        "summary": "Run at a given time",
+        "value": {"type": "demo.noop", "run_at": "2030-01-01T09:00:00Z"},
+    },
+}
 
 
 class JobSubmission(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"type": "demo.sleep", "payload": {"seconds": 2, "steps": 4}}]},
+        json_schema_extra={"examples": [example["value"] for example in SUBMISSION_EXAMPLES.values()]},
     )
 
     type: str = Field(min_length=1, max_length=200, description="A registered job type.")
@@ -29,12 +62,33 @@ class JobSubmission(BaseModel):
         le=LOWEST_PRIORITY,
         description="1 is the most urgent, 5 the least.",
     )
-    max_attempts: int | None = Field(default=None, ge=1, le=MAX_ATTEMPTS_LIMIT)
+    max_attempts: int | None = Field(
+        default=None, ge=1, le=MAX_ATTEMPTS_LIMIT, description="Attempts before the job fails for good."
+    )
+    run_at: AwareDatetime | None = Field(
+        default=None, description="Run no earlier than this time (with a UTC offset). Not with `delay_s`."
+    )
+    delay_s: float | None = Field(
+        default=None, ge=0, le=MAX_SCHEDULE_AHEAD_S, description="Run this many seconds from now."
+    )
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=MAX_TIMEOUT_S,
+        description="Stop an attempt that runs longer; it counts as failed (`timed_out`).",
+    )
+    labels: dict[LabelKey, LabelValue] = Field(
+        default_factory=dict,
+        max_length=MAX_LABELS,
+        description="Your own small string map; `GET /v1/jobs?label=key=value` filters on it.",
+    )
 
 
 class JobLinks(BaseModel):
     self: str
-    events: str
+    events: str = Field(description="The job's live events (WebSocket; SSE over HTTP).")
+    cancel: str | None = Field(default=None, description="POST here to cancel; absent once finished.")
+    result: str | None = Field(default=None, description="The result; present once succeeded.")
 
 
 class JobResource(BaseModel):
@@ -44,6 +98,9 @@ class JobResource(BaseModel):
     priority: int
     attempts: int
     max_attempts: int
+    labels: dict[str, str]
+    run_at: datetime | None
+    timeout_s: float | None
     created_at: datetime
     updated_at: datetime
     started_at: datetime | None
@@ -52,6 +109,14 @@ class JobResource(BaseModel):
     result: Any | None = None
     error: dict[str, Any] | None = None
     links: JobLinks
+
+
+class JobPage(BaseModel):
+    """One page of `GET /v1/jobs`, newest first; `next_cursor` fetches the next, None on the last."""
+
+    items: list[JobResource]
+    next_cursor: str | None
+    next: str | None = Field(description="The next page's URL (path and query), None on the last page.")
 
 
 class JobTypeInfo(BaseModel):
@@ -64,6 +129,17 @@ def job_path(job_id: str) -> str:
     return f"/v1/jobs/{job_id}"
 
 
+def job_links(job: Job, events_base_url: str) -> JobLinks:
+    status = JobState(job.status)
+    path = job_path(job.id)
+    return JobLinks(
+        self=path,
+        events=f"{events_base_url}{path}/events",
+        cancel=None if status.is_terminal else f"{path}/cancel",
+        result=f"{path}/result" if status is JobState.SUCCEEDED else None,
+    )
+
+
 def job_resource(job: Job, events_base_url: str) -> JobResource:
     status = JobState(job.status)
     return JobResource(
@@ -73,6 +149,9 @@ def job_resource(job: Job, events_base_url: str) -> JobResource:
         priority=job.priority,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
+        labels=job.labels or {},
+        run_at=job.run_at,
+        timeout_s=job.timeout_s,
         created_at=job.created_at,
         updated_at=job.updated_at,
         started_at=job.started_at,
@@ -80,5 +159,5 @@ def job_resource(job: Job, events_base_url: str) -> JobResource:
         progress=Progress(percent=job.progress_percent, message=job.progress_message),
         result=job.result if status is JobState.SUCCEEDED else None,
         error=job.error,
-        links=JobLinks(self=job_path(job.id), events=f"{events_base_url}{job_path(job.id)}/events"),
+        links=job_links(job, events_base_url),
     )

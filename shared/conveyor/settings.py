@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import BaseModel, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_GATEWAY_PORT = 8000
@@ -27,6 +27,22 @@ DEFAULT_PROGRESS_IDLE_TIMEOUT_S = 60.0
 DEFAULT_EVENT_HISTORY_S = 7 * 24 * 3600.0
 # What the gateway suggests a client waits before its first poll of a fresh job.
 DEFAULT_RETRY_AFTER_S = 1
+# How long an `Idempotency-Key` is remembered (the window the API publishes).
+DEFAULT_IDEMPOTENCY_WINDOW_S = 24 * 3600.0
+# Per-tenant limits: jobs waiting to run (scheduled or queued), and submissions per second with a burst.
+DEFAULT_TENANT_MAX_QUEUED = 10_000
+DEFAULT_TENANT_SUBMIT_RATE = 50.0
+DEFAULT_TENANT_SUBMIT_BURST = 100
+# How long a canceled job's handler may take to notice `ctx.cancelled` before its task is cancelled.
+DEFAULT_CANCEL_GRACE_S = 10.0
+
+
+class TenantLimits(BaseModel):
+    """One tenant's limits; `CONVEYOR_TENANT_LIMITS` overrides the defaults per tenant."""
+
+    max_queued: int = Field(default=DEFAULT_TENANT_MAX_QUEUED, ge=1)
+    submit_rate: float = Field(default=DEFAULT_TENANT_SUBMIT_RATE, gt=0)
+    submit_burst: int = Field(default=DEFAULT_TENANT_SUBMIT_BURST, ge=1)
 
 
 class Settings(BaseSettings):
@@ -59,12 +75,35 @@ class Settings(BaseSettings):
     # Auth: bootstrap keys, `tenant:key,tenant:key`. Keys stored in the database work as well.
     api_keys: str = ""
 
+    # Gateway.
+    idempotency_window_s: float = Field(
+        default=DEFAULT_IDEMPOTENCY_WINDOW_S, gt=0, description="How long an Idempotency-Key is kept."
+    )
+    tenant_max_queued: int = Field(
+        default=DEFAULT_TENANT_MAX_QUEUED, ge=1, description="Jobs a tenant may have waiting to run."
+    )
+    tenant_submit_rate: float = Field(
+        default=DEFAULT_TENANT_SUBMIT_RATE, gt=0, description="Submissions per second per tenant."
+    )
+    tenant_submit_burst: int = Field(
+        default=DEFAULT_TENANT_SUBMIT_BURST, ge=1, description="Submissions a tenant may make at once."
+    )
+    tenant_limits: dict[str, TenantLimits] = Field(
+        default_factory=dict,
+        description='Per-tenant overrides as JSON: {"acme": {"max_queued": 100, "submit_rate": 5}}.',
+    )
+
     # Workers.
     handlers: str = Field(default="conveyor.demo", description="Comma-separated handler modules to import.")
     worker_concurrency: int = Field(default=DEFAULT_WORKER_CONCURRENCY, ge=1)
     default_max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
     lease_s: float = Field(
         default=DEFAULT_LEASE_S, gt=0, description="How long a running job survives its worker's silence."
+    )
+    cancel_grace_s: float = Field(
+        default=DEFAULT_CANCEL_GRACE_S,
+        ge=0,
+        description="How long a canceled job's handler may ignore ctx.cancelled before it is interrupted.",
     )
     drain_grace_s: float = Field(
         default=DEFAULT_DRAIN_GRACE_S, ge=0, description="How long SIGTERM lets in-flight jobs finish."
@@ -111,6 +150,18 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite+aiosqlite:///{(self.data_dir / 'conveyor.db').resolve()}"
+
+    def limits_for(self, tenant: str) -> TenantLimits:
+        """The tenant's limits: its overrides, and the defaults for what it does not override."""
+        limits = TenantLimits(
+            max_queued=self.tenant_max_queued,
+            submit_rate=self.tenant_submit_rate,
+            submit_burst=self.tenant_submit_burst,
+        )
+        override = self.tenant_limits.get(tenant)
+        if override is None:
+            return limits
+        return limits.model_copy(update=override.model_dump(exclude_unset=True))
 
     @property
     def handler_modules(self) -> list[str]:
