@@ -4,28 +4,37 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import sys
 
 import httpx
+
+from conveyor.auth import hash_key
 
 from harness import KEY_B, Stack, eventually, free_port, wait_for_status
 
 PROBLEM_JSON = "application/problem+json"
 
 
-async def run_cli(stack: Stack, *args: str) -> str:
+async def cli(stack: Stack, *args: str, env: dict[str, str] | None = None) -> tuple[int | None, str, str]:
+    """Run `conveyor ARGS`: (exit code, stdout, stderr)."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "conveyor",
         *args,
-        env={**os.environ, **stack.env},
+        env={**os.environ, **stack.env, **(env or {})},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     stdout, stderr = await process.communicate()
-    assert process.returncode == 0, stderr.decode()
-    return stdout.decode().strip()
+    return process.returncode, stdout.decode().strip(), stderr.decode().strip()
+
+
+async def run_cli(stack: Stack, *args: str) -> str:
+    returncode, stdout, stderr = await cli(stack, *args)
+    assert returncode == 0, stderr
+    return stdout
 
 
 def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
@@ -160,3 +169,42 @@ async def test_keys_created_with_the_cli_authenticate_with_their_scopes(module_s
         assert (await wait_for_status(client, job["id"], {"succeeded"}, 60))["result"] == 1
         assert (await read_only.get(f"/v1/jobs/{job['id']}")).status_code == 200
         assert_problem(await read_only.post("/v1/jobs", json={"type": "demo.echo"}), 403)
+
+
+async def test_keys_revoked_with_the_cli_get_401_at_once(module_stack: Stack) -> None:
+    tenant = "tenant-revoked"
+    created = [await cli(module_stack, "keys", "create", "--tenant", tenant) for _ in range(2)]
+    assert [code for code, _, _ in created] == [0, 0]
+    (_, by_id, id_line), (_, by_value, other_id_line) = created
+    assert by_id.startswith("cvk_") and "\n" not in by_id  # the secret alone on stdout, as scripts expect
+    key_id = re.fullmatch(r"key id (\d+)", id_line)
+    other_id = re.fullmatch(r"key id (\d+)", other_id_line)
+    assert key_id and other_id, (id_line, other_id_line)
+
+    async with module_stack.client(by_id) as client, module_stack.client(by_value) as other:
+        assert (await client.get("/v1/job-types")).status_code == 200
+        assert (await other.get("/v1/job-types")).status_code == 200
+
+        code, _, said = await cli(module_stack, "keys", "revoke", key_id[1])
+        assert code == 0 and f"revoked key id {key_id[1]}" in said, said
+        assert_problem(await client.get("/v1/job-types"), 401)  # no cache: refused on the next request
+        assert (await other.get("/v1/job-types")).status_code == 200
+
+        code, _, said = await cli(module_stack, "keys", "revoke", "--key", by_value)
+        assert code == 0 and f"revoked key id {other_id[1]}" in said, said
+        assert_problem(await other.get("/v1/job-types"), 401)
+
+    code, _, said = await cli(module_stack, "keys", "revoke", key_id[1])
+    assert code == 0 and "already revoked" in said, said
+    for unknown in (["999999"], ["--key", "cvk_never-issued"], []):
+        code, _, said = await cli(module_stack, "keys", "revoke", *unknown)
+        assert code == 2 and said, unknown
+
+    code, table, said = await cli(module_stack, "keys", "list", "--tenant", tenant, env={"COLUMNS": "200"})
+    assert code == 0, said
+    assert by_id not in table and by_value not in table and hash_key(by_id) not in table
+    moment = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"
+    for match in (key_id, other_id):
+        assert re.search(rf"^\s*{match[1]}\s+{tenant}\s.*{moment}\s+{moment}\s*$", table, re.M), table
+    code, table, _ = await cli(module_stack, "keys", "list", "--tenant", "tenant-with-no-keys")
+    assert code == 0 and table == ""

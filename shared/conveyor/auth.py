@@ -66,19 +66,72 @@ async def authenticate(
     return Principal(row.tenant, frozenset(row.scopes.split(",")))
 
 
-async def create_api_key(session: AsyncSession, tenant: str, scopes: frozenset[str], name: str = "") -> str:
+@dataclass(frozen=True)
+class NewApiKey:
+    """A key just created: `secret` is shown once, `id` names it later (to list or revoke it)."""
+
+    id: int
+    secret: str
+
+
+class UnknownApiKey(LookupError):
+    """No key in the database has this id or this secret."""
+
+
+@dataclass(frozen=True)
+class Revocation:
+    key: ApiKey
+    already_revoked: bool
+
+
+async def create_api_key(
+    session: AsyncSession, tenant: str, scopes: frozenset[str], name: str = ""
+) -> NewApiKey:
     unknown = scopes - ALL_SCOPES
     if unknown:
         raise ValueError(f"unknown scopes: {', '.join(sorted(unknown))}")
-    key = generate_key()
-    session.add(
-        ApiKey(
-            tenant=tenant,
-            name=name,
-            key_hash=hash_key(key),
-            scopes=",".join(sorted(scopes)),
-            created_at=utcnow(),
-        )
+    secret = generate_key()
+    row = ApiKey(
+        tenant=tenant,
+        name=name,
+        key_hash=hash_key(secret),
+        scopes=",".join(sorted(scopes)),
+        created_at=utcnow(),
     )
+    session.add(row)
     await session.flush()
-    return key
+    return NewApiKey(row.id, secret)
+
+
+async def revoke_api_key(
+    session: AsyncSession, *, key_id: int | None = None, secret: str | None = None
+) -> Revocation:
+    """Revoke the key with this id or this secret (exactly one of them); revoking twice keeps the first time.
+
+    `authenticate` reads the database on every request, so the key is refused from the next request on.
+    Keys from CONVEYOR_API_KEYS are not in the database: they are revoked by removing them from the setting.
+    """
+    if key_id is not None and secret is None:
+        query = select(ApiKey).where(ApiKey.id == key_id)
+        what = f"id {key_id}"
+    elif secret is not None and key_id is None:
+        query = select(ApiKey).where(ApiKey.key_hash == hash_key(secret))
+        what = "this secret"
+    else:
+        raise ValueError("name the key by its id or by its secret (exactly one)")
+    row = await session.scalar(query.with_for_update())
+    if row is None:
+        raise UnknownApiKey(f"no API key with {what}")
+    if row.revoked_at is not None:
+        return Revocation(row, already_revoked=True)
+    row.revoked_at = utcnow()
+    await session.flush()
+    return Revocation(row, already_revoked=False)
+
+
+async def list_api_keys(session: AsyncSession, tenant: str | None = None) -> list[ApiKey]:
+    """The stored keys, oldest first, revoked ones included (with their `revoked_at`)."""
+    query = select(ApiKey).order_by(ApiKey.id)
+    if tenant is not None:
+        query = query.where(ApiKey.tenant == tenant)
+    return list(await session.scalars(query))

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from conveyor.logs import configure_logging
 from conveyor.settings import Settings, load_settings
@@ -150,10 +152,10 @@ def keys_create(
     name: Annotated[str, typer.Option(help="A label for the key")] = "",
 ) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
-    from conveyor.auth import create_api_key
+    from conveyor.auth import NewApiKey, create_api_key
     from conveyor.database import Database
 
-    async def create(url: str) -> str:
+    async def create(url: str) -> NewApiKey:
         db = Database(url)
         try:
             await db.migrate()
@@ -170,4 +172,86 @@ def keys_create(
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
-    print(key)
+    print(key.secret)  # alone on stdout: scripts read it
+    console.print(f"key id {key.id}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[int | None, typer.Argument(help="The key's id (see `conveyor keys list`)")] = None,
+    key: Annotated[
+        str | None, typer.Option("--key", help="The key itself, instead of its id (e.g. a leaked key)")
+    ] = None,
+) -> None:
+    """Revoke an API key: it is refused (401) from the next request on. Revoking it again changes nothing."""
+    from conveyor.auth import Revocation, UnknownApiKey, revoke_api_key
+    from conveyor.database import Database
+
+    if (key_id is None) == (key is None):
+        console.print("[red]name the key by its id or by --key (exactly one)[/red]")
+        raise typer.Exit(2)
+
+    async def revoke(url: str) -> Revocation:
+        db = Database(url)
+        try:
+            await db.migrate()
+            async with db.session() as session:
+                return await revoke_api_key(session, key_id=key_id, secret=key)
+        finally:
+            await db.close()
+
+    settings = _settings()
+    try:
+        revocation = asyncio.run(revoke(settings.resolved_database_url))
+    except UnknownApiKey as exc:
+        hint = " (keys from CONVEYOR_API_KEYS are revoked by removing them there)" if key else ""
+        console.print(f"[red]{exc}[/red]{hint}")
+        raise typer.Exit(2) from None
+    row = revocation.key
+    what = f"key id {row.id} (tenant {escape(row.tenant)})"
+    if revocation.already_revoked:
+        console.print(f"{what} was already revoked at {_when(row.revoked_at)} UTC")
+    else:
+        console.print(f"revoked {what} at {_when(row.revoked_at)} UTC")
+
+
+@keys_app.command("list")
+def keys_list(
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's keys")] = None,
+) -> None:
+    """List the stored API keys, revoked ones included; never their secrets."""
+    from rich import box
+    from rich.table import Table
+    from rich.text import Text
+
+    from conveyor.auth import list_api_keys
+    from conveyor.database import Database
+    from conveyor.models import ApiKey
+
+    async def fetch(url: str) -> list[ApiKey]:
+        db = Database(url)
+        try:
+            await db.migrate()
+            async with db.reading() as session:
+                return await list_api_keys(session, tenant)
+        finally:
+            await db.close()
+
+    settings = _settings()
+    rows = asyncio.run(fetch(settings.resolved_database_url))
+    if not rows:
+        console.print("no API keys" + (f" for tenant {escape(tenant)}" if tenant else ""))
+        return
+    table = Table(box=box.SIMPLE_HEAD, caption="times in UTC")
+    for header in ("id", "tenant", "name", "scopes", "created_at", "revoked_at"):
+        # Fold rather than cut: a narrow terminal (or a pipe, 80 columns) must not hide a tenant or a scope.
+        table.add_column(header, overflow="fold")
+    for row in rows:
+        cells = (row.tenant, row.name, row.scopes.replace(",", ", "))
+        # Text, not markup: a tenant or a name with [brackets] is shown as it is.
+        table.add_row(str(row.id), *map(Text, cells), _when(row.created_at), _when(row.revoked_at))
+    Console().print(table)
+
+
+def _when(moment: datetime | None) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment else ""
