@@ -11,8 +11,10 @@ from conveyor.auth import parse_bootstrap_keys
 from conveyor.database import Database
 from conveyor.handlers import load_handler_modules
 from conveyor.health import health_router
+from conveyor.idempotency import prune_keys
 from conveyor.outbox import OutboxRelay
 from conveyor.problems import install_problem_handlers
+from conveyor.pruning import Pruner
 from conveyor.settings import Settings
 from conveyor.topics_setup import TopicKeeper
 from services.gateway import jobs
@@ -29,6 +31,8 @@ def create_app(settings: Settings) -> FastAPI:
         topics = TopicKeeper(settings)
         await topics.start()
         await relay.start()
+        key_pruner = Pruner(db, "idempotency-keys", prune_keys)
+        await key_pruner.start()
         app.state.gateway = GatewayState(
             settings=settings,
             db=db,
@@ -39,6 +43,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
+            await key_pruner.stop()
             await relay.stop()
             await topics.stop()
             await db.close()

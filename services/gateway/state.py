@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -11,6 +11,7 @@ from conveyor.database import Database
 from conveyor.handlers import Registry
 from conveyor.outbox import OutboxRelay
 from conveyor.settings import Settings
+from services.gateway.limits import SubmissionLimiter
 
 
 @dataclass
@@ -20,6 +21,7 @@ class GatewayState:
     registry: Registry
     relay: OutboxRelay
     bootstrap_keys: dict[str, Principal]
+    limiter: SubmissionLimiter = field(default_factory=SubmissionLimiter)
 
 
 def gateway_state(request: Request) -> GatewayState:

@@ -1,126 +1,42 @@
-"""The job resources: submission (202 + Location), the status monitor, and the job types."""
+"""Reading a submission: the body (JSON, within the size limit), the request model, the job type, the
+payload against the type's model, and the schedule. Each step raises a problem naming the field."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
+from fastapi import Request
 from pydantic import ValidationError
 
-from conveyor.auth import Principal
-from conveyor.handlers import JobType, UnknownJobType
-from conveyor.jobstore import announce, enqueue, get_job, insert_job
-from conveyor.lifecycle import JobState
-from conveyor.problems import PROBLEM_JSON, Problem, validation_problem
-from conveyor.schemas import JobResource, JobSubmission, JobTypeInfo, job_path, job_resource
-from conveyor.settings import DEFAULT_RETRY_AFTER_S
-from services.gateway.security import require_principal, require_scope
-from services.gateway.state import GatewayState, gateway_state
+from conveyor.handlers import JobType, Registry, UnknownJobType
+from conveyor.models import utcnow
+from conveyor.problems import Problem, invalid_field, validation_problem
+from conveyor.schemas import MAX_SCHEDULE_AHEAD_S, JobSubmission
 
 MAX_BODY_BYTES = 1024 * 1024
 JSON_TYPES = ("application/json",)
 
-router = APIRouter(prefix="/v1")
 
-PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"description": description, "content": {PROBLEM_JSON: {}}}
-    for code, description in [
-        (401, "Missing or unknown API key"),
-        (403, "The API key lacks the scope"),
-        (422, "Invalid request: the `errors` member names each field at fault"),
-        (503, "A dependency is down; retry after `Retry-After` seconds"),
-    ]
-}
+@dataclass(frozen=True)
+class Submission:
+    """A submission that passed every check: what the gateway records."""
+
+    request: JobSubmission
+    job_type: JobType
+    payload: Any
+    run_at: datetime | None
 
 
-@router.post(
-    "/jobs",
-    status_code=202,
-    response_model=JobResource,
-    responses={
-        **PROBLEM_RESPONSES,
-        400: {"description": "Malformed JSON", "content": {PROBLEM_JSON: {}}},
-        415: {"description": "Not JSON", "content": {PROBLEM_JSON: {}}},
-    },
-    openapi_extra={
-        "requestBody": {
-            "required": True,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/JobSubmission"}}},
-        }
-    },
-)
-async def submit_job(
-    request: Request,
-    principal: Principal = Depends(require_principal),
-    state: GatewayState = Depends(gateway_state),
-) -> JSONResponse:
-    """Accept a job: answers 202 once the job is committed, with `Location` to poll."""
-    require_scope(principal, "submit")
-    submission = parse_submission(await read_json_body(request))
-    job_type = find_job_type(state, submission.type)
+async def read_submission(request: Request, registry: Registry) -> tuple[Any, Submission]:
+    """The raw JSON body (for the idempotency fingerprint) and the checked submission."""
+    body = await read_json_body(request)
+    submission = parse_submission(body)
+    job_type = find_job_type(registry, submission.type)
     payload = validate_payload(job_type, submission.payload)
-    async with state.db.session() as session:
-        job = await insert_job(
-            session,
-            tenant=principal.tenant,
-            type=submission.type,
-            payload=payload,
-            priority=submission.priority,
-            max_attempts=submission.max_attempts
-            or job_type.max_attempts
-            or state.settings.default_max_attempts,
-        )
-        # Staged in the same transaction as the job: once committed, the relay will publish them
-        # even if this process dies right after answering.
-        rows = [
-            announce(session, state.settings.topic_prefix, job, "state"),
-            enqueue(session, state.settings.topic_prefix, job),
-        ]
-    state.relay.notify(rows)
-    resource = job_resource(job, state.settings.progress_url)
-    return JSONResponse(
-        resource.model_dump(mode="json"),
-        status_code=202,
-        headers={"Location": job_path(job.id), "Retry-After": str(DEFAULT_RETRY_AFTER_S)},
-    )
-
-
-@router.get(
-    "/jobs/{job_id}",
-    response_model=JobResource,
-    responses={
-        **PROBLEM_RESPONSES,
-        404: {"description": "No such job for this tenant", "content": {PROBLEM_JSON: {}}},
-    },
-)
-async def read_job(
-    job_id: str,
-    principal: Principal = Depends(require_principal),
-    state: GatewayState = Depends(gateway_state),
-) -> JSONResponse:
-    """The status monitor: status, latest progress, and the result or error once done."""
-    require_scope(principal, "read")
-    async with state.db.reading() as session:
-        job = await get_job(session, principal.tenant, job_id)
-    if job is None:
-        raise Problem(404, "Not found", f"no job {job_id!r}", slug="job-not-found")
-    headers = {} if JobState(job.status).is_terminal else {"Retry-After": str(DEFAULT_RETRY_AFTER_S)}
-    resource = job_resource(job, state.settings.progress_url)
-    return JSONResponse(resource.model_dump(mode="json"), headers=headers)
-
-
-@router.get("/job-types", response_model=list[JobTypeInfo], responses=PROBLEM_RESPONSES)
-async def list_job_types(
-    principal: Principal = Depends(require_principal),
-    state: GatewayState = Depends(gateway_state),
-) -> list[JobTypeInfo]:
-    """The registered job types and the JSON Schema of their payloads."""
-    return [
-        JobTypeInfo(name=t.name, description=t.description, payload_schema=t.payload_schema())
-        for t in (state.registry.get(name) for name in state.registry.names())
-    ]
+    return body, Submission(submission, job_type, payload, scheduled_time(submission))
 
 
 async def read_json_body(request: Request) -> Any:
@@ -143,6 +59,8 @@ async def read_json_body(request: Request) -> Any:
         return json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise Problem(400, "Malformed JSON", str(exc), slug="malformed-json") from None
+    except RecursionError:
+        raise Problem(400, "Malformed JSON", "the JSON is nested too deeply", slug="malformed-json") from None
 
 
 def parse_submission(body: Any) -> JobSubmission:
@@ -152,9 +70,9 @@ def parse_submission(body: Any) -> JobSubmission:
         raise validation_problem(exc) from None
 
 
-def find_job_type(state: GatewayState, name: str) -> JobType:
+def find_job_type(registry: Registry, name: str) -> JobType:
     try:
-        return state.registry.get(name)
+        return registry.get(name)
     except UnknownJobType as exc:
         raise Problem(
             422,
@@ -175,3 +93,17 @@ def validate_payload(job_type: JobType, payload: Any) -> Any:
     if job_type.payload_model is None:
         return validated
     return validated.model_dump(mode="json")
+
+
+def scheduled_time(submission: JobSubmission) -> datetime | None:
+    """When the job may run: `run_at`, or now plus `delay_s`; None to run at once. A time in the
+    past runs at once (clocks differ); one further ahead than the limit is refused."""
+    if submission.run_at is not None and submission.delay_s is not None:
+        raise invalid_field("delay_s", "give either `run_at` or `delay_s`, not both")
+    if submission.delay_s is not None:
+        return utcnow() + timedelta(seconds=submission.delay_s)
+    if submission.run_at is None or submission.run_at <= utcnow():
+        return None
+    if submission.run_at - utcnow() > timedelta(seconds=MAX_SCHEDULE_AHEAD_S):
+        raise invalid_field("run_at", f"at most {MAX_SCHEDULE_AHEAD_S / 86400:g} days ahead")
+    return submission.run_at

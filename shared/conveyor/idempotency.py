@@ -41,13 +41,18 @@ def parse_key(header: str) -> str | None:
 
 
 async def find_key(session: AsyncSession, tenant: str, key: str) -> IdempotencyKey | None:
-    """The tenant's live record of this key; an expired one is deleted, so the key can be used anew."""
+    """The tenant's live record of this key, or None if it was never used or has expired."""
+    record = await session.get(IdempotencyKey, (tenant, key), populate_existing=True)
+    return record if record is not None and record.expires_at > utcnow() else None
+
+
+async def forget_expired_key(session: AsyncSession, tenant: str, key: str) -> None:
+    """Delete the key's record if it has expired, so the key can be used anew."""
     await session.execute(
         delete(IdempotencyKey).where(
             IdempotencyKey.tenant == tenant, IdempotencyKey.key == key, IdempotencyKey.expires_at <= utcnow()
         )
     )
-    return await session.get(IdempotencyKey, (tenant, key), populate_existing=True)
 
 
 def remember_key(

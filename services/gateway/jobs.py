@@ -1,0 +1,433 @@
+"""The job resources: submission (202 + Location), the status monitor, result, cancel, the list, and
+the job types."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import Field
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from conveyor.auth import Principal
+from conveyor.idempotency import (
+    MAX_KEY_LENGTH,
+    find_key,
+    fingerprint,
+    forget_expired_key,
+    parse_key,
+    remember_key,
+)
+from conveyor.jobstore import (
+    announce_state,
+    cancel_job,
+    count_waiting_jobs,
+    get_job,
+    insert_job,
+    list_jobs,
+)
+from conveyor.lifecycle import JobState
+from conveyor.models import IdempotencyKey, Job, utcnow
+from conveyor.problems import PROBLEM_JSON, Problem, invalid_field
+from conveyor.schemas import (
+    SUBMISSION_EXAMPLES,
+    JobPage,
+    JobResource,
+    JobTypeInfo,
+    job_path,
+    job_resource,
+)
+from conveyor.settings import DEFAULT_RETRY_AFTER_S
+from conveyor.topics import HIGHEST_PRIORITY, LOWEST_PRIORITY
+from services.gateway.limits import check_queue_room
+from services.gateway.listing import (
+    DEFAULT_PAGE_SIZE,
+    MAX_PAGE_SIZE,
+    decode_cursor,
+    encode_cursor,
+    job_filter,
+    next_page_url,
+)
+from services.gateway.security import require_principal, require_scope
+from services.gateway.state import GatewayState, gateway_state
+from services.gateway.submission import Submission, read_submission
+
+# `?wait=` holds a status request at most this long, checking the job this often meanwhile.
+MAX_WAIT_S = 60.0
+WAIT_POLL_S = 0.25
+PriorityLevel = Annotated[int, Field(ge=HIGHEST_PRIORITY, le=LOWEST_PRIORITY)]
+TypeName = Annotated[str, Field(max_length=200)]
+LabelFilter = Annotated[str, Field(max_length=320)]
+# A header that tells a client its submission was answered from an earlier one with the same key.
+REPLAYED_HEADER = "Idempotent-Replayed"
+
+router = APIRouter(prefix="/v1")
+
+
+def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        400: "Malformed JSON",
+        401: "Missing or unknown API key",
+        403: "The API key lacks the scope",
+        404: "No such job for this tenant",
+        409: "The job's state does not allow this",
+        413: "The body is over 1 MiB",
+        415: "Not JSON",
+        422: "Invalid request: the `errors` member names each field at fault",
+        429: "Over the tenant's limit; retry after `Retry-After` seconds",
+        503: "A dependency is down; retry after `Retry-After` seconds",
+    }
+    return {
+        code: {"description": descriptions[code], "content": {PROBLEM_JSON: {}}}
+        for code in (401, 403, 503, *codes)
+    }
+
+
+JOB_EXAMPLE: dict[str, Any] = {
+    "id": "0b5e3f0e-6c1b-4a63-9d83-6b1c1d1f2a10",
+    "type": "demo.sleep",
+    "status": "queued",
+    "priority": 3,
+    "attempts": 0,
+    "max_attempts": 3,
+    "labels": {"customer": "acme"},
+    "run_at": None,
+    "timeout_s": None,
+    "created_at": "2026-11-24T10:00:00Z",
+    "updated_at": "2026-11-24T10:00:00Z",
+    "started_at": None,
+    "finished_at": None,
+    "progress": {"percent": None, "message": None},
+    "result": None,
+    "error": None,
+    "links": {
+        "self": "/v1/jobs/0b5e3f0e-6c1b-4a63-9d83-6b1c1d1f2a10",
+        "events": "ws://127.0.0.1:8001/v1/jobs/0b5e3f0e-6c1b-4a63-9d83-6b1c1d1f2a10/events",
+        "cancel": "/v1/jobs/0b5e3f0e-6c1b-4a63-9d83-6b1c1d1f2a10/cancel",
+        "result": None,
+    },
+}
+ACCEPTED_HEADERS = {
+    "Location": {"description": "The job's status monitor", "schema": {"type": "string"}},
+    "Retry-After": {"description": "Seconds to wait before polling it", "schema": {"type": "integer"}},
+}
+
+
+@router.post(
+    "/jobs",
+    status_code=202,
+    response_model=JobResource,
+    responses={
+        202: {
+            "description": "Accepted: the job is recorded and will run; poll `Location`.",
+            "headers": ACCEPTED_HEADERS,
+            "content": {"application/json": {"example": JOB_EXAMPLE}},
+        },
+        **problems(400, 413, 415, 422, 429),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": "#/components/schemas/JobSubmission"},
+                    "examples": SUBMISSION_EXAMPLES,
+                }
+            },
+        }
+    },
+)
+async def submit_job(
+    request: Request,
+    idempotency_key: str | None = Header(
+        default=None,
+        max_length=MAX_KEY_LENGTH + 2,
+        description="Retry safely: the same key and body within the window (24 h by default) return the"
+        " same job; the same key with another body is refused (422). Scoped to the tenant.",
+    ),
+    principal: Principal = Depends(require_principal),
+    state: GatewayState = Depends(gateway_state),
+) -> JSONResponse:
+    """Accept a job: answers 202 once the job is committed, with `Location` to poll."""
+    require_scope(principal, "submit")
+    key = None
+    if idempotency_key is not None:
+        key = parse_key(idempotency_key)
+        if key is None:
+            raise invalid_field("Idempotency-Key", f"1 to {MAX_KEY_LENGTH} printable ASCII characters")
+    body, submission = await read_submission(request, state.registry)
+    limits = state.settings.limits_for(principal.tenant)
+    state.limiter.admit(principal.tenant, limits)
+    body_fingerprint = fingerprint(body)
+    try:
+        async with state.db.session() as session:
+            if key is not None:
+                earlier = await find_key(session, principal.tenant, key)
+                if earlier is not None:
+                    return await _replay(state, principal.tenant, earlier, body_fingerprint)
+                await forget_expired_key(session, principal.tenant, key)
+            check_queue_room(await count_waiting_jobs(session, principal.tenant), limits)
+            job = await _record(session, state, principal.tenant, submission)
+            if key is not None:
+                remember_key(
+                    session,
+                    principal.tenant,
+                    key,
+                    body_fingerprint,
+                    job.id,
+                    state.settings.idempotency_window_s,
+                )
+            # Staged in the same transaction as the job: once committed, the relay will publish them
+            # even if this process dies right after answering.
+            rows = announce_state(session, state.settings.topic_prefix, job)
+    except IntegrityError:
+        if key is None:
+            raise
+        # An identical request committed the same key first: answer with its job.
+        async with state.db.reading() as session:
+            earlier = await find_key(session, principal.tenant, key)
+        if earlier is None:
+            raise
+        return await _replay(state, principal.tenant, earlier, body_fingerprint)
+    state.relay.notify(rows)
+    return _accepted(state, job)
+
+
+async def _record(session: AsyncSession, state: GatewayState, tenant: str, submission: Submission) -> Job:
+    request, job_type = submission.request, submission.job_type
+    return await insert_job(
+        session,
+        tenant=tenant,
+        type=request.type,
+        payload=submission.payload,
+        priority=request.priority,
+        max_attempts=request.max_attempts or job_type.max_attempts or state.settings.default_max_attempts,
+        labels=request.labels,
+        run_at=submission.run_at,
+        timeout_s=request.timeout_s,
+    )
+
+
+async def _replay(
+    state: GatewayState, tenant: str, earlier: IdempotencyKey, body_fingerprint: str
+) -> JSONResponse:
+    if earlier.fingerprint != body_fingerprint:
+        raise Problem(
+            422,
+            "Idempotency key reused",
+            "this Idempotency-Key was used with a different request body",
+            slug="idempotency-key-reused",
+            errors=[{"field": "Idempotency-Key", "message": "already used with a different body"}],
+        )
+    async with state.db.reading() as session:
+        job = await get_job(session, tenant, earlier.job_id)
+    if job is None:  # jobs are never deleted, so this is a key whose job is gone by hand
+        raise invalid_field("Idempotency-Key", "the job this key created no longer exists; use a new key")
+    response = _accepted(state, job)
+    response.headers[REPLAYED_HEADER] = "true"
+    return response
+
+
+def _accepted(state: GatewayState, job: Job) -> JSONResponse:
+    return JSONResponse(
+        job_resource(job, state.settings.progress_url).model_dump(mode="json"),
+        status_code=202,
+        headers={"Location": job_path(job.id), "Retry-After": str(retry_after_s(job))},
+    )
+
+
+def retry_after_s(job: Job) -> int:
+    """When a poll could show something new: a scheduled job's start time, else soon."""
+    if job.status == JobState.SCHEDULED and job.run_at is not None:
+        return max(DEFAULT_RETRY_AFTER_S, math.ceil((job.run_at - utcnow()).total_seconds()))
+    return DEFAULT_RETRY_AFTER_S
+
+
+@router.get(
+    "/jobs",
+    response_model=JobPage,
+    responses=problems(422),
+)
+async def list_tenant_jobs(
+    request: Request,
+    status: list[JobState] = Query(default=[], description="Any of these statuses (repeat the parameter)."),
+    type: list[TypeName] = Query(default=[], description="Any of these job types."),
+    priority: list[PriorityLevel] = Query(default=[], description="Any of these priorities."),
+    label: list[LabelFilter] = Query(default=[], description="`key=value`; every one given must match."),
+    created_after: datetime | None = Query(default=None, description="Created at or after this time."),
+    created_before: datetime | None = Query(default=None, description="Created before this time."),
+    limit: int = Query(default=DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
+    cursor: str | None = Query(default=None, max_length=500, description="`next_cursor` of the last page."),
+    principal: Principal = Depends(require_principal),
+    state: GatewayState = Depends(gateway_state),
+) -> JSONResponse:
+    """The tenant's jobs, newest first, filtered, a page at a time."""
+    require_scope(principal, "read")
+    for name, moment in (("created_after", created_after), ("created_before", created_before)):
+        if moment is not None and moment.tzinfo is None:
+            raise invalid_field(name, "give a time with a UTC offset, e.g. 2026-11-24T10:00:00Z")
+    where = job_filter(status, type, priority, label, created_after, created_before)
+    before = decode_cursor(cursor) if cursor is not None else None
+    async with state.db.reading() as session:
+        jobs = await list_jobs(session, principal.tenant, where, limit + 1, before)
+    more = len(jobs) > limit
+    jobs = jobs[:limit]
+    next_cursor = encode_cursor(jobs[-1]) if more else None
+    page = JobPage(
+        items=[job_resource(job, state.settings.progress_url) for job in jobs],
+        next_cursor=next_cursor,
+        next=next_page_url(request.url.path, request.query_params.multi_items(), next_cursor)
+        if next_cursor
+        else None,
+    )
+    return JSONResponse(page.model_dump(mode="json"))
+
+
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobResource,
+    responses={
+        200: {"content": {"application/json": {"example": JOB_EXAMPLE}}},
+        **problems(404, 422),
+    },
+)
+async def read_job(
+    request: Request,
+    job_id: str,
+    wait: float = Query(
+        default=0,
+        ge=0,
+        le=MAX_WAIT_S,
+        description="Hold the request up to this many seconds until the job changes state.",
+    ),
+    principal: Principal = Depends(require_principal),
+    state: GatewayState = Depends(gateway_state),
+) -> JSONResponse:
+    """The status monitor: status, latest progress, and the result or error once done."""
+    require_scope(principal, "read")
+    job = await _tenant_job(state, principal.tenant, job_id)
+    if wait > 0 and not JobState(job.status).is_terminal:
+        job = await _wait_for_change(request, state, principal.tenant, job, wait)
+    headers = {} if JobState(job.status).is_terminal else {"Retry-After": str(retry_after_s(job))}
+    resource = job_resource(job, state.settings.progress_url)
+    return JSONResponse(resource.model_dump(mode="json"), headers=headers)
+
+
+async def _wait_for_change(
+    request: Request, state: GatewayState, tenant: str, job: Job, wait_s: float
+) -> Job:
+    """The job once its status differs from `job`'s, or as it is when `wait_s` runs out."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while loop.time() < deadline:
+        await asyncio.sleep(min(WAIT_POLL_S, max(0.0, deadline - loop.time())))
+        latest = await _tenant_job(state, tenant, job.id)
+        if latest.status != job.status or await request.is_disconnected():
+            return latest
+    return await _tenant_job(state, tenant, job.id)
+
+
+@router.get(
+    "/jobs/{job_id}/result",
+    responses={
+        200: {
+            "description": "The job's result, as its handler returned it",
+            "content": {"application/json": {}},
+        },
+        **problems(404, 409),
+    },
+)
+async def read_result(
+    job_id: str,
+    principal: Principal = Depends(require_principal),
+    state: GatewayState = Depends(gateway_state),
+) -> JSONResponse:
+    """The result of a succeeded job; a 409 problem saying why there is none otherwise."""
+    require_scope(principal, "read")
+    job = await _tenant_job(state, principal.tenant, job_id)
+    status = JobState(job.status)
+    if status is JobState.SUCCEEDED:
+        return JSONResponse(job.result)
+    if status is JobState.FAILED:
+        raise Problem(
+            409, "Job failed", "the job failed; it has no result", slug="job-failed", error=job.error
+        )
+    if status is JobState.CANCELED:
+        raise Problem(409, "Job canceled", "the job was canceled; it has no result", slug="job-canceled")
+    raise Problem(
+        409,
+        "Result not ready",
+        f"the job is {status}; poll its status monitor",
+        slug="result-not-ready",
+        headers={"Retry-After": str(retry_after_s(job)), "Location": job_path(job.id)},
+        job_status=status,
+    )
+
+
+@router.post(
+    "/jobs/{job_id}/cancel",
+    status_code=202,
+    response_model=JobResource,
+    responses={
+        202: {
+            "description": "Canceled: it will not run, or its handler is told to stop",
+            "headers": ACCEPTED_HEADERS,
+        },
+        **problems(404, 409),
+    },
+)
+async def cancel(
+    job_id: str,
+    principal: Principal = Depends(require_principal),
+    state: GatewayState = Depends(gateway_state),
+) -> JSONResponse:
+    """Cancel a job: a scheduled or queued job never runs; a running job's handler is told to stop.
+    The job ends `canceled`. 409 if it has already finished."""
+    require_scope(principal, "cancel")
+    async with state.db.session() as session:
+        job = await get_job(session, principal.tenant, job_id)
+        if job is None:
+            raise _not_found(job_id)
+        canceled = None if JobState(job.status).is_terminal else await cancel_job(session, job_id)
+        if canceled is None:
+            current = await get_job(session, principal.tenant, job_id)
+            status = current.status if current is not None else job.status
+            raise Problem(
+                409, "Job already finished", f"the job is {status}", slug="job-finished", job_status=status
+            )
+        rows = announce_state(session, state.settings.topic_prefix, canceled)
+    state.relay.notify(rows)
+    return JSONResponse(
+        job_resource(canceled, state.settings.progress_url).model_dump(mode="json"),
+        status_code=202,
+        headers={"Location": job_path(job_id)},
+    )
+
+
+@router.get("/job-types", response_model=list[JobTypeInfo], responses=problems())
+async def list_job_types(
+    principal: Principal = Depends(require_principal),
+    state: GatewayState = Depends(gateway_state),
+) -> list[JobTypeInfo]:
+    """The registered job types and the JSON Schema of their payloads."""
+    return [
+        JobTypeInfo(name=t.name, description=t.description, payload_schema=t.payload_schema())
+        for t in (state.registry.get(name) for name in state.registry.names())
+    ]
+
+
+async def _tenant_job(state: GatewayState, tenant: str, job_id: str) -> Job:
+    async with state.db.reading() as session:
+        job = await get_job(session, tenant, job_id)
+    if job is None:
+        raise _not_found(job_id)
+    return job
+
+
+def _not_found(job_id: str) -> Problem:
+    return Problem(404, "Not found", f"no job {job_id!r}", slug="job-not-found")
