@@ -146,6 +146,7 @@ async def submit_job(
     request: Request,
     idempotency_key: str | None = Header(
         default=None,
+        alias="Idempotency-Key",
         max_length=MAX_KEY_LENGTH + 2,
         description="Retry safely: the same key and body within the window (24 h by default) return the"
         " same job; the same key with another body is refused (422). Scoped to the tenant.",
