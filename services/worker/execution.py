@@ -2,13 +2,28 @@
 
 Each step is a short transaction that changes the job and stages its event in the outbox; the event is
 then published before the next step, so a job's events reach Kafka in order.
+
+The handler runs as a task of its own while the executor watches for the three ways an attempt ends
+early. Each sets `ctx.cancelled`, which a handler should check to stop soon:
+
+- Its timeout (the job's `timeout_s`, else its type's) runs out: the handler is interrupted at once and
+  the attempt fails with `timed_out`, to be retried like any failure.
+- The job is canceled (the lease keeper sees it in the database): the handler gets `cancel_grace_s` to
+  return by itself, then it is interrupted. Nothing is recorded, since the job is `canceled` already.
+- The lease is lost (see `leases.py`): the handler runs on as before, and its outcome is rejected.
+
+Interrupting means cancelling the handler's task. A plain function running in a thread cannot be
+interrupted: the executor stops waiting for it, and the thread runs on until the function returns.
 """
 
 from __future__ import annotations
 
+import asyncio
+import enum
 import traceback
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from pydantic_core import to_jsonable_python
@@ -17,15 +32,29 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from conveyor.database import Database
 from conveyor.events import JobMessage
 from conveyor.handlers import JobContext, Registry, run_handler
-from conveyor.jobstore import announce, announce_state, claim_job, complete_job, fail_attempt, record_progress
+from conveyor.jobstore import (
+    TIMED_OUT,
+    announce,
+    announce_state,
+    claim_job,
+    complete_job,
+    fail_attempt,
+    record_progress,
+)
 from conveyor.models import Job, OutboxMessage
 from conveyor.outbox import OutboxRelay
+from conveyor.settings import DEFAULT_CANCEL_GRACE_S
 from services.worker.reporting import ProgressWriter
 
 log = structlog.get_logger(__name__)
 
 # How much of a traceback an error record keeps: enough to debug, small enough for the row.
 MAX_TRACEBACK_CHARS = 4000
+# How long an interrupted handler's cleanup (its `finally` blocks) may take before the executor stops
+# waiting for it; a handler that swallows the cancellation is abandoned then.
+INTERRUPT_WAIT_S = 5.0
+
+HandlerTask = asyncio.Task[Any]
 
 
 @dataclass
@@ -33,6 +62,21 @@ class Execution:
     job_id: str
     attempt: int
     context: JobContext
+    # Set once the job is seen canceled in the database: the handler's grace period starts.
+    canceled: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def cancel(self) -> None:
+        """The job was canceled: tell the handler through `ctx.cancelled` and start its grace period."""
+        self.canceled.set()
+        self.context.cancelled.set()
+
+
+class Ending(enum.Enum):
+    """How the wait for a handler ended."""
+
+    RETURNED = "returned"
+    CANCELED = "canceled"
+    TIMED_OUT = "timed_out"
 
 
 class JobExecutor:
@@ -45,6 +89,7 @@ class JobExecutor:
         prefix: str,
         worker_id: str,
         lease_s: float,
+        cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
     ) -> None:
         self._db = db
         self._relay = relay
@@ -52,6 +97,7 @@ class JobExecutor:
         self._prefix = prefix
         self.worker_id = worker_id
         self._lease_s = lease_s
+        self._cancel_grace_s = cancel_grace_s
         self.running: dict[str, Execution] = {}
 
     async def execute(self, message: JobMessage) -> None:
@@ -67,26 +113,86 @@ class JobExecutor:
         context = JobContext(
             job_id=job.id, tenant=job.tenant, type=job.type, attempt=job.attempts, report=report
         )
-        self.running[job.id] = Execution(job.id, job.attempts, context)
+        execution = Execution(job.id, job.attempts, context)
+        self.running[job.id] = execution
         try:
-            await self._run(job, context, progress)
+            await self._run(job, execution, progress)
         finally:
             self.running.pop(job.id, None)
 
-    async def _run(self, job: Job, context: JobContext, progress: ProgressWriter) -> None:
-        log.info("job.started", job_id=job.id, type=job.type, attempt=job.attempts)
+    async def _run(self, job: Job, execution: Execution, progress: ProgressWriter) -> None:
         try:
             job_type = self._registry.get(job.type)
-            result = to_jsonable_python(
-                await run_handler(job_type, context, job_type.validate_payload(job.payload))
-            )
-        except Exception as exc:  # the handler's failure, an unknown type, a result that is not JSON
-            await progress.flush()
+            payload = job_type.validate_payload(job.payload)
+        except Exception as exc:  # an unknown type, or a payload the type's model no longer accepts
             await self._record_failure(job, exc)
             return
+        timeout_s = job.timeout_s if job.timeout_s is not None else job_type.timeout_s
+        log.info("job.started", job_id=job.id, type=job.type, attempt=job.attempts, timeout_s=timeout_s)
+        handler = asyncio.create_task(
+            run_handler(job_type, execution.context, payload), name=f"handler-{job.id}"
+        )
+        handler.add_done_callback(_retrieve_exception)
+        try:
+            ending = await self._wait(handler, execution, timeout_s)
+            if ending is Ending.CANCELED:
+                await self._stop_canceled(job, handler)
+                await progress.flush()
+                return
+            if ending is Ending.TIMED_OUT:
+                assert timeout_s is not None
+                await self._stop_timed_out(job, execution, handler, timeout_s)
+                await progress.flush()
+                await self._record_timeout(job, timeout_s)
+                return
+        finally:
+            if not handler.done():  # this task itself was cancelled: the worker is stopping
+                handler.cancel()
         # The last progress report is written before the outcome, so it never follows the terminal event.
         await progress.flush()
+        try:
+            result = to_jsonable_python(_outcome(handler))
+        except Exception as exc:  # the handler's failure, or a result that is not JSON
+            await self._record_failure(job, exc)
+            return
         await self._record(job.id, lambda session: complete_job(session, job.id, job.attempts, result))
+
+    async def _wait(self, handler: HandlerTask, execution: Execution, timeout_s: float | None) -> Ending:
+        """Wait until the handler returns, the job is canceled, or the attempt's time is up."""
+        canceled = asyncio.create_task(execution.canceled.wait(), name=f"cancel-watch-{execution.job_id}")
+        try:
+            await asyncio.wait({handler, canceled}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            canceled.cancel()
+        # A cancel wins over a handler that returned at the same moment: the job is canceled either way.
+        if execution.canceled.is_set():
+            return Ending.CANCELED
+        return Ending.RETURNED if handler.done() else Ending.TIMED_OUT
+
+    async def _stop_canceled(self, job: Job, handler: HandlerTask) -> None:
+        """Give the handler its grace period to return by itself, then interrupt it."""
+        loop = asyncio.get_running_loop()
+        seen = loop.time()
+        await asyncio.wait({handler}, timeout=self._cancel_grace_s)
+        interrupted = not handler.done()
+        if interrupted:
+            log.warning("job.interrupted", job_id=job.id, attempt=job.attempts, grace_s=self._cancel_grace_s)
+            await _interrupt(handler)
+        log.info(
+            "job.canceled",
+            job_id=job.id,
+            attempt=job.attempts,
+            interrupted=interrupted,
+            stopped_in_s=round(loop.time() - seen, 3),
+        )
+
+    async def _stop_timed_out(
+        self, job: Job, execution: Execution, handler: HandlerTask, timeout_s: float
+    ) -> None:
+        """A timed-out attempt is stopped at once: no grace, its time is up."""
+        log.warning("job.timed_out", job_id=job.id, attempt=job.attempts, timeout_s=timeout_s)
+        execution.context.cancelled.set()
+        await _interrupt(handler)
 
     async def _claim(self, job_id: str) -> Job | None:
         async with self._db.session() as session:
@@ -116,6 +222,14 @@ class JobExecutor:
         log.info("job.recorded", job_id=job_id, status=updated.status, attempt=updated.attempts)
         await self._relay.publish(rows)
 
+    async def _record_timeout(self, job: Job, timeout_s: float) -> None:
+        error = {
+            "type": TIMED_OUT,
+            "message": f"the attempt ran longer than its timeout of {timeout_s:g} s",
+            "attempt": job.attempts,
+        }
+        await self._record(job.id, lambda session: fail_attempt(session, job, error))
+
     async def _record_failure(self, job: Job, exc: BaseException) -> None:
         log.warning("job.attempt_failed", job_id=job.id, attempt=job.attempts, error=repr(exc))
         error = {
@@ -125,3 +239,31 @@ class JobExecutor:
             "traceback": "".join(traceback.format_exception(exc))[-MAX_TRACEBACK_CHARS:],
         }
         await self._record(job.id, lambda session: fail_attempt(session, job, error))
+
+
+class HandlerCancelled(Exception):
+    """A handler raised CancelledError of its own accord: its attempt failed."""
+
+
+def _outcome(handler: HandlerTask) -> Any:
+    """The finished handler's result, or its exception raised. A handler's own CancelledError becomes
+    `HandlerCancelled`: re-raised as it is, it would look like the worker cancelling this task."""
+    if handler.cancelled():
+        raise HandlerCancelled("the handler raised CancelledError")
+    return handler.result()
+
+
+async def _interrupt(handler: HandlerTask) -> None:
+    """Cancel the handler's task and give its cleanup a moment. For a plain function the task ends at
+    once while its thread runs on: a thread cannot be interrupted from outside."""
+    handler.cancel()
+    await asyncio.wait({handler}, timeout=INTERRUPT_WAIT_S)
+    if not handler.done():
+        log.warning("job.not_interrupted", task=handler.get_name(), waited_s=INTERRUPT_WAIT_S)
+
+
+def _retrieve_exception(handler: HandlerTask) -> None:
+    # A handler that was given up on (canceled, timed out) may still fail later; its exception is
+    # expected then, so mark it retrieved rather than let asyncio log it as never retrieved.
+    if not handler.cancelled():
+        handler.exception()

@@ -2,6 +2,9 @@
 
 When a worker dies (`kill -9`, a lost machine), its leases run out and any live worker's reaper
 gives the jobs their next attempt. A worker that finds it lost a lease tells the handler to stop.
+
+The keeper also watches the worker's running jobs for cancels, more often than it renews leases, so
+a canceled job's handler hears of it within a second (see `execution.py` for what happens next).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from conveyor.database import Database
 from conveyor.jobstore import (
     LEASE_EXPIRED,
     announce_state,
+    canceled_jobs,
     expired_leases,
     fail_attempt,
     lost_attempts,
@@ -30,6 +34,8 @@ log = structlog.get_logger(__name__)
 RENEWALS_PER_LEASE = 3
 REAP_INTERVAL_S = 2.0
 REAP_BATCH = 100
+# A cancel reaches the handler within about this long: one cheap read of the running jobs' ids.
+CANCEL_CHECK_INTERVAL_S = 0.5
 
 
 class LeaseKeeper:
@@ -49,6 +55,9 @@ class LeaseKeeper:
                 self._every(self._lease_s / RENEWALS_PER_LEASE, self.renew), name="lease-renew"
             ),
             asyncio.create_task(self._every(REAP_INTERVAL_S, self.reap), name="lease-reap"),
+            asyncio.create_task(
+                self._every(CANCEL_CHECK_INTERVAL_S, self.check_cancels), name="cancel-check"
+            ),
         ]
 
     async def stop(self) -> None:
@@ -70,11 +79,34 @@ class LeaseKeeper:
             held = await renew_leases(session, self._executor.worker_id, running, self._lease_s)
             missed = {job_id: running[job_id] for job_id in running.keys() - held}
             lost = await lost_attempts(session, self._executor.worker_id, missed)
+            # A cancel also ends the lease; that one gets the handler's grace period, not "lease lost".
+            canceled = await canceled_jobs(session, lost)
         for job_id in lost:
             execution = self._executor.running.get(job_id)
-            if execution is not None and execution.attempt == missed[job_id]:
+            if execution is None or execution.attempt != missed[job_id]:
+                continue
+            if job_id in canceled:
+                self._cancel(job_id)
+            else:
                 log.warning("lease.lost", job_id=job_id, attempt=execution.attempt)
                 execution.context.cancelled.set()
+
+    async def check_cancels(self) -> None:
+        """Tell the handlers of this worker's jobs that were canceled since the last look."""
+        running = list(self._executor.running)
+        if not running:
+            return
+        async with self._db.reading() as session:
+            canceled = await canceled_jobs(session, running)
+        for job_id in canceled:
+            self._cancel(job_id)
+
+    def _cancel(self, job_id: str) -> None:
+        execution = self._executor.running.get(job_id)
+        if execution is None or execution.canceled.is_set():
+            return
+        log.info("job.cancel_seen", job_id=job_id, attempt=execution.attempt)
+        execution.cancel()
 
     async def reap(self) -> None:
         """Give each job whose lease ran out its next attempt (or fail it if attempts are spent)."""

@@ -4,6 +4,9 @@ The loop never blocks on a job: handlers run in tasks while the loop keeps polli
 that runs for an hour never pushes the worker out of its consumer group (max.poll.interval.ms).
 At capacity the loop pauses its partitions rather than stop polling. An offset is committed only
 once every job before it on its partition has reached a recorded state.
+
+Beside the loop, each worker runs a lease keeper (heartbeats, the reaper, and the watch for cancels)
+and a scheduler that queues scheduled jobs once they are due.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from conveyor.topics_setup import TopicKeeper
 from services.worker.execution import JobExecutor
 from services.worker.leases import LeaseKeeper
 from services.worker.offsets import OffsetTracker
+from services.worker.scheduling import Scheduler
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +71,7 @@ class Worker:
             prefix=settings.topic_prefix,
             worker_id=self.worker_id,
             lease_s=settings.lease_s,
+            cancel_grace_s=settings.cancel_grace_s,
         )
         self.leases = LeaseKeeper(
             db=self.db,
@@ -75,6 +80,7 @@ class Worker:
             prefix=settings.topic_prefix,
             lease_s=settings.lease_s,
         )
+        self.scheduler = Scheduler(db=self.db, relay=self.relay, prefix=settings.topic_prefix)
         self.offsets = OffsetTracker()
         self.concurrency = settings.worker_concurrency
         self._consumer: AIOKafkaConsumer | None = None
@@ -87,6 +93,7 @@ class Worker:
         await topics.ready.wait()
         await self.relay.start()
         await self.leases.start()
+        await self.scheduler.start()
         self._consumer = create_job_consumer(
             self.settings.kafka_bootstrap,
             self.settings.topic_prefix,
@@ -188,6 +195,7 @@ class Worker:
         await self.commit()
 
     async def _shutdown(self, topics: TopicKeeper) -> None:
+        await self.scheduler.stop()
         await self.leases.stop()
         if self._consumer is not None:
             await self._consumer.stop()

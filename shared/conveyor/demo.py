@@ -1,4 +1,5 @@
-"""Built-in demo job types, loaded by default: `demo.echo`, `demo.sleep`, `demo.fail`, `demo.noop`."""
+"""Built-in demo job types, loaded by default: `demo.echo`, `demo.sleep`, `demo.fail`, `demo.noop`,
+and `demo.stubborn`, which ignores cancels (for trying out the grace period)."""
 
 from __future__ import annotations
 
@@ -26,8 +27,30 @@ class FailIn(BaseModel):
     fail_times: int = Field(default=1, ge=0, description="Raise on the first N attempts, then succeed.")
 
 
+class StubbornIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    seconds: float = Field(default=30.0, ge=0, le=MAX_SLEEP_S, description="How long the job runs.")
+
+
 class DemoFailure(RuntimeError):
     pass
+
+
+class DemoStopped(RuntimeError):
+    """Raised by `demo.sleep` when told to stop: a job cut short did not do its work, so it must not
+    look like a success. The worker discards it anyway (a canceled job records nothing)."""
+
+
+async def sleep_unless_stopped(ctx: JobContext, seconds: float) -> bool:
+    """Sleep `seconds`, waking early if the job is told to stop; True if it was."""
+    if ctx.cancelled.is_set():
+        return True
+    try:
+        await asyncio.wait_for(ctx.cancelled.wait(), timeout=seconds)
+    except TimeoutError:
+        return False
+    return True
 
 
 @job("demo.echo")
@@ -43,9 +66,10 @@ async def noop(ctx: JobContext, payload: Any) -> None:
 
 @job("demo.sleep", payload=SleepIn)
 async def sleep(ctx: JobContext, payload: SleepIn) -> dict[str, Any]:
-    """Sleeps `seconds` in `steps` steps, reporting progress after each step."""
+    """Sleeps `seconds` in `steps` steps, reporting progress after each step; stops early when canceled."""
     for step in range(1, payload.steps + 1):
-        await asyncio.sleep(payload.seconds / payload.steps)
+        if await sleep_unless_stopped(ctx, payload.seconds / payload.steps):
+            raise DemoStopped(f"stopped during step {step} of {payload.steps}")
         await ctx.progress(done=step, total=payload.steps, message=f"step {step} of {payload.steps}")
     return {"slept_s": payload.seconds, "steps": payload.steps}
 
@@ -56,3 +80,10 @@ async def fail(ctx: JobContext, payload: FailIn) -> dict[str, int]:
     if ctx.attempt <= payload.fail_times:
         raise DemoFailure(f"failing on purpose: attempt {ctx.attempt} of the first {payload.fail_times}")
     return {"attempts": ctx.attempt}
+
+
+@job("demo.stubborn", payload=StubbornIn)
+async def stubborn(ctx: JobContext, payload: StubbornIn) -> dict[str, float]:
+    """Sleeps `seconds` and never looks at ctx.cancelled, so a cancel must interrupt it after the grace."""
+    await asyncio.sleep(payload.seconds)
+    return {"slept_s": payload.seconds}

@@ -27,6 +27,8 @@ from conveyor.topics import events_topic, job_key, job_topic
 
 # The error type recorded on an attempt whose worker stopped renewing its lease.
 LEASE_EXPIRED = "LeaseExpired"
+# The error type recorded on an attempt that ran longer than its timeout (the job's or its type's).
+TIMED_OUT = "timed_out"
 
 
 def new_job_id() -> str:

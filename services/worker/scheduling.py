@@ -1,0 +1,86 @@
+"""The scheduler: every worker queues the scheduled jobs whose `run_at` has come.
+
+A scheduled job is only a row in the database, not a Kafka message yet. Twice a second each worker
+looks for due jobs and moves them `scheduled -> queued`, staging their state event and job message in
+the same transaction, like the gateway does for a job submitted to run at once. Workers race for the
+same jobs on purpose (there is no leader to lose): the conditional transition lets only one of them
+queue each job, and the others' updates match no row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from conveyor.database import Database
+from conveyor.jobstore import announce_state, due_jobs, queue_due_job
+from conveyor.models import OutboxMessage
+from conveyor.outbox import OutboxRelay
+
+log = structlog.get_logger(__name__)
+
+# Half a second between looks, so a job starts within about a second of its `run_at`.
+SCHEDULE_INTERVAL_S = 0.5
+# Due jobs queued per transaction; a full batch means a backlog, so the next batch follows at once.
+SCHEDULE_BATCH = 100
+
+
+class Scheduler:
+    def __init__(
+        self,
+        *,
+        db: Database,
+        relay: OutboxRelay,
+        prefix: str,
+        interval_s: float = SCHEDULE_INTERVAL_S,
+        batch: int = SCHEDULE_BATCH,
+    ) -> None:
+        self._db = db
+        self._relay = relay
+        self._prefix = prefix
+        self._interval_s = interval_s
+        self._batch = batch
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="scheduler")
+
+    async def stop(self) -> None:
+        if self._task is None:
+            return
+        self._task.cancel()
+        await asyncio.gather(self._task, return_exceptions=True)
+        self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                while await self.queue_due() >= self._batch:
+                    pass
+            except Exception:  # a database hiccup must not stop scheduling for good: the next look retries
+                log.exception("schedule.failed")
+
+    async def queue_due(self) -> int:
+        """Queue the jobs that are due now; returns how many this worker queued."""
+        # Look with a reading session first: on SQLite a write transaction takes the database's write
+        # lock, and most looks find nothing to do.
+        async with self._db.reading() as session:
+            due = [job.id for job in await due_jobs(session, self._batch)]
+        if not due:
+            return 0
+        rows: list[OutboxMessage] = []
+        queued = 0
+        async with self._db.session() as session:
+            # Every worker locks the rows in the same order (by id), so two racing workers cannot deadlock.
+            for job_id in sorted(due):
+                job = await queue_due_job(session, job_id)
+                if job is None:
+                    continue  # another worker queued it first, or it was canceled meanwhile
+                queued += 1
+                log.info("job.due", job_id=job.id, run_at=job.run_at.isoformat() if job.run_at else None)
+                rows.extend(announce_state(session, self._prefix, job))
+        if rows:
+            await self._relay.publish(rows)
+        return queued
