@@ -154,3 +154,32 @@ async def module_stack(
     database_url = await new_database_url(request.param, directory, request)
     async with running_stack(deployment_env(kafka_bootstrap, database_url, directory), directory) as running:
         yield running
+
+
+@pytest.fixture(scope="module")
+def private_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """A broker of the module's own, for tests that stop and restart Kafka (the session broker is shared).
+    Its data stays in its directory, so `stop()` then `start()` brings back the same broker."""
+    cluster = KafkaCluster(
+        tmp_path_factory.mktemp("private-kafka"), nodes=1, base_port=free_port_block(2), cache_dir=CACHE_DIR
+    )
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def private_kafka_stack(
+    private_kafka: KafkaCluster, database_url: str, tmp_path: Path
+) -> AsyncIterator[Stack]:
+    """A fresh deployment on `private_kafka`, for tests that stop and restart its broker."""
+    private_kafka.start()  # in case an earlier test left it stopped; a no-op when it runs
+    env = deployment_env(private_kafka.bootstrap_servers, database_url, tmp_path)
+    async with running_stack(env, tmp_path) as running:
+        try:
+            yield running
+        finally:
+            # Stopped while their broker is down, the services would each wait out their stop timeout.
+            private_kafka.start()

@@ -142,3 +142,16 @@ async def wait_for_status(
 
     result: dict[str, Any] = await eventually(reached, within_s, f"job {job_id} to reach {statuses}")
     return result
+
+
+async def wait_alive(base_url: str, within_s: float = READY_TIMEOUT_S) -> None:
+    """Wait until a service answers /healthz: alive, though perhaps not ready (a dependency is down)."""
+    async with httpx.AsyncClient(base_url=base_url, timeout=5) as client:
+
+        async def alive() -> bool:
+            try:
+                return (await client.get("/healthz")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await eventually(alive, within_s, f"{base_url}/healthz")

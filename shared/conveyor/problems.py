@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -20,6 +20,12 @@ PROBLEM_JSON = "application/problem+json"
 PROBLEM_TYPE_BASE = "urn:conveyor:problem:"
 # How long a client should wait before retrying while a dependency is down.
 DEPENDENCY_RETRY_AFTER_S = 5
+# SQLSTATE classes (and one code) of PostgreSQL errors that mean "the database cannot serve now", not
+# "this request is wrong": connection exceptions, insufficient resources (too many connections),
+# operator intervention (shutting down, starting up), system errors, and 55000, which is what a
+# database refusing connections (`ALLOW_CONNECTIONS false`) raises.
+UNAVAILABLE_SQLSTATE_CLASSES = ("08", "53", "57", "58")
+UNAVAILABLE_SQLSTATES = ("55000",)
 
 
 class Problem(Exception):
@@ -106,6 +112,14 @@ def dependency_down(name: str) -> Problem:
     )
 
 
+def database_unavailable(exc: DBAPIError) -> bool:
+    """Whether a database error means the database is down or refusing, rather than a bad request."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    sqlstate = str(getattr(exc.orig, "sqlstate", None) or "")
+    return sqlstate[:2] in UNAVAILABLE_SQLSTATE_CLASSES or sqlstate in UNAVAILABLE_SQLSTATES
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, Problem)
@@ -124,6 +138,12 @@ def install_problem_handlers(app: FastAPI) -> None:
         log.warning("http.database_unavailable", error=str(exc))
         return problem_response(dependency_down("database"), request)
 
+    async def on_database_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, DBAPIError)
+        if database_unavailable(exc):
+            return await on_database_down(request, exc)
+        return await on_unexpected(request, exc)
+
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("http.unexpected_error", path=request.url.path)
         return problem_response(Problem(500, "Internal error", slug="internal"), request)
@@ -133,4 +153,5 @@ def install_problem_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, on_validation_error)
     for error in (OperationalError, InterfaceError, PoolTimeout, ConnectionError, TimeoutError):
         app.add_exception_handler(error, on_database_down)
+    app.add_exception_handler(DBAPIError, on_database_error)
     app.add_exception_handler(Exception, on_unexpected)

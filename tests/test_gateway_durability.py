@@ -1,0 +1,193 @@
+"""Accepted means durable: a 202 is a promise the job runs, whatever fails after it; a failure before it
+accepts nothing.
+
+Each test runs real processes on both databases: a gateway killed between its commit and its publish,
+Kafka stopped and started again under a running stack, and the database refusing connections.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from conveyor.database import Database
+from conveyor.embedded.kafka import KafkaCluster
+from conveyor.models import Job, OutboxMessage
+
+from harness import KEY_A, Stack, eventually, free_port, wait_alive, wait_for_status
+
+PROBLEM_JSON = "application/problem+json"
+# Outbox rows count as orphans after 10 s (conveyor.outbox.ORPHAN_AGE_S); then any live relay sweeps them.
+ORPHAN_SWEEP_WITHIN_S = 60
+# A restarted broker must be found again by every producer and consumer, each on its own backoff.
+KAFKA_RECOVERY_WITHIN_S = 120
+DONE = {"succeeded", "failed", "cancelled"}
+
+
+async def outbox_size(database_url: str) -> int:
+    db = Database(database_url)
+    try:
+        async with db.reading() as session:
+            return int(await session.scalar(select(func.count()).select_from(OutboxMessage)) or 0)
+    finally:
+        await db.close()
+
+
+async def outbox_size_is(database_url: str, size: int) -> bool:
+    return await outbox_size(database_url) == size
+
+
+async def stored_jobs(database_url: str) -> list[Job]:
+    db = Database(database_url)
+    try:
+        async with db.reading() as session:
+            return list((await session.scalars(select(Job))).all())
+    finally:
+        await db.close()
+
+
+@dataclass(frozen=True)
+class Accepted:
+    id: str
+    payload: Any
+
+
+async def submit(client: httpx.AsyncClient, payload: Any) -> Accepted:
+    response = await client.post("/v1/jobs", json={"type": "demo.echo", "payload": payload})
+    assert response.status_code == 202, response.text
+    return Accepted(response.json()["id"], payload)
+
+
+async def all_succeed(client: httpx.AsyncClient, jobs: list[Accepted], within_s: float) -> None:
+    """Every job succeeds, with its own payload echoed back as its result."""
+    finals = await asyncio.gather(*(wait_for_status(client, job.id, DONE, within_s) for job in jobs))
+    assert [(final["status"], final["result"]) for final in finals] == [
+        ("succeeded", job.payload) for job in jobs
+    ], finals
+
+
+async def statuses(client: httpx.AsyncClient, jobs: list[Accepted]) -> list[str]:
+    return [(await client.get(f"/v1/jobs/{job.id}")).json()["status"] for job in jobs]
+
+
+async def test_jobs_accepted_by_a_gateway_killed_before_publishing_still_run(
+    stack: Stack, database_url: str
+) -> None:
+    # A second gateway on the same database and topics whose Kafka is unreachable: it commits each job
+    # and answers 202, but its relay can never publish, so the messages stay in the outbox.
+    port = free_port()
+    stack.start(
+        "gateway-no-kafka", "gateway", CONVEYOR_KAFKA_BOOTSTRAP="127.0.0.1:1", CONVEYOR_GATEWAY_PORT=str(port)
+    )
+    doomed_url = f"http://127.0.0.1:{port}"
+    await wait_alive(doomed_url)
+    async with httpx.AsyncClient(
+        base_url=doomed_url, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=30
+    ) as doomed:
+        jobs = [await submit(doomed, {"n": n}) for n in range(5)]
+
+    async with stack.client() as client:
+        # Well within the orphan age: nothing can have published them yet.
+        assert await statuses(client, jobs) == ["queued"] * len(jobs)
+        assert await outbox_size(database_url) >= 2 * len(jobs)  # an event and a job message each
+        stack.kill("gateway-no-kafka")
+
+        await all_succeed(client, jobs, ORPHAN_SWEEP_WITHIN_S)
+    await eventually(
+        lambda: outbox_size_is(database_url, 0), 30, "the outbox to be empty once everything is published"
+    )
+
+
+async def test_jobs_accepted_while_kafka_is_down_run_once_it_is_back(
+    private_kafka: KafkaCluster, private_kafka_stack: Stack
+) -> None:
+    async with private_kafka_stack.client() as client:
+        before = [await submit(client, {"before": n}) for n in range(3)]
+        await all_succeed(client, before, 60)
+
+        await asyncio.to_thread(private_kafka.stop)
+        assert not private_kafka.is_running
+        during = [await submit(client, {"during": n}) for n in range(5)]
+        assert await statuses(client, during) == ["queued"] * len(during)
+
+        # The same broker again: same ports, same data directory, so the same topics and offsets.
+        await asyncio.to_thread(private_kafka.start)
+        await all_succeed(client, during, KAFKA_RECOVERY_WITHIN_S)
+
+        after = [await submit(client, {"after": n}) for n in range(2)]
+        await all_succeed(client, after, 60)
+
+
+@asynccontextmanager
+async def database_refusing_writes(
+    kind: str, database_url: str, admin_url: str | None
+) -> AsyncIterator[None]:
+    """PostgreSQL: the database refuses every connection. SQLite: the test holds the write lock, so a
+    writer gives up after its busy timeout."""
+    if kind == "sqlite":
+        path = make_url(database_url).database
+        assert path
+        lock = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
+            await asyncio.to_thread(lock.execute, "BEGIN EXCLUSIVE")
+            yield
+        finally:
+            lock.rollback()
+            lock.close()
+        return
+    assert admin_url is not None
+    name = make_url(database_url).database
+    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            await connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": name},
+            )
+        try:
+            yield
+        finally:
+            async with admin.connect() as connection:
+                await connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+    finally:
+        await admin.dispose()
+
+
+async def test_a_submission_while_the_database_is_down_gets_503_and_leaves_nothing(
+    stack: Stack, database_url: str, database_kind: str, request: pytest.FixtureRequest
+) -> None:
+    admin_url = request.getfixturevalue("postgres_admin_url") if database_kind == "postgresql" else None
+    known = {job.id for job in await stored_jobs(database_url)}
+    refused_marker = uuid.uuid4().hex
+    # A client of its own: its connection is not reused afterwards, whatever the gateway does with it.
+    async with database_refusing_writes(database_kind, database_url, admin_url), stack.client() as client:
+        refused = await client.post("/v1/jobs", json={"type": "demo.echo", "payload": refused_marker})
+
+    async with stack.client() as client:
+        accepted = await submit(client, "accepted")
+        await all_succeed(client, [accepted], 60)
+
+    jobs = await stored_jobs(database_url)
+    assert {job.id for job in jobs} - known == {accepted.id}
+    assert not [job for job in jobs if job.payload == refused_marker]
+
+    assert refused.status_code == 503, refused.text
+    assert refused.headers["content-type"] == PROBLEM_JSON
+    assert int(refused.headers["retry-after"]) > 0
+    assert refused.json()["status"] == 503
+    assert refused.json()["type"] == "urn:conveyor:problem:dependency-unavailable"
