@@ -35,6 +35,14 @@ BATCH_SIZE = 500
 # After a failure to reach Kafka, wait this long (doubling up to the cap) before trying again.
 RETRY_BASE_S = 0.5
 RETRY_CAP_S = 10.0
+# The idempotent producer never gives up on a batch by itself, so during a broker outage an
+# acknowledgement could be awaited for as long as the outage lasts. Past this, the rows count as not
+# sent: they wait in the outbox, the relay backs off and re-reads them, and a late duplicate is harmless.
+ACK_TIMEOUT_S = 15.0
+# How long stopping may spend publishing what is left, and closing the producer; the rest stays in the
+# outbox for the next relay.
+STOP_TIMEOUT_S = 5.0
+PUBLISH_ERRORS = (KafkaError, BrokerUnavailable, OSError, TimeoutError)
 
 
 def stage_message(session: AsyncSession, topic: str, key: str, message: BaseModel) -> OutboxMessage:
@@ -74,7 +82,8 @@ class OutboxRelay:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        await self._flush()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._flush(), timeout=STOP_TIMEOUT_S)
         async with self._lock:
             await self._delete_published()
             await self._close_producer()
@@ -134,13 +143,13 @@ class OutboxRelay:
                 return await self._drain(sweep=False)
             try:
                 acks = await self._enqueue(rows)
-            except (KafkaError, BrokerUnavailable, OSError) as exc:
+            except PUBLISH_ERRORS as exc:
                 self._pending.update(row.id for row in rows)
                 await self._failed(exc)
                 return False
         try:
-            await asyncio.gather(*acks)
-        except (KafkaError, BrokerUnavailable, OSError) as exc:
+            await _acknowledged(acks)
+        except PUBLISH_ERRORS as exc:
             self._pending.update(row.id for row in rows)
             async with self._lock:
                 await self._failed(exc)
@@ -163,7 +172,7 @@ class OutboxRelay:
                 self._failures = 0
                 if len(rows) < BATCH_SIZE and not self._pending:
                     return True
-        except (KafkaError, BrokerUnavailable, OSError) as exc:
+        except PUBLISH_ERRORS as exc:
             await self._failed(exc)
             return False
 
@@ -197,7 +206,7 @@ class OutboxRelay:
             return list((await session.scalars(query)).all())
 
     async def _send(self, rows: list[OutboxMessage]) -> None:
-        await asyncio.gather(*await self._enqueue(rows))
+        await _acknowledged(await self._enqueue(rows))
 
     async def _enqueue(self, rows: list[OutboxMessage]) -> list[asyncio.Future[Any]]:
         """Queue rows on the producer in order; the futures resolve when Kafka acknowledges them."""
@@ -213,4 +222,24 @@ class OutboxRelay:
     async def _close_producer(self) -> None:
         if self._producer is not None:
             producer, self._producer = self._producer, None
-            await asyncio.gather(producer.stop(), return_exceptions=True)
+            # Stopping flushes what the producer holds, which waits for the broker: bound it.
+            await asyncio.gather(asyncio.wait_for(producer.stop(), STOP_TIMEOUT_S), return_exceptions=True)
+
+
+async def _acknowledged(acks: list[asyncio.Future[Any]]) -> None:
+    """Wait for Kafka to acknowledge every message, for at most ACK_TIMEOUT_S. The futures are not
+    cancelled on a timeout (they belong to the producer); whatever they end with is discarded."""
+    if not acks:
+        return
+    done, pending = await asyncio.wait(acks, timeout=ACK_TIMEOUT_S)
+    for ack in pending:
+        ack.add_done_callback(_discard_outcome)
+    for ack in done:
+        ack.result()  # raises the send's error, if any
+    if pending:
+        raise TimeoutError(f"Kafka acknowledged {len(done)} of {len(acks)} messages in {ACK_TIMEOUT_S} s")
+
+
+def _discard_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
