@@ -38,6 +38,7 @@ from conveyor.schemas import (
     SUBMISSION_EXAMPLES,
     JobPage,
     JobResource,
+    JobSubmission,
     JobTypeInfo,
     job_path,
     job_resource,
@@ -61,8 +62,9 @@ from services.gateway.submission import Submission, read_submission
 MAX_WAIT_S = 60.0
 WAIT_POLL_S = 0.25
 PriorityLevel = Annotated[int, Field(ge=HIGHEST_PRIORITY, le=LOWEST_PRIORITY)]
-TypeName = Annotated[str, Field(max_length=200)]
-LabelFilter = Annotated[str, Field(max_length=320)]
+# No NUL: PostgreSQL refuses it in text, so it would fail the query rather than match nothing.
+TypeName = Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")]
+LabelFilter = Annotated[str, Field(max_length=320, pattern=r"^[^\x00]*$")]
 # A header that tells a client its submission was answered from an earlier one with the same key.
 REPLAYED_HEADER = "Idempotent-Replayed"
 
@@ -135,7 +137,7 @@ ACCEPTED_HEADERS = {
             "required": True,
             "content": {
                 "application/json": {
-                    "schema": {"$ref": "#/components/schemas/JobSubmission"},
+                    "schema": JobSubmission.model_json_schema(),
                     "examples": SUBMISSION_EXAMPLES,
                 }
             },

@@ -13,7 +13,7 @@ import json
 from datetime import datetime
 from urllib.parse import urlencode
 
-from conveyor.jobstore import JobFilter
+from conveyor.jobstore import JobFilter, is_job_id
 from conveyor.lifecycle import JobState
 from conveyor.models import Job
 from conveyor.problems import invalid_field
@@ -34,7 +34,7 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         position = datetime.fromisoformat(created_at), str(job_id)
     except (binascii.Error, ValueError, TypeError, UnicodeDecodeError, RecursionError):
         raise invalid_field("cursor", "not a cursor from a previous page of this list") from None
-    if position[0].tzinfo is None:
+    if position[0].tzinfo is None or not is_job_id(position[1]):
         raise invalid_field("cursor", "not a cursor from a previous page of this list")
     return position
 

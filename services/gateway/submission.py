@@ -4,6 +4,7 @@ payload against the type's model, and the schedule. Each step raises a problem n
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -18,6 +19,9 @@ from conveyor.schemas import MAX_SCHEDULE_AHEAD_S, JobSubmission
 
 MAX_BODY_BYTES = 1024 * 1024
 JSON_TYPES = ("application/json",)
+# Deeper JSON than this is refused: real payloads are far shallower, and serializing it again (to the
+# database, to Kafka) would recurse past Python's limit.
+MAX_JSON_DEPTH = 100
 
 
 @dataclass(frozen=True)
@@ -56,11 +60,53 @@ async def read_json_body(request: Request) -> Any:
                 413, "Content too large", f"the body exceeds {MAX_BODY_BYTES} bytes", slug="body-too-large"
             )
     try:
-        return json.loads(body)
+        document = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise Problem(400, "Malformed JSON", str(exc), slug="malformed-json") from None
-    except RecursionError:
-        raise Problem(400, "Malformed JSON", "the JSON is nested too deeply", slug="malformed-json") from None
+        raise malformed_json(str(exc)) from None
+    except (ValueError, RecursionError) as exc:  # NaN, Infinity, 1e999, integers of thousands of digits
+        raise malformed_json(str(exc) if isinstance(exc, ValueError) else "nested too deeply") from None
+    check_json(document)
+    return document
+
+
+def malformed_json(detail: str) -> Problem:
+    return Problem(400, "Malformed JSON", detail, slug="malformed-json")
+
+
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"{text[:40]} is out of range")
+    return number
+
+
+def check_json(document: Any) -> None:
+    """Refuse what JSON's grammar allows but nothing downstream can store or send back: nesting past
+    MAX_JSON_DEPTH, and strings that are not Unicode text (lone surrogates, from `\\ud800` escapes)."""
+    stack = [(document, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise malformed_json(f"nested deeper than {MAX_JSON_DEPTH} levels")
+        if isinstance(value, dict):
+            stack.extend((key, depth) for key in value)
+            stack.extend((item, depth + 1) for item in value.values())
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1) for item in value)
+        elif isinstance(value, str) and not _is_text(value):
+            raise malformed_json("a string holds a lone surrogate (\\ud800-\\udfff): not Unicode text")
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def parse_submission(body: Any) -> JobSubmission:

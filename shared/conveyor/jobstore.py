@@ -35,6 +35,17 @@ def new_job_id() -> str:
     return str(uuid.uuid4())
 
 
+def is_job_id(text: str) -> bool:
+    """Whether `text` could be a job id (a UUID in its usual form). Anything else names no job, and
+    is never sent to the database: PostgreSQL refuses some strings (a NUL byte) outright."""
+    if len(text) != 36:
+        return False
+    try:
+        return str(uuid.UUID(text)) == text.lower()
+    except ValueError:
+        return False
+
+
 async def insert_job(
     session: AsyncSession,
     *,
@@ -74,6 +85,8 @@ async def insert_job(
 
 async def get_job(session: AsyncSession, tenant: str, job_id: str) -> Job | None:
     """The tenant's job, or None: another tenant's job is indistinguishable from a missing one."""
+    if not is_job_id(job_id):
+        return None
     return await session.scalar(select(Job).where(Job.id == job_id, Job.tenant == tenant))
 
 

@@ -19,7 +19,7 @@ MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_LABELS = 16
 
 LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
-LabelValue = Annotated[str, StringConstraints(max_length=255)]
+LabelValue = Annotated[str, StringConstraints(max_length=255, pattern=r"^[^\x00]*$")]
 
 SUBMISSION_EXAMPLES: dict[str, dict[str, Any]] = {
     "simple": {
