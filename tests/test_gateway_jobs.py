@@ -371,3 +371,28 @@ async def test_tenant_limits_answer_429_with_retry_after(module_stack: Stack) ->
                 await b.post(job["links"]["cancel"])
     finally:
         module_stack.stop("gateway-limited")
+
+
+async def test_openapi_documents_every_operation_with_examples(module_stack: Stack) -> None:
+    async with httpx.AsyncClient(base_url=module_stack.gateway_url) as client:
+        schema = (await client.get("/openapi.json")).json()
+        docs = await client.get("/docs")
+    assert docs.status_code == 200 and "swagger" in docs.text.lower()
+    operations = {(method.upper(), path) for path, item in schema["paths"].items() for method in item}
+    assert {
+        ("POST", "/v1/jobs"),
+        ("GET", "/v1/jobs"),
+        ("GET", "/v1/jobs/{job_id}"),
+        ("GET", "/v1/jobs/{job_id}/result"),
+        ("POST", "/v1/jobs/{job_id}/cancel"),
+        ("GET", "/v1/job-types"),
+    } <= operations
+    submit_op = schema["paths"]["/v1/jobs"]["post"]
+    assert {"simple", "urgent", "delayed", "scheduled"} <= set(
+        submit_op["requestBody"]["content"]["application/json"]["examples"]
+    )
+    accepted = submit_op["responses"]["202"]
+    assert accepted["content"]["application/json"]["example"]["links"]["cancel"]
+    assert {"Location", "Retry-After"} <= set(accepted["headers"])
+    assert {"400", "401", "403", "413", "415", "422", "429", "503"} <= set(submit_op["responses"])
+    assert [p["name"] for p in submit_op["parameters"]] == ["Idempotency-Key"]
