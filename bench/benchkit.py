@@ -46,6 +46,7 @@ PORT_TRIES = 500
 DEFAULT_WORKERS = 2
 DEFAULT_STARTUP_TIMEOUT_S = 180.0
 BENCH_KEY_ENV = "CONVEYOR_BENCH_KEY"
+UNLIMITED = 1_000_000_000
 # Exit statuses of main(): 130 is what a shell reports for a command ended by Ctrl-C.
 EXIT_OK = 0
 EXIT_STARTUP_FAILED = 1
@@ -278,6 +279,10 @@ class EmbeddedStack:
             CONVEYOR_GATEWAY_PORT=str(self.gateway_port),
             CONVEYOR_PROGRESS_PORT=str(self.progress_port),
             CONVEYOR_WORKERS=str(self.workers),
+            # The benchmarks measure capacity: the per-tenant limits would measure themselves instead.
+            CONVEYOR_TENANT_SUBMIT_RATE=str(UNLIMITED),
+            CONVEYOR_TENANT_SUBMIT_BURST=str(UNLIMITED),
+            CONVEYOR_TENANT_MAX_QUEUED=str(UNLIMITED),
         )
         if self.worker_concurrency is not None:
             env["CONVEYOR_WORKER_CONCURRENCY"] = str(self.worker_concurrency)

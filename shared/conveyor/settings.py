@@ -31,8 +31,8 @@ DEFAULT_RETRY_AFTER_S = 1
 DEFAULT_IDEMPOTENCY_WINDOW_S = 24 * 3600.0
 # Per-tenant limits: jobs waiting to run (scheduled or queued), and submissions per second with a burst.
 DEFAULT_TENANT_MAX_QUEUED = 10_000
-DEFAULT_TENANT_SUBMIT_RATE = 50.0
-DEFAULT_TENANT_SUBMIT_BURST = 100
+DEFAULT_TENANT_SUBMIT_RATE = 100.0
+DEFAULT_TENANT_SUBMIT_BURST = 500
 # How long a canceled job's handler may take to notice `ctx.cancelled` before its task is cancelled.
 DEFAULT_CANCEL_GRACE_S = 10.0
 
