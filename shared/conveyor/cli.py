@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Awaitable, Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -24,6 +25,11 @@ keys_app = typer.Typer(no_args_is_help=True, help="API keys stored (hashed) in t
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(keys_app, name="keys")
 console = Console(stderr=True)
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+T = TypeVar("T")
 
 
 def _settings() -> Settings:
@@ -152,23 +158,11 @@ def keys_create(
     name: Annotated[str, typer.Option(help="A label for the key")] = "",
 ) -> None:
     """Create an API key; it is printed once and stored only as a hash."""
-    from conveyor.auth import NewApiKey, create_api_key
-    from conveyor.database import Database
+    from conveyor.auth import create_api_key
 
-    async def create(url: str) -> NewApiKey:
-        db = Database(url)
-        try:
-            await db.migrate()
-            async with db.session() as session:
-                return await create_api_key(
-                    session, tenant, frozenset(s.strip() for s in scopes.split(",")), name
-                )
-        finally:
-            await db.close()
-
-    settings = _settings()
+    wanted = frozenset(s.strip() for s in scopes.split(","))
     try:
-        key = asyncio.run(create(settings.resolved_database_url))
+        key = _in_database(lambda session: create_api_key(session, tenant, wanted, name))
     except ValueError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from None
@@ -184,25 +178,13 @@ def keys_revoke(
     ] = None,
 ) -> None:
     """Revoke an API key: it is refused (401) from the next request on. Revoking it again changes nothing."""
-    from conveyor.auth import Revocation, UnknownApiKey, revoke_api_key
-    from conveyor.database import Database
+    from conveyor.auth import UnknownApiKey, revoke_api_key
 
     if (key_id is None) == (key is None):
         console.print("[red]name the key by its id or by --key (exactly one)[/red]")
         raise typer.Exit(2)
-
-    async def revoke(url: str) -> Revocation:
-        db = Database(url)
-        try:
-            await db.migrate()
-            async with db.session() as session:
-                return await revoke_api_key(session, key_id=key_id, secret=key)
-        finally:
-            await db.close()
-
-    settings = _settings()
     try:
-        revocation = asyncio.run(revoke(settings.resolved_database_url))
+        revocation = _in_database(lambda session: revoke_api_key(session, key_id=key_id, secret=key))
     except UnknownApiKey as exc:
         hint = " (keys from CONVEYOR_API_KEYS are revoked by removing them there)" if key else ""
         console.print(f"[red]{exc}[/red]{hint}")
@@ -225,20 +207,8 @@ def keys_list(
     from rich.text import Text
 
     from conveyor.auth import list_api_keys
-    from conveyor.database import Database
-    from conveyor.models import ApiKey
 
-    async def fetch(url: str) -> list[ApiKey]:
-        db = Database(url)
-        try:
-            await db.migrate()
-            async with db.reading() as session:
-                return await list_api_keys(session, tenant)
-        finally:
-            await db.close()
-
-    settings = _settings()
-    rows = asyncio.run(fetch(settings.resolved_database_url))
+    rows = _in_database(lambda session: list_api_keys(session, tenant))
     if not rows:
         console.print("no API keys" + (f" for tenant {escape(tenant)}" if tenant else ""))
         return
@@ -251,6 +221,22 @@ def keys_list(
         # Text, not markup: a tenant or a name with [brackets] is shown as it is.
         table.add_row(str(row.id), *map(Text, cells), _when(row.created_at), _when(row.revoked_at))
     Console().print(table)
+
+
+def _in_database(work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """Run `work` in one transaction on the configured database, migrated first."""
+    from conveyor.database import Database
+
+    async def run(url: str) -> T:
+        db = Database(url)
+        try:
+            await db.migrate()
+            async with db.session() as session:
+                return await work(session)
+        finally:
+            await db.close()
+
+    return asyncio.run(run(_settings().resolved_database_url))
 
 
 def _when(moment: datetime | None) -> str:
