@@ -10,7 +10,6 @@ a canceled job's handler hears of it within a second (see `execution.py` for wha
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 import structlog
 
@@ -27,6 +26,7 @@ from conveyor.jobstore import (
 from conveyor.models import OutboxMessage
 from conveyor.outbox import OutboxRelay
 from services.worker.execution import JobExecutor
+from services.worker.periodic import run_every
 
 log = structlog.get_logger(__name__)
 
@@ -52,11 +52,15 @@ class LeaseKeeper:
     async def start(self) -> None:
         self._tasks = [
             asyncio.create_task(
-                self._every(self._lease_s / RENEWALS_PER_LEASE, self.renew), name="lease-renew"
+                run_every(self._lease_s / RENEWALS_PER_LEASE, self.renew, "lease.task_failed"),
+                name="lease-renew",
             ),
-            asyncio.create_task(self._every(REAP_INTERVAL_S, self.reap), name="lease-reap"),
             asyncio.create_task(
-                self._every(CANCEL_CHECK_INTERVAL_S, self.check_cancels), name="cancel-check"
+                run_every(REAP_INTERVAL_S, self.reap, "lease.task_failed"), name="lease-reap"
+            ),
+            asyncio.create_task(
+                run_every(CANCEL_CHECK_INTERVAL_S, self.check_cancels, "lease.task_failed"),
+                name="cancel-check",
             ),
         ]
 
@@ -64,14 +68,6 @@ class LeaseKeeper:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _every(self, interval: float, action: Callable[[], Awaitable[object]]) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await action()
-            except Exception:  # a database hiccup must not stop the heartbeat for good
-                log.exception("lease.task_failed")
 
     async def renew(self) -> None:
         running = {job_id: execution.attempt for job_id, execution in self._executor.running.items()}

@@ -17,6 +17,7 @@ from conveyor.database import Database
 from conveyor.jobstore import announce_state, due_jobs, queue_due_job
 from conveyor.models import OutboxMessage
 from conveyor.outbox import OutboxRelay
+from services.worker.periodic import run_every
 
 log = structlog.get_logger(__name__)
 
@@ -44,7 +45,9 @@ class Scheduler:
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._loop(), name="scheduler")
+        self._task = asyncio.create_task(
+            run_every(self._interval_s, self.queue_all_due, "schedule.failed"), name="scheduler"
+        )
 
     async def stop(self) -> None:
         if self._task is None:
@@ -53,14 +56,10 @@ class Scheduler:
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval_s)
-            try:
-                while await self.queue_due() >= self._batch:
-                    pass
-            except Exception:  # a database hiccup must not stop scheduling for good: the next look retries
-                log.exception("schedule.failed")
+    async def queue_all_due(self) -> None:
+        """Queue due jobs a batch at a time; a full batch means a backlog, so the next follows at once."""
+        while await self.queue_due() >= self._batch:
+            pass
 
     async def queue_due(self) -> int:
         """Queue the jobs that are due now; returns how many this worker queued."""
