@@ -327,12 +327,13 @@ async def _wait_for_change(
     """The job once its status differs from `job`'s, or as it is when `wait_s` runs out."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
+    latest = job
     while loop.time() < deadline:
         await asyncio.sleep(min(WAIT_POLL_S, max(0.0, deadline - loop.time())))
         latest = await _tenant_job(state, tenant, job.id)
         if latest.status != job.status or await request.is_disconnected():
-            return latest
-    return await _tenant_job(state, tenant, job.id)
+            break
+    return latest
 
 
 @router.get(
