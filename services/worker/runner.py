@@ -100,6 +100,7 @@ class Worker:
             worker_group(self.settings.topic_prefix),
             listener=_CommitOnRevoke(self),
             max_poll_records=self.concurrency,
+            max_poll_interval_ms=self.settings.kafka_max_poll_interval_ms,
         )
         await self._consumer.start()
         log.info("worker.started", worker_id=self.worker_id, concurrency=self.concurrency)

@@ -21,6 +21,23 @@ class JobMessage(BaseModel):
     attempt: int  # the attempt this message asks for: the number of attempts made so far, plus one
 
 
+class DeadLetter(BaseModel):
+    """Published on the dead-letter topic, keyed by job id, when a job has failed its last attempt:
+    enough to alert on, inspect and resubmit it without reading the database."""
+
+    job_id: str
+    tenant: str
+    type: str
+    priority: int
+    payload: Any
+    attempts: int
+    max_attempts: int
+    error: dict[str, Any] | None
+    labels: dict[str, str]
+    created_at: datetime
+    failed_at: datetime
+
+
 class Progress(BaseModel):
     percent: float | None = None
     message: str | None = None
@@ -62,6 +79,22 @@ class JobEvent(BaseModel):
 def job_message_for(job: Job) -> JobMessage:
     return JobMessage(
         job_id=job.id, tenant=job.tenant, type=job.type, priority=job.priority, attempt=job.attempts + 1
+    )
+
+
+def dead_letter_for(job: Job) -> DeadLetter:
+    return DeadLetter(
+        job_id=job.id,
+        tenant=job.tenant,
+        type=job.type,
+        priority=job.priority,
+        payload=job.payload,
+        attempts=job.attempts,
+        max_attempts=job.max_attempts,
+        error=job.error,
+        labels=job.labels or {},
+        created_at=job.created_at,
+        failed_at=job.finished_at or job.updated_at,
     )
 
 

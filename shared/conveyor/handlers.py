@@ -45,6 +45,9 @@ class JobType:
     description: str = ""
     # Each attempt is stopped after this long unless the submission sets its own `timeout_s`.
     timeout_s: float | None = None
+    # The backoff before a retry (see `conveyor.retries`); None means the worker's settings.
+    retry_base_s: float | None = None
+    retry_cap_s: float | None = None
 
     @property
     def is_async(self) -> bool:
@@ -92,11 +95,24 @@ def job(
     payload: type[BaseModel] | None = None,
     max_attempts: int | None = None,
     timeout_s: float | None = None,
+    retry_base_s: float | None = None,
+    retry_cap_s: float | None = None,
     description: str = "",
 ) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
         doc = description or inspect.getdoc(handler) or ""
-        registry.register(JobType(name, handler, payload, max_attempts, doc.split("\n\n")[0], timeout_s))
+        registry.register(
+            JobType(
+                name,
+                handler,
+                payload,
+                max_attempts,
+                doc.split("\n\n")[0],
+                timeout_s,
+                retry_base_s=retry_base_s,
+                retry_cap_s=retry_cap_s,
+            )
+        )
         return handler
 
     return register

@@ -19,16 +19,18 @@ from sqlalchemy import and_, exists, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.eventlog import record_event
-from conveyor.events import event_for, job_message_for
+from conveyor.events import dead_letter_for, event_for, job_message_for
 from conveyor.lifecycle import TERMINAL_STATES, WAITING_STATES, JobState, sources_of
 from conveyor.models import Job, JobLabel, OutboxMessage, utcnow
 from conveyor.outbox import stage_message
-from conveyor.topics import events_topic, job_key, job_topic
+from conveyor.topics import dead_letter_topic, events_topic, job_key, job_topic
 
 # The error type recorded on an attempt whose worker stopped renewing its lease.
 LEASE_EXPIRED = "LeaseExpired"
 # The error type recorded on an attempt that ran longer than its timeout (the job's or its type's).
 TIMED_OUT = "timed_out"
+# The error type recorded on an attempt a draining worker gave back unfinished; it does not count.
+HANDED_BACK = "handed_back"
 
 
 def new_job_id() -> str:
@@ -163,10 +165,16 @@ async def transition(
     target: JobState,
     *,
     attempt: int | None = None,
+    source: JobState | None = None,
     **values: Any,
 ) -> Job | None:
-    """Move a job to `target` if the lifecycle allows it from its current state; None if not."""
-    statement = update(Job).where(Job.id == job_id, Job.status.in_(sorted(sources_of(target))))
+    """Move a job to `target` if the lifecycle allows it from its current state (and that state is
+    `source`, when given); None if not."""
+    sources = sources_of(target)
+    if source is not None:
+        assert source in sources, f"{source} -> {target} is not a legal transition"
+        sources = frozenset({source})
+    statement = update(Job).where(Job.id == job_id, Job.status.in_(sorted(sources)))
     if attempt is not None:
         statement = statement.where(Job.attempts == attempt)
     statement = statement.values(status=target, last_seq=Job.last_seq + 1, updated_at=utcnow(), **values)
@@ -216,7 +224,7 @@ async def due_jobs(session: AsyncSession, limit: int) -> list[Job]:
 
 async def queue_due_job(session: AsyncSession, job_id: str) -> Job | None:
     """scheduled -> queued; None if someone else queued or canceled it first."""
-    return await transition(session, job_id, JobState.QUEUED)
+    return await transition(session, job_id, JobState.QUEUED, source=JobState.SCHEDULED)
 
 
 async def renew_leases(
@@ -297,11 +305,31 @@ async def complete_job(session: AsyncSession, job_id: str, attempt: int, result:
     )
 
 
-async def fail_attempt(session: AsyncSession, job: Job, error: dict[str, Any]) -> Job | None:
-    """Record a failed attempt: back to queued for another try, or failed once attempts are spent."""
+async def fail_attempt(
+    session: AsyncSession, job: Job, error: dict[str, Any], retry_at: datetime | None = None
+) -> Job | None:
+    """Record a failed attempt. With attempts left the job waits for its next one: `scheduled` until
+    `retry_at` (its backoff), or `queued` at once without one. With none left it is `failed`."""
     if job.attempts < job.max_attempts:
+        if retry_at is not None:
+            return await transition(
+                session,
+                job.id,
+                JobState.SCHEDULED,
+                attempt=job.attempts,
+                source=JobState.RUNNING,
+                error=error,
+                run_at=retry_at,
+                lease_expires_at=None,
+            )
         return await transition(
-            session, job.id, JobState.QUEUED, attempt=job.attempts, error=error, lease_expires_at=None
+            session,
+            job.id,
+            JobState.QUEUED,
+            attempt=job.attempts,
+            source=JobState.RUNNING,
+            error=error,
+            lease_expires_at=None,
         )
     return await transition(
         session,
@@ -311,6 +339,41 @@ async def fail_attempt(session: AsyncSession, job: Job, error: dict[str, Any]) -
         error=error,
         finished_at=utcnow(),
         lease_expires_at=None,
+    )
+
+
+async def hand_back_job(session: AsyncSession, job: Job, worker_id: str) -> Job | None:
+    """running -> queued at once, for an attempt a draining worker could not finish. The attempt was
+    not the job's fault, so it does not use up one of its attempts: `max_attempts` grows by one (the
+    attempt number itself must still grow, so a late outcome of this attempt stays fenced off)."""
+    error = {
+        "type": HANDED_BACK,
+        "message": f"worker {worker_id} stopped before the attempt finished; it does not count",
+        "attempt": job.attempts,
+    }
+    return await transition(
+        session,
+        job.id,
+        JobState.QUEUED,
+        attempt=job.attempts,
+        source=JobState.RUNNING,
+        error=error,
+        max_attempts=Job.max_attempts + 1,
+        lease_expires_at=None,
+    )
+
+
+async def retry_job(session: AsyncSession, job_id: str, attempts: int) -> Job | None:
+    """failed -> queued, with `attempts` more attempts; None unless the job is failed. Its attempt
+    numbers go on from where they were, and its last error stays until the next attempt ends."""
+    return await transition(
+        session,
+        job_id,
+        JobState.QUEUED,
+        source=JobState.FAILED,
+        max_attempts=Job.attempts + attempts,
+        finished_at=None,
+        run_at=None,
     )
 
 
@@ -325,10 +388,13 @@ def announce(
 
 
 def announce_state(session: AsyncSession, prefix: str, job: Job) -> list[OutboxMessage]:
-    """Stage the event for a state change, and the job's message too if it is queued again."""
+    """Stage the event for a state change; and the job's message too if it is queued again, or its
+    dead letter if it failed for good."""
     rows = [announce(session, prefix, job, "state")]
     if job.status == JobState.QUEUED:
         rows.append(enqueue(session, prefix, job))
+    elif job.status == JobState.FAILED:
+        rows.append(stage_message(session, dead_letter_topic(prefix), job.id, dead_letter_for(job)))
     return rows
 
 

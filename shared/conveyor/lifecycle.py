@@ -21,6 +21,7 @@ class JobState(enum.StrEnum):
 
     @property
     def is_terminal(self) -> bool:
+        """Finished: nothing more happens to the job on its own (a failed one may be retried by hand)."""
         return self in TERMINAL_STATES
 
 
@@ -31,10 +32,15 @@ TERMINAL_STATES: frozenset[JobState] = frozenset({JobState.SUCCEEDED, JobState.F
 LEGAL_TRANSITIONS: dict[JobState, frozenset[JobState]] = {
     JobState.SCHEDULED: frozenset({JobState.QUEUED, JobState.CANCELED}),
     JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELED}),
-    # RUNNING -> QUEUED is a retry: a new attempt, with a higher attempt number.
-    JobState.RUNNING: frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.QUEUED, JobState.CANCELED}),
+    # RUNNING -> SCHEDULED is a retry after a backoff; RUNNING -> QUEUED one at once (a lost lease, or a
+    # job handed back by a draining worker). Either way the next attempt has a higher attempt number.
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.SCHEDULED, JobState.QUEUED, JobState.CANCELED}
+    ),
     JobState.SUCCEEDED: frozenset(),
-    JobState.FAILED: frozenset(),
+    # The one way out of a terminal state: a client asks for the failed job to be retried
+    # (`POST /v1/jobs/<id>/retry`). Its attempt numbers go on counting, so nothing is reused.
+    JobState.FAILED: frozenset({JobState.QUEUED}),
     JobState.CANCELED: frozenset(),
 }
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from functools import cached_property
 from pathlib import Path
 
-from pydantic import BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from typing import Annotated, Any
+
+from pydantic import BaseModel, Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_GATEWAY_PORT = 8000
 DEFAULT_PROGRESS_PORT = 8001
@@ -35,6 +37,14 @@ DEFAULT_TENANT_SUBMIT_RATE = 100.0
 DEFAULT_TENANT_SUBMIT_BURST = 500
 # How long a canceled job's handler may take to notice `ctx.cancelled` before its task is cancelled.
 DEFAULT_CANCEL_GRACE_S = 10.0
+# Retries wait a random time ("full jitter") up to min(cap, base * 2 ** (attempt - 1)).
+DEFAULT_RETRY_BASE_S = 1.0
+DEFAULT_RETRY_CAP_S = 300.0
+# How workers share their capacity between the priority levels 1..5 when every level has a backlog.
+DEFAULT_PRIORITY_WEIGHTS = (16, 8, 4, 2, 1)
+# Kafka's own default: a consumer that does not poll for this long is pushed out of its group. The
+# worker polls while its jobs run, so even jobs far longer than this keep their partitions.
+DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 
 
 class TenantLimits(BaseModel):
@@ -108,6 +118,25 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(
         default=DEFAULT_DRAIN_GRACE_S, ge=0, description="How long SIGTERM lets in-flight jobs finish."
     )
+    retry_base_s: float = Field(
+        default=DEFAULT_RETRY_BASE_S,
+        ge=0,
+        description="Backoff base of a failed attempt's retry, unless its job type sets its own.",
+    )
+    retry_cap_s: float = Field(
+        default=DEFAULT_RETRY_CAP_S,
+        ge=0,
+        description="Longest backoff before a retry, unless its job type sets its own.",
+    )
+    priority_weights: Annotated[tuple[int, int, int, int, int], NoDecode] = Field(
+        default=DEFAULT_PRIORITY_WEIGHTS,
+        description="Shares of a worker's capacity for priorities 1..5 when all are backlogged: 16,8,4,2,1.",
+    )
+    kafka_max_poll_interval_ms: int = Field(
+        default=DEFAULT_MAX_POLL_INTERVAL_MS,
+        ge=1000,
+        description="Kafka's max.poll.interval.ms for the workers' consumers.",
+    )
 
     # Progress service.
     progress_client_queue: int = Field(
@@ -144,6 +173,21 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
     log_json: bool = False
+
+    @field_validator("priority_weights", mode="before")
+    @classmethod
+    def _split_weights(cls, value: Any) -> Any:
+        """Accept `16,8,4,2,1` (or `16:8:4:2:1`) from the environment, as well as a sequence."""
+        if isinstance(value, str):
+            return tuple(int(part) for part in value.replace(":", ",").split(",") if part.strip())
+        return value
+
+    @field_validator("priority_weights")
+    @classmethod
+    def _positive_weights(cls, value: tuple[int, ...]) -> tuple[int, ...]:
+        if any(weight < 1 for weight in value):
+            raise ValueError("every priority weight must be at least 1")
+        return value
 
     @cached_property
     def resolved_database_url(self) -> str:
