@@ -8,7 +8,7 @@ import math
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 from sqlalchemy.exc import IntegrityError
@@ -30,6 +30,7 @@ from conveyor.jobstore import (
     get_job,
     insert_job,
     list_jobs,
+    retry_job,
 )
 from conveyor.lifecycle import JobState
 from conveyor.models import IdempotencyKey, Job, utcnow
@@ -40,6 +41,7 @@ from conveyor.schemas import (
     JobResource,
     JobSubmission,
     JobTypeInfo,
+    RetryRequest,
     job_path,
     job_resource,
 )
@@ -411,6 +413,65 @@ async def cancel(
         status_code=202,
         headers={"Location": job_path(job_id)},
     )
+
+
+@router.post(
+    "/jobs/{job_id}/retry",
+    status_code=202,
+    response_model=JobResource,
+    responses={
+        202: {"description": "Queued again, with more attempts", "headers": ACCEPTED_HEADERS},
+        **problems(404, 409, 422, 429),
+    },
+)
+async def retry(
+    job_id: str,
+    body: Annotated[RetryRequest | None, Body()] = None,
+    principal: Principal = Depends(require_principal),
+    state: GatewayState = Depends(gateway_state),
+) -> JSONResponse:
+    """Run a failed job again: it is queued at once with `attempts` more attempts (by default as many
+    as a new job of its type gets). Its attempt numbers go on counting and its last error stays until
+    the next attempt ends. Needs the `submit` scope; 409 unless the job is `failed`."""
+    require_scope(principal, "submit")
+    async with state.db.session() as session:
+        job = await get_job(session, principal.tenant, job_id)
+        if job is None:
+            raise _not_found(job_id)
+        if job.status == JobState.FAILED:
+            check_queue_room(
+                await count_waiting_jobs(session, principal.tenant),
+                state.settings.limits_for(principal.tenant),
+            )
+            more = body.attempts if body is not None and body.attempts is not None else None
+            retried = await retry_job(session, job_id, more or _default_attempts(state, job))
+        else:
+            retried = None
+        if retried is None:  # not failed, or retried by a racing request a moment ago
+            current = await get_job(session, principal.tenant, job_id)
+            status = current.status if current is not None else job.status
+            raise Problem(
+                409,
+                "Job not failed",
+                f"only a failed job can be retried; this one is {status}",
+                slug="job-not-failed",
+                job_status=status,
+            )
+        rows = announce_state(session, state.settings.topic_prefix, retried)
+    state.relay.notify(rows)
+    return JSONResponse(
+        job_resource(retried, state.settings.progress_url).model_dump(mode="json"),
+        status_code=202,
+        headers={"Location": job_path(job_id), "Retry-After": str(retry_after_s(retried))},
+    )
+
+
+def _default_attempts(state: GatewayState, job: Job) -> int:
+    """As many attempts as a new job of its type gets (the type may no longer be registered)."""
+    job_type = state.registry.types.get(job.type)
+    if job_type is not None and job_type.max_attempts is not None:
+        return job_type.max_attempts
+    return state.settings.default_max_attempts
 
 
 @router.get("/job-types", response_model=list[JobTypeInfo], responses=problems())

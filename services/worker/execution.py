@@ -11,6 +11,13 @@ early. Each sets `ctx.cancelled`, which a handler should check to stop soon:
 - The job is canceled (the lease keeper sees it in the database): the handler gets `cancel_grace_s` to
   return by itself, then it is interrupted. Nothing is recorded, since the job is `canceled` already.
 - The lease is lost (see `leases.py`): the handler runs on as before, and its outcome is rejected.
+- The worker drains (SIGTERM): `ctx.cancelled` is set at once, and the handler has the drain's grace
+  period to finish. A handler that returns is recorded as usual; one that stops by raising, or is still
+  running when the grace ends (it is interrupted then), is handed back: queued again at once for
+  another worker, without using up one of the job's attempts.
+
+A failed attempt with attempts left is retried after a backoff (`conveyor.retries`): the job waits as
+`scheduled` until its retry time, in the database, so the retry survives any restart.
 
 Interrupting means cancelling the handler's task. A plain function running in a thread cannot be
 interrupted: the executor stops waiting for it, and the thread runs on until the function returns.
@@ -31,7 +38,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.database import Database
 from conveyor.events import JobMessage
-from conveyor.handlers import JobContext, Registry, run_handler
+from conveyor.handlers import JobContext, JobType, Registry, run_handler
 from conveyor.jobstore import (
     TIMED_OUT,
     announce,
@@ -39,11 +46,13 @@ from conveyor.jobstore import (
     claim_job,
     complete_job,
     fail_attempt,
+    hand_back_job,
     record_progress,
 )
 from conveyor.models import Job, OutboxMessage
 from conveyor.outbox import OutboxRelay
-from conveyor.settings import DEFAULT_CANCEL_GRACE_S
+from conveyor.retries import Backoff
+from conveyor.settings import DEFAULT_CANCEL_GRACE_S, DEFAULT_RETRY_BASE_S, DEFAULT_RETRY_CAP_S
 from services.worker.reporting import ProgressWriter
 
 log = structlog.get_logger(__name__)
@@ -55,6 +64,7 @@ MAX_TRACEBACK_CHARS = 4000
 INTERRUPT_WAIT_S = 5.0
 
 HandlerTask = asyncio.Task[Any]
+DEFAULT_BACKOFF = Backoff(base_s=DEFAULT_RETRY_BASE_S, cap_s=DEFAULT_RETRY_CAP_S)
 
 
 @dataclass
@@ -64,6 +74,8 @@ class Execution:
     context: JobContext
     # Set once the job is seen canceled in the database: the handler's grace period starts.
     canceled: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when a draining worker's grace period is over: the attempt is stopped and handed back.
+    handing_back: asyncio.Event = field(default_factory=asyncio.Event)
 
     def cancel(self) -> None:
         """The job was canceled: tell the handler through `ctx.cancelled` and start its grace period."""
@@ -77,6 +89,7 @@ class Ending(enum.Enum):
     RETURNED = "returned"
     CANCELED = "canceled"
     TIMED_OUT = "timed_out"
+    HANDED_BACK = "handed_back"
 
 
 class JobExecutor:
@@ -90,6 +103,7 @@ class JobExecutor:
         worker_id: str,
         lease_s: float,
         cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
+        backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
         self._db = db
         self._relay = relay
@@ -98,7 +112,21 @@ class JobExecutor:
         self.worker_id = worker_id
         self._lease_s = lease_s
         self._cancel_grace_s = cancel_grace_s
+        self._backoff = backoff
         self.running: dict[str, Execution] = {}
+        # Set by `drain`: from then on an attempt that does not return a result is handed back.
+        self.draining = False
+
+    def drain(self) -> None:
+        """The worker is stopping: tell every running handler (`ctx.cancelled`) so it can wrap up."""
+        self.draining = True
+        for execution in self.running.values():
+            execution.context.cancelled.set()
+
+    def hand_back_all(self) -> None:
+        """The drain's grace is over: stop every attempt still running and hand its job back."""
+        for execution in self.running.values():
+            execution.handing_back.set()
 
     async def execute(self, message: JobMessage) -> None:
         job = await self._claim(message.job_id)
@@ -114,6 +142,8 @@ class JobExecutor:
             job_id=job.id, tenant=job.tenant, type=job.type, attempt=job.attempts, report=report
         )
         execution = Execution(job.id, job.attempts, context)
+        if self.draining:  # claimed while the worker stops: it should not start at all
+            execution.handing_back.set()
         self.running[job.id] = execution
         try:
             await self._run(job, execution, progress)
@@ -125,7 +155,7 @@ class JobExecutor:
             job_type = self._registry.get(job.type)
             payload = job_type.validate_payload(job.payload)
         except Exception as exc:  # an unknown type, or a payload the type's model no longer accepts
-            await self._record_failure(job, exc)
+            await self._record_failure(job, exc, None)
             return
         timeout_s = job.timeout_s if job.timeout_s is not None else job_type.timeout_s
         log.info("job.started", job_id=job.id, type=job.type, attempt=job.attempts, timeout_s=timeout_s)
@@ -143,7 +173,13 @@ class JobExecutor:
                 assert timeout_s is not None
                 await self._stop_timed_out(job, execution, handler, timeout_s)
                 await progress.flush()
-                await self._record_timeout(job, timeout_s)
+                await self._record_timeout(job, job_type, timeout_s)
+                return
+            if ending is Ending.HANDED_BACK:
+                log.warning("job.interrupted", job_id=job.id, attempt=job.attempts, reason="drain")
+                await _interrupt(handler)
+                await progress.flush()
+                await self._hand_back(job)
                 return
         finally:
             if not handler.done():  # this task itself was cancelled: the worker is stopping
@@ -153,21 +189,32 @@ class JobExecutor:
         try:
             result = to_jsonable_python(_outcome(handler))
         except Exception as exc:  # the handler's failure, or a result that is not JSON
-            await self._record_failure(job, exc)
+            if self.draining and execution.context.cancelled.is_set():
+                # Most likely it stopped because the worker told it to: not the job's fault.
+                await self._hand_back(job)
+            else:
+                await self._record_failure(job, exc, job_type)
             return
         await self._record(job.id, lambda session: complete_job(session, job.id, job.attempts, result))
 
     async def _wait(self, handler: HandlerTask, execution: Execution, timeout_s: float | None) -> Ending:
-        """Wait until the handler returns, the job is canceled, or the attempt's time is up."""
-        canceled = asyncio.create_task(execution.canceled.wait(), name=f"cancel-watch-{execution.job_id}")
+        """Wait until the handler returns, the job is canceled, the attempt's time is up, or the
+        draining worker hands the job back."""
+        watches = {
+            asyncio.create_task(execution.canceled.wait(), name=f"cancel-watch-{execution.job_id}"),
+            asyncio.create_task(execution.handing_back.wait(), name=f"drain-watch-{execution.job_id}"),
+        }
         try:
-            await asyncio.wait({handler, canceled}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({handler, *watches}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            canceled.cancel()
+            for watch in watches:
+                watch.cancel()
         # A cancel wins over a handler that returned at the same moment: the job is canceled either way.
         if execution.canceled.is_set():
             return Ending.CANCELED
-        return Ending.RETURNED if handler.done() else Ending.TIMED_OUT
+        if handler.done():
+            return Ending.RETURNED
+        return Ending.HANDED_BACK if execution.handing_back.is_set() else Ending.TIMED_OUT
 
     async def _stop_canceled(self, job: Job, handler: HandlerTask) -> None:
         """Give the handler its grace period to return by itself, then interrupt it."""
@@ -222,15 +269,15 @@ class JobExecutor:
         log.info("job.recorded", job_id=job_id, status=updated.status, attempt=updated.attempts)
         await self._relay.publish(rows)
 
-    async def _record_timeout(self, job: Job, timeout_s: float) -> None:
+    async def _record_timeout(self, job: Job, job_type: JobType, timeout_s: float) -> None:
         error = {
             "type": TIMED_OUT,
             "message": f"the attempt ran longer than its timeout of {timeout_s:g} s",
             "attempt": job.attempts,
         }
-        await self._record(job.id, lambda session: fail_attempt(session, job, error))
+        await self._record_attempt_failed(job, job_type, error)
 
-    async def _record_failure(self, job: Job, exc: BaseException) -> None:
+    async def _record_failure(self, job: Job, exc: BaseException, job_type: JobType | None) -> None:
         log.warning("job.attempt_failed", job_id=job.id, attempt=job.attempts, error=repr(exc))
         error = {
             "type": type(exc).__name__,
@@ -238,7 +285,24 @@ class JobExecutor:
             "attempt": job.attempts,
             "traceback": "".join(traceback.format_exception(exc))[-MAX_TRACEBACK_CHARS:],
         }
-        await self._record(job.id, lambda session: fail_attempt(session, job, error))
+        await self._record_attempt_failed(job, job_type, error)
+
+    async def _record_attempt_failed(self, job: Job, job_type: JobType | None, error: dict[str, Any]) -> None:
+        """Fail the attempt; with attempts left, the retry waits out the type's backoff."""
+        retry_at = self._backoff_for(job_type).retry_at(job.attempts)
+        await self._record(job.id, lambda session: fail_attempt(session, job, error, retry_at))
+
+    def _backoff_for(self, job_type: JobType | None) -> Backoff:
+        if job_type is None:
+            return self._backoff
+        return Backoff(
+            base_s=self._backoff.base_s if job_type.retry_base_s is None else job_type.retry_base_s,
+            cap_s=self._backoff.cap_s if job_type.retry_cap_s is None else job_type.retry_cap_s,
+        )
+
+    async def _hand_back(self, job: Job) -> None:
+        log.info("job.handed_back", job_id=job.id, attempt=job.attempts)
+        await self._record(job.id, lambda session: hand_back_job(session, job, self.worker_id))
 
 
 class HandlerCancelled(Exception):

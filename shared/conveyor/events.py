@@ -55,7 +55,10 @@ class JobEvent(BaseModel):
     attempt: int
     at: datetime
     result: Any | None = None
+    # The last attempt's error: on `failed`, and on `scheduled` when a failed attempt waits to be retried.
     error: dict[str, Any] | None = None
+    # When a `scheduled` job runs: its `run_at`, or the retry time after a failed attempt.
+    run_at: datetime | None = None
     _json: str | None = PrivateAttr(default=None)
 
     @classmethod
@@ -111,5 +114,6 @@ def event_for(job: Job, kind: Literal["state", "progress"]) -> JobEvent:
         attempt=job.attempts,
         at=job.updated_at,
         result=job.result if status is JobState.SUCCEEDED else None,
-        error=job.error if status is JobState.FAILED else None,
+        error=job.error if status in (JobState.FAILED, JobState.SCHEDULED) else None,
+        run_at=job.run_at if status is JobState.SCHEDULED else None,
     )

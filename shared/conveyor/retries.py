@@ -34,5 +34,7 @@ class Backoff:
         """A random wait in [0, ceiling]: full jitter."""
         return (rng or random).uniform(0.0, self.ceiling_s(attempt))
 
-    def retry_at(self, attempt: int, now: datetime | None = None, rng: random.Random | None = None) -> datetime:
+    def retry_at(
+        self, attempt: int, now: datetime | None = None, rng: random.Random | None = None
+    ) -> datetime:
         return (now or utcnow()) + timedelta(seconds=self.delay_s(attempt, rng))

@@ -89,6 +89,7 @@ class JobLinks(BaseModel):
     events: str = Field(description="The job's live events (WebSocket; SSE over HTTP).")
     cancel: str | None = Field(default=None, description="POST here to cancel; absent once finished.")
     result: str | None = Field(default=None, description="The result; present once succeeded.")
+    retry: str | None = Field(default=None, description="POST here to run a failed job again.")
 
 
 class JobResource(BaseModel):
@@ -109,6 +110,19 @@ class JobResource(BaseModel):
     result: Any | None = None
     error: dict[str, Any] | None = None
     links: JobLinks
+
+
+class RetryRequest(BaseModel):
+    """The optional body of `POST /v1/jobs/<id>/retry`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    attempts: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_ATTEMPTS_LIMIT,
+        description="How many more attempts the job gets; by default as many as a new job of its type.",
+    )
 
 
 class JobPage(BaseModel):
@@ -137,6 +151,7 @@ def job_links(job: Job, events_base_url: str) -> JobLinks:
         events=f"{events_base_url}{path}/events",
         cancel=None if status.is_terminal else f"{path}/cancel",
         result=f"{path}/result" if status is JobState.SUCCEEDED else None,
+        retry=f"{path}/retry" if status is JobState.FAILED else None,
     )
 
 
