@@ -26,6 +26,7 @@ from conveyor.database import Database
 from conveyor.events import JobMessage
 from conveyor.handlers import Registry
 from conveyor.outbox import OutboxRelay
+from conveyor.retries import Backoff
 from conveyor.settings import Settings
 from conveyor.topics import worker_group
 from conveyor.topics_setup import TopicKeeper
@@ -40,6 +41,12 @@ POLL_TIMEOUT_MS = 200
 COMMIT_INTERVAL_S = 0.5
 EXECUTE_RETRY_BASE_S = 0.5
 EXECUTE_RETRY_CAP_S = 30.0
+# Kafka calls that could block a stopping worker forever while the broker is down get this long.
+COMMIT_TIMEOUT_S = 5.0
+CONSUMER_STOP_TIMEOUT_S = 10.0
+# After the drain's grace, how long handing back the jobs still running may take: interrupting a
+# handler (its cleanup gets execution.INTERRUPT_WAIT_S) and one write each.
+HAND_BACK_TIMEOUT_S = 15.0
 
 
 def new_worker_id() -> str:
@@ -72,6 +79,7 @@ class Worker:
             worker_id=self.worker_id,
             lease_s=settings.lease_s,
             cancel_grace_s=settings.cancel_grace_s,
+            backoff=Backoff(base_s=settings.retry_base_s, cap_s=settings.retry_cap_s),
         )
         self.leases = LeaseKeeper(
             db=self.db,
@@ -177,19 +185,28 @@ class Worker:
         if not offsets:
             return
         try:
-            await self._consumer.commit(offsets)
-        except (CommitFailedError, KafkaError) as exc:
-            log.warning("worker.commit_failed", error=str(exc))
+            # Bounded, so a broker outage cannot stall the loop (or a stopping worker) in a commit: what
+            # is not committed is read again later, and its jobs, already recorded, are skipped.
+            await asyncio.wait_for(self._consumer.commit(offsets), COMMIT_TIMEOUT_S)
+        except (CommitFailedError, KafkaError, TimeoutError) as exc:
+            log.warning("worker.commit_failed", error=str(exc) or type(exc).__name__)
             return
         self.offsets.mark_committed(offsets)
 
     async def _drain(self, grace_s: float) -> None:
-        """Stop fetching, give in-flight jobs `grace_s` to finish, hand the rest back, commit."""
+        """SIGTERM: stop fetching (the loop has ended), tell the handlers (`ctx.cancelled`), give them
+        `grace_s` to finish, hand back the jobs still running (queued again at once, for another worker,
+        rather than after their lease runs out), and commit. Leaving the group follows in `_shutdown`."""
         log.info("worker.draining", in_flight=len(self._tasks), grace_s=grace_s)
+        self.executor.drain()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=grace_s)
-        for execution in list(self.executor.running.values()):
-            execution.context.cancelled.set()
+        if self._tasks:
+            log.info("worker.handing_back", jobs=len(self.executor.running))
+            self.executor.hand_back_all()
+            await asyncio.wait(set(self._tasks), timeout=HAND_BACK_TIMEOUT_S)
+        # Still not done: the database is out of reach. Those jobs' leases will run out, and the reaper
+        # of another worker requeues them.
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -199,7 +216,12 @@ class Worker:
         await self.scheduler.stop()
         await self.leases.stop()
         if self._consumer is not None:
-            await self._consumer.stop()
+            # Leaves the group, so the partitions move to the other workers at once rather than after
+            # the session timeout. Bounded: while the broker is down this could wait forever.
+            try:
+                await asyncio.wait_for(self._consumer.stop(), CONSUMER_STOP_TIMEOUT_S)
+            except TimeoutError:
+                log.warning("worker.consumer_stop_timed_out", waited_s=CONSUMER_STOP_TIMEOUT_S)
         await self.relay.stop()
         await topics.stop()
         await self.db.close()

@@ -1,0 +1,114 @@
+"""SIGTERM drains a worker: in-flight jobs get the grace period to finish, the rest are handed back
+(queued again at once, without using up an attempt), offsets are committed, and the worker leaves."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+import httpx
+import pytest
+from test_worker_control import worker_events
+
+from conveyor.database import Database
+from conveyor.eventlog import events_between
+from conveyor.events import JobEvent
+from conveyor.jobstore import HANDED_BACK, load_job
+
+from harness import Stack, eventually, wait_for_status
+
+DRAIN_GRACE_S = 5.0
+JOB_TIMEOUT_S = 60
+# After the grace: interrupting the stubborn handler (at once), the hand-back writes, publishing what
+# they staged, leaving the group. Generous for a loaded 2-core machine.
+STOP_SLACK_S = 10.0
+
+
+@pytest.fixture
+def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
+    return {**stack_env, "CONVEYOR_DRAIN_GRACE_S": str(DRAIN_GRACE_S), "CONVEYOR_LOG_JSON": "true"}
+
+
+async def submit(client: httpx.AsyncClient, body: dict[str, Any]) -> str:
+    response = await client.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job_id: str = response.json()["id"]
+    return job_id
+
+
+async def state_events(db: Database, job_id: str) -> list[JobEvent]:
+    async with db.reading() as session:
+        job = await load_job(session, job_id)
+        assert job is not None
+        events = await events_between(session, job_id, 0, job.last_seq)
+    assert events is not None
+    return [event for event in events if event.type == "state"]
+
+
+async def test_sigterm_finishes_what_it_can_and_hands_back_the_rest_at_once(
+    stack: Stack, database_url: str
+) -> None:
+    loop = asyncio.get_running_loop()
+    db = Database(database_url)
+    try:
+        async with stack.client() as client:
+            # Finishes inside the grace period although it ignores ctx.cancelled.
+            short = await submit(client, {"type": "demo.stubborn", "payload": {"seconds": 3}})
+            # Ignores ctx.cancelled and outlasts the grace: interrupted, then handed back.
+            stubborn = await submit(client, {"type": "demo.stubborn", "payload": {"seconds": 10}})
+            # Stops as soon as ctx.cancelled is set: handed back at once, not at the end of the grace.
+            cooperative = await submit(
+                client, {"type": "demo.sleep", "payload": {"seconds": 20, "steps": 20}}
+            )
+            for job_id in (short, stubborn, cooperative):
+                await wait_for_status(client, job_id, {"running"}, JOB_TIMEOUT_S)
+
+            worker = stack.processes["worker-1"]
+            signalled = loop.time()
+            worker.send_signal(signal.SIGTERM)
+            await eventually(
+                lambda: worker.poll() is not None, DRAIN_GRACE_S + STOP_SLACK_S, "the worker to exit"
+            )
+            stopped_in_s = loop.time() - signalled
+            # Nothing runs now: what the worker handed back must already be queued, not waiting
+            # for its lease to run out.
+            handed_back = [
+                (await client.get(f"/v1/jobs/{job_id}")).json() for job_id in (stubborn, cooperative)
+            ]
+            finished = (await client.get(f"/v1/jobs/{short}")).json()
+            cooperative_events = await state_events(db, cooperative)
+            stubborn_events = await state_events(db, stubborn)
+
+            stack.start("worker-2", "worker")
+            finals = [
+                await wait_for_status(client, job_id, {"succeeded", "failed"}, JOB_TIMEOUT_S)
+                for job_id in (stubborn, cooperative)
+            ]
+            async with db.reading() as session:
+                records = [await load_job(session, job_id) for job_id in (stubborn, cooperative)]
+    finally:
+        await db.close()
+
+    assert worker.returncode == 0
+    assert DRAIN_GRACE_S <= stopped_in_s < DRAIN_GRACE_S + STOP_SLACK_S, stopped_in_s
+    assert (finished["status"], finished["attempts"]) == ("succeeded", 1)
+    for job in handed_back:
+        assert job["status"] == "queued", job
+        assert job["attempts"] == 1
+        assert job["error"]["type"] == HANDED_BACK
+        assert job["max_attempts"] == 4, "the handed-back attempt does not count against the job"
+    # The cooperative job was handed back as soon as it stopped, the stubborn one after the grace.
+    cooperative_back, stubborn_back = cooperative_events[-1], stubborn_events[-1]
+    assert (cooperative_back.status.value, stubborn_back.status.value) == ("queued", "queued")
+    assert (stubborn_back.at - cooperative_back.at).total_seconds() > DRAIN_GRACE_S - 2
+    assert [record["job_id"] for record in worker_events(stack, "job.interrupted")] == [stubborn]
+
+    for final, record in zip(finals, records, strict=True):
+        assert (final["status"], final["attempts"]) == ("succeeded", 2)
+        assert record is not None and record.worker_id is not None
+        assert f"-{stack.processes['worker-2'].pid}-" in record.worker_id
+    # Handed back, not reaped: no lease ran out. And the offsets were committed before the worker
+    # left, so the new worker read only the new messages: none of the old ones to skip.
+    assert worker_events(stack, "lease.expired", worker="worker-2") == []
+    assert worker_events(stack, "job.skipped", worker="worker-2") == []
