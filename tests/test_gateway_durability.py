@@ -8,6 +8,7 @@ Kafka stopped and started again under a running stack, and the database refusing
 from __future__ import annotations
 
 import asyncio
+import signal
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
@@ -33,6 +34,8 @@ ORPHAN_SWEEP_WITHIN_S = 60
 # A restarted broker must be found again by every producer and consumer, each on its own backoff.
 KAFKA_RECOVERY_WITHIN_S = 120
 DONE = {"succeeded", "failed", "cancelled"}
+# A service stopping while Kafka is down gives each broker call a few seconds, then gives up on it.
+STOP_WITHIN_S = 30
 
 
 async def outbox_size(database_url: str) -> int:
@@ -127,6 +130,45 @@ async def test_jobs_accepted_while_kafka_is_down_run_once_it_is_back(
 
         after = [await submit(client, {"after": n}) for n in range(2)]
         await all_succeed(client, after, 60)
+
+
+async def test_every_service_stops_promptly_while_kafka_is_down_and_a_drained_job_is_kept(
+    private_kafka: KafkaCluster, private_kafka_stack: Stack, database_url: str
+) -> None:
+    stack = private_kafka_stack
+    async with stack.client() as client:
+        response = await client.post("/v1/jobs", json={"type": "demo.sleep", "payload": {"seconds": 10}})
+        job_id = response.json()["id"]
+        await wait_for_status(client, job_id, {"running"}, 60)
+
+    await asyncio.to_thread(private_kafka.stop)
+    services = {name: stack.processes[name] for name in ("gateway", "worker-1", "progress")}
+    for process in services.values():
+        process.send_signal(signal.SIGTERM)
+    # Each bounds what it asks of the absent broker (commits, leaving the group, last publishes).
+    await eventually(
+        lambda: all(process.poll() is not None for process in services.values()),
+        STOP_WITHIN_S,
+        "every service to stop although Kafka is down",
+    )
+    # uvicorn ends by raising the signal it caught again, once its shutdown is complete.
+    clean_exits = {0, -signal.SIGTERM}
+    assert all(process.returncode in clean_exits for process in services.values()), services
+    for name in services:
+        assert "shutdown failed" not in stack.log(name) and "Traceback" not in stack.log(name), name
+    # The worker handed its running job back to the database; Kafka being down changes nothing.
+    [job] = [job for job in await stored_jobs(database_url) if job.id == job_id]
+    assert (job.status, job.attempts, (job.error or {}).get("type")) == ("queued", 1, "handed_back")
+
+    await asyncio.to_thread(private_kafka.start)
+    stack.start("worker-2", "worker")
+
+    async def finished() -> Job | None:
+        [job] = [job for job in await stored_jobs(database_url) if job.id == job_id]
+        return job if job.status in DONE else None
+
+    done = await eventually(finished, KAFKA_RECOVERY_WITHIN_S, "the handed-back job to run again")
+    assert (done.status, done.attempts) == ("succeeded", 2)
 
 
 @asynccontextmanager

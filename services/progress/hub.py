@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
-from conveyor.broker import start_events_consumer
+from conveyor.broker import start_events_consumer, stop_consumer
 from conveyor.events import JobEvent
 
 log = structlog.get_logger(__name__)
@@ -49,8 +49,8 @@ class EventHub:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._consumer is not None:
-            await self._consumer.stop()
+        if self._consumer is not None and not await stop_consumer(self._consumer):
+            log.warning("hub.consumer_stop_unclean")
 
     def watch_job(self, job_id: str, listener: Listener) -> None:
         self._by_job[job_id].add(listener)

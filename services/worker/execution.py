@@ -267,6 +267,11 @@ class JobExecutor:
             log.warning("job.outcome_rejected", job_id=job_id)
             return
         log.info("job.recorded", job_id=job_id, status=updated.status, attempt=updated.attempts)
+        if self.draining:
+            # The outcome is committed with its messages; a stopping worker does not wait for Kafka,
+            # which may be down. Its relay tries once more as it stops, and any relay sweeps up the rest.
+            self._relay.notify(rows)
+            return
         await self._relay.publish(rows)
 
     async def _record_timeout(self, job: Job, job_type: JobType, timeout_s: float) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,6 +19,8 @@ PRODUCER_ACKS = "all"
 PRODUCER_LINGER_MS = 2
 PRODUCER_REQUEST_TIMEOUT_MS = 10_000
 ADMIN_TIMEOUT_MS = 10_000
+# Stopping a consumer talks to the broker (leaving the group); while it is down that could wait forever.
+CONSUMER_STOP_TIMEOUT_S = 5.0
 TOPIC_ALREADY_EXISTS = 36
 # Keep a week of events and jobs: long enough to replay a backlog after an outage.
 TOPIC_RETENTION_MS = 7 * 24 * 3600 * 1000
@@ -81,6 +84,20 @@ async def start_events_consumer(bootstrap: str, prefix: str) -> AIOKafkaConsumer
         await consumer.stop()
         raise
     return consumer
+
+
+async def stop_consumer(consumer: AIOKafkaConsumer, timeout_s: float = CONSUMER_STOP_TIMEOUT_S) -> bool:
+    """Stop a consumer (a group member leaves its group), giving up after `timeout_s`; True if it
+    stopped cleanly. Safe while the broker is down, when aiokafka's fetcher may be in a retry sleep
+    that its own `close` cancels and then lets escape as a CancelledError."""
+    stopping = asyncio.ensure_future(consumer.stop())
+    done, _ = await asyncio.wait({stopping}, timeout=timeout_s)
+    if not done:
+        stopping.cancel()
+        await asyncio.gather(stopping, return_exceptions=True)
+        return False
+    # The stop ran in a task of its own, so a CancelledError here is aiokafka's, never ours.
+    return not stopping.cancelled() and stopping.exception() is None
 
 
 @asynccontextmanager
