@@ -10,7 +10,9 @@
         await ctx.progress(percent=50, message="encoding")
         return {"url": "..."}
 
-A plain (non-async) function runs in a thread, so it cannot block the worker's event loop.
+A plain (non-async) function runs in a thread, so it cannot block the worker's event loop. With
+`process=True`, a plain function runs in the worker's pool of processes instead, for CPU-bound work;
+it gets a `ProcessJobContext` (see `conveyor.processes`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from typing import Any
 
 import structlog
 from pydantic import BaseModel, ValidationError
+
+from conveyor import processes
+from conveyor.processes import ProcessJobContext
 
 ProgressReporter = Callable[[float | None, str | None], Awaitable[None]]
 Handler = Callable[..., Any]
@@ -48,6 +53,8 @@ class JobType:
     # The backoff before a retry (see `conveyor.retries`); None means the worker's settings.
     retry_base_s: float | None = None
     retry_cap_s: float | None = None
+    # Run in the worker's process pool (a plain, module-level function) rather than a thread.
+    process: bool = False
 
     @property
     def is_async(self) -> bool:
@@ -98,8 +105,15 @@ def job(
     retry_base_s: float | None = None,
     retry_cap_s: float | None = None,
     description: str = "",
+    process: bool = False,
 ) -> Callable[[Handler], Handler]:
+    """Register the decorated function as the handler of job type `name`. `process=True` runs it in the
+    worker's process pool: for CPU-bound work, which in a thread would contend with the event loop for
+    the GIL."""
+
     def register(handler: Handler) -> Handler:
+        if process:
+            _check_process_handler(name, handler)
         doc = description or inspect.getdoc(handler) or ""
         registry.register(
             JobType(
@@ -111,11 +125,20 @@ def job(
                 timeout_s,
                 retry_base_s=retry_base_s,
                 retry_cap_s=retry_cap_s,
+                process=process,
             )
         )
         return handler
 
     return register
+
+
+def _check_process_handler(name: str, handler: Handler) -> None:
+    """Fail at import, not at the first job: a child process imports its handler by name and calls it."""
+    if inspect.iscoroutinefunction(handler):
+        raise TypeError(f"job type {name!r}: a process handler must be a plain function, not async")
+    if "<locals>" in getattr(handler, "__qualname__", "<locals>"):
+        raise TypeError(f"job type {name!r}: a process handler must be defined at a module's top level")
 
 
 def load_handler_modules(modules: list[str]) -> Registry:
@@ -155,7 +178,10 @@ class JobContext:
 
 
 async def run_handler(job_type: JobType, ctx: JobContext, payload: Any) -> Any:
-    """Run the handler: async ones on the loop, plain functions in a thread."""
+    """Run the handler: async ones on the loop, plain functions in a thread, or in the worker's process
+    pool if registered with `process=True` (their result comes back in its JSON form)."""
+    if job_type.process:
+        return await processes.default_pool().run(job_type, ctx, payload)
     if job_type.is_async:
         return await job_type.handler(ctx, payload)
     return await asyncio.to_thread(job_type.handler, ctx, payload)
@@ -164,6 +190,7 @@ async def run_handler(job_type: JobType, ctx: JobContext, payload: Any) -> Any:
 __all__ = [
     "JobContext",
     "JobType",
+    "ProcessJobContext",
     "Registry",
     "UnknownJobType",
     "ValidationError",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
@@ -105,6 +106,11 @@ class Settings(BaseSettings):
     # Workers.
     handlers: str = Field(default="conveyor.demo", description="Comma-separated handler modules to import.")
     worker_concurrency: int = Field(default=DEFAULT_WORKER_CONCURRENCY, ge=1)
+    worker_processes: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        ge=1,
+        description="Size of a worker's pool for `@job(..., process=True)` handlers; default one per CPU.",
+    )
     default_max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
     lease_s: float = Field(
         default=DEFAULT_LEASE_S, gt=0, description="How long a running job survives its worker's silence."
