@@ -39,6 +39,7 @@ test: setup postgres lint typecheck
 bench: setup
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/progress_fanout.py
+	$(BIN)/python bench/priority.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

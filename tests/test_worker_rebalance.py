@@ -567,15 +567,6 @@ async def test_a_partition_is_never_committed_past_a_job_still_running(
 KEPT_S = 20.0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason=(
-        "services/worker/runner.py: on revoke the worker forgets the offsets of jobs it still runs; when the"
-        " rebalance gives it the partition back it reads such a job's message again, skips it (not claimable)"
-        " and commits past the job while it runs"
-    ),
-)
 async def test_a_partition_kept_through_a_rebalance_is_not_committed_past_its_running_job(
     stack: Stack, database_url: str
 ) -> None:

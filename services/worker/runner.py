@@ -2,8 +2,13 @@
 
 The loop never blocks on a job: handlers run in tasks while the loop keeps polling Kafka, so a job
 that runs for an hour never pushes the worker out of its consumer group (max.poll.interval.ms).
-At capacity the loop pauses its partitions rather than stop polling. An offset is committed only
-once every job before it on its partition has reached a recorded state.
+At capacity the loop takes nothing but still polls. An offset is committed only once every job before
+it on its partition has reached a recorded state.
+
+Each free slot takes one job message: from the priority level whose turn it is, by weight (16:8:4:2:1
+by default), and within a level from its partitions in turn (`priorities.py`). What the consumer has
+prefetched is only a buffer, taken one record per free slot, so a top-priority job that arrives behind
+thousands of prefetched low-priority ones still takes the next free slot.
 
 Beside the loop, each worker runs a lease keeper (heartbeats, the reaper, and the watch for cancels)
 and a scheduler that queues scheduled jobs once they are due.
@@ -21,7 +26,8 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from pydantic import ValidationError
 
-from conveyor.broker import create_job_consumer
+from conveyor import processes
+from conveyor.broker import create_job_consumer, stop_consumer
 from conveyor.database import Database
 from conveyor.events import JobMessage
 from conveyor.handlers import Registry
@@ -33,17 +39,24 @@ from conveyor.topics_setup import TopicKeeper
 from services.worker.execution import JobExecutor
 from services.worker.leases import LeaseKeeper
 from services.worker.offsets import OffsetTracker
+from services.worker.priorities import PartitionOrder
 from services.worker.scheduling import Scheduler
 
 log = structlog.get_logger(__name__)
 
 POLL_TIMEOUT_MS = 200
+# A partition no consumer is ever assigned. Polling only it returns nothing and leaves every prefetched
+# record in place, yet counts as a poll: how a worker at capacity stays in its group.
+NO_PARTITION = TopicPartition("", -1)
+# How long the broker holds a fetch of empty partitions open (Kafka's default is 500 ms). The consumer
+# has one fetch in flight at a time, and a partition that has just been emptied waits for it before it
+# is fetched again: a short hold bounds how long a new p1 job can wait for that.
+FETCH_MAX_WAIT_MS = 100
 COMMIT_INTERVAL_S = 0.5
 EXECUTE_RETRY_BASE_S = 0.5
 EXECUTE_RETRY_CAP_S = 30.0
 # Kafka calls that could block a stopping worker forever while the broker is down get this long.
 COMMIT_TIMEOUT_S = 5.0
-CONSUMER_STOP_TIMEOUT_S = 10.0
 # After the drain's grace, how long handing back the jobs still running may take: interrupting a
 # handler (its cleanup gets execution.INTERRUPT_WAIT_S) and one write each.
 HAND_BACK_TIMEOUT_S = 15.0
@@ -58,6 +71,12 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
         self._worker = worker
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if revoked:  # aiokafka also calls this, with nothing, before the first assignment
+            log.info(
+                "worker.revoked",
+                partitions=sorted(f"{tp.topic}[{tp.partition}]" for tp in revoked),
+                in_flight=self._worker.offsets.in_flight,
+            )
         await self._worker.commit(set(revoked))
         self._worker.offsets.forget(set(revoked))
 
@@ -68,6 +87,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
 class Worker:
     def __init__(self, settings: Settings, registry: Registry) -> None:
         self.settings = settings
+        processes.configure(settings)  # the pool for `process=True` handlers, started by the first one
         self.worker_id = new_worker_id()
         self.db = Database(settings.resolved_database_url)
         self.relay = OutboxRelay(self.db, settings.kafka_bootstrap)
@@ -93,6 +113,8 @@ class Worker:
         self.concurrency = settings.worker_concurrency
         self._consumer: AIOKafkaConsumer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # The records whose jobs this worker is running, by partition and offset.
+        self._running_records: set[tuple[TopicPartition, int]] = set()
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.db.migrate()
@@ -109,6 +131,7 @@ class Worker:
             listener=_CommitOnRevoke(self),
             max_poll_records=self.concurrency,
             max_poll_interval_ms=self.settings.kafka_max_poll_interval_ms,
+            fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
         await self._consumer.start()
         log.info("worker.started", worker_id=self.worker_id, concurrency=self.concurrency)
@@ -120,37 +143,63 @@ class Worker:
 
     async def _loop(self, stop: asyncio.Event) -> None:
         assert self._consumer is not None
+        order = PartitionOrder(self.settings.topic_prefix, self.settings.priority_weights)
         loop = asyncio.get_running_loop()
         last_commit = loop.time()
         while not stop.is_set():
             free = self.concurrency - len(self._tasks)
-            self._set_paused(free <= 0)
             if free <= 0:
-                # At capacity: wake as soon as a job finishes, and still poll (paused partitions return
-                # nothing) so the consumer stays in its group however long the jobs run.
+                # At capacity: wake as soon as a job finishes, and still poll so the consumer stays in its
+                # group however long the jobs run. Not by pausing the partitions: a poll of a paused
+                # partition drops what it had prefetched, so every slot would then take whichever record
+                # a fresh fetch returned first, and a paused partition does not fetch a new p1 job.
                 await asyncio.wait(
                     set(self._tasks), timeout=POLL_TIMEOUT_MS / 1000, return_when=asyncio.FIRST_COMPLETED
                 )
-                await self._consumer.getmany(timeout_ms=0)
-            else:
-                batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=free)
-                for tp, records in batches.items():
-                    for record in records:
-                        self._dispatch(tp, record.offset, record.value)
+                await self._consumer.getmany(NO_PARTITION, timeout_ms=0)
+            elif not await self._take_prefetched(order, free):
+                await self._take_first_to_arrive(order)
             if loop.time() - last_commit >= COMMIT_INTERVAL_S:
                 await self.commit()
                 last_commit = loop.time()
 
-    def _set_paused(self, paused: bool) -> None:
+    async def _take_prefetched(self, order: PartitionOrder, free: int) -> int:
+        """Fill up to `free` slots with prefetched records, one each, in `order`; how many it filled."""
+        for filled in range(free):
+            if not await self._take_one_prefetched(order):
+                return filled
+        return free
+
+    async def _take_one_prefetched(self, order: PartitionOrder) -> bool:
+        """Start the job of the next prefetched record by priority; False if nothing is prefetched."""
         assert self._consumer is not None
-        assignment = self._consumer.assignment()
-        if paused:
-            self._consumer.pause(*assignment)
-        else:
-            self._consumer.resume(*assignment)
+        for tp in order.candidates(self._consumer.assignment()):
+            # Without a wait, getmany hands out only what this partition has prefetched already: it
+            # fetches nothing, and leaves the other partitions' records where they are.
+            batch = await self._consumer.getmany(tp, timeout_ms=0, max_records=1)
+            for record in batch.get(tp, ()):
+                order.served(tp)
+                self._dispatch(tp, record.offset, record.value)
+                return True
+        return False
+
+    async def _take_first_to_arrive(self, order: PartitionOrder) -> None:
+        """Nothing is prefetched: wait briefly for a record of any partition and start the first one."""
+        assert self._consumer is not None
+        batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=1)
+        for tp, records in batches.items():
+            for record in records:
+                order.served(tp)
+                self._dispatch(tp, record.offset, record.value)
 
     def _dispatch(self, tp: TopicPartition, offset: int, value: bytes) -> None:
         self.offsets.started(tp, offset)
+        if (tp, offset) in self._running_records:
+            # A rebalance took the partition away and gave it back while the job ran, so it was read
+            # again. Its first task still runs it and will release the offset when the job is recorded;
+            # a second task would skip the job at once and let the commit pass it while it runs.
+            return
+        self._running_records.add((tp, offset))
         task = asyncio.create_task(
             self._handle(tp, offset, value), name=f"job@{tp.topic}[{tp.partition}]:{offset}"
         )
@@ -159,16 +208,22 @@ class Worker:
 
     async def _handle(self, tp: TopicPartition, offset: int, value: bytes) -> None:
         try:
+            await self._run_message(tp, offset, value)
+            self.offsets.finished(tp, offset)
+        finally:
+            self._running_records.discard((tp, offset))
+
+    async def _run_message(self, tp: TopicPartition, offset: int, value: bytes) -> None:
+        try:
             message = JobMessage.model_validate_json(value)
         except ValidationError:
             log.error("worker.bad_message", topic=tp.topic, partition=tp.partition, offset=offset)
-            self.offsets.finished(tp, offset)
             return
         failures = 0
         while True:
             try:
                 await self.executor.execute(message)
-                break
+                return
             except Exception:
                 # The database did not answer. Try again: a claim that failed is retried; an outcome that
                 # could not be recorded makes the retry find the job still running, and its lease runs
@@ -176,7 +231,6 @@ class Worker:
                 failures += 1
                 log.exception("worker.execute_failed", job_id=message.job_id, failures=failures)
                 await asyncio.sleep(min(EXECUTE_RETRY_CAP_S, EXECUTE_RETRY_BASE_S * 2 ** min(failures, 6)))
-        self.offsets.finished(tp, offset)
 
     async def commit(self, partitions: set[TopicPartition] | None = None) -> None:
         if self._consumer is None:
@@ -215,14 +269,12 @@ class Worker:
     async def _shutdown(self, topics: TopicKeeper) -> None:
         await self.scheduler.stop()
         await self.leases.stop()
-        if self._consumer is not None:
-            # Leaves the group, so the partitions move to the other workers at once rather than after
-            # the session timeout. Bounded: while the broker is down this could wait forever.
-            try:
-                await asyncio.wait_for(self._consumer.stop(), CONSUMER_STOP_TIMEOUT_S)
-            except TimeoutError:
-                log.warning("worker.consumer_stop_timed_out", waited_s=CONSUMER_STOP_TIMEOUT_S)
+        # Leaves the group, so the partitions move to the other workers at once rather than after the
+        # session timeout; bounded, since while the broker is down this could wait forever.
+        if self._consumer is not None and not await stop_consumer(self._consumer):
+            log.warning("worker.consumer_stop_unclean")
         await self.relay.stop()
         await topics.stop()
         await self.db.close()
+        await asyncio.to_thread(processes.shutdown)
         log.info("worker.stopped", worker_id=self.worker_id)
