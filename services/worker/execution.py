@@ -10,7 +10,10 @@ early. Each sets `ctx.cancelled`, which a handler should check to stop soon:
   the attempt fails with `timed_out`, to be retried like any failure.
 - The job is canceled (the lease keeper sees it in the database): the handler gets `cancel_grace_s` to
   return by itself, then it is interrupted. Nothing is recorded, since the job is `canceled` already.
-- The lease is lost (see `leases.py`): the handler runs on as before, and its outcome is rejected.
+- The lease is lost (see `leases.py`): another worker may run the job's next attempt now, so the
+  handler is interrupted at once and nothing is recorded. The lease keeper also gives up a lease it
+  has failed to renew for most of its length, before another worker can see it expire: the same job
+  never runs twice at once, even when this worker loses the database.
 - The worker drains (SIGTERM): `ctx.cancelled` is set at once, and the handler has the drain's grace
   period to finish. A handler that returns is recorded as usual; one that stops by raising, or is still
   running when the grace ends (it is interrupted then), is handed back: queued again at once for
@@ -76,10 +79,19 @@ class Execution:
     canceled: asyncio.Event = field(default_factory=asyncio.Event)
     # Set when a draining worker's grace period is over: the attempt is stopped and handed back.
     handing_back: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set when the lease is lost or given up: the attempt is stopped, and records nothing.
+    lost: asyncio.Event = field(default_factory=asyncio.Event)
+    # When the lease was last renewed (the event loop's clock); the claim counts as the first renewal.
+    renewed_at: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
     def cancel(self) -> None:
         """The job was canceled: tell the handler through `ctx.cancelled` and start its grace period."""
         self.canceled.set()
+        self.context.cancelled.set()
+
+    def lose(self) -> None:
+        """The lease is gone: stop the handler now, before the job's next attempt can start elsewhere."""
+        self.lost.set()
         self.context.cancelled.set()
 
 
@@ -90,6 +102,7 @@ class Ending(enum.Enum):
     CANCELED = "canceled"
     TIMED_OUT = "timed_out"
     HANDED_BACK = "handed_back"
+    LOST = "lost"
 
 
 class JobExecutor:
@@ -175,6 +188,10 @@ class JobExecutor:
                 await progress.flush()
                 await self._record_timeout(job, job_type, timeout_s)
                 return
+            if ending is Ending.LOST:
+                log.warning("job.abandoned", job_id=job.id, attempt=job.attempts, reason="lease lost")
+                await _interrupt(handler)
+                return
             if ending is Ending.HANDED_BACK:
                 log.warning("job.interrupted", job_id=job.id, attempt=job.attempts, reason="drain")
                 await _interrupt(handler)
@@ -203,6 +220,7 @@ class JobExecutor:
         watches = {
             asyncio.create_task(execution.canceled.wait(), name=f"cancel-watch-{execution.job_id}"),
             asyncio.create_task(execution.handing_back.wait(), name=f"drain-watch-{execution.job_id}"),
+            asyncio.create_task(execution.lost.wait(), name=f"lease-watch-{execution.job_id}"),
         }
         try:
             await asyncio.wait({handler, *watches}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
@@ -212,8 +230,10 @@ class JobExecutor:
         # A cancel wins over a handler that returned at the same moment: the job is canceled either way.
         if execution.canceled.is_set():
             return Ending.CANCELED
-        if handler.done():
+        if handler.done():  # recorded only if the lease is still this attempt's: the write is fenced
             return Ending.RETURNED
+        if execution.lost.is_set():
+            return Ending.LOST
         return Ending.HANDED_BACK if execution.handing_back.is_set() else Ending.TIMED_OUT
 
     async def _stop_canceled(self, job: Job, handler: HandlerTask) -> None:

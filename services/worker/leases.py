@@ -1,7 +1,12 @@
 """Leases: a running job belongs to its worker only while the worker's heartbeat renews the lease.
 
 When a worker dies (`kill -9`, a lost machine), its leases run out and any live worker's reaper
-gives the jobs their next attempt. A worker that finds it lost a lease tells the handler to stop.
+gives the jobs their next attempt. A worker that finds it lost a lease stops the handler at once.
+
+A worker that is alive but cannot renew (it lost the database, or its event loop was starved) gives
+its leases up itself once three quarters of their length have passed since the last renewal, and stops
+their handlers, before any reaper can see the lease expire. So an attempt never runs on beside its
+successor: the same job never runs twice at the same time.
 
 The keeper also watches the worker's running jobs for cancels, more often than it renews leases, so
 a canceled job's handler hears of it within a second (see `execution.py` for what happens next).
@@ -36,6 +41,9 @@ REAP_INTERVAL_S = 2.0
 REAP_BATCH = 100
 # A cancel reaches the handler within about this long: one cheap read of the running jobs' ids.
 CANCEL_CHECK_INTERVAL_S = 0.5
+# Give a lease up when this much of it has passed without a renewal: renewals come every third of it,
+# so this is two missed renewals and then some, and a quarter of the lease is left before a reaper acts.
+GIVE_UP_FRACTION = 0.75
 
 
 class LeaseKeeper:
@@ -71,12 +79,18 @@ class LeaseKeeper:
 
     async def renew(self) -> None:
         running = {job_id: execution.attempt for job_id, execution in self._executor.running.items()}
+        asked_at = asyncio.get_running_loop().time()
         async with self._db.session() as session:
             held = await renew_leases(session, self._executor.worker_id, running, self._lease_s)
             missed = {job_id: running[job_id] for job_id in running.keys() - held}
             lost = await lost_attempts(session, self._executor.worker_id, missed)
             # A cancel also ends the lease; that one gets the handler's grace period, not "lease lost".
             canceled = await canceled_jobs(session, lost)
+        for job_id in held:
+            execution = self._executor.running.get(job_id)
+            if execution is not None and execution.attempt == running[job_id]:
+                # The lease runs from the moment the renewal was asked for, at the latest.
+                execution.renewed_at = max(execution.renewed_at, asked_at)
         for job_id in lost:
             execution = self._executor.running.get(job_id)
             if execution is None or execution.attempt != missed[job_id]:
@@ -85,10 +99,26 @@ class LeaseKeeper:
                 self._cancel(job_id)
             else:
                 log.warning("lease.lost", job_id=job_id, attempt=execution.attempt)
-                execution.context.cancelled.set()
+                execution.lose()
+
+    def give_up_stale_leases(self) -> None:
+        """Stop the attempts whose lease this worker has not renewed for most of its length."""
+        now = asyncio.get_running_loop().time()
+        for execution in self._executor.running.values():
+            silent_s = now - execution.renewed_at
+            if silent_s > self._lease_s * GIVE_UP_FRACTION and not execution.lost.is_set():
+                log.warning(
+                    "lease.given_up",
+                    job_id=execution.job_id,
+                    attempt=execution.attempt,
+                    silent_s=round(silent_s, 3),
+                )
+                execution.lose()
 
     async def check_cancels(self) -> None:
-        """Tell the handlers of this worker's jobs that were canceled since the last look."""
+        """Tell the handlers of this worker's jobs that were canceled since the last look. First, with no
+        database needed, give up the leases that have gone unrenewed too long."""
+        self.give_up_stale_leases()
         running = list(self._executor.running)
         if not running:
             return

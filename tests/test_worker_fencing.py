@@ -1,0 +1,107 @@
+"""A worker that is alive but cut off from the database gives its leases up before they expire, so the
+job's next attempt, on another worker, never runs beside the old one.
+
+The cut-off worker reaches PostgreSQL through a TCP proxy that the test closes; every other service
+connects directly, so only that worker loses the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from datetime import UTC, datetime
+
+import pytest
+from sqlalchemy.engine import make_url
+from test_worker_control import at, worker_events
+
+from conveyor.database import Database
+from conveyor.eventlog import events_between
+from conveyor.jobstore import load_job
+
+from harness import Stack, eventually, wait_for_status
+
+JOB_TIMEOUT_S = 60
+CUT_OFF_WORKER = "worker-cut-off"
+
+
+class CuttableProxy:
+    """Forwards TCP connections to a target until `cut`, which closes them all and refuses new ones."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._target = (host, port)
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def _connect(
+        self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
+    ) -> None:
+        server_reader, server_writer = await asyncio.open_connection(*self._target)
+        self._writers |= {client_writer, server_writer}
+        await asyncio.gather(
+            self._pipe(client_reader, server_writer), self._pipe(server_reader, client_writer)
+        )
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def cut(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in self._writers:
+            writer.transport.abort()
+        await self._server.wait_closed()
+
+
+@pytest.mark.parametrize("database_kind", ["postgresql"], indirect=True)
+async def test_a_worker_cut_off_from_the_database_stops_its_job_before_the_next_attempt_starts(
+    stack: Stack, database_url: str
+) -> None:
+    url = make_url(database_url)
+    assert url.host is not None and url.port is not None
+    proxy = CuttableProxy(url.host, url.port)
+    proxied_url = url.set(host="127.0.0.1", port=await proxy.start()).render_as_string(hide_password=False)
+    # Only the cut-off worker runs jobs until the cut: the stack's own worker waits to be started.
+    stack.stop("worker-1")
+    stack.start(CUT_OFF_WORKER, "worker", CONVEYOR_DATABASE_URL=proxied_url, CONVEYOR_LOG_JSON="true")
+    db = Database(database_url)
+    try:
+        async with stack.client() as client:
+            job_id = (
+                await client.post("/v1/jobs", json={"type": "demo.stubborn", "payload": {"seconds": 8}})
+            ).json()["id"]
+            await wait_for_status(client, job_id, {"running"}, JOB_TIMEOUT_S)
+            await proxy.cut()
+            cut_at = datetime.now(UTC)
+            # The reaper of a worker that still has the database requeues the job once its lease expires.
+            stack.start("worker-2", "worker", CONVEYOR_LOG_JSON="true")
+            final = await wait_for_status(client, job_id, {"succeeded", "failed"}, JOB_TIMEOUT_S + 30)
+        async with db.reading() as session:
+            record = await load_job(session, job_id)
+            assert record is not None
+            events = await events_between(session, job_id, 0, record.last_seq)
+    finally:
+        await db.close()
+        stack.stop(CUT_OFF_WORKER)
+
+    assert (final["status"], final["attempts"]) == ("succeeded", 2)
+    assert events is not None
+    second_start = next(
+        event.at for event in events if event.status.value == "running" and event.attempt == 2
+    )
+    (given_up,) = await eventually(
+        lambda: worker_events(stack, "lease.given_up", job_id, worker=CUT_OFF_WORKER), 5, "the lease given up"
+    )
+    (abandoned,) = worker_events(stack, "job.abandoned", job_id, worker=CUT_OFF_WORKER)
+    # The old attempt stopped after the cut and before the new one started: never both at once.
+    assert cut_at < at(given_up["timestamp"]) <= at(abandoned["timestamp"]) < second_start.astimezone(UTC)
+    assert worker_events(stack, "lease.expired", job_id, worker="worker-2")
