@@ -372,6 +372,39 @@ class EmbeddedStack:
 # --- options ----------------------------------------------------------------------------------------------
 
 
+class Workers:
+    """`python -m conveyor worker` processes on a started stack's broker and database, for benchmarks
+    that start their workers themselves; `env` adds settings (`CONVEYOR_...`) of their own."""
+
+    def __init__(self, stack: EmbeddedStack, count: int, concurrency: int, **env: str) -> None:
+        self.stack = stack
+        self.count = count
+        self.concurrency = concurrency
+        self.extra_env = env
+        self.log_path = stack.root / "workers.log"
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> None:
+        env = self.stack.env(
+            CONVEYOR_KAFKA_BOOTSTRAP=f"{LOCALHOST}:{self.stack.kafka_port}",
+            CONVEYOR_WORKER_CONCURRENCY=str(self.concurrency),
+            **self.extra_env,
+        )
+        with self.log_path.open("ab") as log:
+            self.processes += [spawn_conveyor("worker", env, log) for _ in range(self.count)]
+
+    @property
+    def pids(self) -> list[int]:
+        return [process.pid for process in self.processes]
+
+    def stop(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            wait_or_kill(process, f"worker {process.pid} did not stop in {STOP_TIMEOUT_S:.0f} s; killing it")
+
+
 def new_parser(doc: str | None) -> argparse.ArgumentParser:
     """A parser described by the first paragraph of the script's docstring."""
     return argparse.ArgumentParser(description=doc.split("\n\n")[0] if doc else None)

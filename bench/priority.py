@@ -24,8 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -37,11 +35,10 @@ from typing import Any
 import httpx
 from benchkit import (
     DEFAULT_WORKERS,
-    LOCALHOST,
     REQUEST_TIMEOUT_S,
-    STOP_TIMEOUT_S,
     EmbeddedStack,
     StackFigures,
+    Workers,
     add_database_option,
     add_option,
     add_stack_options,
@@ -54,9 +51,7 @@ from benchkit import (
     quantiles,
     rounded,
     run_main,
-    spawn_conveyor,
     table,
-    wait_or_kill,
 )
 from sqlalchemy import select
 
@@ -156,37 +151,6 @@ async def submit_arrivals(
         sent.append(asyncio.create_task(submit(client, tenants[n % len(tenants)], body, outcomes)))
     await asyncio.gather(*sent)
     return outcomes
-
-
-# --- the benchmark's own workers ---------------------------------------------------------------------
-
-
-class Workers:
-    """`python -m conveyor worker` processes on the started stack's broker and database."""
-
-    def __init__(self, stack: EmbeddedStack, count: int, concurrency: int, weights: str) -> None:
-        self.stack = stack
-        self.count = count
-        self.concurrency = concurrency
-        self.weights = weights
-        self.log_path = stack.root / "workers.log"
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def start(self) -> None:
-        env = self.stack.env(
-            CONVEYOR_KAFKA_BOOTSTRAP=f"{LOCALHOST}:{self.stack.kafka_port}",
-            CONVEYOR_WORKER_CONCURRENCY=str(self.concurrency),
-            CONVEYOR_PRIORITY_WEIGHTS=self.weights,
-        )
-        with self.log_path.open("ab") as log:
-            self.processes += [spawn_conveyor("worker", env, log) for _ in range(self.count)]
-
-    def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            wait_or_kill(process, f"worker {process.pid} did not stop in {STOP_TIMEOUT_S:.0f} s; killing it")
 
 
 # --- reading the jobs --------------------------------------------------------------------------------
@@ -420,7 +384,7 @@ async def run_benchmark(
 ) -> None:
     assert stack is not None, "the benchmark starts its own stack"
     db = Database(database_url_of(args, stack))
-    workers = Workers(stack, args.workers, args.worker_concurrency, args.weights)
+    workers = Workers(stack, args.workers, args.worker_concurrency, CONVEYOR_PRIORITY_WEIGHTS=args.weights)
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     try:
         tenants = await create_tenants(db, args.tenants)

@@ -45,7 +45,6 @@ import os
 import re
 import resource
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -63,10 +62,10 @@ from benchkit import (
     LOCALHOST,
     READY_POLL_S,
     REQUEST_TIMEOUT_S,
-    STOP_TIMEOUT_S,
     TERMINAL,
     EmbeddedStack,
     StackFigures,
+    Workers,
     add_database_option,
     add_key_option,
     add_option,
@@ -85,10 +84,8 @@ from benchkit import (
     quantiles,
     rounded,
     run_main,
-    spawn_conveyor,
     stack_cpu,
     table,
-    wait_or_kill,
 )
 from rich import box
 from rich.table import Table
@@ -463,39 +460,6 @@ class Clients:
             if process.is_alive():
                 process.kill()
                 process.join()
-
-
-# --- the benchmark's own workers (started stack only) ------------------------------------------------
-
-
-class Workers:
-    """`python -m conveyor worker` processes on the started stack's broker and database."""
-
-    def __init__(self, stack: EmbeddedStack, count: int, concurrency: int) -> None:
-        self.stack = stack
-        self.count = count
-        self.concurrency = concurrency
-        self.log_path = stack.root / "workers.log"
-        self.processes: list[subprocess.Popen[bytes]] = []
-
-    def start(self) -> None:
-        env = self.stack.env(
-            CONVEYOR_KAFKA_BOOTSTRAP=f"{LOCALHOST}:{self.stack.kafka_port}",
-            CONVEYOR_WORKER_CONCURRENCY=str(self.concurrency),
-        )
-        with self.log_path.open("ab") as log:
-            self.processes += [spawn_conveyor("worker", env, log) for _ in range(self.count)]
-
-    @property
-    def pids(self) -> list[int]:
-        return [process.pid for process in self.processes]
-
-    def stop(self) -> None:
-        for process in self.processes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.processes:
-            wait_or_kill(process, f"worker {process.pid} did not stop in {STOP_TIMEOUT_S:.0f} s; killing it")
 
 
 # --- figures -----------------------------------------------------------------------------------------
