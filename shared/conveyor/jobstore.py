@@ -310,35 +310,27 @@ async def fail_attempt(
 ) -> Job | None:
     """Record a failed attempt. With attempts left the job waits for its next one: `scheduled` until
     `retry_at` (its backoff), or `queued` at once without one. With none left it is `failed`."""
-    if job.attempts < job.max_attempts:
-        if retry_at is not None:
-            return await transition(
-                session,
-                job.id,
-                JobState.SCHEDULED,
-                attempt=job.attempts,
-                source=JobState.RUNNING,
-                error=error,
-                run_at=retry_at,
-                lease_expires_at=None,
-            )
+    if job.attempts >= job.max_attempts:
         return await transition(
             session,
             job.id,
-            JobState.QUEUED,
+            JobState.FAILED,
             attempt=job.attempts,
-            source=JobState.RUNNING,
             error=error,
+            finished_at=utcnow(),
             lease_expires_at=None,
         )
+    # Attempts left: queued at once, or scheduled for its retry time.
+    target, when = (JobState.QUEUED, {}) if retry_at is None else (JobState.SCHEDULED, {"run_at": retry_at})
     return await transition(
         session,
         job.id,
-        JobState.FAILED,
+        target,
         attempt=job.attempts,
+        source=JobState.RUNNING,
         error=error,
-        finished_at=utcnow(),
         lease_expires_at=None,
+        **when,
     )
 
 
