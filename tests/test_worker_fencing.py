@@ -1,5 +1,6 @@
 """A worker that is alive but cut off from the database gives its leases up before they expire, so the
-job's next attempt, on another worker, never runs beside the old one.
+job's next attempt, on another worker, never runs beside the old one; and it leaves the consumer group,
+so the jobs of its partitions go to workers that can claim them.
 
 The cut-off worker reaches PostgreSQL through a TCP proxy that the test closes; every other service
 connects directly, so only that worker loses the database.
@@ -10,7 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from datetime import UTC, datetime
+from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy.engine import make_url
 from test_worker_control import at, worker_events
@@ -32,11 +35,13 @@ class CuttableProxy:
         self._target = (host, port)
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self.port = 0
 
     async def start(self) -> int:
-        self._server = await asyncio.start_server(self._connect, "127.0.0.1", 0)
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
+        """Listen (again, on the same port after a cut); the port."""
+        self._server = await asyncio.start_server(self._connect, "127.0.0.1", self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self.port
 
     async def _connect(
         self, client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter
@@ -84,22 +89,22 @@ async def test_a_worker_cut_off_from_the_database_stops_its_job_before_the_next_
             cut_at = datetime.now(UTC)
             # The reaper of a worker that still has the database requeues the job once its lease expires.
             stack.start("worker-2", "worker", CONVEYOR_LOG_JSON="true")
-            await eventually(
-                lambda: worker_events(stack, "job.abandoned", job_id, worker=CUT_OFF_WORKER),
-                JOB_TIMEOUT_S,
-                "the cut-off worker to stop its attempt",
-            )
-            # Still in the consumer group, the cut-off worker may own the partition the requeued job goes
-            # to, and it cannot claim jobs without its database (a known limit: it does not leave the
-            # group). Once it has stopped its attempt, kill it so worker-2 takes all the partitions.
-            stack.kill(CUT_OFF_WORKER)
             final = await wait_for_status(client, job_id, {"succeeded", "failed"}, JOB_TIMEOUT_S + 30)
+            # Its database back, the worker joins the group again and takes a share of the partitions.
+            await proxy.start()
+            await eventually(
+                lambda: worker_events(stack, "worker.rejoined_group", worker=CUT_OFF_WORKER),
+                JOB_TIMEOUT_S,
+                "the worker to rejoin",
+            )
+            rejoined = await submit_until_run_by(stack, client, CUT_OFF_WORKER)
         async with db.reading() as session:
             record = await load_job(session, job_id)
             assert record is not None
             events = await events_between(session, job_id, 0, record.last_seq)
     finally:
         await db.close()
+        stack.stop(CUT_OFF_WORKER)
 
     assert (final["status"], final["attempts"]) == ("succeeded", 2)
     assert events is not None
@@ -111,3 +116,24 @@ async def test_a_worker_cut_off_from_the_database_stops_its_job_before_the_next_
     # The old attempt stopped after the cut and before the new one started: never both at once.
     assert cut_at < at(given_up["timestamp"]) <= at(abandoned["timestamp"]) < second_start.astimezone(UTC)
     assert worker_events(stack, "lease.expired", job_id, worker="worker-2")
+    # Unable to claim jobs, the cut-off worker left the consumer group, so its partitions (maybe the one
+    # the requeued job went to) moved to worker-2.
+    (left,) = worker_events(stack, "worker.left_group", worker=CUT_OFF_WORKER)
+    assert at(left["timestamp"]) > cut_at
+    assert rejoined["status"] == "succeeded"
+
+
+async def submit_until_run_by(stack: Stack, client: httpx.AsyncClient, worker: str) -> dict[str, Any]:
+    """Submit jobs one at a time until `worker` runs one (it owns some partitions again); that job."""
+    pid = stack.processes[worker].pid
+
+    async def one_run_by_worker() -> dict[str, Any] | None:
+        job_id = (await client.post("/v1/jobs", json={"type": "demo.echo"})).json()["id"]
+        final = await wait_for_status(client, job_id, {"succeeded", "failed"}, JOB_TIMEOUT_S)
+        ran_here = any(
+            record["job_id"] == job_id for record in worker_events(stack, "job.started", worker=worker)
+        )
+        return final if ran_here else None
+
+    job: dict[str, Any] = await eventually(one_run_by_worker, JOB_TIMEOUT_S, f"a job run by {worker} ({pid})")
+    return job

@@ -44,6 +44,10 @@ CANCEL_CHECK_INTERVAL_S = 0.5
 # Give a lease up when this much of it has passed without a renewal: renewals come every third of it,
 # so this is two missed renewals and then some, and a quarter of the lease is left before a reaper acts.
 GIVE_UP_FRACTION = 0.75
+# A worker that has not reached the database for this long (or a lease, if longer) leaves the consumer
+# group until it is back: it could not claim the jobs of its partitions, so other workers should.
+# Long enough that a slow spell of the database does not set off rebalances.
+DATABASE_LOST_MIN_S = 10.0
 
 
 class LeaseKeeper:
@@ -56,8 +60,20 @@ class LeaseKeeper:
         self._prefix = prefix
         self._lease_s = lease_s
         self._tasks: list[asyncio.Task[None]] = []
+        # When a round trip to the database last succeeded (the event loop's clock).
+        self._database_seen_at = 0.0
+
+    @property
+    def database_lost(self) -> bool:
+        """Whether the database has not answered for long enough that this worker should step aside."""
+        silent_s = asyncio.get_running_loop().time() - self._database_seen_at
+        return silent_s > max(self._lease_s, DATABASE_LOST_MIN_S)
+
+    def _database_answered(self) -> None:
+        self._database_seen_at = asyncio.get_running_loop().time()
 
     async def start(self) -> None:
+        self._database_answered()  # the worker has just migrated it
         self._tasks = [
             asyncio.create_task(
                 run_every(self._lease_s / RENEWALS_PER_LEASE, self.renew, "lease.task_failed"),
@@ -86,6 +102,8 @@ class LeaseKeeper:
             lost = await lost_attempts(session, self._executor.worker_id, missed)
             # A cancel also ends the lease; that one gets the handler's grace period, not "lease lost".
             canceled = await canceled_jobs(session, lost)
+        if running:
+            self._database_answered()
         for job_id in held:
             execution = self._executor.running.get(job_id)
             if execution is not None and execution.attempt == running[job_id]:
@@ -149,5 +167,7 @@ class LeaseKeeper:
                     continue
                 log.warning("lease.expired", job_id=job.id, attempt=job.attempts, worker=job.worker_id)
                 rows.extend(announce_state(session, self._prefix, updated))
+        # The reaper asks every REAP_INTERVAL_S, with jobs running or not: the database's heartbeat.
+        self._database_answered()
         if rows:
             await self._relay.publish(rows)

@@ -56,5 +56,9 @@ class OffsetTracker:
             self._partitions.pop(tp, None)
 
     @property
+    def partitions(self) -> set[TopicPartition]:
+        return set(self._partitions)
+
+    @property
     def in_flight(self) -> int:
         return sum(len(state.in_flight) for state in self._partitions.values())

@@ -34,7 +34,7 @@ from conveyor.handlers import Registry
 from conveyor.outbox import OutboxRelay
 from conveyor.retries import Backoff
 from conveyor.settings import Settings
-from conveyor.topics import worker_group
+from conveyor.topics import job_topics, worker_group
 from conveyor.topics_setup import TopicKeeper
 from services.worker.execution import JobExecutor
 from services.worker.leases import LeaseKeeper
@@ -113,6 +113,8 @@ class Worker:
         self.concurrency = settings.worker_concurrency
         self._consumer: AIOKafkaConsumer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # False while the worker has left the consumer group because its database does not answer.
+        self._in_group = True
         # The records whose jobs this worker is running, by partition and offset.
         self._running_records: set[tuple[TopicPartition, int]] = set()
 
@@ -147,6 +149,9 @@ class Worker:
         loop = asyncio.get_running_loop()
         last_commit = loop.time()
         while not stop.is_set():
+            if not await self._keep_membership():
+                await asyncio.sleep(POLL_TIMEOUT_MS / 1000)
+                continue
             free = self.concurrency - len(self._tasks)
             if free <= 0:
                 # At capacity: wake as soon as a job finishes, and still poll so the consumer stays in its
@@ -162,6 +167,24 @@ class Worker:
             if loop.time() - last_commit >= COMMIT_INTERVAL_S:
                 await self.commit()
                 last_commit = loop.time()
+
+    async def _keep_membership(self) -> bool:
+        """Leave the consumer group while the database is out of reach, and join again once it answers;
+        whether the worker is in the group now. Without its database a worker cannot claim the jobs of
+        its partitions; out of the group, those partitions go to workers that can."""
+        assert self._consumer is not None
+        lost = self.leases.database_lost
+        if self._in_group and lost:
+            await self.commit()
+            self._consumer.unsubscribe()
+            self.offsets.forget(self.offsets.partitions)
+            self._in_group = False
+            log.warning("worker.left_group", reason="the database does not answer")
+        elif not self._in_group and not lost:
+            self._consumer.subscribe(job_topics(self.settings.topic_prefix), listener=_CommitOnRevoke(self))
+            self._in_group = True
+            log.info("worker.rejoined_group")
+        return self._in_group
 
     async def _take_prefetched(self, order: PartitionOrder, free: int) -> int:
         """Fill up to `free` slots with prefetched records, one each, in `order`; how many it filled."""
