@@ -204,14 +204,14 @@ async def submit_job(
 
 
 async def _record(session: AsyncSession, state: GatewayState, tenant: str, submission: Submission) -> Job:
-    request, job_type = submission.request, submission.job_type
+    request = submission.request
     return await insert_job(
         session,
         tenant=tenant,
         type=request.type,
         payload=submission.payload,
         priority=request.priority,
-        max_attempts=request.max_attempts or job_type.max_attempts or state.settings.default_max_attempts,
+        max_attempts=request.max_attempts or default_attempts(state, request.type),
         labels=request.labels,
         run_at=submission.run_at,
         timeout_s=request.timeout_s,
@@ -444,7 +444,7 @@ async def retry(
                 state.settings.limits_for(principal.tenant),
             )
             more = body.attempts if body is not None and body.attempts is not None else None
-            retried = await retry_job(session, job_id, more or _default_attempts(state, job))
+            retried = await retry_job(session, job_id, more or default_attempts(state, job.type))
         else:
             retried = None
         if retried is None:  # not failed, or retried by a racing request a moment ago
@@ -466,12 +466,11 @@ async def retry(
     )
 
 
-def _default_attempts(state: GatewayState, job: Job) -> int:
-    """As many attempts as a new job of its type gets (the type may no longer be registered)."""
-    job_type = state.registry.types.get(job.type)
-    if job_type is not None and job_type.max_attempts is not None:
-        return job_type.max_attempts
-    return state.settings.default_max_attempts
+def default_attempts(state: GatewayState, type_name: str) -> int:
+    """How many attempts a new job of this type gets, unless its submission says: the type's, else the
+    setting's (also when the type is no longer registered, for a retry of an old job)."""
+    job_type = state.registry.types.get(type_name)
+    return (job_type.max_attempts if job_type is not None else None) or state.settings.default_max_attempts
 
 
 @router.get("/job-types", response_model=list[JobTypeInfo], responses=problems())
