@@ -27,14 +27,14 @@ from aiokafka.errors import CommitFailedError, KafkaError
 from pydantic import ValidationError
 
 from conveyor import processes
-from conveyor.broker import create_job_consumer, stop_consumer
+from conveyor.broker import create_job_consumer, stop_consumer, subscribe_to_jobs
 from conveyor.database import Database
 from conveyor.events import JobMessage
 from conveyor.handlers import Registry
 from conveyor.outbox import OutboxRelay
 from conveyor.retries import Backoff
 from conveyor.settings import Settings
-from conveyor.topics import job_topics, worker_group
+from conveyor.topics import worker_group
 from conveyor.topics_setup import TopicKeeper
 from services.worker.execution import JobExecutor
 from services.worker.leases import LeaseKeeper
@@ -115,6 +115,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         # False while the worker has left the consumer group because its database does not answer.
         self._in_group = True
+        self._listener = _CommitOnRevoke(self)
         # The records whose jobs this worker is running, by partition and offset.
         self._running_records: set[tuple[TopicPartition, int]] = set()
 
@@ -130,8 +131,7 @@ class Worker:
             self.settings.kafka_bootstrap,
             self.settings.topic_prefix,
             worker_group(self.settings.topic_prefix),
-            listener=_CommitOnRevoke(self),
-            max_poll_records=self.concurrency,
+            listener=self._listener,
             max_poll_interval_ms=self.settings.kafka_max_poll_interval_ms,
             fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         )
@@ -181,7 +181,7 @@ class Worker:
             self._in_group = False
             log.warning("worker.left_group", reason="the database does not answer")
         elif not self._in_group and not lost:
-            self._consumer.subscribe(job_topics(self.settings.topic_prefix), listener=_CommitOnRevoke(self))
+            subscribe_to_jobs(self._consumer, self.settings.topic_prefix, self._listener)
             self._in_group = True
             log.info("worker.rejoined_group")
         return self._in_group

@@ -61,8 +61,13 @@ def create_job_consumer(
         auto_offset_reset="earliest",
         **options,
     )
-    consumer.subscribe(job_topics(prefix), listener=listener)
+    subscribe_to_jobs(consumer, prefix, listener)
     return consumer
+
+
+def subscribe_to_jobs(consumer: AIOKafkaConsumer, prefix: str, listener: ConsumerRebalanceListener) -> None:
+    """Join the workers' group on every priority topic (again, after `consumer.unsubscribe()`)."""
+    consumer.subscribe(job_topics(prefix), listener=listener)
 
 
 async def start_events_consumer(bootstrap: str, prefix: str) -> AIOKafkaConsumer:
