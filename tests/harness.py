@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import socket
@@ -14,12 +15,22 @@ from typing import Any
 
 import httpx
 
+from conveyor.changes import Change, Unit, Written, write_changes
+from conveyor.database import Database
+
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.1
 
 TENANT_A, KEY_A = "tenant-a", "key-a-0123456789"
 TENANT_B, KEY_B = "tenant-b", "key-b-0123456789"
+
+
+async def write_now(db: Database, prefix: str, *changes: Change, atomic: bool = False) -> Written:
+    """Write `changes` in one transaction, as a service's committer would, and hand back what it staged
+    in the outbox (unpublished, unless the caller publishes it)."""
+    units = [Unit(changes, atomic=atomic)]
+    return await db.write(functools.partial(write_changes, units=units, prefix=prefix))
 
 
 def free_port() -> int:

@@ -1,4 +1,5 @@
-"""The gateway's per-tenant limits, without a server: the token bucket and the queue cap."""
+"""The gateway's per-tenant limits, without a server: the token bucket and the queue cap's answer.
+(The cap's count is the write path's: `test_changes.py`.)"""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 
 from conveyor.problems import Problem
 from conveyor.settings import Settings, TenantLimits
-from services.gateway.limits import SubmissionLimiter, TokenBucket, check_queue_room
+from services.gateway.limits import SubmissionLimiter, TokenBucket, queue_full
 
 
 def test_a_bucket_allows_its_burst_then_its_rate() -> None:
@@ -29,12 +30,18 @@ def test_the_limiter_answers_429_with_retry_after() -> None:
     limiter.admit("another-tenant", limits)  # each tenant has its own bucket
 
 
-def test_the_queue_cap_counts_waiting_jobs() -> None:
-    check_queue_room(1, TenantLimits(max_queued=2))
-    with pytest.raises(Problem) as refused:
-        check_queue_room(2, TenantLimits(max_queued=2))
-    assert refused.value.status == 429
-    assert refused.value.extensions["limit"] == "max_queued"
+def test_a_batch_takes_a_token_per_job() -> None:
+    bucket = TokenBucket(rate=1.0, burst=10, updated=100.0)
+    assert bucket.take(now=100.0, count=8) == 0.0
+    assert bucket.take(now=100.0, count=3) == pytest.approx(1.0), "one token short: a second to wait"
+    assert bucket.take(now=101.0, count=3) == 0.0
+
+
+def test_the_queue_cap_answers_429_naming_the_limit() -> None:
+    refused = queue_full(2, TenantLimits(max_queued=2))
+    assert refused.status == 429
+    assert refused.extensions["limit"] == "max_queued"
+    assert int(refused.headers["Retry-After"]) > 0
 
 
 def test_per_tenant_overrides_keep_the_defaults_they_do_not_name() -> None:

@@ -5,17 +5,20 @@ from __future__ import annotations
 import pytest
 from sqlalchemy.exc import IntegrityError
 
+from conveyor.changes import IdempotencyClaim, NewJob, Outcome
 from conveyor.database import Database
-from conveyor.idempotency import (
-    find_key,
-    fingerprint,
-    forget_expired_key,
-    parse_key,
-    prune_keys,
-    remember_key,
-)
+from conveyor.idempotency import fingerprint, parse_key, prune_keys
+from conveyor.models import IdempotencyKey, utcnow
+
+from harness import write_now
 
 DAY_S = 24 * 3600.0
+PREFIX = "idempotency-test"
+
+
+def keyed(tenant: str, key: str, body_fingerprint: str, window_s: float = DAY_S) -> NewJob:
+    claim = IdempotencyClaim(key, body_fingerprint, window_s)
+    return NewJob(tenant=tenant, type="demo.noop", payload={}, priority=3, max_attempts=1, idempotency=claim)
 
 
 def test_the_fingerprint_ignores_key_order_and_whitespace_but_not_values() -> None:
@@ -31,39 +34,42 @@ def test_keys_are_bare_or_quoted_printable_ascii() -> None:
         assert parse_key(bad) is None
 
 
-async def test_the_database_refuses_a_second_record_of_a_live_key(db: Database) -> None:
-    async with db.session() as session:
-        remember_key(session, "t", "k", fingerprint(1), "job-1", DAY_S)
-    with pytest.raises(IntegrityError):
-        async with db.session() as session:
-            remember_key(session, "t", "k", fingerprint(1), "job-2", DAY_S)
-    async with db.session() as session:
-        remember_key(session, "other-tenant", "k", fingerprint(1), "job-3", DAY_S)  # keys are per tenant
+async def test_a_live_key_holds_one_job_per_tenant(db: Database) -> None:
+    first = await write_now(db, PREFIX, keyed("t", "k", fingerprint(1)))
+    again = await write_now(db, PREFIX, keyed("t", "k", fingerprint(1)))
+    elsewhere = await write_now(db, PREFIX, keyed("other-tenant", "k", fingerprint(1)))  # keys are per tenant
+    [[created]], [[replayed]], [[other]] = first.results, again.results, elsewhere.results
+    assert created.written and replayed.outcome is Outcome.REPLAYED
+    assert created.job is not None and replayed.job is not None and replayed.job.id == created.job.id
+    assert other.written and other.job is not None and other.job.id != created.job.id
     async with db.reading() as session:
-        record = await find_key(session, "t", "k")
-    assert record is not None and record.job_id == "job-1"
+        record = await session.get(IdempotencyKey, ("t", "k"))
+    assert record is not None and record.job_id == created.job.id
+    async with db.session() as session:
+        session.add(
+            IdempotencyKey(
+                tenant="t", key="k", fingerprint="x", job_id="job-2", created_at=utcnow(), expires_at=utcnow()
+            )
+        )
+        with pytest.raises(IntegrityError):
+            await session.flush()  # the database itself refuses a second record of the key
 
 
 async def test_an_expired_key_is_not_found_and_can_be_used_again(db: Database) -> None:
-    async with db.session() as session:
-        remember_key(session, "t", "old", fingerprint(1), "job-1", window_s=0.0)
-        remember_key(session, "t", "live", fingerprint(1), "job-2", DAY_S)
-    async with db.session() as session:
-        assert await find_key(session, "t", "old") is None
-        await forget_expired_key(session, "t", "old")
-        remember_key(session, "t", "old", fingerprint(2), "job-3", DAY_S)
-    async with db.reading() as session:
-        record = await find_key(session, "t", "old")
-    assert record is not None and record.job_id == "job-3"
+    [[old]] = (await write_now(db, PREFIX, keyed("t", "old", fingerprint(1), window_s=0.0))).results
+    [[live]] = (await write_now(db, PREFIX, keyed("t", "live", fingerprint(1)))).results
+    [[fresh]] = (await write_now(db, PREFIX, keyed("t", "old", fingerprint(2)))).results
+    [[kept]] = (await write_now(db, PREFIX, keyed("t", "live", fingerprint(2)))).results
+    assert fresh.written and fresh.job is not None and old.job is not None and fresh.job.id != old.job.id
+    assert kept.outcome is Outcome.KEY_REUSED and live.written, "a live key keeps its first body"
 
 
 async def test_pruning_deletes_expired_keys_only(db: Database) -> None:
-    async with db.session() as session:
-        for n in range(3):
-            remember_key(session, "t", f"expired-{n}", fingerprint(n), f"job-{n}", window_s=0.0)
-        remember_key(session, "t", "live", fingerprint(9), "job-9", DAY_S)
+    for n in range(3):
+        await write_now(db, PREFIX, keyed("t", f"expired-{n}", fingerprint(n), window_s=0.0))
+    await write_now(db, PREFIX, keyed("t", "live", fingerprint(9)))
     async with db.session() as session:
         assert await prune_keys(session) == 3
     async with db.session() as session:
         assert await prune_keys(session) == 0
-        assert await find_key(session, "t", "live") is not None
+        assert await session.get(IdempotencyKey, ("t", "live")) is not None

@@ -13,7 +13,7 @@ from conveyor.database import Database
 from conveyor.embedded.kafka import free_port_block
 from conveyor.events import Progress
 from conveyor.models import OutboxMessage
-from conveyor.outbox import OutboxRelay, stage_message
+from conveyor.outbox import OutboxRelay, stage_messages
 from conveyor.topics import events_topic
 
 from harness import eventually
@@ -31,11 +31,11 @@ async def test_rows_wait_while_kafka_is_unreachable_and_flow_once_it_answers(
     await ensure_topics(kafka_bootstrap, prefix, partitions=1, replication_factor=1)
     db = Database(database_url)
     await db.migrate()
-    async with db.session() as session:
-        rows = [
-            stage_message(session, events_topic(prefix), "job-1", Progress(percent=n, message=str(n)))
-            for n in range(5)
-        ]
+    messages = [
+        (events_topic(prefix), "job-1", Progress(percent=n, message=str(n)).model_dump_json().encode())
+        for n in range(5)
+    ]
+    rows = await db.write(lambda connection: stage_messages(connection, messages))
 
     dead = OutboxRelay(db, f"127.0.0.1:{free_port_block(1)}")  # nothing listens there
     assert await dead.publish(rows) is False

@@ -16,10 +16,10 @@ import httpx
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from conveyor import changes
 from conveyor.database import Database
-from conveyor.jobstore import announce, record_progress
 
-from harness import KEY_A, KEY_B, Stack, eventually, wait_for_status
+from harness import KEY_A, KEY_B, Stack, eventually, wait_for_status, write_now
 
 JOB_TIMEOUT_S = 90
 RECEIVE_TIMEOUT_S = 60
@@ -516,12 +516,10 @@ async def test_an_event_kafka_has_not_delivered_is_filled_from_the_history_and_i
         # orphan sweep (10 s), while the worker's next events reach Kafka first.
         db = Database(module_stack.env["CONVEYOR_DATABASE_URL"])
         try:
-            async with db.session() as session:
-                job = await record_progress(
-                    session, job_id, first[-1]["attempt"], 50.0, "from a dead process"
-                )
-                assert job is not None
-                announce(session, module_stack.env["CONVEYOR_TOPIC_PREFIX"], job, "progress")
+            report = changes.progress(job_id, first[-1]["attempt"], 50.0, "from a dead process")
+            written = await write_now(db, module_stack.env["CONVEYOR_TOPIC_PREFIX"], report)
+            job = written.results[0][0].job
+            assert job is not None
         finally:
             await db.close()
         rest, code = await read_to_close(ws)

@@ -35,6 +35,8 @@ def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
         **stack_env,
         "CONVEYOR_CANCEL_GRACE_S": str(GRACE_S),
         "CONVEYOR_LOG_JSON": "true",
+        # `job.started` and `job.recorded`, the lines every job logs, are at DEBUG.
+        "CONVEYOR_LOG_LEVEL": "DEBUG",
         # One job at a time, so a running job keeps the next one queued for as long as a test needs.
         "CONVEYOR_WORKER_CONCURRENCY": "1",
     }

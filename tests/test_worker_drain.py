@@ -11,10 +11,11 @@ import httpx
 import pytest
 from test_worker_control import worker_events
 
+from conveyor.changes import HANDED_BACK
 from conveyor.database import Database
 from conveyor.eventlog import events_between
 from conveyor.events import JobEvent
-from conveyor.jobstore import HANDED_BACK, load_job
+from conveyor.jobstore import load_job
 
 from harness import Stack, eventually, wait_for_status
 
@@ -39,9 +40,9 @@ async def submit(client: httpx.AsyncClient, body: dict[str, Any]) -> str:
 
 async def state_events(db: Database, job_id: str) -> list[JobEvent]:
     async with db.reading() as session:
-        job = await load_job(session, job_id)
+        job = await session.run_sync(load_job, job_id)
         assert job is not None
-        events = await events_between(session, job_id, 0, job.last_seq)
+        events = await session.run_sync(events_between, job_id, 0, job.last_seq)
     assert events is not None
     return [event for event in events if event.type == "state"]
 
@@ -86,7 +87,7 @@ async def test_sigterm_finishes_what_it_can_and_hands_back_the_rest_at_once(
                 for job_id in (stubborn, cooperative)
             ]
             async with db.reading() as session:
-                records = [await load_job(session, job_id) for job_id in (stubborn, cooperative)]
+                records = [await session.run_sync(load_job, job_id) for job_id in (stubborn, cooperative)]
     finally:
         await db.close()
 

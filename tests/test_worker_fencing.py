@@ -77,7 +77,13 @@ async def test_a_worker_cut_off_from_the_database_stops_its_job_before_the_next_
     proxied_url = url.set(host="127.0.0.1", port=await proxy.start()).render_as_string(hide_password=False)
     # Only the cut-off worker runs jobs until the cut: the stack's own worker waits to be started.
     stack.stop("worker-1")
-    stack.start(CUT_OFF_WORKER, "worker", CONVEYOR_DATABASE_URL=proxied_url, CONVEYOR_LOG_JSON="true")
+    stack.start(
+        CUT_OFF_WORKER,
+        "worker",
+        CONVEYOR_DATABASE_URL=proxied_url,
+        CONVEYOR_LOG_JSON="true",
+        CONVEYOR_LOG_LEVEL="DEBUG",
+    )
     db = Database(database_url)
     try:
         async with stack.client() as client:
@@ -88,7 +94,7 @@ async def test_a_worker_cut_off_from_the_database_stops_its_job_before_the_next_
             await proxy.cut()
             cut_at = datetime.now(UTC)
             # The reaper of a worker that still has the database requeues the job once its lease expires.
-            stack.start("worker-2", "worker", CONVEYOR_LOG_JSON="true")
+            stack.start("worker-2", "worker", CONVEYOR_LOG_JSON="true", CONVEYOR_LOG_LEVEL="DEBUG")
             final = await wait_for_status(client, job_id, {"succeeded", "failed"}, JOB_TIMEOUT_S + 30)
             # Its database back, the worker joins the group again and takes a share of the partitions.
             await proxy.start()
@@ -99,9 +105,9 @@ async def test_a_worker_cut_off_from_the_database_stops_its_job_before_the_next_
             )
             rejoined = await submit_until_run_by(stack, client, CUT_OFF_WORKER)
         async with db.reading() as session:
-            record = await load_job(session, job_id)
+            record = await session.run_sync(load_job, job_id)
             assert record is not None
-            events = await events_between(session, job_id, 0, record.last_seq)
+            events = await session.run_sync(events_between, job_id, 0, record.last_seq)
     finally:
         await db.close()
         stack.stop(CUT_OFF_WORKER)

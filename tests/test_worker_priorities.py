@@ -10,6 +10,7 @@ submits top-priority jobs through the gateway. Times come from the jobs' own `cr
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -22,16 +23,18 @@ import pytest
 from aiokafka import TopicPartition
 from sqlalchemy import func, select
 
+from conveyor.changes import NewJob
 from conveyor.database import Database
-from conveyor.jobstore import announce_state, insert_job
+from conveyor.events import JobMessage
 from conveyor.lifecycle import JobState
-from conveyor.models import Job, OutboxMessage, utcnow
+from conveyor.models import Job, utcnow
 from conveyor.outbox import OutboxRelay
 from conveyor.settings import DEFAULT_PRIORITY_WEIGHTS, Settings
 from conveyor.topics import HIGHEST_PRIORITY, LOWEST_PRIORITY, PRIORITIES, job_topic
-from services.worker.priorities import PartitionOrder, PriorityPicker
+from services.worker.intake import Intake, Pending
+from services.worker.priorities import PriorityPicker
 
-from harness import Stack, eventually
+from harness import Stack, eventually, write_now
 
 Start = tuple[str, datetime]  # (worker id, started_at)
 WEIGHT_OF = dict(zip(PRIORITIES, DEFAULT_PRIORITY_WEIGHTS, strict=True))
@@ -107,42 +110,64 @@ def test_bad_weights_are_refused() -> None:
         PriorityPicker((16, 8, 4, 2, 0))
 
 
-def test_partitions_are_tried_by_priority_then_in_turn_within_a_level() -> None:
-    order = PartitionOrder("pre")
-    p1 = [TopicPartition(job_topic("pre", 1), n) for n in range(3)]
-    p5 = [TopicPartition(job_topic("pre", 5), n) for n in range(2)]
-    other = TopicPartition("pre.events", 0)
-    assignment = {*p1, *p5, other}
-
-    def p1_turns() -> list[TopicPartition]:
-        return [tp for tp in order.candidates(assignment) if tp in p1]
-
-    assert order.candidates(assignment) == [*p1, *p5], "urgent level first; partitions of no level left out"
-    order.served(p1[0])
-    assert p1_turns() == [p1[1], p1[2], p1[0]], "the next partition's turn"
-    order.served(p1[1])
-    order.served(p1[2])
-    assert p1_turns() == p1, "round and round"
+def pending(tp: TopicPartition, offset: int, tenant: str) -> Pending:
+    message = JobMessage(
+        job_id=f"job-{tp.topic}-{offset}", tenant=tenant, type="demo.noop", priority=1, attempt=1
+    )
+    return Pending(tp, offset, message)
 
 
-def test_a_served_partition_charges_its_level() -> None:
-    order = PartitionOrder("pre")
+def tenants_of(taken: Sequence[Pending]) -> list[str]:
+    return [item.message.tenant for item in taken]
+
+
+def test_within_a_level_tenants_take_turns_whatever_their_partitions_hold() -> None:
+    intake = Intake("pre")
+    p3 = [TopicPartition(job_topic("pre", 3), n) for n in range(2)]
+    offsets = itertools.count()
+    for n in range(50):  # a flood from tenant "bulk" on both partitions, read first
+        intake.add(pending(p3[n % 2], next(offsets), "bulk"))
+    for tenant in ("a", "b"):
+        intake.add(pending(p3[0], next(offsets), tenant))
+    assert tenants_of(intake.take(4)) == ["bulk", "a", "b", "bulk"], "one slot each in turn"
+    assert tenants_of(intake.take(3)) == ["bulk"] * 3, "the others have nothing waiting"
+    intake.add(pending(p3[1], next(offsets), "a"))
+    assert tenants_of(intake.take(2)) == ["bulk", "a"], "a tenant that comes back joins the end of the ring"
+
+
+def test_tenant_weights_set_how_many_slots_a_turn_holds() -> None:
+    intake = Intake("pre", tenant_weight=lambda tenant: 3 if tenant == "big" else 1)
+    tp = TopicPartition(job_topic("pre", 2), 0)
+    for offset in range(40):
+        intake.add(pending(tp, offset, "big" if offset < 20 else "small"))
+    assert Counter(tenants_of(intake.take(16))) == {"big": 12, "small": 4}
+
+
+def test_levels_take_their_shares_before_tenants_take_turns() -> None:
+    intake = Intake("pre")
     p1, p5 = TopicPartition(job_topic("pre", 1), 0), TopicPartition(job_topic("pre", 5), 0)
-    served = []
-    for _ in range(WEIGHT_OF[1] + WEIGHT_OF[5]):  # p1 and p5 alone share 16:1
-        first = order.candidates([p1, p5])[0]
-        order.served(first)
-        served.append(first)
-    assert Counter(served) == {p1: 16, p5: 1}
+    for offset in range(100):
+        intake.add(pending(p1, offset, f"t{offset % 3}"))
+        intake.add(pending(p5, offset, f"t{offset % 3}"))
+    taken = intake.take(WEIGHT_OF[1] + WEIGHT_OF[5])  # p1 and p5 alone share 16:1
+    assert Counter(item.tp for item in taken) == {p1: 16, p5: 1}
+    assert Counter(tenants_of([item for item in taken if item.tp == p1])) == {"t0": 6, "t1": 5, "t2": 5}
 
 
-def test_partition_turns_survive_a_partition_going_away() -> None:
-    order = PartitionOrder("pre")
-    p3 = [TopicPartition(job_topic("pre", 3), n) for n in range(4)]
-    order.served(p3[1])
-    assert order.candidates([p3[0], p3[2], p3[3]]) == [p3[2], p3[3], p3[0]]
-    assert order.level_of(p3[0]) == 3
-    assert order.level_of(TopicPartition("elsewhere.jobs.p3", 0)) is None
+def test_the_read_ahead_is_bounded_per_partition_and_dropped_with_it() -> None:
+    intake = Intake("pre", read_ahead=3)
+    p4 = [TopicPartition(job_topic("pre", 4), n) for n in range(2)]
+    for offset in range(3):
+        intake.add(pending(p4[0], offset, "t"))
+    intake.add(pending(p4[1], 0, "u"))
+    other = TopicPartition("pre.events", 0)
+    assert intake.with_room([*p4, other]) == [p4[1]], "a full partition is not read; events are no job topic"
+    dropped = intake.drop({p4[0]})
+    assert len(dropped) == 3 and len(intake) == 1
+    assert intake.with_room(p4) == p4
+    assert tenants_of(intake.take(5)) == ["u"]
+    assert intake.level_of(p4[0]) == 4
+    assert intake.level_of(TopicPartition("elsewhere.jobs.p3", 0)) is None
 
 
 # --- saturation, on real Kafka and two worker processes ------------------------------------------------
@@ -170,22 +195,20 @@ def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
 
 async def insert_backlog(db: Database, relay: OutboxRelay, prefix: str, priority: int, count: int) -> None:
     """`count` queued demo.sleep jobs, written as the gateway writes them and published at once. They
-    belong to BACKLOG_TENANTS tenants in turn, so that every partition of the level, and so every
-    worker, has some of them."""
+    belong to BACKLOG_TENANTS tenants in turn."""
     for first in range(0, count, INSERT_CHUNK):
-        rows: list[OutboxMessage] = []
-        async with db.session() as session:
-            for n in range(first, min(first + INSERT_CHUNK, count)):
-                job = await insert_job(
-                    session,
-                    tenant=f"bulk-{n % BACKLOG_TENANTS}",
-                    type="demo.sleep",
-                    payload={"seconds": JOB_SECONDS, "steps": 1},
-                    priority=priority,
-                    max_attempts=1,
-                )
-                rows.extend(announce_state(session, prefix, job))
-        assert await relay.publish(rows)
+        jobs = [
+            NewJob(
+                tenant=f"bulk-{n % BACKLOG_TENANTS}",
+                type="demo.sleep",
+                payload={"seconds": JOB_SECONDS, "steps": 1},
+                priority=priority,
+                max_attempts=1,
+            )
+            for n in range(first, min(first + INSERT_CHUNK, count))
+        ]
+        written = await write_now(db, prefix, *jobs)
+        assert await relay.publish(written.outbox)
 
 
 async def count_jobs(db: Database, priority: int, *statuses: JobState) -> int:

@@ -5,15 +5,17 @@ What must hold each time: no job is lost, none runs twice (each attempt is in th
 and the attempts of a job never overlap), a worker that keeps running stays in its group, and no
 partition's committed offset passes a job that has not finished.
 
-Job placement is chosen, not left to chance: a Kafka key is `<tenant>/<shard>` (`conveyor.topics.job_key`)
-and the shard depends on the job id, so this module uses tenants all of whose shards hash to one
-partition. A job of such a tenant at priority p lands on partition (topic p, that partition).
+Job placement is chosen, not left to chance: a job message's Kafka key is its job id
+(`conveyor.topics.job_key`), so this module gives each job an id that hashes to the partition it wants
+and writes it as the gateway writes a submission (the job, its event and its message in one
+transaction, then published). A job at priority p lands on partition (topic p, that partition).
 """
 
 from __future__ import annotations
 
 import itertools
 import re
+import uuid
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
@@ -25,15 +27,18 @@ from aiokafka.partitioner import murmur2
 from conftest import TEST_LEASE_S
 from test_worker_control import worker_events
 
+from conveyor.changes import NewJob
 from conveyor.database import Database
 from conveyor.eventlog import events_between
 from conveyor.events import JobEvent, JobMessage
 from conveyor.jobstore import load_job
 from conveyor.lifecycle import JobState
-from conveyor.models import Job
-from conveyor.topics import TENANT_SPREAD, job_topic, worker_group
+from conveyor.models import JobRecord
+from conveyor.outbox import OutboxRelay
+from conveyor.settings import DEFAULT_MAX_ATTEMPTS
+from conveyor.topics import job_topic, worker_group
 
-from harness import KEY_A, KEY_B, TENANT_A, TENANT_B, Stack, eventually
+from harness import TENANT_A, Stack, eventually, write_now
 
 PARTITIONS = 3  # CONVEYOR_PARTITIONS of the test deployments
 PRIORITIES = range(1, 6)
@@ -49,20 +54,11 @@ def partition_of(key: str, partitions: int = PARTITIONS) -> int:
     return int((murmur2(key.encode()) & 0x7FFFFFFF) % partitions)
 
 
-def pinned_tenant(partition: int) -> str:
-    """A tenant name all of whose keys land on `partition`: its jobs all go to that partition."""
-    for i in range(100_000):
-        tenant = f"pin{partition}-{i}"
-        if all(partition_of(f"{tenant}/{shard}") == partition for shard in range(TENANT_SPREAD)):
-            return tenant
-    raise AssertionError(f"no tenant pinned to partition {partition}")
-
-
-PINNED = {partition: pinned_tenant(partition) for partition in range(PARTITIONS)}
-
-
-def pinned_key(partition: int) -> str:
-    return f"key-{PINNED[partition]}-0123456789"
+def job_id_on(partition: int) -> str:
+    """A fresh job id whose job message lands on `partition`."""
+    while partition_of(job_id := str(uuid.uuid4())) != partition:
+        pass
+    return job_id
 
 
 @pytest.fixture
@@ -74,11 +70,11 @@ def worker_env() -> dict[str, str]:
 @pytest.fixture
 def stack_env(stack_env: dict[str, str], worker_env: dict[str, str]) -> dict[str, str]:
     assert stack_env["CONVEYOR_PARTITIONS"] == str(PARTITIONS)
-    pinned_keys = ",".join(f"{tenant}:{pinned_key(partition)}" for partition, tenant in PINNED.items())
     return {
         **stack_env,
-        "CONVEYOR_API_KEYS": f"{TENANT_A}:{KEY_A},{TENANT_B}:{KEY_B},{pinned_keys}",
         "CONVEYOR_LOG_JSON": "true",
+        # `job.started` and `job.recorded`, the lines every job logs, are at DEBUG.
+        "CONVEYOR_LOG_LEVEL": "DEBUG",
         "CONVEYOR_WORKER_CONCURRENCY": "4",
         **worker_env,
     }
@@ -89,11 +85,24 @@ def stack_env(stack_env: dict[str, str], worker_env: dict[str, str]) -> dict[str
 
 async def submit(stack: Stack, partition: int, priority: int, body: dict[str, Any]) -> str:
     """Submit a job that lands on partition `partition` of priority `priority`'s topic."""
-    async with stack.client(pinned_key(partition)) as client:
-        response = await client.post("/v1/jobs", json={**body, "priority": priority})
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["id"]
-    return job_id
+    job = NewJob(
+        tenant=TENANT_A,
+        type=body["type"],
+        payload=body["payload"],
+        priority=priority,
+        max_attempts=DEFAULT_MAX_ATTEMPTS,
+        id=job_id_on(partition),
+    )
+    db = Database(stack.env["CONVEYOR_DATABASE_URL"])
+    relay = OutboxRelay(db, stack.env["CONVEYOR_KAFKA_BOOTSTRAP"])
+    try:
+        written = await write_now(db, stack.env["CONVEYOR_TOPIC_PREFIX"], job)
+        assert written.results[0][0].written
+        assert await relay.publish(written.outbox), "published"
+    finally:
+        await relay.stop()
+        await db.close()
+    return job.id
 
 
 def sleep_job(seconds: float) -> dict[str, Any]:
@@ -112,33 +121,33 @@ class Jobs:
     async def close(self) -> None:
         await self.db.close()
 
-    async def job(self, job_id: str) -> Job:
+    async def job(self, job_id: str) -> JobRecord:
         async with self.db.reading() as session:
-            job = await load_job(session, job_id)
+            job = await session.run_sync(load_job, job_id)
         assert job is not None, job_id
         return job
 
     async def events(self, job_id: str) -> list[JobEvent]:
         async with self.db.reading() as session:
-            job = await load_job(session, job_id)
+            job = await session.run_sync(load_job, job_id)
             assert job is not None, job_id
-            events = await events_between(session, job_id, 0, job.last_seq)
+            events = await session.run_sync(events_between, job_id, 0, job.last_seq)
         assert events is not None, f"the history of {job_id} has gaps"
         return events
 
-    async def wait_finished(self, job_ids: Iterable[str], within_s: float) -> dict[str, Job]:
+    async def wait_finished(self, job_ids: Iterable[str], within_s: float) -> dict[str, JobRecord]:
         """Wait until every one of the jobs is terminal; fail naming the ones that are not."""
         job_ids = list(job_ids)
 
-        async def rows() -> dict[str, Job]:
+        async def rows() -> dict[str, JobRecord]:
             return {job_id: await self.job(job_id) for job_id in job_ids}
 
-        async def finished() -> dict[str, Job] | None:
+        async def finished() -> dict[str, JobRecord] | None:
             current = await rows()
             return current if all(job.status in TERMINAL for job in current.values()) else None
 
         try:
-            done: dict[str, Job] = await eventually(finished, within_s, "the jobs to finish")
+            done: dict[str, JobRecord] = await eventually(finished, within_s, "the jobs to finish")
         except AssertionError:
             stuck = {
                 job_id: job.status for job_id, job in (await rows()).items() if job.status not in TERMINAL
@@ -149,12 +158,12 @@ class Jobs:
             ) from None
         return done
 
-    async def wait_status(self, job_id: str, statuses: set[str], within_s: float) -> Job:
-        async def reached() -> Job | None:
+    async def wait_status(self, job_id: str, statuses: set[str], within_s: float) -> JobRecord:
+        async def reached() -> JobRecord | None:
             job = await self.job(job_id)
             return job if job.status in statuses else None
 
-        job: Job = await eventually(reached, within_s, f"job {job_id} to reach {statuses}")
+        job: JobRecord = await eventually(reached, within_s, f"job {job_id} to reach {statuses}")
         return job
 
 

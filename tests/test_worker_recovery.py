@@ -12,7 +12,7 @@ from harness import Stack, eventually, wait_for_status
 
 async def running_worker_pid(db: Database, job_id: str) -> int | None:
     async with db.session() as session:
-        job = await load_job(session, job_id)
+        job = await session.run_sync(load_job, job_id)
     if job is None or job.status != "running" or job.worker_id is None:
         return None
     return int(job.worker_id.split("-")[-2])  # worker ids are host-pid-random
@@ -42,7 +42,7 @@ async def test_a_job_survives_its_worker_being_killed(stack: Stack, database_url
 
             final = await wait_for_status(client, job["id"], {"succeeded", "failed"}, 60)
         async with db.session() as session:
-            record = await load_job(session, job["id"])
+            record = await session.run_sync(load_job, job["id"])
     finally:
         await db.close()
 

@@ -47,9 +47,9 @@ def test_full_jitter_draws_from_the_whole_range() -> None:
 
 async def history(db: Database, job_id: str) -> list[JobEvent]:
     async with db.reading() as session:
-        job = await load_job(session, job_id)
+        job = await session.run_sync(load_job, job_id)
         assert job is not None
-        events = await events_between(session, job_id, 0, job.last_seq)
+        events = await session.run_sync(events_between, job_id, 0, job.last_seq)
     assert events is not None
     return events
 

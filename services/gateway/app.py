@@ -7,7 +7,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
-from conveyor.auth import parse_bootstrap_keys
+from conveyor.auth import Authenticator, parse_bootstrap_keys
+from conveyor.committer import Committer
 from conveyor.database import Database
 from conveyor.handlers import load_handler_modules
 from conveyor.health import health_router
@@ -31,19 +32,22 @@ def create_app(settings: Settings) -> FastAPI:
         topics = TopicKeeper(settings)
         await topics.start()
         await relay.start()
+        committer = Committer(db, relay, settings.topic_prefix)
+        await committer.start()
         key_pruner = Pruner(db, "idempotency-keys", prune_keys)
         await key_pruner.start()
         app.state.gateway = GatewayState(
             settings=settings,
             db=db,
             registry=load_handler_modules(settings.handler_modules),
-            relay=relay,
-            bootstrap_keys=parse_bootstrap_keys(settings.api_keys),
+            committer=committer,
+            authenticator=Authenticator(db, parse_bootstrap_keys(settings.api_keys)),
         )
         try:
             yield
         finally:
             await key_pruner.stop()
+            await committer.stop()
             await relay.stop()
             await topics.stop()
             await db.close()

@@ -4,6 +4,7 @@ the job types."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 from datetime import datetime
 from typing import Annotated, Any
@@ -11,43 +12,33 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Depends, Header, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession
 
+from conveyor import changes
 from conveyor.auth import Principal
-from conveyor.idempotency import (
-    MAX_KEY_LENGTH,
-    find_key,
-    fingerprint,
-    forget_expired_key,
-    parse_key,
-    remember_key,
-)
-from conveyor.jobstore import (
-    announce_state,
-    cancel_job,
-    count_waiting_jobs,
-    get_job,
-    insert_job,
-    list_jobs,
-    retry_job,
-)
+from conveyor.changes import ChangeResult, IdempotencyClaim, NewJob, Outcome
+from conveyor.idempotency import MAX_KEY_LENGTH, fingerprint, parse_key
+from conveyor.jobstore import get_job, is_job_id, list_jobs
+from conveyor.jsoncodec import FastJSONResponse
 from conveyor.lifecycle import JobState
-from conveyor.models import IdempotencyKey, Job, utcnow
-from conveyor.problems import PROBLEM_JSON, Problem, invalid_field
+from conveyor.models import JobRecord, utcnow
+from conveyor.problems import PROBLEM_JSON, Problem, invalid_field, invalid_request
 from conveyor.schemas import (
+    MAX_BATCH_JOBS,
     SUBMISSION_EXAMPLES,
+    BatchAccepted,
+    BatchSubmission,
     JobPage,
     JobResource,
     JobSubmission,
     JobTypeInfo,
     RetryRequest,
+    inlined_schema,
     job_path,
-    job_resource,
+    resource_document,
 )
-from conveyor.settings import DEFAULT_RETRY_AFTER_S
+from conveyor.settings import DEFAULT_RETRY_AFTER_S, TenantLimits
 from conveyor.topics import HIGHEST_PRIORITY, LOWEST_PRIORITY
-from services.gateway.limits import check_queue_room
+from services.gateway.limits import queue_full, too_large_for_burst
 from services.gateway.listing import (
     DEFAULT_PAGE_SIZE,
     MAX_PAGE_SIZE,
@@ -58,7 +49,12 @@ from services.gateway.listing import (
 )
 from services.gateway.security import require_principal, require_scope
 from services.gateway.state import GatewayState, gateway_state
-from services.gateway.submission import Submission, read_submission
+from services.gateway.submission import (
+    MAX_BATCH_BODY_BYTES,
+    Submission,
+    read_batch,
+    read_submission,
+)
 
 # `?wait=` holds a status request at most this long, checking the job this often meanwhile.
 MAX_WAIT_S = 60.0
@@ -168,45 +164,32 @@ async def submit_job(
     body, submission = await read_submission(request, state.registry)
     limits = state.settings.limits_for(principal.tenant)
     state.limiter.admit(principal.tenant, limits)
-    body_fingerprint = fingerprint(body)
-    try:
-        async with state.db.session() as session:
-            if key is not None:
-                earlier = await find_key(session, principal.tenant, key)
-                if earlier is not None:
-                    return await _replay(state, principal.tenant, earlier, body_fingerprint)
-                await forget_expired_key(session, principal.tenant, key)
-            check_queue_room(await count_waiting_jobs(session, principal.tenant), limits)
-            job = await _record(session, state, principal.tenant, submission)
-            if key is not None:
-                remember_key(
-                    session,
-                    principal.tenant,
-                    key,
-                    body_fingerprint,
-                    job.id,
-                    state.settings.idempotency_window_s,
-                )
-            # Staged in the same transaction as the job: once committed, the relay will publish them
-            # even if this process dies right after answering.
-            rows = announce_state(session, state.settings.topic_prefix, job)
-    except IntegrityError:
-        if key is None:
-            raise
-        # An identical request committed the same key first: answer with its job.
-        async with state.db.reading() as session:
-            earlier = await find_key(session, principal.tenant, key)
-        if earlier is None:
-            raise
-        return await _replay(state, principal.tenant, earlier, body_fingerprint)
-    state.relay.notify(rows)
-    return _accepted(state, job)
+    job = _new_job(state, principal.tenant, submission, limits, key, body)
+    # Written in the next batch with everything else this gateway accepts meanwhile; the job's event
+    # and message are staged in the same transaction, so once committed the relay publishes them even
+    # if this process dies right after answering.
+    [result] = await state.committer.apply([job])
+    if result.outcome is Outcome.WRITTEN:
+        return _accepted(state, _written(result))
+    if result.outcome is Outcome.REPLAYED:
+        response = _accepted(state, _written(result))
+        response.headers[REPLAYED_HEADER] = "true"
+        return response
+    raise _refusal(result, limits, "Idempotency-Key")
 
 
-async def _record(session: AsyncSession, state: GatewayState, tenant: str, submission: Submission) -> Job:
+def _new_job(
+    state: GatewayState,
+    tenant: str,
+    submission: Submission,
+    limits: TenantLimits,
+    key: str | None,
+    body: Any,
+) -> NewJob:
     request = submission.request
-    return await insert_job(
-        session,
+    # The fingerprint of the body only when there is a key to hold it: hashing costs on every request.
+    claim = IdempotencyClaim(key, fingerprint(body), state.settings.idempotency_window_s) if key else None
+    return NewJob(
         tenant=tenant,
         type=request.type,
         payload=submission.payload,
@@ -215,38 +198,114 @@ async def _record(session: AsyncSession, state: GatewayState, tenant: str, submi
         labels=request.labels,
         run_at=submission.run_at,
         timeout_s=request.timeout_s,
+        idempotency=claim,
+        max_queued=limits.max_queued,
     )
 
 
-async def _replay(
-    state: GatewayState, tenant: str, earlier: IdempotencyKey, body_fingerprint: str
-) -> JSONResponse:
-    if earlier.fingerprint != body_fingerprint:
-        raise Problem(
+def _written(result: ChangeResult) -> JobRecord:
+    assert result.job is not None
+    return result.job
+
+
+def _refusal(result: ChangeResult, limits: TenantLimits, key_field: str) -> Problem:
+    """The problem that answers a new job the write path refused."""
+    if result.outcome is Outcome.OVER_QUOTA:
+        return queue_full(result.waiting or 0, limits)
+    if result.outcome is Outcome.KEY_REUSED:
+        return Problem(
             422,
             "Idempotency key reused",
-            "this Idempotency-Key was used with a different request body",
+            "this idempotency key was used with a different request body",
             slug="idempotency-key-reused",
-            errors=[{"field": "Idempotency-Key", "message": "already used with a different body"}],
+            errors=[{"field": key_field, "message": "already used with a different body"}],
         )
-    async with state.db.reading() as session:
-        job = await get_job(session, tenant, earlier.job_id)
-    if job is None:  # jobs are never deleted, so this is a key whose job is gone by hand
-        raise invalid_field("Idempotency-Key", "the job this key created no longer exists; use a new key")
-    response = _accepted(state, job)
-    response.headers[REPLAYED_HEADER] = "true"
-    return response
+    if result.outcome is Outcome.KEY_ORPHANED:  # jobs are never deleted: a key whose job is gone by hand
+        return invalid_field(key_field, "the job this key created no longer exists; use a new key")
+    # ABANDONED: the job was answered from another request of the same moment that did not go through.
+    return Problem(
+        409, "Conflict", "a concurrent request with the same idempotency key failed; retry", slug="conflict"
+    )
 
 
-def _accepted(state: GatewayState, job: Job) -> JSONResponse:
-    return JSONResponse(
-        job_resource(job, state.settings.progress_url).model_dump(mode="json"),
+@router.post(
+    "/jobs/batch",
+    status_code=202,
+    response_model=BatchAccepted,
+    responses={
+        202: {"description": "Accepted: every job is recorded and will run; poll each `links.self`."},
+        **problems(400, 413, 415, 422, 429),
+    },
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "description": f"Up to {MAX_BATCH_JOBS} jobs and {MAX_BATCH_BODY_BYTES // (1024 * 1024)} MiB.",
+            "content": {"application/json": {"schema": inlined_schema(BatchSubmission)}},
+        }
+    },
+)
+async def submit_batch(
+    request: Request,
+    principal: Principal = Depends(require_principal),
+    state: GatewayState = Depends(gateway_state),
+) -> JSONResponse:
+    """Accept up to 1,000 jobs at once, atomically: all are created (202, in request order) or none
+    (a 422 naming each item and field at fault, e.g. `jobs[3].type`; a 429 if the tenant's rate or
+    queue limit cannot take them all). Each item may carry its own `idempotency_key`; an item whose key
+    was used before with the same job is answered with that job and not created again."""
+    require_scope(principal, "submit")
+    if "idempotency-key" in request.headers:
+        raise invalid_field("Idempotency-Key", "a batch takes an `idempotency_key` per job, not the header")
+    items = await read_batch(request, state.registry)
+    limits = state.settings.limits_for(principal.tenant)
+    if len(items) > limits.submit_burst:
+        raise too_large_for_burst(len(items), limits)
+    state.limiter.admit(principal.tenant, limits, count=len(items))
+    jobs = [
+        _new_job(state, principal.tenant, submission, limits, submission.key, item)
+        for item, submission in items
+    ]
+    results = await state.committer.apply(jobs, atomic=True)
+    refused = [(n, result) for n, result in enumerate(results) if result.outcome not in ANSWERED]
+    if refused:
+        raise _batch_refusal(refused, limits)
+    written = [_written(result) for result in results]
+    body = {
+        "items": [resource_document(job, state.settings.progress_url) for job in written],
+        "replayed": [n for n, result in enumerate(results) if result.outcome is Outcome.REPLAYED],
+    }
+    retry_after = min(retry_after_s(job) for job in written)
+    return FastJSONResponse(body, status_code=202, headers={"Retry-After": str(retry_after)})
+
+
+# The outcomes of a new job that answer with a job.
+ANSWERED = frozenset({Outcome.WRITTEN, Outcome.REPLAYED})
+
+
+def _batch_refusal(refused: list[tuple[int, ChangeResult]], limits: TenantLimits) -> Problem:
+    """Why a batch was refused: the tenant's queue limit, or the items whose keys do not fit."""
+    causes = [(n, result) for n, result in refused if result.outcome is not Outcome.ABANDONED]
+    for _, result in causes:
+        if result.outcome is Outcome.OVER_QUOTA:
+            return queue_full(result.waiting or 0, limits, wanted=len(refused))
+    errors = []
+    for n, result in causes:
+        problem = _refusal(result, limits, f"jobs[{n}].idempotency_key")
+        errors.extend(problem.extensions.get("errors", []))
+    if not errors:
+        return _refusal(refused[0][1], limits, "jobs")
+    return invalid_request(errors)
+
+
+def _accepted(state: GatewayState, job: JobRecord) -> JSONResponse:
+    return FastJSONResponse(
+        resource_document(job, state.settings.progress_url),
         status_code=202,
         headers={"Location": job_path(job.id), "Retry-After": str(retry_after_s(job))},
     )
 
 
-def retry_after_s(job: Job) -> int:
+def retry_after_s(job: JobRecord) -> int:
     """When a poll could show something new: a scheduled job's start time, else soon."""
     if job.status == JobState.SCHEDULED and job.run_at is not None:
         return max(DEFAULT_RETRY_AFTER_S, math.ceil((job.run_at - utcnow()).total_seconds()))
@@ -278,19 +337,20 @@ async def list_tenant_jobs(
             raise invalid_field(name, "give a time with a UTC offset, e.g. 2026-11-24T10:00:00Z")
     where = job_filter(status, type, priority, label, created_after, created_before)
     before = decode_cursor(cursor) if cursor is not None else None
-    async with state.db.reading() as session:
-        jobs = await list_jobs(session, principal.tenant, where, limit + 1, before)
+    jobs = await state.db.read(
+        functools.partial(list_jobs, tenant=principal.tenant, where=where, limit=limit + 1, before=before)
+    )
     more = len(jobs) > limit
     jobs = jobs[:limit]
     next_cursor = encode_cursor(jobs[-1]) if more else None
-    page = JobPage(
-        items=[job_resource(job, state.settings.progress_url) for job in jobs],
-        next_cursor=next_cursor,
-        next=next_page_url(request.url.path, request.query_params.multi_items(), next_cursor)
+    page = {
+        "items": [resource_document(job, state.settings.progress_url) for job in jobs],
+        "next_cursor": next_cursor,
+        "next": next_page_url(request.url.path, request.query_params.multi_items(), next_cursor)
         if next_cursor
         else None,
-    )
-    return JSONResponse(page.model_dump(mode="json"))
+    }
+    return FastJSONResponse(page)
 
 
 @router.get(
@@ -319,13 +379,12 @@ async def read_job(
     if wait > 0 and not JobState(job.status).is_terminal:
         job = await _wait_for_change(request, state, principal.tenant, job, wait)
     headers = {} if JobState(job.status).is_terminal else {"Retry-After": str(retry_after_s(job))}
-    resource = job_resource(job, state.settings.progress_url)
-    return JSONResponse(resource.model_dump(mode="json"), headers=headers)
+    return FastJSONResponse(resource_document(job, state.settings.progress_url), headers=headers)
 
 
 async def _wait_for_change(
-    request: Request, state: GatewayState, tenant: str, job: Job, wait_s: float
-) -> Job:
+    request: Request, state: GatewayState, tenant: str, job: JobRecord, wait_s: float
+) -> JobRecord:
     """The job once its status differs from `job`'s, or as it is when `wait_s` runs out."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_s
@@ -358,7 +417,7 @@ async def read_result(
     job = await _tenant_job(state, principal.tenant, job_id)
     status = JobState(job.status)
     if status is JobState.SUCCEEDED:
-        return JSONResponse(job.result)
+        return FastJSONResponse(job.result)
     if status is JobState.FAILED:
         raise Problem(
             409, "Job failed", "the job failed; it has no result", slug="job-failed", error=job.error
@@ -395,21 +454,23 @@ async def cancel(
     """Cancel a job: a scheduled or queued job never runs; a running job's handler is told to stop.
     The job ends `canceled`. 409 if it has already finished."""
     require_scope(principal, "cancel")
-    async with state.db.session() as session:
-        job = await get_job(session, principal.tenant, job_id)
-        if job is None:
-            raise _not_found(job_id)
-        canceled = None if JobState(job.status).is_terminal else await cancel_job(session, job_id)
-        if canceled is None:
-            current = await get_job(session, principal.tenant, job_id)
-            status = current.status if current is not None else job.status
-            raise Problem(
-                409, "Job already finished", f"the job is {status}", slug="job-finished", job_status=status
-            )
-        rows = announce_state(session, state.settings.topic_prefix, canceled)
-    state.relay.notify(rows)
-    return JSONResponse(
-        job_resource(canceled, state.settings.progress_url).model_dump(mode="json"),
+    if not is_job_id(job_id):
+        raise _not_found(job_id)
+    [result] = await state.committer.apply([changes.cancel(job_id, principal.tenant)])
+    if result.outcome is Outcome.NOT_FOUND:
+        raise _not_found(job_id)
+    canceled = result.job
+    assert canceled is not None
+    if result.outcome is not Outcome.WRITTEN:
+        raise Problem(
+            409,
+            "Job already finished",
+            f"the job is {canceled.status}",
+            slug="job-finished",
+            job_status=canceled.status,
+        )
+    return FastJSONResponse(
+        resource_document(canceled, state.settings.progress_url),
         status_code=202,
         headers={"Location": job_path(job_id)},
     )
@@ -434,33 +495,30 @@ async def retry(
     as a new job of its type gets). Its attempt numbers go on counting and its last error stays until
     the next attempt ends. Needs the `submit` scope; 409 unless the job is `failed`."""
     require_scope(principal, "submit")
-    async with state.db.session() as session:
-        job = await get_job(session, principal.tenant, job_id)
-        if job is None:
-            raise _not_found(job_id)
-        if job.status == JobState.FAILED:
-            check_queue_room(
-                await count_waiting_jobs(session, principal.tenant),
-                state.settings.limits_for(principal.tenant),
-            )
-            more = body.attempts if body is not None and body.attempts is not None else None
-            retried = await retry_job(session, job_id, more or default_attempts(state, job.type))
-        else:
-            retried = None
-        if retried is None:  # not failed, or retried by a racing request a moment ago
-            current = await get_job(session, principal.tenant, job_id)
-            status = current.status if current is not None else job.status
-            raise Problem(
-                409,
-                "Job not failed",
-                f"only a failed job can be retried; this one is {status}",
-                slug="job-not-failed",
-                job_status=status,
-            )
-        rows = announce_state(session, state.settings.topic_prefix, retried)
-    state.relay.notify(rows)
-    return JSONResponse(
-        job_resource(retried, state.settings.progress_url).model_dump(mode="json"),
+    job = await _tenant_job(state, principal.tenant, job_id)
+    more = body.attempts if body is not None and body.attempts is not None else None
+    limits = state.settings.limits_for(principal.tenant)
+    change = changes.retry(
+        job_id, principal.tenant, more or default_attempts(state, job.type), max_queued=limits.max_queued
+    )
+    [result] = await state.committer.apply([change])
+    if result.outcome is Outcome.NOT_FOUND:
+        raise _not_found(job_id)
+    still_failed = result.job is not None and result.job.status == JobState.FAILED
+    if result.outcome is Outcome.OVER_QUOTA and still_failed:
+        raise queue_full(result.waiting or 0, limits)
+    if result.outcome is not Outcome.WRITTEN:  # not failed, or retried by a racing request a moment ago
+        status = result.job.status if result.job is not None else job.status
+        raise Problem(
+            409,
+            "Job not failed",
+            f"only a failed job can be retried; this one is {status}",
+            slug="job-not-failed",
+            job_status=status,
+        )
+    retried = _written(result)
+    return FastJSONResponse(
+        resource_document(retried, state.settings.progress_url),
         status_code=202,
         headers={"Location": job_path(job_id), "Retry-After": str(retry_after_s(retried))},
     )
@@ -485,9 +543,8 @@ async def list_job_types(
     ]
 
 
-async def _tenant_job(state: GatewayState, tenant: str, job_id: str) -> Job:
-    async with state.db.reading() as session:
-        job = await get_job(session, tenant, job_id)
+async def _tenant_job(state: GatewayState, tenant: str, job_id: str) -> JobRecord:
+    job = await state.db.read(functools.partial(get_job, tenant=tenant, job_id=job_id))
     if job is None:
         raise _not_found(job_id)
     return job

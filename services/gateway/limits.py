@@ -1,8 +1,9 @@
 """Per-tenant limits on submissions: a rate (token bucket) and a cap on jobs waiting to run.
 
 Each gateway instance keeps its own buckets, so N instances admit up to N times a tenant's rate;
-the cap on waiting jobs is counted in the database and holds across instances (give or take the
-submissions in flight at the same moment).
+the cap on waiting jobs is counted in the database, once per batch of submissions and tenant
+(`conveyor.changes`), and holds across instances (give or take the batches other instances commit
+at the same moment).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from conveyor.problems import Problem
+from conveyor.problems import Problem, invalid_field
 from conveyor.settings import TenantLimits
 
 # What a client over its queued-jobs cap is told to wait: jobs leave the queue as workers take them.
@@ -28,41 +29,46 @@ class TokenBucket:
     def __post_init__(self) -> None:
         self.tokens = float(self.burst)
 
-    def take(self, now: float | None = None) -> float:
-        """Take a token: 0.0 if there was one, else the seconds until there will be."""
+    def take(self, now: float | None = None, count: int = 1) -> float:
+        """Take `count` tokens: 0.0 if there were as many, else the seconds until there will be."""
         now = time.monotonic() if now is None else now
         self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
         self.updated = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
+        if self.tokens >= count:
+            self.tokens -= count
             return 0.0
-        return (1.0 - self.tokens) / self.rate
+        return (count - self.tokens) / self.rate
 
 
 class SubmissionLimiter:
     def __init__(self) -> None:
         self._buckets: dict[str, TokenBucket] = {}
 
-    def admit(self, tenant: str, limits: TenantLimits) -> None:
-        """Raise a 429 if the tenant submits faster than its rate allows."""
+    def admit(self, tenant: str, limits: TenantLimits, count: int = 1) -> None:
+        """Raise a 429 if `count` more jobs would take the tenant past its rate."""
         bucket = self._buckets.get(tenant)
         if bucket is None or (bucket.rate, bucket.burst) != (limits.submit_rate, limits.submit_burst):
             bucket = self._buckets[tenant] = TokenBucket(limits.submit_rate, limits.submit_burst)
-        wait_s = bucket.take()
+        wait_s = bucket.take(count=count)
         if wait_s > 0:
             raise too_many_requests(
                 f"more than {limits.submit_rate:g} submissions per second", math.ceil(wait_s), "rate"
             )
 
 
-def check_queue_room(waiting: int, limits: TenantLimits) -> None:
-    """Raise a 429 if the tenant already has its maximum of jobs waiting to run."""
-    if waiting >= limits.max_queued:
-        raise too_many_requests(
-            f"{waiting} jobs are already waiting to run (limit {limits.max_queued})",
-            QUEUE_FULL_RETRY_AFTER_S,
-            "max_queued",
-        )
+def queue_full(waiting: int, limits: TenantLimits, wanted: int = 1) -> Problem:
+    """The 429 for a tenant whose jobs waiting to run leave no room for `wanted` more."""
+    more = "" if wanted == 1 else f"; {wanted} more do not fit"
+    return too_many_requests(
+        f"{waiting} jobs are already waiting to run (limit {limits.max_queued}){more}",
+        QUEUE_FULL_RETRY_AFTER_S,
+        "max_queued",
+    )
+
+
+def too_large_for_burst(count: int, limits: TenantLimits) -> Problem:
+    """A batch larger than the tenant's burst could never be admitted: the client must split it."""
+    return invalid_field("jobs", f"at most {limits.submit_burst} jobs at once for this tenant (its burst)")
 
 
 def too_many_requests(detail: str, retry_after_s: int, limit: str) -> Problem:

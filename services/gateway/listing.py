@@ -15,14 +15,14 @@ from urllib.parse import urlencode
 
 from conveyor.jobstore import JobFilter, is_job_id
 from conveyor.lifecycle import JobState
-from conveyor.models import Job
+from conveyor.models import JobView
 from conveyor.problems import invalid_field
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
 
 
-def encode_cursor(job: Job) -> str:
+def encode_cursor(job: JobView) -> str:
     raw = json.dumps([job.created_at.isoformat(), job.id]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 

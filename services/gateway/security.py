@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import Depends, Request
 
-from conveyor.auth import Principal, authenticate, bearer_token
+from conveyor.auth import Principal, bearer_token
 from conveyor.problems import forbidden, unauthorized
 from services.gateway.state import GatewayState, gateway_state
 
@@ -13,8 +13,7 @@ async def require_principal(request: Request, state: GatewayState = Depends(gate
     token = bearer_token(request.headers.get("authorization"))
     if token is None:
         raise unauthorized("send an API key as `Authorization: Bearer <key>`")
-    async with state.db.reading() as session:
-        principal = await authenticate(session, state.bootstrap_keys, token)
+    principal = await state.authenticator.principal(token)
     if principal is None:
         raise unauthorized("unknown or revoked API key")
     return principal

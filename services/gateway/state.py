@@ -1,4 +1,4 @@
-"""What the gateway's request handlers share: settings, database, registry, relay, bootstrap keys."""
+"""What the gateway's request handlers share: settings, database, registry, committer, authenticator."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ from dataclasses import dataclass, field
 
 from fastapi import Request
 
-from conveyor.auth import Principal
+from conveyor.auth import Authenticator
+from conveyor.committer import Committer
 from conveyor.database import Database
 from conveyor.handlers import Registry
-from conveyor.outbox import OutboxRelay
 from conveyor.settings import Settings
 from services.gateway.limits import SubmissionLimiter
 
@@ -19,8 +19,8 @@ class GatewayState:
     settings: Settings
     db: Database
     registry: Registry
-    relay: OutboxRelay
-    bootstrap_keys: dict[str, Principal]
+    committer: Committer
+    authenticator: Authenticator
     limiter: SubmissionLimiter = field(default_factory=SubmissionLimiter)
 
 

@@ -10,18 +10,29 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from fastapi import Request
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conveyor.handlers import JobType, Registry, UnknownJobType
 from conveyor.models import utcnow
-from conveyor.problems import Problem, invalid_field, validation_problem
-from conveyor.schemas import MAX_SCHEDULE_AHEAD_S, JobSubmission
+from conveyor.problems import (
+    Problem,
+    field_errors,
+    field_name,
+    invalid_field,
+    invalid_request,
+    validation_problem,
+)
+from conveyor.schemas import MAX_BATCH_JOBS, MAX_SCHEDULE_AHEAD_S, BatchItem, JobSubmission
 
 MAX_BODY_BYTES = 1024 * 1024
+# A batch of up to 1,000 jobs may carry up to this much.
+MAX_BATCH_BODY_BYTES = 16 * 1024 * 1024
 JSON_TYPES = ("application/json",)
 # Deeper JSON than this is refused: real payloads are far shallower, and serializing it again (to the
 # database, to Kafka) would recurse past Python's limit.
 MAX_JSON_DEPTH = 100
+# Where a submission sits in the request body: () for `POST /v1/jobs`, ("jobs", 3) in a batch.
+Location = tuple[str | int, ...]
 
 
 @dataclass(frozen=True)
@@ -33,17 +44,64 @@ class Submission:
     payload: Any
     run_at: datetime | None
 
+    @property
+    def key(self) -> str | None:
+        """A batch item's own idempotency key."""
+        return self.request.idempotency_key if isinstance(self.request, BatchItem) else None
+
 
 async def read_submission(request: Request, registry: Registry) -> tuple[Any, Submission]:
     """The raw JSON body (for the idempotency fingerprint) and the checked submission."""
     body = await read_json_body(request)
-    submission = parse_submission(body)
-    job_type = find_job_type(registry, submission.type)
-    payload = validate_payload(job_type, submission.payload)
-    return body, Submission(submission, job_type, payload, scheduled_time(submission))
+    return body, checked_submission(parse_submission(body), registry)
 
 
-async def read_json_body(request: Request) -> Any:
+async def read_batch(request: Request, registry: Registry) -> list[tuple[Any, Submission]]:
+    """Each job of a batch, with its raw JSON (for its idempotency fingerprint), all checked. Every
+    item and field at fault is named in one 422 (`jobs[3].type`); nothing is accepted if one is."""
+    body = await read_json_body(request, MAX_BATCH_BODY_BYTES)
+    try:
+        envelope = BatchEnvelope.model_validate(body)
+    except ValidationError as exc:
+        raise validation_problem(exc) from None
+    items: list[tuple[Any, Submission]] = []
+    errors: list[dict[str, str]] = []
+    for n, raw in enumerate(envelope.jobs):
+        at = ("jobs", n)
+        try:
+            item = BatchItem.model_validate(raw)
+            items.append((_without_key(raw), checked_submission(item, registry, at)))
+        except ValidationError as exc:
+            errors.extend(field_errors(exc.errors(), prefix=at))
+        except Problem as problem:
+            errors.extend(problem.extensions.get("errors", []))
+    if errors:
+        raise invalid_request(errors)
+    return items
+
+
+class BatchEnvelope(BaseModel):
+    """A batch's outer shape, read before its items (`BatchSubmission` documents the whole): each item is
+    then checked on its own, so that the errors of all of them are named at once."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[Any] = Field(min_length=1, max_length=MAX_BATCH_JOBS)
+
+
+def _without_key(item: Any) -> Any:
+    """A batch item as its fingerprint sees it: the job, not the key it is filed under."""
+    return {name: value for name, value in item.items() if name != "idempotency_key"}
+
+
+def checked_submission(request: JobSubmission, registry: Registry, at: Location = ()) -> Submission:
+    """A parsed submission's job type, payload and schedule checked; errors name fields under `at`."""
+    job_type = find_job_type(registry, request.type, at)
+    payload = validate_payload(job_type, request.payload, at)
+    return Submission(request, job_type, payload, scheduled_time(request, at))
+
+
+async def read_json_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in JSON_TYPES and not content_type.endswith("+json"):
         raise Problem(
@@ -55,9 +113,9 @@ async def read_json_body(request: Request) -> Any:
     body = bytearray()
     async for chunk in request.stream():
         body.extend(chunk)
-        if len(body) > MAX_BODY_BYTES:
+        if len(body) > max_bytes:
             raise Problem(
-                413, "Content too large", f"the body exceeds {MAX_BODY_BYTES} bytes", slug="body-too-large"
+                413, "Content too large", f"the body exceeds {max_bytes} bytes", slug="body-too-large"
             )
     try:
         document = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
@@ -116,7 +174,7 @@ def parse_submission(body: Any) -> JobSubmission:
         raise validation_problem(exc) from None
 
 
-def find_job_type(registry: Registry, name: str) -> JobType:
+def find_job_type(registry: Registry, name: str, at: Location = ()) -> JobType:
     try:
         return registry.get(name)
     except UnknownJobType as exc:
@@ -125,31 +183,38 @@ def find_job_type(registry: Registry, name: str) -> JobType:
             "Unknown job type",
             f"{name!r} is not a registered job type",
             slug="unknown-job-type",
-            errors=[{"field": "type", "message": f"unknown job type; known: {', '.join(exc.known)}"}],
+            errors=[
+                {
+                    "field": field_name((*at, "type")),
+                    "message": f"unknown job type; known: {', '.join(exc.known)}",
+                }
+            ],
             known_types=exc.known,
         ) from None
 
 
-def validate_payload(job_type: JobType, payload: Any) -> Any:
+def validate_payload(job_type: JobType, payload: Any, at: Location = ()) -> Any:
     """The payload as stored: validated, and normalized (defaults filled) by the type's model."""
     try:
         validated = job_type.validate_payload(payload)
     except ValidationError as exc:
-        raise validation_problem(exc, prefix=("payload",)) from None
+        raise validation_problem(exc, prefix=(*at, "payload")) from None
     if job_type.payload_model is None:
         return validated
     return validated.model_dump(mode="json")
 
 
-def scheduled_time(submission: JobSubmission) -> datetime | None:
+def scheduled_time(submission: JobSubmission, at: Location = ()) -> datetime | None:
     """When the job may run: `run_at`, or now plus `delay_s`; None to run at once. A time in the
     past runs at once (clocks differ); one further ahead than the limit is refused."""
     if submission.run_at is not None and submission.delay_s is not None:
-        raise invalid_field("delay_s", "give either `run_at` or `delay_s`, not both")
+        raise invalid_field(field_name((*at, "delay_s")), "give either `run_at` or `delay_s`, not both")
     if submission.delay_s is not None:
         return utcnow() + timedelta(seconds=submission.delay_s)
     if submission.run_at is None or submission.run_at <= utcnow():
         return None
     if submission.run_at - utcnow() > timedelta(seconds=MAX_SCHEDULE_AHEAD_S):
-        raise invalid_field("run_at", f"at most {MAX_SCHEDULE_AHEAD_S / 86400:g} days ahead")
+        raise invalid_field(
+            field_name((*at, "run_at")), f"at most {MAX_SCHEDULE_AHEAD_S / 86400:g} days ahead"
+        )
     return submission.run_at

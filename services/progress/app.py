@@ -10,7 +10,7 @@ from datetime import timedelta
 from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi.responses import Response
 
-from conveyor.auth import parse_bootstrap_keys
+from conveyor.auth import Authenticator, parse_bootstrap_keys
 from conveyor.database import Database
 from conveyor.eventlog import prune_event_history
 from conveyor.health import health_router
@@ -37,7 +37,8 @@ def create_app(settings: Settings) -> FastAPI:
         keep = timedelta(seconds=settings.event_history_s)
         pruner = Pruner(db, "event-history", lambda session: prune_event_history(session, utcnow() - keep))
         await pruner.start()
-        app.state.progress = ProgressState(settings, db, hub, parse_bootstrap_keys(settings.api_keys))
+        authenticator = Authenticator(db, parse_bootstrap_keys(settings.api_keys))
+        app.state.progress = ProgressState(settings, db, hub, authenticator)
         try:
             yield
         finally:

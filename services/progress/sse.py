@@ -10,6 +10,7 @@ as JSON (`?after_seq=N&limit=M`), for clients that catch up by polling.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import AsyncIterator
 
@@ -47,24 +48,25 @@ async def job_events(
         after_seq = parse_seq(last_event_id)
         if after_seq is None:
             raise invalid_field("Last-Event-ID", "Last-Event-ID must be the seq of an event")
-    async with state.db.reading() as session:
-        job = await get_job(session, principal.tenant, job_id)
-        if job is None:
-            raise Problem(404, "Not found", "no such job", slug="not-found")
-        if after_seq is not None and after_seq > job.last_seq:
-            raise invalid_field("after_seq", f"after_seq is past the job's last seq, {job.last_seq}")
-        finished = JobState(job.status).is_terminal and after_seq == job.last_seq
-        if not streaming:
-            upto = min(job.last_seq, (after_seq or 0) + limit)
-            events = await events_between(session, job_id, after_seq or 0, upto)
-            if events is None:
-                raise Problem(410, "Gone", "this part of the job's history was pruned", slug="history-pruned")
-            body = {
-                "job_id": job_id,
-                "last_seq": job.last_seq,
-                "events": [event.model_dump(mode="json") for event in events],
-            }
-            return JSONResponse(body)
+    job = await state.db.read(functools.partial(get_job, tenant=principal.tenant, job_id=job_id))
+    if job is None:
+        raise Problem(404, "Not found", "no such job", slug="not-found")
+    if after_seq is not None and after_seq > job.last_seq:
+        raise invalid_field("after_seq", f"after_seq is past the job's last seq, {job.last_seq}")
+    finished = JobState(job.status).is_terminal and after_seq == job.last_seq
+    if not streaming:
+        upto = min(job.last_seq, (after_seq or 0) + limit)
+        events = await state.db.read(
+            functools.partial(events_between, job_id=job_id, after_seq=after_seq or 0, upto_seq=upto)
+        )
+        if events is None:
+            raise Problem(410, "Gone", "this part of the job's history was pruned", slug="history-pruned")
+        body = {
+            "job_id": job_id,
+            "last_seq": job.last_seq,
+            "events": [event.model_dump(mode="json") for event in events],
+        }
+        return JSONResponse(body)
     if finished:
         return Response(status_code=204)
     return EventSourceResponse(_stream(state, principal, job_id, after_seq), ping=SSE_PING_S)

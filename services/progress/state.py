@@ -1,4 +1,4 @@
-"""What the progress service's endpoints share: settings, database, hub and bootstrap keys."""
+"""What the progress service's endpoints share: settings, database, hub and authenticator."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from starlette.requests import HTTPConnection
 
-from conveyor.auth import Principal, authenticate, bearer_token
+from conveyor.auth import Authenticator, Principal, bearer_token
 from conveyor.database import Database
 from conveyor.settings import Settings
 from services.progress.hub import EventHub
@@ -17,12 +17,11 @@ class ProgressState:
     settings: Settings
     db: Database
     hub: EventHub
-    bootstrap_keys: dict[str, Principal]
+    authenticator: Authenticator
 
     async def principal(self, token: str) -> Principal | None:
         """Who the API key belongs to; None for an unknown or revoked key."""
-        async with self.db.reading() as session:
-            return await authenticate(session, self.bootstrap_keys, token)
+        return await self.authenticator.principal(token)
 
 
 def presented_token(connection: HTTPConnection) -> str | None:

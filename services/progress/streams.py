@@ -9,11 +9,14 @@ repeat and dropped. So a client sees 1, 2, 3... with no gap and no repeat, whate
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
+
+from sqlalchemy import Connection
 
 from conveyor.auth import Principal
 from conveyor.database import Database
@@ -21,8 +24,8 @@ from conveyor.eventlog import events_between
 from conveyor.events import JobEvent
 from conveyor.jobstore import active_jobs, get_job
 from conveyor.lifecycle import JobState
-from conveyor.models import Job
-from conveyor.schemas import job_resource
+from conveyor.models import JobRecord
+from conveyor.schemas import resource_document
 from services.progress.channel import (
     Channel,
     Item,
@@ -89,8 +92,8 @@ def error_message(error: str, detail: str, **fields: Any) -> dict[str, Any]:
     return {"type": "error", "error": error, "detail": detail, **fields}
 
 
-def snapshot_message(job: Job, events_url: str) -> dict[str, Any]:
-    resource = job_resource(job, events_url).model_dump(mode="json")
+def snapshot_message(job: JobRecord, events_url: str) -> dict[str, Any]:
+    resource = resource_document(job, events_url)
     return {"type": "snapshot", "job_id": job.id, "seq": job.last_seq, "job": resource}
 
 
@@ -168,11 +171,15 @@ class EventStream:
         # Watch first, read second: an event newer than what is read below is sure to be queued.
         self._hub.watch_job(job_id, self._channel)
         self._watched.add(job_id)
-        replay: list[JobEvent] | None = None
-        async with self._db.reading() as session:
-            job = await get_job(session, self._principal.tenant, job_id)
+        tenant = self._principal.tenant
+
+        def read(connection: Connection) -> tuple[JobRecord | None, list[JobEvent] | None]:
+            job = get_job(connection, tenant, job_id)
             if job is not None and after_seq is not None and 0 <= after_seq < job.last_seq:
-                replay = await events_between(session, job_id, after_seq, job.last_seq)
+                return job, events_between(connection, job_id, after_seq, job.last_seq)
+            return job, None
+
+        job, replay = await self._db.read(read)
         if job is None:
             self._unwatch(job_id)
             await self._say(error_message("unknown_job", "no such job", job_id=job_id))
@@ -203,8 +210,9 @@ class EventStream:
         tenant = self._principal.tenant
         self._hub.watch_tenant(tenant, self._channel)
         self._all = True
-        async with self._db.reading() as session:
-            jobs = await active_jobs(session, tenant, ALL_JOBS_SNAPSHOT_LIMIT + 1)
+        jobs = await self._db.read(
+            functools.partial(active_jobs, tenant=tenant, limit=ALL_JOBS_SNAPSHOT_LIMIT + 1)
+        )
         listed = jobs[:ALL_JOBS_SNAPSHOT_LIMIT]
         for job in reversed(listed):
             if job.id not in self._cursors:
@@ -230,8 +238,11 @@ class EventStream:
         first_seq = max(item.first_seq, cursor + 1)
         if first_seq > cursor + 1:
             # A hole: events that have not arrived (yet). The history has them, committed before this one.
-            async with self._db.reading() as session:
-                missing = await events_between(session, event.job_id, cursor, first_seq - 1)
+            missing = await self._db.read(
+                functools.partial(
+                    events_between, job_id=event.job_id, after_seq=cursor, upto_seq=first_seq - 1
+                )
+            )
             for earlier in missing or ():
                 await self._deliver(earlier, earlier.seq)
         await self._deliver(event, first_seq)

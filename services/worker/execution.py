@@ -1,10 +1,13 @@
-"""Running one job: claim it in the database, run its handler, record the outcome, announce each change.
+"""Running one claimed job: its handler, then its outcome handed to the committer.
 
-Each step is a short transaction that changes the job and stages its event in the outbox; the event is
-then published before the next step, so a job's events reach Kafka in order.
+The worker claims jobs in batches (`runner.py`); each claimed job then runs here. Its outcome (and any
+progress) is a change written by the process's committer in the next batch, with the other jobs'
+outcomes and claims, and announced through the outbox in the same transaction. The handler's slot is
+free again as soon as the handler has ended, before its outcome is committed; the job is still this
+worker's (its lease is renewed) until the outcome is, and only then is its Kafka offset released.
 
-The handler runs as a task of its own while the executor watches for the three ways an attempt ends
-early. Each sets `ctx.cancelled`, which a handler should check to stop soon:
+The handler runs as a task of its own while the executor watches for the ways an attempt ends early.
+Each sets `ctx.cancelled`, which a handler should check to stop soon:
 
 - Its timeout (the job's `timeout_s`, else its type's) runs out: the handler is interrupted at once and
   the attempt fails with `timed_out`, to be retried like any failure.
@@ -31,29 +34,17 @@ from __future__ import annotations
 import asyncio
 import enum
 import traceback
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 from pydantic_core import to_jsonable_python
-from sqlalchemy.ext.asyncio import AsyncSession
 
-from conveyor.database import Database
-from conveyor.events import JobMessage
+from conveyor import changes
+from conveyor.changes import TIMED_OUT, Change
+from conveyor.committer import Committer
 from conveyor.handlers import JobContext, JobType, Registry, run_handler
-from conveyor.jobstore import (
-    TIMED_OUT,
-    announce,
-    announce_state,
-    claim_job,
-    complete_job,
-    fail_attempt,
-    hand_back_job,
-    record_progress,
-)
-from conveyor.models import Job, OutboxMessage
-from conveyor.outbox import OutboxRelay
+from conveyor.models import JobRecord
 from conveyor.retries import Backoff
 from conveyor.settings import DEFAULT_CANCEL_GRACE_S, DEFAULT_RETRY_BASE_S, DEFAULT_RETRY_CAP_S
 from services.worker.reporting import ProgressWriter
@@ -65,9 +56,23 @@ MAX_TRACEBACK_CHARS = 4000
 # How long an interrupted handler's cleanup (its `finally` blocks) may take before the executor stops
 # waiting for it; a handler that swallows the cancellation is abandoned then.
 INTERRUPT_WAIT_S = 5.0
+# An outcome the database did not take is written again after this long, doubling up to the cap,
+# for as long as the attempt still holds its lease.
+RECORD_RETRY_BASE_S = 0.5
+RECORD_RETRY_CAP_S = 10.0
 
 HandlerTask = asyncio.Task[Any]
 DEFAULT_BACKOFF = Backoff(base_s=DEFAULT_RETRY_BASE_S, cap_s=DEFAULT_RETRY_CAP_S)
+
+
+class Ending(enum.Enum):
+    """How the wait for a handler ended."""
+
+    RETURNED = "returned"
+    CANCELED = "canceled"
+    TIMED_OUT = "timed_out"
+    HANDED_BACK = "handed_back"
+    LOST = "lost"
 
 
 @dataclass
@@ -81,6 +86,10 @@ class Execution:
     handing_back: asyncio.Event = field(default_factory=asyncio.Event)
     # Set when the lease is lost or given up: the attempt is stopped, and records nothing.
     lost: asyncio.Event = field(default_factory=asyncio.Event)
+    # Resolved by whichever of the three comes first: what the wait for the handler watches.
+    interrupted: asyncio.Future[None] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
     # When the lease was last renewed (the event loop's clock); the claim counts as the first renewal.
     renewed_at: float = field(default_factory=lambda: asyncio.get_running_loop().time())
 
@@ -88,45 +97,47 @@ class Execution:
         """The job was canceled: tell the handler through `ctx.cancelled` and start its grace period."""
         self.canceled.set()
         self.context.cancelled.set()
+        self._interrupt()
 
     def lose(self) -> None:
         """The lease is gone: stop the handler now, before the job's next attempt can start elsewhere."""
         self.lost.set()
         self.context.cancelled.set()
+        self._interrupt()
 
+    def hand_back(self) -> None:
+        """The drain's grace is over: stop the handler and give the job back."""
+        self.handing_back.set()
+        self._interrupt()
 
-class Ending(enum.Enum):
-    """How the wait for a handler ended."""
-
-    RETURNED = "returned"
-    CANCELED = "canceled"
-    TIMED_OUT = "timed_out"
-    HANDED_BACK = "handed_back"
-    LOST = "lost"
+    def _interrupt(self) -> None:
+        if not self.interrupted.done():
+            self.interrupted.set_result(None)
 
 
 class JobExecutor:
     def __init__(
         self,
         *,
-        db: Database,
-        relay: OutboxRelay,
+        committer: Committer,
         registry: Registry,
-        prefix: str,
         worker_id: str,
         lease_s: float,
         cancel_grace_s: float = DEFAULT_CANCEL_GRACE_S,
         backoff: Backoff = DEFAULT_BACKOFF,
     ) -> None:
-        self._db = db
-        self._relay = relay
+        self._committer = committer
         self._registry = registry
-        self._prefix = prefix
         self.worker_id = worker_id
         self._lease_s = lease_s
         self._cancel_grace_s = cancel_grace_s
         self._backoff = backoff
+        # The attempts this worker holds: claimed, and their outcome not yet committed.
         self.running: dict[str, Execution] = {}
+        # How many of them still have their handler running: the slots in use.
+        self.busy = 0
+        # Set whenever a handler ends, so the worker loop can fill the slot.
+        self.slot_freed = asyncio.Event()
         # Set by `drain`: from then on an attempt that does not return a result is handed back.
         self.draining = False
 
@@ -139,13 +150,10 @@ class JobExecutor:
     def hand_back_all(self) -> None:
         """The drain's grace is over: stop every attempt still running and hand its job back."""
         for execution in self.running.values():
-            execution.handing_back.set()
+            execution.hand_back()
 
-    async def execute(self, message: JobMessage) -> None:
-        job = await self._claim(message.job_id)
-        if job is None:
-            log.info("job.skipped", job_id=message.job_id, reason="not claimable")
-            return
+    async def execute(self, job: JobRecord) -> None:
+        """Run a claimed job to its recorded outcome."""
         progress = ProgressWriter(job.id, lambda percent, text: self._report(job, percent, text))
 
         async def report(percent: float | None, text: str | None) -> None:
@@ -156,22 +164,29 @@ class JobExecutor:
         )
         execution = Execution(job.id, job.attempts, context)
         if self.draining:  # claimed while the worker stops: it should not start at all
-            execution.handing_back.set()
+            execution.hand_back()
         self.running[job.id] = execution
+        self.busy += 1
         try:
-            await self._run(job, execution, progress)
+            try:
+                outcome = await self._run(job, execution, progress)
+            finally:
+                self.busy -= 1
+                self.slot_freed.set()
+            if outcome is not None:
+                await self._record(job, outcome, execution)
         finally:
             self.running.pop(job.id, None)
 
-    async def _run(self, job: Job, execution: Execution, progress: ProgressWriter) -> None:
+    async def _run(self, job: JobRecord, execution: Execution, progress: ProgressWriter) -> Change | None:
+        """Run the handler; the change that records how the attempt ended, if any."""
         try:
             job_type = self._registry.get(job.type)
             payload = job_type.validate_payload(job.payload)
         except Exception as exc:  # an unknown type, or a payload the type's model no longer accepts
-            await self._record_failure(job, exc, None)
-            return
+            return self._failure(job, exc, None)
         timeout_s = job.timeout_s if job.timeout_s is not None else job_type.timeout_s
-        log.info("job.started", job_id=job.id, type=job.type, attempt=job.attempts, timeout_s=timeout_s)
+        log.debug("job.started", job_id=job.id, type=job.type, attempt=job.attempts, timeout_s=timeout_s)
         handler = asyncio.create_task(
             run_handler(job_type, execution.context, payload), name=f"handler-{job.id}"
         )
@@ -181,23 +196,21 @@ class JobExecutor:
             if ending is Ending.CANCELED:
                 await self._stop_canceled(job, handler)
                 await progress.flush()
-                return
+                return None
             if ending is Ending.TIMED_OUT:
                 assert timeout_s is not None
                 await self._stop_timed_out(job, execution, handler, timeout_s)
                 await progress.flush()
-                await self._record_timeout(job, job_type, timeout_s)
-                return
+                return self._timed_out(job, job_type, timeout_s)
             if ending is Ending.LOST:
                 log.warning("job.abandoned", job_id=job.id, attempt=job.attempts, reason="lease lost")
                 await _interrupt(handler)
-                return
+                return None
             if ending is Ending.HANDED_BACK:
                 log.warning("job.interrupted", job_id=job.id, attempt=job.attempts, reason="drain")
                 await _interrupt(handler)
                 await progress.flush()
-                await self._hand_back(job)
-                return
+                return self._hand_back(job)
         finally:
             if not handler.done():  # this task itself was cancelled: the worker is stopping
                 handler.cancel()
@@ -208,25 +221,16 @@ class JobExecutor:
         except Exception as exc:  # the handler's failure, or a result that is not JSON
             if self.draining and execution.context.cancelled.is_set():
                 # Most likely it stopped because the worker told it to: not the job's fault.
-                await self._hand_back(job)
-            else:
-                await self._record_failure(job, exc, job_type)
-            return
-        await self._record(job.id, lambda session: complete_job(session, job.id, job.attempts, result))
+                return self._hand_back(job)
+            return self._failure(job, exc, job_type)
+        return changes.complete(job, result)
 
     async def _wait(self, handler: HandlerTask, execution: Execution, timeout_s: float | None) -> Ending:
         """Wait until the handler returns, the job is canceled, the attempt's time is up, or the
         draining worker hands the job back."""
-        watches = {
-            asyncio.create_task(execution.canceled.wait(), name=f"cancel-watch-{execution.job_id}"),
-            asyncio.create_task(execution.handing_back.wait(), name=f"drain-watch-{execution.job_id}"),
-            asyncio.create_task(execution.lost.wait(), name=f"lease-watch-{execution.job_id}"),
-        }
-        try:
-            await asyncio.wait({handler, *watches}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for watch in watches:
-                watch.cancel()
+        await asyncio.wait(
+            {handler, execution.interrupted}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
         # A cancel wins over a handler that returned at the same moment: the job is canceled either way.
         if execution.canceled.is_set():
             return Ending.CANCELED
@@ -236,7 +240,7 @@ class JobExecutor:
             return Ending.LOST
         return Ending.HANDED_BACK if execution.handing_back.is_set() else Ending.TIMED_OUT
 
-    async def _stop_canceled(self, job: Job, handler: HandlerTask) -> None:
+    async def _stop_canceled(self, job: JobRecord, handler: HandlerTask) -> None:
         """Give the handler its grace period to return by itself, then interrupt it."""
         loop = asyncio.get_running_loop()
         seen = loop.time()
@@ -254,55 +258,47 @@ class JobExecutor:
         )
 
     async def _stop_timed_out(
-        self, job: Job, execution: Execution, handler: HandlerTask, timeout_s: float
+        self, job: JobRecord, execution: Execution, handler: HandlerTask, timeout_s: float
     ) -> None:
         """A timed-out attempt is stopped at once: no grace, its time is up."""
         log.warning("job.timed_out", job_id=job.id, attempt=job.attempts, timeout_s=timeout_s)
         execution.context.cancelled.set()
         await _interrupt(handler)
 
-    async def _claim(self, job_id: str) -> Job | None:
-        async with self._db.session() as session:
-            job = await claim_job(session, job_id, self.worker_id, self._lease_s)
-            row = announce(session, self._prefix, job, "state") if job is not None else None
-        if row is not None:
-            await self._relay.publish([row])
-        return job
+    async def _report(self, job: JobRecord, percent: float | None, text: str | None) -> None:
+        await self._committer.apply([changes.progress(job.id, job.attempts, percent, text)])
 
-    async def _report(self, job: Job, percent: float | None, text: str | None) -> None:
-        async with self._db.session() as session:
-            updated = await record_progress(session, job.id, job.attempts, percent, text)
-            row = announce(session, self._prefix, updated, "progress") if updated is not None else None
-        if row is not None:
-            await self._relay.publish([row])
-
-    async def _record(self, job_id: str, write: Callable[[AsyncSession], Awaitable[Job | None]]) -> None:
-        rows: list[OutboxMessage] = []
-        async with self._db.session() as session:
-            updated = await write(session)
-            if updated is not None:
-                rows = announce_state(session, self._prefix, updated)
-        if updated is None:
+    async def _record(self, job: JobRecord, change: Change, execution: Execution) -> None:
+        """Write the attempt's outcome; while the database does not take it, try again for as long as the
+        attempt holds its lease (a lease given up means the reaper will requeue the job instead)."""
+        failures = 0
+        while True:
+            try:
+                [result] = await self._committer.apply([change])
+                break
+            except Exception as exc:
+                failures += 1
+                if execution.lost.is_set() or (failures > 1 and self.draining):
+                    log.warning("job.outcome_not_recorded", job_id=job.id, error=str(exc))
+                    return
+                log.warning("job.record_failed", job_id=job.id, failures=failures, error=str(exc))
+                await asyncio.sleep(min(RECORD_RETRY_CAP_S, RECORD_RETRY_BASE_S * 2 ** min(failures, 6)))
+        if not result.written:
             # Another worker took the job over (our lease expired) or it was canceled: our outcome is void.
-            log.warning("job.outcome_rejected", job_id=job_id)
+            log.warning("job.outcome_rejected", job_id=job.id)
             return
-        log.info("job.recorded", job_id=job_id, status=updated.status, attempt=updated.attempts)
-        if self.draining:
-            # The outcome is committed with its messages; a stopping worker does not wait for Kafka,
-            # which may be down. Its relay tries once more as it stops, and any relay sweeps up the rest.
-            self._relay.notify(rows)
-            return
-        await self._relay.publish(rows)
+        assert result.job is not None
+        log.debug("job.recorded", job_id=job.id, status=result.job.status, attempt=result.job.attempts)
 
-    async def _record_timeout(self, job: Job, job_type: JobType, timeout_s: float) -> None:
+    def _timed_out(self, job: JobRecord, job_type: JobType, timeout_s: float) -> Change:
         error = {
             "type": TIMED_OUT,
             "message": f"the attempt ran longer than its timeout of {timeout_s:g} s",
             "attempt": job.attempts,
         }
-        await self._record_attempt_failed(job, job_type, error)
+        return self._attempt_failed(job, job_type, error)
 
-    async def _record_failure(self, job: Job, exc: BaseException, job_type: JobType | None) -> None:
+    def _failure(self, job: JobRecord, exc: BaseException, job_type: JobType | None) -> Change:
         log.warning("job.attempt_failed", job_id=job.id, attempt=job.attempts, error=repr(exc))
         error = {
             "type": type(exc).__name__,
@@ -310,12 +306,12 @@ class JobExecutor:
             "attempt": job.attempts,
             "traceback": "".join(traceback.format_exception(exc))[-MAX_TRACEBACK_CHARS:],
         }
-        await self._record_attempt_failed(job, job_type, error)
+        return self._attempt_failed(job, job_type, error)
 
-    async def _record_attempt_failed(self, job: Job, job_type: JobType | None, error: dict[str, Any]) -> None:
+    def _attempt_failed(self, job: JobRecord, job_type: JobType | None, error: dict[str, Any]) -> Change:
         """Fail the attempt; with attempts left, the retry waits out the type's backoff."""
         retry_at = self._backoff_for(job_type).retry_at(job.attempts)
-        await self._record(job.id, lambda session: fail_attempt(session, job, error, retry_at))
+        return changes.fail_attempt(job, error, retry_at)
 
     def _backoff_for(self, job_type: JobType | None) -> Backoff:
         if job_type is None:
@@ -325,9 +321,9 @@ class JobExecutor:
             cap_s=self._backoff.cap_s if job_type.retry_cap_s is None else job_type.retry_cap_s,
         )
 
-    async def _hand_back(self, job: Job) -> None:
+    def _hand_back(self, job: JobRecord) -> Change:
         log.info("job.handed_back", job_id=job.id, attempt=job.attempts)
-        await self._record(job.id, lambda session: hand_back_job(session, job, self.worker_id))
+        return changes.hand_back(job, self.worker_id)
 
 
 class HandlerCancelled(Exception):

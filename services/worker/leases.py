@@ -15,21 +15,15 @@ a canceled job's handler hears of it within a second (see `execution.py` for wha
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import structlog
+from sqlalchemy import Connection
 
+from conveyor import changes
+from conveyor.committer import Committer
 from conveyor.database import Database
-from conveyor.jobstore import (
-    LEASE_EXPIRED,
-    announce_state,
-    canceled_jobs,
-    expired_leases,
-    fail_attempt,
-    lost_attempts,
-    renew_leases,
-)
-from conveyor.models import OutboxMessage
-from conveyor.outbox import OutboxRelay
+from conveyor.jobstore import canceled_jobs, expired_leases, lost_attempts, renew_leases
 from services.worker.execution import JobExecutor
 from services.worker.periodic import run_every
 
@@ -51,13 +45,10 @@ DATABASE_LOST_MIN_S = 10.0
 
 
 class LeaseKeeper:
-    def __init__(
-        self, *, db: Database, relay: OutboxRelay, executor: JobExecutor, prefix: str, lease_s: float
-    ):
+    def __init__(self, *, db: Database, committer: Committer, executor: JobExecutor, lease_s: float):
         self._db = db
-        self._relay = relay
+        self._committer = committer
         self._executor = executor
-        self._prefix = prefix
         self._lease_s = lease_s
         self._tasks: list[asyncio.Task[None]] = []
         # When a round trip to the database last succeeded (the event loop's clock).
@@ -95,13 +86,19 @@ class LeaseKeeper:
 
     async def renew(self) -> None:
         running = {job_id: execution.attempt for job_id, execution in self._executor.running.items()}
+        if not running:
+            return
         asked_at = asyncio.get_running_loop().time()
-        async with self._db.session() as session:
-            held = await renew_leases(session, self._executor.worker_id, running, self._lease_s)
+        worker_id = self._executor.worker_id
+
+        def renew(connection: Connection) -> tuple[set[str], dict[str, int], set[str], set[str]]:
+            held = renew_leases(connection, worker_id, running, self._lease_s)
             missed = {job_id: running[job_id] for job_id in running.keys() - held}
-            lost = await lost_attempts(session, self._executor.worker_id, missed)
+            lost = lost_attempts(connection, worker_id, missed)
             # A cancel also ends the lease; that one gets the handler's grace period, not "lease lost".
-            canceled = await canceled_jobs(session, lost)
+            return held, missed, lost, canceled_jobs(connection, lost)
+
+        held, missed, lost, canceled = await self._db.write(renew)
         if running:
             self._database_answered()
         for job_id in held:
@@ -140,8 +137,7 @@ class LeaseKeeper:
         running = list(self._executor.running)
         if not running:
             return
-        async with self._db.reading() as session:
-            canceled = await canceled_jobs(session, running)
+        canceled = await self._db.read(functools.partial(canceled_jobs, job_ids=running))
         for job_id in canceled:
             self._cancel(job_id)
 
@@ -154,20 +150,12 @@ class LeaseKeeper:
 
     async def reap(self) -> None:
         """Give each job whose lease ran out its next attempt (or fail it if attempts are spent)."""
-        rows: list[OutboxMessage] = []
-        async with self._db.session() as session:
-            for job in await expired_leases(session, REAP_BATCH):
-                error = {
-                    "type": LEASE_EXPIRED,
-                    "message": f"worker {job.worker_id} stopped renewing its lease",
-                    "attempt": job.attempts,
-                }
-                updated = await fail_attempt(session, job, error)
-                if updated is None:
-                    continue
-                log.warning("lease.expired", job_id=job.id, attempt=job.attempts, worker=job.worker_id)
-                rows.extend(announce_state(session, self._prefix, updated))
+        expired = await self._db.read(functools.partial(expired_leases, limit=REAP_BATCH))
         # The reaper asks every REAP_INTERVAL_S, with jobs running or not: the database's heartbeat.
         self._database_answered()
-        if rows:
-            await self._relay.publish(rows)
+        if not expired:
+            return
+        results = await self._committer.apply([changes.expire_lease(job) for job in expired])
+        for job, result in zip(expired, results, strict=True):
+            if result.written:
+                log.warning("lease.expired", job_id=job.id, attempt=job.attempts, worker=job.worker_id)

@@ -1,5 +1,5 @@
-"""Which prefetched job a free slot takes: weighted shares between the priority levels, and turns
-between the partitions of one level.
+"""Which fetched job a free slot takes: weighted shares between the priority levels, and turns between
+the tenants of one level.
 
 Each priority level has a topic of its own. When several levels have jobs waiting, each free slot goes
 to one level, chosen by start-time fair queuing (stride scheduling): a level's jobs carry virtual
@@ -17,23 +17,22 @@ shares to a fixed set of levels, but levels come and go here: with credit frozen
 the leftovers of a busy spell keep a returning p1 waiting; with credit reset, p5 can starve while the
 levels above it flicker.
 
-Within a level the partitions take turns. Jobs are keyed by tenant, so one tenant's flood fills only a
-few partitions; taking turns keeps that flood from sitting in front of the other tenants of the same
-level on this worker.
+Within a level the tenants take turns (`TenantTurns`). One tenant's jobs spread over every partition
+(they are keyed by job id, so that one tenant can keep every worker busy), so a partition holds every
+tenant's jobs in arrival order; taking turns among what the worker has read ahead keeps one tenant's
+flood from sitting in front of another tenant's job (`intake.py` holds what it has read).
 
-Nothing here talks to Kafka: the worker loop asks for the order in which to try its partitions and
-says which one it served.
+Nothing here talks to Kafka.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-
-from aiokafka import TopicPartition
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
 
 from conveyor.settings import DEFAULT_PRIORITY_WEIGHTS
-from conveyor.topics import PRIORITIES, job_topic
+from conveyor.topics import PRIORITIES
 
 
 class PriorityPicker:
@@ -74,38 +73,47 @@ class PriorityPicker:
         return level
 
 
-class PartitionOrder:
-    """The order in which a free slot tries the worker's partitions: levels as the picker ranks them,
-    and within a level round-robin, from the partition after the one served last."""
+class TenantTurns:
+    """Weighted round-robin between the tenants that have jobs waiting at one priority level: each in
+    turn gets as many slots in a row as its weight (1 unless `CONVEYOR_TENANT_LIMITS` gives it more),
+    then goes to the back. A tenant whose jobs run out leaves the ring and comes back at its end, with no
+    credit saved: a flood of one tenant's jobs waits behind every other tenant's next job, not the
+    other way round."""
 
-    def __init__(self, prefix: str, weights: Sequence[int] = DEFAULT_PRIORITY_WEIGHTS) -> None:
-        self.picker = PriorityPicker(weights)
-        self._level_of_topic = {job_topic(prefix, level): level for level in PRIORITIES}
-        self._last_served: dict[int, TopicPartition] = {}
+    def __init__(self, weight_of: Callable[[str], int]) -> None:
+        self._weight_of = weight_of
+        self._ring: deque[str] = deque()
+        self._left: dict[str, int] = {}
 
-    def level_of(self, tp: TopicPartition) -> int | None:
-        return self._level_of_topic.get(tp.topic)
+    def __bool__(self) -> bool:
+        return bool(self._ring)
 
-    def candidates(self, assignment: Iterable[TopicPartition]) -> list[TopicPartition]:
-        """Every job partition of `assignment`, most deserving first."""
-        by_level: dict[int, list[TopicPartition]] = {}
-        for tp in assignment:
-            level = self.level_of(tp)
-            if level is not None:
-                by_level.setdefault(level, []).append(tp)
-        ordered: list[TopicPartition] = []
-        for level in self.picker.order(by_level):
-            ordered.extend(self._turns(level, sorted(by_level[level])))
-        return ordered
+    def __contains__(self, tenant: str) -> bool:
+        return tenant in self._left
 
-    def _turns(self, level: int, partitions: list[TopicPartition]) -> list[TopicPartition]:
-        last = self._last_served.get(level)
-        after = sum(1 for tp in partitions if last is not None and tp <= last)
-        return partitions[after:] + partitions[:after]
+    def join(self, tenant: str) -> None:
+        """The tenant has a job waiting now (it had none): it takes its place at the back."""
+        if tenant not in self._left:
+            self._ring.append(tenant)
+            self._left[tenant] = max(1, self._weight_of(tenant))
 
-    def served(self, tp: TopicPartition) -> None:
-        """A slot took a job from `tp`."""
-        level = self.level_of(tp)
-        if level is not None:
-            self.picker.served(level)
-            self._last_served[level] = tp
+    def current(self) -> str:
+        """Whose turn it is."""
+        return self._ring[0]
+
+    def served(self, more_waiting: bool) -> None:
+        """The current tenant got a slot; `more_waiting` says whether it still has jobs waiting."""
+        tenant = self._ring[0]
+        self._left[tenant] -= 1
+        if not more_waiting:
+            self._ring.popleft()
+            del self._left[tenant]
+        elif self._left[tenant] <= 0:
+            self._ring.rotate(-1)
+            self._left[tenant] = max(1, self._weight_of(tenant))
+
+    def leave(self, tenant: str) -> None:
+        """The tenant has nothing waiting any more (its records went with a partition)."""
+        if tenant in self._left:
+            self._ring.remove(tenant)
+            del self._left[tenant]

@@ -1,6 +1,7 @@
 """A running job's progress reports, written to the database one at a time.
 
-A handler may report progress far faster than the database takes writes. Reports are handed to a
+A handler may report progress far faster than the database takes writes (each report is a change
+written by the committer, with the rest of its batch). Reports are handed to a
 writer and the handler goes on at once; while one report is being written, newer ones replace each
 other, so under load the newest wins and no backlog builds up. A job's events stay gap-free: only
 reports that were never written are skipped, and each written one gets the next `seq`.
@@ -12,7 +13,6 @@ import asyncio
 from collections.abc import Awaitable, Callable
 
 import structlog
-from sqlalchemy.exc import SQLAlchemyError
 
 log = structlog.get_logger(__name__)
 
@@ -41,6 +41,6 @@ class ProgressWriter:
             (percent, message), self._pending = self._pending, None
             try:
                 await self._write(percent, message)
-            except (SQLAlchemyError, OSError) as exc:
+            except Exception as exc:
                 # A lost progress report is not a lost job: the next report, or the outcome, follows.
                 log.warning("progress.write_failed", job_id=self._job_id, error=str(exc))

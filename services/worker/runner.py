@@ -1,14 +1,16 @@
-"""The worker loop: fetch job messages, run up to `concurrency` jobs at once, commit what is finished.
+"""The worker loop: read job messages, claim as many as there are free slots in one transaction, run
+them, commit what is finished.
 
 The loop never blocks on a job: handlers run in tasks while the loop keeps polling Kafka, so a job
 that runs for an hour never pushes the worker out of its consumer group (max.poll.interval.ms).
-At capacity the loop takes nothing but still polls. An offset is committed only once every job before
-it on its partition has reached a recorded state.
+At capacity the loop waits for a slot to free, and still polls. An offset is committed only once every
+job before it on its partition has reached a recorded state.
 
-Each free slot takes one job message: from the priority level whose turn it is, by weight (16:8:4:2:1
-by default), and within a level from its partitions in turn (`priorities.py`). What the consumer has
-prefetched is only a buffer, taken one record per free slot, so a top-priority job that arrives behind
-thousands of prefetched low-priority ones still takes the next free slot.
+Records go from the consumer into the intake (`intake.py`) as they arrive, up to a read-ahead per
+partition. Free slots take jobs from it by priority level (16:8:4:2:1 by default), then by tenant in
+turn, and all the jobs taken at once are claimed in one transaction, with whatever else the process's
+committer has gathered (outcomes, progress). Nothing waits for a Kafka acknowledgement: a claimed job
+starts as soon as its claim is committed, and its slot is free as soon as its handler ends.
 
 Beside the loop, each worker runs a lease keeper (heartbeats, the reaper, and the watch for cancels)
 and a scheduler that queues scheduled jobs once they are due.
@@ -17,6 +19,7 @@ and a scheduler that queues scheduled jobs once they are due.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import uuid
@@ -26,20 +29,22 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from pydantic import ValidationError
 
-from conveyor import processes
+from conveyor import changes, processes
 from conveyor.broker import create_job_consumer, stop_consumer, subscribe_to_jobs
+from conveyor.committer import Committer
 from conveyor.database import Database
 from conveyor.events import JobMessage
 from conveyor.handlers import Registry
+from conveyor.models import JobRecord
 from conveyor.outbox import OutboxRelay
 from conveyor.retries import Backoff
 from conveyor.settings import Settings
 from conveyor.topics import worker_group
 from conveyor.topics_setup import TopicKeeper
 from services.worker.execution import JobExecutor
+from services.worker.intake import Intake, Pending
 from services.worker.leases import LeaseKeeper
 from services.worker.offsets import OffsetTracker
-from services.worker.priorities import PartitionOrder
 from services.worker.scheduling import Scheduler
 
 log = structlog.get_logger(__name__)
@@ -53,8 +58,11 @@ NO_PARTITION = TopicPartition("", -1)
 # is fetched again: a short hold bounds how long a new p1 job can wait for that.
 FETCH_MAX_WAIT_MS = 100
 COMMIT_INTERVAL_S = 0.5
-EXECUTE_RETRY_BASE_S = 0.5
-EXECUTE_RETRY_CAP_S = 30.0
+# Records taken from the consumer per read.
+READ_BATCH = 500
+# A claim the database did not take is tried again after this long, doubling up to the cap.
+CLAIM_RETRY_BASE_S = 0.5
+CLAIM_RETRY_CAP_S = 30.0
 # Kafka calls that could block a stopping worker forever while the broker is down get this long.
 COMMIT_TIMEOUT_S = 5.0
 # After the drain's grace, how long handing back the jobs still running may take: interrupting a
@@ -78,7 +86,7 @@ class _CommitOnRevoke(ConsumerRebalanceListener):  # type: ignore[misc]
                 in_flight=self._worker.offsets.in_flight,
             )
         await self._worker.commit(set(revoked))
-        self._worker.offsets.forget(set(revoked))
+        self._worker.forget(set(revoked))
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         log.info("worker.assigned", partitions=sorted(f"{tp.topic}[{tp.partition}]" for tp in assigned))
@@ -91,33 +99,35 @@ class Worker:
         self.worker_id = new_worker_id()
         self.db = Database(settings.resolved_database_url)
         self.relay = OutboxRelay(self.db, settings.kafka_bootstrap)
+        self.committer = Committer(self.db, self.relay, settings.topic_prefix)
         self.executor = JobExecutor(
-            db=self.db,
-            relay=self.relay,
+            committer=self.committer,
             registry=registry,
-            prefix=settings.topic_prefix,
             worker_id=self.worker_id,
             lease_s=settings.lease_s,
             cancel_grace_s=settings.cancel_grace_s,
             backoff=Backoff(base_s=settings.retry_base_s, cap_s=settings.retry_cap_s),
         )
         self.leases = LeaseKeeper(
-            db=self.db,
-            relay=self.relay,
-            executor=self.executor,
-            prefix=settings.topic_prefix,
-            lease_s=settings.lease_s,
+            db=self.db, committer=self.committer, executor=self.executor, lease_s=settings.lease_s
         )
-        self.scheduler = Scheduler(db=self.db, relay=self.relay, prefix=settings.topic_prefix)
+        self.scheduler = Scheduler(db=self.db, committer=self.committer)
         self.offsets = OffsetTracker()
+        self.intake = Intake(
+            settings.topic_prefix,
+            settings.priority_weights,
+            tenant_weight=lambda tenant: settings.limits_for(tenant).weight,
+            read_ahead=settings.worker_read_ahead,
+        )
         self.concurrency = settings.worker_concurrency
         self._consumer: AIOKafkaConsumer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # False while the worker has left the consumer group because its database does not answer.
         self._in_group = True
         self._listener = _CommitOnRevoke(self)
-        # The records whose jobs this worker is running, by partition and offset.
-        self._running_records: set[tuple[TopicPartition, int]] = set()
+        # The records whose jobs wait in the intake or run here, by partition and offset.
+        self._held_records: set[tuple[TopicPartition, int]] = set()
+        self._claim_failures = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.db.migrate()
@@ -125,6 +135,7 @@ class Worker:
         await topics.start()
         await topics.ready.wait()
         await self.relay.start()
+        await self.committer.start()
         await self.leases.start()
         await self.scheduler.start()
         self._consumer = create_job_consumer(
@@ -144,26 +155,24 @@ class Worker:
             await self._shutdown(topics)
 
     async def _loop(self, stop: asyncio.Event) -> None:
-        assert self._consumer is not None
-        order = PartitionOrder(self.settings.topic_prefix, self.settings.priority_weights)
         loop = asyncio.get_running_loop()
         last_commit = loop.time()
         while not stop.is_set():
             if not await self._keep_membership():
                 await asyncio.sleep(POLL_TIMEOUT_MS / 1000)
                 continue
-            free = self.concurrency - len(self._tasks)
-            if free <= 0:
-                # At capacity: wake as soon as a job finishes, and still poll so the consumer stays in its
-                # group however long the jobs run. Not by pausing the partitions: a poll of a paused
-                # partition drops what it had prefetched, so every slot would then take whichever record
-                # a fresh fetch returned first, and a paused partition does not fetch a new p1 job.
-                await asyncio.wait(
-                    set(self._tasks), timeout=POLL_TIMEOUT_MS / 1000, return_when=asyncio.FIRST_COMPLETED
-                )
-                await self._consumer.getmany(NO_PARTITION, timeout_ms=0)
-            elif not await self._take_prefetched(order, free):
-                await self._take_first_to_arrive(order)
+            await self._read(timeout_ms=0)
+            free = self.concurrency - self.executor.busy
+            if free > 0 and len(self.intake):
+                await self._start(self.intake.take(free))
+            elif free > 0:
+                await self._read(timeout_ms=POLL_TIMEOUT_MS)  # idle: wait for the next records
+            else:
+                # At capacity: wake as soon as a handler ends. The read at the top of the loop polls the
+                # consumer, so it stays in its group however long the jobs run.
+                self.executor.slot_freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.executor.slot_freed.wait(), POLL_TIMEOUT_MS / 1000)
             if loop.time() - last_commit >= COMMIT_INTERVAL_S:
                 await self.commit()
                 last_commit = loop.time()
@@ -177,7 +186,7 @@ class Worker:
         if self._in_group and lost:
             await self.commit()
             self._consumer.unsubscribe()
-            self.offsets.forget(self.offsets.partitions)
+            self.forget(self.offsets.partitions)
             self._in_group = False
             log.warning("worker.left_group", reason="the database does not answer")
         elif not self._in_group and not lost:
@@ -186,74 +195,84 @@ class Worker:
             log.info("worker.rejoined_group")
         return self._in_group
 
-    async def _take_prefetched(self, order: PartitionOrder, free: int) -> int:
-        """Fill up to `free` slots with prefetched records, one each, in `order`; how many it filled."""
-        for filled in range(free):
-            if not await self._take_one_prefetched(order):
-                return filled
-        return free
+    def forget(self, partitions: set[TopicPartition]) -> None:
+        """Drop what this worker read from partitions it no longer owns: their records will be read, and
+        their commits made, by the next owner. Jobs of theirs that run here go on, and are recorded."""
+        self.offsets.forget(partitions)
+        for pending in self.intake.drop(partitions):
+            self._held_records.discard((pending.tp, pending.offset))
 
-    async def _take_one_prefetched(self, order: PartitionOrder) -> bool:
-        """Start the job of the next prefetched record by priority; False if nothing is prefetched."""
+    async def _read(self, timeout_ms: int) -> None:
+        """Move the records that have arrived into the intake, waiting up to `timeout_ms` for some. Only
+        partitions whose read-ahead has room are read; a poll of none still counts as a poll."""
         assert self._consumer is not None
-        for tp in order.candidates(self._consumer.assignment()):
-            # Without a wait, getmany hands out only what this partition has prefetched already: it
-            # fetches nothing, and leaves the other partitions' records where they are.
-            batch = await self._consumer.getmany(tp, timeout_ms=0, max_records=1)
-            for record in batch.get(tp, ()):
-                order.served(tp)
-                self._dispatch(tp, record.offset, record.value)
-                return True
-        return False
-
-    async def _take_first_to_arrive(self, order: PartitionOrder) -> None:
-        """Nothing is prefetched: wait briefly for a record of any partition and start the first one."""
-        assert self._consumer is not None
-        batches = await self._consumer.getmany(timeout_ms=POLL_TIMEOUT_MS, max_records=1)
+        partitions = self.intake.with_room(self._consumer.assignment())
+        if not partitions:
+            await self._consumer.getmany(NO_PARTITION, timeout_ms=0)
+            if timeout_ms:
+                await asyncio.sleep(timeout_ms / 1000)
+            return
+        # Without a wait, getmany hands out only what the consumer has fetched already.
+        batches = await self._consumer.getmany(*partitions, timeout_ms=timeout_ms, max_records=READ_BATCH)
         for tp, records in batches.items():
             for record in records:
-                order.served(tp)
-                self._dispatch(tp, record.offset, record.value)
+                self._accept(tp, record.offset, record.value)
 
-    def _dispatch(self, tp: TopicPartition, offset: int, value: bytes) -> None:
+    def _accept(self, tp: TopicPartition, offset: int, value: bytes) -> None:
         self.offsets.started(tp, offset)
-        if (tp, offset) in self._running_records:
+        if (tp, offset) in self._held_records:
             # A rebalance took the partition away and gave it back while the job ran, so it was read
             # again. Its first task still runs it and will release the offset when the job is recorded;
-            # a second task would skip the job at once and let the commit pass it while it runs.
+            # running it twice would skip the job at once and let the commit pass it while it runs.
             return
-        self._running_records.add((tp, offset))
-        task = asyncio.create_task(
-            self._handle(tp, offset, value), name=f"job@{tp.topic}[{tp.partition}]:{offset}"
-        )
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _handle(self, tp: TopicPartition, offset: int, value: bytes) -> None:
-        try:
-            await self._run_message(tp, offset, value)
-            self.offsets.finished(tp, offset)
-        finally:
-            self._running_records.discard((tp, offset))
-
-    async def _run_message(self, tp: TopicPartition, offset: int, value: bytes) -> None:
         try:
             message = JobMessage.model_validate_json(value)
         except ValidationError:
             log.error("worker.bad_message", topic=tp.topic, partition=tp.partition, offset=offset)
+            self.offsets.finished(tp, offset)
             return
-        failures = 0
-        while True:
-            try:
-                await self.executor.execute(message)
-                return
-            except Exception:
-                # The database did not answer. Try again: a claim that failed is retried; an outcome that
-                # could not be recorded makes the retry find the job still running, and its lease runs
-                # out so the reaper requeues it. Either way the offset stays uncommitted until then.
-                failures += 1
-                log.exception("worker.execute_failed", job_id=message.job_id, failures=failures)
-                await asyncio.sleep(min(EXECUTE_RETRY_CAP_S, EXECUTE_RETRY_BASE_S * 2 ** min(failures, 6)))
+        self._held_records.add((tp, offset))
+        self.intake.add(Pending(tp, offset, message))
+
+    async def _start(self, taken: list[Pending]) -> None:
+        """Claim the jobs taken for the free slots, in one transaction, and run the ones claimed."""
+        claims = [
+            changes.claim(pending.message.job_id, self.worker_id, self.settings.lease_s) for pending in taken
+        ]
+        try:
+            results = await self.committer.apply(claims)
+        except Exception as exc:
+            # The database did not answer: the jobs wait in the intake, and the claim is tried again.
+            self._claim_failures += 1
+            log.warning("worker.claim_failed", jobs=len(taken), failures=self._claim_failures, error=str(exc))
+            self.intake.put_back(taken)
+            await asyncio.sleep(
+                min(CLAIM_RETRY_CAP_S, CLAIM_RETRY_BASE_S * 2 ** min(self._claim_failures, 6))
+            )
+            return
+        self._claim_failures = 0
+        for pending, result in zip(taken, results, strict=True):
+            if result.job is None:
+                log.info("job.skipped", job_id=pending.message.job_id, reason="not claimable")
+                self._release(pending)
+                continue
+            task = asyncio.create_task(self._run(pending, result.job), name=f"job-{result.job.id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, pending: Pending, job: JobRecord) -> None:
+        try:
+            await self.executor.execute(job)
+        except Exception:
+            log.exception("worker.execute_failed", job_id=job.id)
+        finally:
+            self._release(pending)
+
+    def _release(self, pending: Pending) -> None:
+        """The record's job has reached a recorded state (or was not this worker's to run): its offset
+        may be committed once those before it are too."""
+        self._held_records.discard((pending.tp, pending.offset))
+        self.offsets.finished(pending.tp, pending.offset)
 
     async def commit(self, partitions: set[TopicPartition] | None = None) -> None:
         if self._consumer is None:
@@ -296,6 +315,7 @@ class Worker:
         # session timeout; bounded, since while the broker is down this could wait forever.
         if self._consumer is not None and not await stop_consumer(self._consumer):
             log.warning("worker.consumer_stop_unclean")
+        await self.committer.stop()
         await self.relay.stop()
         await topics.stop()
         await self.db.close()

@@ -10,13 +10,14 @@ queue each job, and the others' updates match no row.
 from __future__ import annotations
 
 import asyncio
+import functools
 
 import structlog
 
+from conveyor import changes
+from conveyor.committer import Committer
 from conveyor.database import Database
-from conveyor.jobstore import announce_state, due_jobs, queue_due_job
-from conveyor.models import OutboxMessage
-from conveyor.outbox import OutboxRelay
+from conveyor.jobstore import due_jobs
 from services.worker.periodic import run_every
 
 log = structlog.get_logger(__name__)
@@ -32,14 +33,12 @@ class Scheduler:
         self,
         *,
         db: Database,
-        relay: OutboxRelay,
-        prefix: str,
+        committer: Committer,
         interval_s: float = SCHEDULE_INTERVAL_S,
         batch: int = SCHEDULE_BATCH,
     ) -> None:
         self._db = db
-        self._relay = relay
-        self._prefix = prefix
+        self._committer = committer
         self._interval_s = interval_s
         self._batch = batch
         self._task: asyncio.Task[None] | None = None
@@ -63,23 +62,19 @@ class Scheduler:
 
     async def queue_due(self) -> int:
         """Queue the jobs that are due now; returns how many this worker queued."""
-        # Look with a reading session first: on SQLite a write transaction takes the database's write
-        # lock, and most looks find nothing to do.
-        async with self._db.reading() as session:
-            due = [job.id for job in await due_jobs(session, self._batch)]
+        # Look with a read first: on SQLite a write transaction takes the database's write lock, and most
+        # looks find nothing to do.
+        due = await self._db.read(functools.partial(due_jobs, limit=self._batch))
         if not due:
             return 0
-        rows: list[OutboxMessage] = []
+        # In one transaction. Every worker locks the rows in the same order (by id), so two racing
+        # workers cannot deadlock.
+        due.sort(key=lambda job: job.id)
+        results = await self._committer.apply([changes.queue_due(job.id) for job in due])
         queued = 0
-        async with self._db.session() as session:
-            # Every worker locks the rows in the same order (by id), so two racing workers cannot deadlock.
-            for job_id in sorted(due):
-                job = await queue_due_job(session, job_id)
-                if job is None:
-                    continue  # another worker queued it first, or it was canceled meanwhile
-                queued += 1
-                log.info("job.due", job_id=job.id, run_at=job.run_at.isoformat() if job.run_at else None)
-                rows.extend(announce_state(session, self._prefix, job))
-        if rows:
-            await self._relay.publish(rows)
+        for job, result in zip(due, results, strict=True):
+            if not result.written:
+                continue  # another worker queued it first, or it was canceled meanwhile
+            queued += 1
+            log.info("job.due", job_id=job.id, run_at=job.run_at.isoformat() if job.run_at else None)
         return queued

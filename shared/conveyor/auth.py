@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
+import time
 from dataclasses import dataclass
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from conveyor.database import Database
 from conveyor.models import ApiKey, utcnow
 
 ALL_SCOPES = frozenset({"submit", "read", "cancel"})
 KEY_PREFIX = "cvk_"
+# How long a key's principal (or its absence) is remembered: a key created or revoked takes effect
+# within this long, and a busy client costs one lookup a second instead of one per request.
+PRINCIPAL_CACHE_S = 1.0
+# Remembered keys at most; past it the memory starts again (a flood of made-up keys must not grow it).
+PRINCIPAL_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -53,17 +61,40 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
-async def authenticate(
-    session: AsyncSession, bootstrap_keys: dict[str, Principal], token: str
-) -> Principal | None:
-    digest = hash_key(token)
-    for known, principal in bootstrap_keys.items():
-        if hmac.compare_digest(known, digest):
-            return principal
-    row = await session.scalar(select(ApiKey).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None)))
-    if row is None:
-        return None
-    return Principal(row.tenant, frozenset(row.scopes.split(",")))
+def stored_principal(connection: Connection, digest: str) -> Principal | None:
+    """The principal of the live key stored with this hash, if any."""
+    query = select(ApiKey.tenant, ApiKey.scopes).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
+    row = connection.execute(query).first()
+    return None if row is None else Principal(row.tenant, frozenset(row.scopes.split(",")))
+
+
+class Authenticator:
+    """Who an API key belongs to: a bootstrap key (CONVEYOR_API_KEYS) or a key stored in the database,
+    each lookup remembered for PRINCIPAL_CACHE_S."""
+
+    def __init__(
+        self, db: Database, bootstrap_keys: dict[str, Principal], cache_s: float = PRINCIPAL_CACHE_S
+    ):
+        self._db = db
+        self._bootstrap_keys = bootstrap_keys
+        self._cache_s = cache_s
+        self._cache: dict[str, tuple[float, Principal | None]] = {}
+
+    async def principal(self, token: str) -> Principal | None:
+        """The key's principal; None for an unknown or revoked key."""
+        digest = hash_key(token)
+        for known, principal in self._bootstrap_keys.items():
+            if hmac.compare_digest(known, digest):
+                return principal
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        found = await self._db.read(functools.partial(stored_principal, digest=digest))
+        if len(self._cache) >= PRINCIPAL_CACHE_SIZE:
+            self._cache.clear()
+        self._cache[digest] = (now + self._cache_s, found)
+        return found
 
 
 @dataclass(frozen=True)
@@ -108,7 +139,7 @@ async def revoke_api_key(
 ) -> Revocation:
     """Revoke the key with this id or this secret (exactly one of them); revoking twice keeps the first time.
 
-    `authenticate` reads the database on every request, so the key is refused from the next request on.
+    Services remember a key's lookup for PRINCIPAL_CACHE_S, so the key is refused within that long.
     Keys from CONVEYOR_API_KEYS are not in the database: they are revoked by removing them from the setting.
     """
     if key_id is not None and secret is None:

@@ -1,22 +1,54 @@
-"""Engine and sessions for SQLite (embedded default) and PostgreSQL, and Alembic migrations on start."""
+"""Engines and transactions for SQLite (embedded default) and PostgreSQL, and Alembic migrations on start.
+
+Two ways in:
+
+- `write(work)` and `read(work)` run a plain function over a sync `Connection` in one transaction:
+  the hot paths (every job state change, hot reads). On SQLite the function runs on a thread of this
+  process with the sync driver, so the database's single write lock is held only while SQL runs, never
+  across event-loop turns; a writer that finds the lock taken retries within a millisecond or two
+  rather than sleeping in SQLite's own busy handler, whose waits grow to 100 ms. On PostgreSQL it runs
+  through the async engine (`run_sync`), one round trip per statement.
+- `session()` and `reading()` are async ORM sessions, for everything that is not hot: the CLI, lists,
+  pruning, the progress service's snapshots.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import event, text
+from sqlalchemy import Engine, event, text
+from sqlalchemy import create_engine as create_sync_engine
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import QueuePool
 
-# Several processes (gateway, workers, progress) share one SQLite file: let a writer wait for the
-# lock instead of failing at once.
+from conveyor import sqlstats
+from conveyor.jsoncodec import dumps_text, loads
+
+T = TypeVar("T")
+
+# Several processes (gateway, workers, progress) share one SQLite file: a writer waits this long for
+# the lock before it gives up (and the request it serves answers 503).
 SQLITE_BUSY_TIMEOUT_MS = 15_000
+# How a writer that found the lock taken waits before it tries again: from the first to the last,
+# doubling. Short, since a batch holds the lock for a millisecond or two.
+SQLITE_RETRY_FIRST_S = 0.0001
+SQLITE_RETRY_LAST_S = 0.002
+# Threads that read SQLite for `read()`: reads never wait for the writer in WAL mode.
+SQLITE_READ_THREADS = 4
+POSTGRES_POOL_SIZE = 10
+POSTGRES_MAX_OVERFLOW = 20
 
 
 def is_sqlite(url: str) -> bool:
@@ -24,29 +56,67 @@ def is_sqlite(url: str) -> bool:
 
 
 def create_engine(url: str, *, read_only: bool = False) -> AsyncEngine:
+    """The async engine of `session()` and `reading()`."""
     if is_sqlite(url):
-        database = make_url(url).database
-        if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
-        _tune_sqlite(engine, begin="BEGIN" if read_only else "BEGIN IMMEDIATE")
-        return engine
-    return create_async_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+        _make_parent_folder(url)
+        engine = create_async_engine(
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            json_serializer=dumps_text,
+            json_deserializer=loads,
+        )
+        _tune_sqlite(engine.sync_engine, begin="BEGIN" if read_only else "BEGIN IMMEDIATE")
+    else:
+        # No pre-ping: it would cost a round trip per checkout. A connection found dropped is
+        # invalidated (with the rest of the pool) and `write`/`read` retry once on a fresh one.
+        engine = create_async_engine(
+            url,
+            pool_size=POSTGRES_POOL_SIZE,
+            max_overflow=POSTGRES_MAX_OVERFLOW,
+            json_serializer=dumps_text,
+            json_deserializer=loads,
+        )
+    sqlstats.instrument(engine.sync_engine)
+    return engine
 
 
-def _tune_sqlite(engine: AsyncEngine, begin: str) -> None:
-    @event.listens_for(engine.sync_engine, "connect")
+def _make_parent_folder(url: str) -> None:
+    database = make_url(url).database
+    if database and database != ":memory:":
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _sync_sqlite_engine(url: str, *, busy_timeout_ms: int, pool_size: int, begin: str) -> Engine:
+    sync_url = make_url(url).set(drivername="sqlite+pysqlite")
+    engine = create_sync_engine(
+        sync_url,
+        poolclass=QueuePool,
+        pool_size=pool_size,
+        max_overflow=0,
+        connect_args={"timeout": busy_timeout_ms / 1000, "check_same_thread": False},
+        json_serializer=dumps_text,
+        json_deserializer=loads,
+    )
+    _tune_sqlite(engine, begin=begin, busy_timeout_ms=busy_timeout_ms)
+    sqlstats.instrument(engine)
+    return engine
+
+
+def _tune_sqlite(engine: Engine, begin: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
+    @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when transactions begin (see on_begin).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        # FULL: a commit is on disk (the WAL is fsynced) before it returns, so a 202 survives a power
+        # loss too. With group commit that is one fsync per batch of jobs, not per job.
+        cursor.execute("PRAGMA synchronous=FULL")
+        cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
 
-    @event.listens_for(engine.sync_engine, "begin")
+    @event.listens_for(engine, "begin")
     def on_begin(connection: Connection) -> None:
         # A deferred transaction that reads and then writes can fail with SQLITE_BUSY without waiting,
         # when another process wrote in between: writers take the write lock up front (BEGIN IMMEDIATE)
@@ -54,16 +124,83 @@ def _tune_sqlite(engine: AsyncEngine, begin: str) -> None:
         connection.exec_driver_sql(begin)
 
 
+def _is_busy(exc: OperationalError) -> bool:
+    return "locked" in str(exc.orig) or "busy" in str(exc.orig)
+
+
 class Database:
-    """`session()` is a unit of work that commits on success; `reading()` is for reads only."""
+    """`write()` and `read()` run a function in one transaction; `session()` is an async unit of work
+    that commits on success; `reading()` an async session for reads only."""
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self.sqlite = is_sqlite(url)
         self.engine = create_engine(url)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)
         # SQLite needs a second engine whose transactions begin deferred; other databases share one.
-        self.read_engine = create_engine(url, read_only=True) if is_sqlite(url) else self.engine
+        self.read_engine = create_engine(url, read_only=True) if self.sqlite else self.engine
         self.read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False)
+        self._writer: Engine | None = None
+        self._reader: Engine | None = None
+        self._write_thread: ThreadPoolExecutor | None = None
+        self._read_threads: ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()
+
+    async def write(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in one write transaction and commit; its result once committed. On SQLite the
+        transaction is retried whole while another process holds the write lock (for up to
+        SQLITE_BUSY_TIMEOUT_MS), so `work` must be safe to run again after a rollback."""
+        if self.sqlite:
+            writer, thread = self._sqlite_writer()
+            return await asyncio.get_running_loop().run_in_executor(thread, _write_sqlite, writer, work)
+        return await self._postgres(self.engine, work, write=True)
+
+    async def read(self, work: Callable[[Connection], T]) -> T:
+        """Run `work` in one read-only transaction (never waits for writers)."""
+        if self.sqlite:
+            reader, threads = self._sqlite_reader()
+            return await asyncio.get_running_loop().run_in_executor(threads, _read_sqlite, reader, work)
+        return await self._postgres(self.engine, work, write=False)
+
+    async def _postgres(self, engine: AsyncEngine, work: Callable[[Connection], T], write: bool) -> T:
+        for attempt in (1, 2):
+            try:
+                async with engine.connect() as connection:
+                    result = await connection.run_sync(work)
+                    if write:
+                        await connection.commit()
+                    return result
+            except DBAPIError as exc:
+                # A connection the server dropped (a restart, an idle timeout): the pool has been
+                # invalidated, and one more try gets a fresh connection. Nothing was committed.
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _sqlite_writer(self) -> tuple[Engine, ThreadPoolExecutor]:
+        with self._lock:
+            if self._writer is None or self._write_thread is None:
+                # busy_timeout 0: a writer that finds the lock taken hears it at once and retries on
+                # its own short schedule (see _write_sqlite).
+                self._writer = _sync_sqlite_engine(
+                    self.url, busy_timeout_ms=0, pool_size=1, begin="BEGIN IMMEDIATE"
+                )
+                self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
+            return self._writer, self._write_thread
+
+    def _sqlite_reader(self) -> tuple[Engine, ThreadPoolExecutor]:
+        with self._lock:
+            if self._reader is None or self._read_threads is None:
+                self._reader = _sync_sqlite_engine(
+                    self.url,
+                    busy_timeout_ms=SQLITE_BUSY_TIMEOUT_MS,
+                    pool_size=SQLITE_READ_THREADS,
+                    begin="BEGIN",
+                )
+                self._read_threads = ThreadPoolExecutor(
+                    SQLITE_READ_THREADS, thread_name_prefix="sqlite-reader"
+                )
+            return self._reader, self._read_threads
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -87,6 +224,34 @@ class Database:
         await self.engine.dispose()
         if self.read_engine is not self.engine:
             await self.read_engine.dispose()
+        for threads in (self._write_thread, self._read_threads):
+            if threads is not None:
+                threads.shutdown(wait=True)
+        for engine in (self._writer, self._reader):
+            if engine is not None:
+                engine.dispose()
+        self._writer = self._reader = None
+        self._write_thread = self._read_threads = None
+
+
+def _write_sqlite(engine: Engine, work: Callable[[Connection], T]) -> T:
+    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+    pause = SQLITE_RETRY_FIRST_S
+    with engine.connect() as connection:
+        while True:
+            try:
+                with connection.begin():
+                    return work(connection)
+            except OperationalError as exc:
+                if not _is_busy(exc) or time.monotonic() + pause > deadline:
+                    raise
+            time.sleep(pause)
+            pause = min(SQLITE_RETRY_LAST_S, pause * 2)
+
+
+def _read_sqlite(engine: Engine, work: Callable[[Connection], T]) -> T:
+    with engine.connect() as connection, connection.begin():
+        return work(connection)
 
 
 def _alembic_config(connection: Connection) -> Config:

@@ -2,7 +2,8 @@
 stream has (a client away, a progress instance restarted, events reaching Kafka out of order) can be
 filled from the database.
 
-The history of a job is complete from seq 1 to the job's `last_seq` until it is pruned, some time
+Events are written to the history by `conveyor.changes`, with the change each announces. The history
+of a job is complete from seq 1 to the job's `last_seq` until it is pruned, some time
 after the job finished (`CONVEYOR_EVENT_HISTORY_S`).
 """
 
@@ -14,18 +15,12 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.events import JobEvent
+from conveyor.jobstore import Reader
 from conveyor.lifecycle import TERMINAL_STATES
 from conveyor.models import Job, JobEventRecord
 
 
-def record_event(session: AsyncSession, event: JobEvent) -> None:
-    """Add the event to its job's history, in the caller's transaction."""
-    session.add(JobEventRecord(job_id=event.job_id, seq=event.seq, body=event.model_dump_json()))
-
-
-async def events_between(
-    session: AsyncSession, job_id: str, after_seq: int, upto_seq: int
-) -> list[JobEvent] | None:
+def events_between(connection: Reader, job_id: str, after_seq: int, upto_seq: int) -> list[JobEvent] | None:
     """The job's events after `after_seq` up to `upto_seq`, in order; None if some were pruned."""
     if upto_seq <= after_seq:
         return []
@@ -36,7 +31,7 @@ async def events_between(
         )
         .order_by(JobEventRecord.seq)
     )
-    events = [JobEvent.model_validate_json(body) for body in (await session.scalars(query)).all()]
+    events = [JobEvent.from_json(body.encode()) for body in connection.execute(query).scalars().all()]
     if len(events) != upto_seq - after_seq:
         return None
     return events

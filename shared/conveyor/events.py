@@ -7,8 +7,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, PrivateAttr
 
+from conveyor.jsoncodec import dumps
 from conveyor.lifecycle import JobState
-from conveyor.models import Job
+from conveyor.models import JobView
 
 
 class JobMessage(BaseModel):
@@ -79,13 +80,24 @@ class JobEvent(BaseModel):
         return self.type == "state" and self.status.is_terminal
 
 
-def job_message_for(job: Job) -> JobMessage:
-    return JobMessage(
-        job_id=job.id, tenant=job.tenant, type=job.type, priority=job.priority, attempt=job.attempts + 1
+def job_message_json(job: JobView) -> bytes:
+    """The job message that asks for the job's next attempt, as it goes on Kafka."""
+    return dumps(
+        {
+            "job_id": job.id,
+            "tenant": job.tenant,
+            "type": job.type,
+            "priority": job.priority,
+            "attempt": job.attempts + 1,
+        }
     )
 
 
-def dead_letter_for(job: Job) -> DeadLetter:
+def job_message_for(job: JobView) -> JobMessage:
+    return JobMessage.model_validate_json(job_message_json(job))
+
+
+def dead_letter_for(job: JobView) -> DeadLetter:
     return DeadLetter(
         job_id=job.id,
         tenant=job.tenant,
@@ -101,19 +113,30 @@ def dead_letter_for(job: Job) -> DeadLetter:
     )
 
 
-def event_for(job: Job, kind: Literal["state", "progress"]) -> JobEvent:
-    """The event that announces the job row as it is now (its `last_seq` already counts this event)."""
+def event_fields(job: JobView, kind: Literal["state", "progress"]) -> dict[str, Any]:
+    """The event that announces the job row as it is now (its `last_seq` already counts this event),
+    as the fields of a `JobEvent` in its order: the one place an event's content is decided."""
     status = JobState(job.status)
-    return JobEvent(
-        job_id=job.id,
-        tenant=job.tenant,
-        seq=job.last_seq,
-        type=kind,
-        status=status,
-        progress=Progress(percent=job.progress_percent, message=job.progress_message),
-        attempt=job.attempts,
-        at=job.updated_at,
-        result=job.result if status is JobState.SUCCEEDED else None,
-        error=job.error if status in (JobState.FAILED, JobState.SCHEDULED) else None,
-        run_at=job.run_at if status is JobState.SCHEDULED else None,
-    )
+    return {
+        "job_id": job.id,
+        "tenant": job.tenant,
+        "seq": job.last_seq,
+        "type": kind,
+        "status": status.value,
+        "progress": {"percent": job.progress_percent, "message": job.progress_message},
+        "attempt": job.attempts,
+        "at": job.updated_at,
+        "result": job.result if status is JobState.SUCCEEDED else None,
+        # The last attempt's error: once failed, and while a failed attempt waits to be retried.
+        "error": job.error if status in (JobState.FAILED, JobState.SCHEDULED) else None,
+        "run_at": job.run_at if status is JobState.SCHEDULED else None,
+    }
+
+
+def event_json(job: JobView, kind: Literal["state", "progress"]) -> bytes:
+    """The event as it is stored in the job's history and published: serialized once, for both."""
+    return dumps(event_fields(job, kind))
+
+
+def event_for(job: JobView, kind: Literal["state", "progress"]) -> JobEvent:
+    return JobEvent.from_json(event_json(job, kind))

@@ -1,26 +1,25 @@
 """Idempotency keys: a retried submission with the same `Idempotency-Key` gets the same job.
 
 A key belongs to a tenant and lives for a published window (`CONVEYOR_IDEMPOTENCY_WINDOW_S`, 24 h by
-default). It is remembered in the same transaction as the job it created, under a primary key on
-(tenant, key): of two identical requests racing, the database lets exactly one commit, and the
-other reads the winner's row. A request that reuses a key with another body is refused, since
-answering it with the first job would silently drop what the client asked for.
+default). It is remembered in the same transaction as the job it created (`conveyor.changes`), under
+a primary key on (tenant, key): of two identical requests racing, the database lets exactly one
+record it, and the other is answered with the winner's job. A request that reuses a key with another
+body is refused, since answering it with the first job would silently drop what the client asked for.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.models import IdempotencyKey, utcnow
+from conveyor.schemas import MAX_IDEMPOTENCY_KEY_LENGTH
 
-# The IETF draft leaves the length open; this bounds the column and rejects abuse.
-MAX_KEY_LENGTH = 255
+MAX_KEY_LENGTH = MAX_IDEMPOTENCY_KEY_LENGTH
 
 
 def fingerprint(body: Any) -> str:
@@ -38,38 +37,6 @@ def parse_key(header: str) -> str | None:
     if not key or len(key) > MAX_KEY_LENGTH or not all(" " <= char <= "~" for char in key):
         return None
     return key
-
-
-async def find_key(session: AsyncSession, tenant: str, key: str) -> IdempotencyKey | None:
-    """The tenant's live record of this key, or None if it was never used or has expired."""
-    record = await session.get(IdempotencyKey, (tenant, key), populate_existing=True)
-    return record if record is not None and record.expires_at > utcnow() else None
-
-
-async def forget_expired_key(session: AsyncSession, tenant: str, key: str) -> None:
-    """Delete the key's record if it has expired, so the key can be used anew."""
-    await session.execute(
-        delete(IdempotencyKey).where(
-            IdempotencyKey.tenant == tenant, IdempotencyKey.key == key, IdempotencyKey.expires_at <= utcnow()
-        )
-    )
-
-
-def remember_key(
-    session: AsyncSession, tenant: str, key: str, body_fingerprint: str, job_id: str, window_s: float
-) -> IdempotencyKey:
-    """Record the key with the job it created, in the caller's transaction."""
-    now = utcnow()
-    record = IdempotencyKey(
-        tenant=tenant,
-        key=key,
-        fingerprint=body_fingerprint,
-        job_id=job_id,
-        created_at=now,
-        expires_at=now + timedelta(seconds=window_s),
-    )
-    session.add(record)
-    return record
 
 
 async def prune_keys(session: AsyncSession) -> int:

@@ -8,7 +8,10 @@ import structlog
 
 
 def configure_logging(level: str = "INFO", json: bool = False) -> None:
-    logging.basicConfig(level=level.upper(), format="%(message)s")
+    # Our own lines (structlog) at `level`; libraries' (standard logging) at INFO at the most verbose:
+    # DEBUG is for following jobs (`job.started`, `job.recorded`), not every statement of a driver.
+    library_level = max(logging.INFO, logging.getLevelName(level.upper()))
+    logging.basicConfig(level=library_level, format="%(message)s")
     # aiokafka is chatty about reconnects that we already report ourselves.
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     # Alembic announces its dialect at every start; keep only the upgrades it runs.

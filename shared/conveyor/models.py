@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Index, Integer, LargeBinary, String, Text, TypeDecorator
-from sqlalchemy.engine import Dialect
+from sqlalchemy import JSON, Column, DateTime, Index, Integer, LargeBinary, String, Table, Text, TypeDecorator
+from sqlalchemy.engine import Dialect, Row
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -72,6 +73,50 @@ class Job(Base):
         Index("ix_jobs_tenant_status", "tenant", "status"),
         Index("ix_jobs_status_run_at", "status", "run_at"),
     )
+
+
+JOBS: Table = Job.__table__  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class JobRecord:
+    """A job's row as read or written by Core SQL: what the hot paths pass around instead of an ORM
+    object, which costs an identity map, instrumentation and a flush to make."""
+
+    id: str
+    tenant: str
+    type: str
+    status: str
+    priority: int
+    payload: Any
+    result: Any | None
+    error: dict[str, Any] | None
+    progress_percent: float | None
+    progress_message: str | None
+    attempts: int
+    max_attempts: int
+    labels: dict[str, str]
+    run_at: datetime | None
+    timeout_s: float | None
+    last_seq: int
+    worker_id: str | None
+    lease_expires_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @classmethod
+    def from_row(cls, row: Row[Any]) -> JobRecord:
+        return cls(**row._mapping)
+
+
+# Every column of `jobs`, in JobRecord's order: `select(*JOB_COLUMNS)` reads rows `from_row` takes.
+JOB_COLUMNS: tuple[Column[Any], ...] = tuple(JOBS.c[name] for name in JobRecord.__slots__)
+
+
+# What the functions that read a job's fields take: the ORM object or the Core record.
+JobView = Job | JobRecord
 
 
 class JobLabel(Base):

@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
-from datetime import timedelta
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError
-from pydantic import BaseModel
-from sqlalchemy import ColumnElement, delete, or_, select
+from sqlalchemy import ColumnElement, Connection, Table, delete, insert, or_, select
 from sqlalchemy.exc import SQLAlchemyError
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.broker import BrokerUnavailable, start_producer
 from conveyor.database import Database
@@ -32,6 +31,11 @@ log = structlog.get_logger(__name__)
 ORPHAN_AGE_S = 10.0
 SWEEP_INTERVAL_S = 1.0
 BATCH_SIZE = 500
+# Published rows are deleted in batches: at most this often, or sooner once this many wait.
+DELETE_INTERVAL_S = 0.5
+DELETE_BATCH = 2000
+# Ids per DELETE statement: PostgreSQL's drivers take at most 32,767 parameters a statement.
+DELETE_CHUNK = 1000
 # After a failure to reach Kafka, wait this long (doubling up to the cap) before trying again.
 RETRY_BASE_S = 0.5
 RETRY_CAP_S = 10.0
@@ -45,11 +49,39 @@ STOP_TIMEOUT_S = 5.0
 PUBLISH_ERRORS = (KafkaError, BrokerUnavailable, OSError, TimeoutError)
 
 
-def stage_message(session: AsyncSession, topic: str, key: str, message: BaseModel) -> OutboxMessage:
-    """Add a message to the outbox, in the caller's transaction."""
-    row = OutboxMessage(topic=topic, key=key, value=message.model_dump_json().encode(), created_at=utcnow())
-    session.add(row)
-    return row
+OUTBOX: Table = OutboxMessage.__table__  # type: ignore[assignment]
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    """A committed outbox row, as the relay publishes it."""
+
+    id: int
+    topic: str
+    key: str
+    value: bytes
+
+
+def stage_messages(
+    connection: Connection, messages: Sequence[tuple[str, str, bytes]], now: datetime | None = None
+) -> list[OutboxRow]:
+    """Add `(topic, key, value)` messages to the outbox, in the caller's transaction, in order."""
+    if not messages:
+        return []
+    created_at = now or utcnow()
+    returned = connection.execute(
+        insert(OUTBOX).returning(OUTBOX.c.id),
+        [
+            {"topic": topic, "key": key, "value": value, "created_at": created_at}
+            for topic, key, value in messages
+        ],
+    )
+    # One multi-row INSERT: the rows take their ids in the order of their values, ascending (SQLite's
+    # next rowid, PostgreSQL's sequence), whatever order RETURNING lists them in. Sorting pairs them
+    # up without asking for RETURNING in parameter order, which SQLAlchemy gets on SQLite by inserting
+    # row by row.
+    ids = sorted(row.id for row in returned)
+    return [OutboxRow(id, *message) for id, message in zip(ids, messages, strict=True)]
 
 
 class OutboxRelay:
@@ -67,7 +99,7 @@ class OutboxRelay:
         self._bootstrap = bootstrap
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
-        self._fresh: list[OutboxMessage] = []  # committed, handed over in memory, not yet sent
+        self._fresh: list[OutboxRow] = []  # committed, handed over in memory, not yet sent
         self._pending: set[int] = set()  # committed, to be re-read from the database and sent
         self._published: set[int] = set()  # sent, to be deleted
         self._wake = asyncio.Event()
@@ -88,20 +120,20 @@ class OutboxRelay:
             await self._delete_published()
             await self._close_producer()
 
-    async def publish(self, rows: Iterable[OutboxMessage]) -> bool:
+    async def publish(self, rows: Iterable[OutboxRow]) -> bool:
         """Publish freshly committed rows now. True if they reached Kafka; else the relay retries them."""
         published = await self._send_fresh(list(rows))
         self._wake.set()  # the background loop deletes what was published
         return published
 
-    def notify(self, rows: Iterable[OutboxMessage]) -> None:
+    def notify(self, rows: Iterable[OutboxRow]) -> None:
         """Hand freshly committed rows to the background relay without waiting for Kafka."""
         self._fresh.extend(rows)
         self._wake.set()
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        last_sweep = loop.time()
+        last_sweep = last_delete = loop.time()
         while True:
             if self._failures:
                 # Kafka is failing: retry on a backoff, not at every new row.
@@ -118,7 +150,9 @@ class OutboxRelay:
                 async with self._lock:
                     if sweep or self._failures:
                         await self._drain(sweep=True)
-                    await self._delete_published()
+                    if loop.time() - last_delete >= DELETE_INTERVAL_S or len(self._published) >= DELETE_BATCH:
+                        last_delete = loop.time()
+                        await self._delete_published()
             except (SQLAlchemyError, OSError) as exc:
                 # The database is away: every row is still in the outbox, and the next round retries.
                 log.warning("outbox.database_unavailable", error=str(exc))
@@ -131,7 +165,7 @@ class OutboxRelay:
         rows, self._fresh = self._fresh, []
         return await self._send_fresh(rows)
 
-    async def _send_fresh(self, rows: list[OutboxMessage]) -> bool:
+    async def _send_fresh(self, rows: list[OutboxRow]) -> bool:
         """Send rows committed by this process. They are queued on the producer in order under the lock,
         and their acknowledgements awaited outside it, so concurrent callers share batches and round trips.
         While a backlog waits in the database, new rows join it instead, so order holds."""
@@ -193,22 +227,26 @@ class OutboxRelay:
             log.warning("outbox.delete_failed", error=str(exc))
             self._published |= ids
 
-    async def _load(self, ids: list[int], sweep: bool) -> list[OutboxMessage]:
+    async def _load(self, ids: list[int], sweep: bool) -> list[OutboxRow]:
         conditions: list[ColumnElement[bool]] = []
         if ids:
-            conditions.append(OutboxMessage.id.in_(ids))
+            conditions.append(OUTBOX.c.id.in_(ids))
         if sweep:
-            conditions.append(OutboxMessage.created_at < utcnow() - timedelta(seconds=ORPHAN_AGE_S))
+            conditions.append(OUTBOX.c.created_at < utcnow() - timedelta(seconds=ORPHAN_AGE_S))
         if not conditions:
             return []
-        async with self._db.reading() as session:
-            query = select(OutboxMessage).where(or_(*conditions)).order_by(OutboxMessage.id).limit(BATCH_SIZE)
-            return list((await session.scalars(query)).all())
+        query = (
+            select(OUTBOX.c.id, OUTBOX.c.topic, OUTBOX.c.key, OUTBOX.c.value)
+            .where(or_(*conditions))
+            .order_by(OUTBOX.c.id)
+            .limit(BATCH_SIZE)
+        )
+        return await self._db.read(lambda connection: [OutboxRow(*row) for row in connection.execute(query)])
 
-    async def _send(self, rows: list[OutboxMessage]) -> None:
+    async def _send(self, rows: list[OutboxRow]) -> None:
         await _acknowledged(await self._enqueue(rows))
 
-    async def _enqueue(self, rows: list[OutboxMessage]) -> list[asyncio.Future[Any]]:
+    async def _enqueue(self, rows: list[OutboxRow]) -> list[asyncio.Future[Any]]:
         """Queue rows on the producer in order; the futures resolve when Kafka acknowledges them."""
         if self._producer is None:
             self._producer = await start_producer(self._bootstrap)
@@ -216,8 +254,11 @@ class OutboxRelay:
         return [await self._producer.send(row.topic, key=row.key.encode(), value=row.value) for row in rows]
 
     async def _delete(self, ids: list[int]) -> None:
-        async with self._db.session() as session:
-            await session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(ids)))
+        def delete_rows(connection: Connection) -> None:
+            for first in range(0, len(ids), DELETE_CHUNK):
+                connection.execute(delete(OUTBOX).where(OUTBOX.c.id.in_(ids[first : first + DELETE_CHUNK])))
+
+        await self._db.write(delete_rows)
 
     async def _close_producer(self) -> None:
         if self._producer is not None:

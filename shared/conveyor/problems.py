@@ -67,12 +67,24 @@ def problem_response(problem: Problem, request: Request | None = None) -> JSONRe
 def field_errors(
     errors: list[ErrorDetails] | list[Any], prefix: tuple[str | int, ...] = ()
 ) -> list[dict[str, str]]:
-    """Pydantic errors as `[{"field": "payload.seconds", "message": ...}]`."""
+    """Pydantic errors as `[{"field": "payload.seconds", "message": ...}]`; list items by position, as
+    in `jobs[3].type`."""
     fields = []
     for error in errors:
         loc = [part for part in (*prefix, *error.get("loc", ())) if part != "body"]
-        fields.append({"field": ".".join(str(part) for part in loc) or "(body)", "message": error["msg"]})
+        fields.append({"field": field_name(loc), "message": error["msg"]})
     return fields
+
+
+def field_name(loc: list[str | int] | tuple[str | int, ...]) -> str:
+    """`("jobs", 3, "type")` -> `jobs[3].type`."""
+    name = ""
+    for part in loc:
+        if isinstance(part, int):
+            name += f"[{part}]"
+        else:
+            name += f".{part}" if name else str(part)
+    return name or "(body)"
 
 
 def validation_problem(

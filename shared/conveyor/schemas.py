@@ -9,7 +9,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstrai
 
 from conveyor.events import Progress
 from conveyor.lifecycle import JobState
-from conveyor.models import Job
+from conveyor.models import JobView
 from conveyor.topics import DEFAULT_PRIORITY, HIGHEST_PRIORITY, LOWEST_PRIORITY
 
 MAX_ATTEMPTS_LIMIT = 100
@@ -17,6 +17,10 @@ MAX_ATTEMPTS_LIMIT = 100
 MAX_SCHEDULE_AHEAD_S = 366 * 24 * 3600.0
 MAX_TIMEOUT_S = 7 * 24 * 3600.0
 MAX_LABELS = 16
+# Jobs in one `POST /v1/jobs/batch`.
+MAX_BATCH_JOBS = 1000
+# The draft's Idempotency-Key: printable ASCII; this bounds the column and rejects abuse.
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 LabelKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")]
 LabelValue = Annotated[str, StringConstraints(max_length=255, pattern=r"^[^\x00]*$")]
@@ -84,6 +88,26 @@ class JobSubmission(BaseModel):
     )
 
 
+class BatchItem(JobSubmission):
+    """One job of a batch: a submission, with its own idempotency key if the client wants one."""
+
+    idempotency_key: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=MAX_IDEMPOTENCY_KEY_LENGTH,
+        pattern=r"^[ -~]+$",
+        description="Like the Idempotency-Key header of `POST /v1/jobs`, for this job alone.",
+    )
+
+
+class BatchSubmission(BaseModel):
+    """`POST /v1/jobs/batch`: up to MAX_BATCH_JOBS jobs, created together or not at all."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    jobs: list[BatchItem] = Field(min_length=1, max_length=MAX_BATCH_JOBS)
+
+
 class JobLinks(BaseModel):
     self: str
     events: str = Field(description="The job's live events (WebSocket; SSE over HTTP).")
@@ -110,6 +134,16 @@ class JobResource(BaseModel):
     result: Any | None = None
     error: dict[str, Any] | None = None
     links: JobLinks
+
+
+class BatchAccepted(BaseModel):
+    """The jobs of an accepted batch, in the order of the request."""
+
+    items: list[JobResource]
+    replayed: list[int] = Field(
+        default_factory=list,
+        description="Positions of the items answered with the job an earlier use of their key created.",
+    )
 
 
 class RetryRequest(BaseModel):
@@ -139,40 +173,72 @@ class JobTypeInfo(BaseModel):
     payload_schema: dict[str, Any]
 
 
+def inlined_schema(model: type[BaseModel]) -> dict[str, Any]:
+    """The model's JSON Schema with its `$defs` put in place of their references: an OpenAPI document
+    has no `$defs`, so a reference left in a request body's schema would point at nothing."""
+    schema = model.model_json_schema()
+    definitions = schema.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            reference = node.get("$ref")
+            if isinstance(reference, str) and reference.startswith("#/$defs/"):
+                return inline(definitions[reference.removeprefix("#/$defs/")])
+            return {key: inline(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [inline(item) for item in node]
+        return node
+
+    inlined: dict[str, Any] = inline(schema)
+    return inlined
+
+
 def job_path(job_id: str) -> str:
     return f"/v1/jobs/{job_id}"
 
 
-def job_links(job: Job, events_base_url: str) -> JobLinks:
+def iso(moment: datetime | None) -> str | None:
+    """A UTC time as pydantic writes it (`2026-12-01T09:00:00.123456Z`)."""
+    return None if moment is None else moment.isoformat().replace("+00:00", "Z")
+
+
+def job_links(job: JobView, events_base_url: str) -> dict[str, str | None]:
     status = JobState(job.status)
     path = job_path(job.id)
-    return JobLinks(
-        self=path,
-        events=f"{events_base_url}{path}/events",
-        cancel=None if status.is_terminal else f"{path}/cancel",
-        result=f"{path}/result" if status is JobState.SUCCEEDED else None,
-        retry=f"{path}/retry" if status is JobState.FAILED else None,
-    )
+    return {
+        "self": path,
+        "events": f"{events_base_url}{path}/events",
+        "cancel": None if status.is_terminal else f"{path}/cancel",
+        "result": f"{path}/result" if status is JobState.SUCCEEDED else None,
+        "retry": f"{path}/retry" if status is JobState.FAILED else None,
+    }
 
 
-def job_resource(job: Job, events_base_url: str) -> JobResource:
+def resource_document(job: JobView, events_base_url: str) -> dict[str, Any]:
+    """The job resource (`JobResource`) as a JSON-ready dict: what the status monitor, the 202 and the
+    snapshot of a live stream show. Built by hand, since a model and its dump cost more than the rest
+    of a submission."""
     status = JobState(job.status)
-    return JobResource(
-        id=job.id,
-        type=job.type,
-        status=status,
-        priority=job.priority,
-        attempts=job.attempts,
-        max_attempts=job.max_attempts,
-        labels=job.labels or {},
-        run_at=job.run_at,
-        timeout_s=job.timeout_s,
-        created_at=job.created_at,
-        updated_at=job.updated_at,
-        started_at=job.started_at,
-        finished_at=job.finished_at,
-        progress=Progress(percent=job.progress_percent, message=job.progress_message),
-        result=job.result if status is JobState.SUCCEEDED else None,
-        error=job.error,
-        links=job_links(job, events_base_url),
-    )
+    return {
+        "id": job.id,
+        "type": job.type,
+        "status": status.value,
+        "priority": job.priority,
+        "attempts": job.attempts,
+        "max_attempts": job.max_attempts,
+        "labels": job.labels or {},
+        "run_at": iso(job.run_at),
+        "timeout_s": job.timeout_s,
+        "created_at": iso(job.created_at),
+        "updated_at": iso(job.updated_at),
+        "started_at": iso(job.started_at),
+        "finished_at": iso(job.finished_at),
+        "progress": {"percent": job.progress_percent, "message": job.progress_message},
+        "result": job.result if status is JobState.SUCCEEDED else None,
+        "error": job.error,
+        "links": job_links(job, events_base_url),
+    }
+
+
+def job_resource(job: JobView, events_base_url: str) -> JobResource:
+    return JobResource.model_validate(resource_document(job, events_base_url))

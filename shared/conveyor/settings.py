@@ -7,15 +7,20 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_GATEWAY_PORT = 8000
 DEFAULT_PROGRESS_PORT = 8001
 DEFAULT_KAFKA_PORT = 19092
 DEFAULT_KAFKA_VERSION = "4.1.1"
-DEFAULT_PARTITIONS = 6
+# Partitions per topic. One tenant's jobs spread over every partition of their priority topic, and a
+# worker owns whole partitions, so N workers share a tenant's load evenly when N divides this: 12 is
+# even for 1, 2, 3, 4, 6 and 12 workers.
+DEFAULT_PARTITIONS = 12
 DEFAULT_WORKER_CONCURRENCY = 8
+# Job messages a worker reads ahead per partition, for its slots to choose among by priority and tenant.
+DEFAULT_WORKER_READ_AHEAD = 1000
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 15.0
 DEFAULT_DRAIN_GRACE_S = 30.0
@@ -47,12 +52,18 @@ DEFAULT_PRIORITY_WEIGHTS = (16, 8, 4, 2, 1)
 DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 
 
+# Tenants whose limits one process remembers at most (then it starts again).
+LIMITS_CACHE_SIZE = 10_000
+
+
 class TenantLimits(BaseModel):
     """One tenant's limits; `CONVEYOR_TENANT_LIMITS` overrides the defaults per tenant."""
 
     max_queued: int = Field(default=DEFAULT_TENANT_MAX_QUEUED, ge=1)
     submit_rate: float = Field(default=DEFAULT_TENANT_SUBMIT_RATE, gt=0)
     submit_burst: int = Field(default=DEFAULT_TENANT_SUBMIT_BURST, ge=1)
+    # Within a priority level, workers give tenants with jobs waiting turns of this many slots each.
+    weight: int = Field(default=1, ge=1, le=1000)
 
 
 class Settings(BaseSettings):
@@ -106,6 +117,11 @@ class Settings(BaseSettings):
     # Workers.
     handlers: str = Field(default="conveyor.demo", description="Comma-separated handler modules to import.")
     worker_concurrency: int = Field(default=DEFAULT_WORKER_CONCURRENCY, ge=1)
+    worker_read_ahead: int = Field(
+        default=DEFAULT_WORKER_READ_AHEAD,
+        ge=1,
+        description="Job messages a worker reads ahead per partition, to choose by priority and tenant.",
+    )
     worker_processes: int = Field(
         default_factory=lambda: os.cpu_count() or 1,
         ge=1,
@@ -179,6 +195,8 @@ class Settings(BaseSettings):
     log_level: str = "INFO"
     log_json: bool = False
 
+    _limits: dict[str, TenantLimits] = PrivateAttr(default_factory=dict)
+
     @field_validator("priority_weights", mode="before")
     @classmethod
     def _split_weights(cls, value: Any) -> Any:
@@ -201,7 +219,16 @@ class Settings(BaseSettings):
         return f"sqlite+aiosqlite:///{(self.data_dir / 'conveyor.db').resolve()}"
 
     def limits_for(self, tenant: str) -> TenantLimits:
-        """The tenant's limits: its overrides, and the defaults for what it does not override."""
+        """The tenant's limits: its overrides, and the defaults for what it does not override. Asked
+        for on every submission, so worked out once per tenant."""
+        limits = self._limits.get(tenant)
+        if limits is None:
+            if len(self._limits) >= LIMITS_CACHE_SIZE:
+                self._limits.clear()
+            limits = self._limits[tenant] = self._limits_of(tenant)
+        return limits
+
+    def _limits_of(self, tenant: str) -> TenantLimits:
         limits = TenantLimits(
             max_queued=self.tenant_max_queued,
             submit_rate=self.tenant_submit_rate,

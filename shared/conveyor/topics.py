@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import zlib
-
 # Priority 1 is the most urgent; each level has a topic of its own so a backlog of one level
 # never sits in front of another level's jobs.
 HIGHEST_PRIORITY = 1
 LOWEST_PRIORITY = 5
 DEFAULT_PRIORITY = 3
 PRIORITIES = range(HIGHEST_PRIORITY, LOWEST_PRIORITY + 1)
-# How many keys (so at most how many partitions of a topic) one tenant's jobs spread over: few enough
-# that one tenant's flood leaves other partitions, and the tenants behind them, alone; more than one,
-# so a single busy tenant still keeps several workers busy.
-TENANT_SPREAD = 4
 
 
 def job_topic(prefix: str, priority: int) -> str:
@@ -24,9 +18,12 @@ def job_topics(prefix: str) -> list[str]:
     return [job_topic(prefix, priority) for priority in PRIORITIES]
 
 
-def job_key(tenant: str, job_id: str) -> str:
-    """The Kafka key of a job message: the tenant and one of its TENANT_SPREAD shards."""
-    return f"{tenant}/{zlib.crc32(job_id.encode()) % TENANT_SPREAD}"
+def job_key(job_id: str) -> str:
+    """The Kafka key of a job message: the job's id, so that any tenant's jobs spread evenly over every
+    partition of their priority topic, and so over every worker. (Fairness between tenants is the
+    worker's pick among what it has fetched: `services.worker.intake`.) A job's messages, its retries
+    included, all go to one partition."""
+    return job_id
 
 
 def events_topic(prefix: str) -> str:

@@ -1,0 +1,168 @@
+"""Group commit: the changes of every concurrent caller of a process, written in one transaction.
+
+A caller hands its changes to `apply` and waits; the committer writes whatever has gathered in one
+transaction (`conveyor.changes.write_changes`) while the next callers gather behind it, so under load a
+batch holds as many changes as arrived during the previous commit: one transaction and one fsync for
+many jobs, and no caller waits for more than the commit in flight and its own. Each caller is answered
+only once its batch has committed, and the batch's outbox rows are handed to the relay at that moment.
+
+A batch that the database refuses as a whole for one bad item (a constraint, a value it cannot store)
+is written again unit by unit, so only that item's caller sees the error. A database that is down fails
+every caller of the batch with the error, and none of their changes was written.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import structlog
+from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
+
+from conveyor.changes import Change, ChangeResult, Unit, Written, write_changes
+from conveyor.database import Database
+from conveyor.outbox import OutboxRelay
+
+log = structlog.get_logger(__name__)
+
+# At most this many changes in one transaction; more wait for the next.
+MAX_BATCH_CHANGES = 1000
+# Errors that belong to what was written, not to the database being away: the batch is split.
+ITEM_ERRORS = (IntegrityError, DataError, ProgrammingError)
+# How long stopping may spend writing what has gathered (the database may be away).
+STOP_TIMEOUT_S = 20.0
+
+
+@dataclass(slots=True)
+class _Waiting:
+    unit: Unit
+    answer: asyncio.Future[list[ChangeResult]]
+
+
+class Committer:
+    def __init__(
+        self, db: Database, relay: OutboxRelay, prefix: str, *, max_batch: int = MAX_BATCH_CHANGES
+    ) -> None:
+        self._db = db
+        self._relay = relay
+        self._prefix = prefix
+        self._max_batch = max_batch
+        self._queue: list[_Waiting] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self.batches = 0  # transactions written, for tests and benchmarks
+        self.changes = 0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="committer")
+
+    async def stop(self) -> None:
+        """Write what has gathered (for at most STOP_TIMEOUT_S), then stop."""
+        if self._task is None:
+            return
+        self._stopping = True
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT_S)
+        except TimeoutError:
+            log.warning("committer.stop_timed_out", waiting=len(self._queue))
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        _fail(self._queue, RuntimeError("the committer has stopped"))
+        self._queue = []
+        self._task = None
+
+    async def apply(self, changes: Sequence[Change], *, atomic: bool = False) -> list[ChangeResult]:
+        """Write `changes` in the next batch; a result for each, once it has committed. Raises the
+        database's error if the batch could not be written."""
+        return await self.submit(changes, atomic=atomic)
+
+    def submit(
+        self, changes: Sequence[Change], *, atomic: bool = False
+    ) -> asyncio.Future[list[ChangeResult]]:
+        """Like `apply`, for a caller that does not wait: the future resolves once it has committed."""
+        if self._task is None or self._stopping:
+            raise RuntimeError("the committer is not running")
+        answer: asyncio.Future[list[ChangeResult]] = asyncio.get_running_loop().create_future()
+        if not changes:
+            answer.set_result([])
+            return answer
+        self._queue.append(_Waiting(Unit(tuple(changes), atomic), answer))
+        self._wake.set()
+        return answer
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                await self._write_next()
+            if self._stopping:
+                return
+
+    async def _write_next(self) -> None:
+        batch = self._take()
+        try:
+            written = await self._write([waiting.unit for waiting in batch])
+        except ITEM_ERRORS as exc:
+            if len(batch) == 1:
+                _fail(batch, exc)
+                return
+            log.warning("committer.batch_split", units=len(batch), error=str(exc).splitlines()[0])
+            for waiting in batch:
+                await self._write_alone(waiting)
+            return
+        except Exception as exc:  # the database is away (or this process is stopping): no one is written
+            _fail(batch, exc)
+            return
+        self._deliver(batch, written)
+
+    async def _write_alone(self, waiting: _Waiting) -> None:
+        try:
+            written = await self._write([waiting.unit])
+        except Exception as exc:
+            _fail([waiting], exc)
+            return
+        self._deliver([waiting], written)
+
+    def _take(self) -> list[_Waiting]:
+        """The callers of the next batch: in arrival order, up to the batch limit (at least one)."""
+        count = total = 0
+        for waiting in self._queue:
+            if count and total + len(waiting.unit.changes) > self._max_batch:
+                break
+            count += 1
+            total += len(waiting.unit.changes)
+        batch, self._queue = self._queue[:count], self._queue[count:]
+        return batch
+
+    async def _write(self, units: list[Unit]) -> Written:
+        written = await self._db.write(functools.partial(write_changes, units=units, prefix=self._prefix))
+        self.batches += 1
+        self.changes += sum(len(unit.changes) for unit in units)
+        return written
+
+    def _deliver(self, batch: list[_Waiting], written: Written) -> None:
+        # Committed: the relay publishes the rows now, and any relay would after a crash.
+        self._relay.notify(written.outbox)
+        for waiting, results in zip(batch, written.results, strict=True):
+            if not waiting.answer.done():
+                waiting.answer.set_result(results)
+
+
+def _fail(batch: list[_Waiting], exc: BaseException) -> None:
+    for waiting in batch:
+        if not waiting.answer.done():
+            waiting.answer.set_exception(exc)
+            # A caller that stopped waiting (its request was cancelled) must not leave it unretrieved.
+            waiting.answer.add_done_callback(_retrieved)
+
+
+def _retrieved(future: asyncio.Future[list[ChangeResult]]) -> None:
+    if not future.cancelled():
+        future.exception()
