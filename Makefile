@@ -35,9 +35,11 @@ typecheck: setup
 test: setup postgres lint typecheck
 	$(BIN)/pytest
 
-## bench: accept and end-to-end rate of noop jobs; then 2000 progress subscribers (latency, memory)
-bench: setup
+## bench: throughput of noop jobs on SQLite, then on PostgreSQL (wrk is installed if missing); then 2000
+## progress subscribers (latency, memory); then priorities under saturation
+bench: setup postgres
 	$(BIN)/python bench/throughput.py
+	$(BIN)/python bench/throughput.py --database postgresql
 	$(BIN)/python bench/progress_fanout.py
 	$(BIN)/python bench/priority.py
 

@@ -20,18 +20,24 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from types import FrameType
 from typing import IO, Any, TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 from rich import box
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy import Engine, TextClause, bindparam, create_engine, make_url, text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from conveyor.embedded.kafka import is_port_free
+from conveyor.embedded.postgres import PostgresError, PostgresServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCALHOST = "127.0.0.1"
@@ -53,6 +59,18 @@ EXIT_STARTUP_FAILED = 1
 EXIT_INTERRUPTED = 130
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+# The services count their SQL into this folder when it is set (conveyor/sqlstats.py).
+SQL_STATS_DIR_ENV = "CONVEYOR_SQL_STATS_DIR"
+SQLITE_READ_TIMEOUT_S = 30.0
+# Ids per `WHERE id IN (...)`: well below SQLite's limit on bound parameters.
+ID_CHUNK = 500
+POSTGRES_START_TIMEOUT_S = 120.0
+# Others may traverse the folder, so that the server's OS user (postgres, when we are root) can keep its
+# cluster in it rather than in a shadow folder under /tmp that removing ours would leave behind.
+POSTGRES_ROOT_MODE = 0o711
+POSTMASTER_PID_FILE = "postmaster.pid"
+HTTP_READ_LIMIT = 1 << 16
 
 console = Console(highlight=False)
 
@@ -102,6 +120,17 @@ def table(title: str, rows: Sequence[tuple[str, str, str]]) -> Table:
     out.add_column("figure")
     out.add_column("value", justify="right")
     out.add_column("unit")
+    for row in rows:
+        out.add_row(*row)
+    return out
+
+
+def grid(title: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> Table:
+    """A titled table with a header row: the first column names the figure, the others are right-aligned
+    values (one column per phase, say)."""
+    out = Table(title=title, title_justify="left", box=box.SIMPLE, pad_edge=False)
+    for n, header in enumerate(headers):
+        out.add_column(header, justify="left" if n == 0 else "right")
     for row in rows:
         out.add_row(*row)
     return out
@@ -162,8 +191,8 @@ def component(pid: int) -> str:
     return Path(words[0]).name if words else "?"
 
 
-def stack_cpu(root_pid: int) -> dict[str, float]:
-    """CPU seconds per component (run, gateway, worker, progress, kafka) of `root_pid` and its children."""
+def process_tree(root_pid: int) -> dict[int, float]:
+    """CPU seconds used so far by `root_pid` and each of its live descendants, by pid."""
     if not Path("/proc").is_dir():
         return {}
     stats: dict[int, tuple[int, float]] = {}
@@ -176,12 +205,21 @@ def stack_cpu(root_pid: int) -> dict[str, float]:
         children = {pid for pid, (ppid, _) in stats.items() if ppid in tree} - tree
         tree |= children
         grew = bool(children)
+    return {pid: stats[pid][1] for pid in tree if pid in stats}
+
+
+def stack_cpu(root_pid: int) -> dict[str, float]:
+    """CPU seconds per component (run, gateway, worker, progress, kafka) of `root_pid` and its children."""
     totals: dict[str, float] = {}
-    for pid in tree:
-        if pid in stats:
-            name = component(pid)
-            totals[name] = totals.get(name, 0.0) + stats[pid][1]
-    return dict(totals)
+    for pid, cpu_s in process_tree(root_pid).items():
+        name = component(pid)
+        totals[name] = totals.get(name, 0.0) + cpu_s
+    return totals
+
+
+def tree_cpu(root_pid: int) -> float:
+    """CPU seconds of `root_pid` and its live descendants (a PostgreSQL postmaster and its backends)."""
+    return sum(process_tree(root_pid).values())
 
 
 def spawn_conveyor(command: str, env: dict[str, str], log: IO[bytes]) -> subprocess.Popen[bytes]:
@@ -241,15 +279,25 @@ class EmbeddedStack:
         "CONVEYOR_HOST",
         "CONVEYOR_PUBLIC_URL",
         "CONVEYOR_PROGRESS_PUBLIC_URL",
+        SQL_STATS_DIR_ENV,
     )
 
-    def __init__(self, workers: int, database_url: str | None, worker_concurrency: int | None) -> None:
+    def __init__(
+        self,
+        workers: int,
+        database_url: str | None,
+        worker_concurrency: int | None,
+        *,
+        sql_stats: bool = False,
+    ) -> None:
+        """`sql_stats`: have every process of the stack count its SQL into `sql_stats_dir`."""
         self.workers = workers
         self.database_url = database_url
         self.worker_concurrency = worker_concurrency
         self.root = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
         self.data_dir = self.root / "data"
         self.log_path = self.root / "stack.log"
+        self.sql_stats_dir = self.root / "sqlstats" if sql_stats else None
         taken: set[int] = set()
         self.kafka_port = free_ports(2, taken)  # the broker, and the controller on the port after it
         self.gateway_port = free_ports(1, taken)
@@ -264,6 +312,11 @@ class EmbeddedStack:
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
 
+    @property
+    def read_url(self) -> str:
+        """The stack's database, for reading it from the benchmark (its default is SQLite in data_dir)."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'conveyor.db'}"
+
     def env(self, **settings: str) -> dict[str, str]:
         """The environment of a process of this stack: its data folder and database, plus `settings`."""
         env = {key: value for key, value in os.environ.items() if key not in self.OVERRIDDEN}
@@ -271,6 +324,8 @@ class EmbeddedStack:
         env.update(settings)
         if self.database_url:
             env["CONVEYOR_DATABASE_URL"] = self.database_url
+        if self.sql_stats_dir is not None:
+            env[SQL_STATS_DIR_ENV] = str(self.sql_stats_dir)
         return env
 
     def start(self) -> None:
@@ -367,6 +422,380 @@ class EmbeddedStack:
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+# --- SQL counted by the services (conveyor/sqlstats.py) ---------------------------------------------------
+
+
+SqlCounts = dict[str, dict[str, int]]
+
+
+def read_sql_stats(folder: Path | None) -> SqlCounts:
+    """The counts each process last wrote into `folder`, by file name (`<command>-<pid>`); {} if none."""
+    if folder is None or not folder.is_dir():
+        return {}
+    found: SqlCounts = {}
+    for path in sorted(folder.glob("*.json")):
+        try:
+            counts = json.loads(path.read_text())["counts"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # being replaced right now, or not one of ours
+        found[path.stem] = {name: int(value) for name, value in counts.items()}
+    return found
+
+
+def sql_stats_delta(before: SqlCounts, after: SqlCounts) -> dict[str, dict[str, int]]:
+    """What each kind of process (gateway, worker, progress, run) counted between two snapshots, summed
+    over its processes; a process that appeared in between counts from zero."""
+    sides: dict[str, Counter[str]] = {}
+    for name, counts in after.items():
+        command = name.rsplit("-", 1)[0]
+        earlier = before.get(name, {})
+        side = sides.setdefault(command, Counter())
+        for key, value in counts.items():
+            side[key] += value - earlier.get(key, 0)
+    return {command: dict(counts) for command, counts in sorted(sides.items())}
+
+
+# --- the jobs table, read apart from the services' code ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobTimes:
+    """One job's status and timestamps, as POSIX seconds (UTC, the machine's clock)."""
+
+    id: str
+    status: str
+    created: float
+    started: float | None
+    finished: float | None
+
+
+def epoch_seconds(value: datetime | str | None) -> float | None:
+    """A stored timestamp as POSIX seconds: naive UTC, as a string (SQLite: `2026-12-01 09:00:00.123456`)
+    or a datetime (PostgreSQL's `timestamp without time zone`)."""
+    if value is None:
+        return None
+    moment = datetime.fromisoformat(value) if isinstance(value, str) else value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.timestamp()
+
+
+STATUS_COUNTS_SQL = text("SELECT status, count(*) FROM jobs GROUP BY status")
+LAST_FINISH_SQL = text("SELECT max(finished_at) FROM jobs")
+JOB_TIMES_SQL = text(
+    "SELECT id, status, created_at, started_at, finished_at FROM jobs WHERE id IN :ids"
+).bindparams(bindparam("ids", expanding=True))
+
+
+class JobsDatabase:
+    """Reads the stack's `jobs` table with SQLAlchemy Core: SQLite through the sync driver (in a thread,
+    so that the event loop goes on), PostgreSQL through asyncpg."""
+
+    def __init__(self, url: str) -> None:
+        parsed = make_url(url)
+        backend = parsed.get_backend_name()
+        self.kind = backend
+        self._sync: Engine | None = None
+        self._async: AsyncEngine | None = None
+        if backend == "sqlite":
+            self._sync = create_engine(
+                parsed.set(drivername="sqlite+pysqlite"),
+                connect_args={"timeout": SQLITE_READ_TIMEOUT_S, "check_same_thread": False},
+            )
+        elif backend == "postgresql":
+            self._async = create_async_engine(parsed.set(drivername="postgresql+asyncpg"), pool_size=2)
+        else:
+            raise ValueError(f"cannot read jobs from a {backend} database (SQLite or PostgreSQL only)")
+
+    async def fetch(self, statement: TextClause, **params: Any) -> list[tuple[Any, ...]]:
+        if self._async is not None:
+            async with self._async.connect() as conn:
+                return [tuple(row) for row in (await conn.execute(statement, params)).all()]
+        return await asyncio.to_thread(self._fetch_sync, statement, params)
+
+    def _fetch_sync(self, statement: TextClause, params: Mapping[str, Any]) -> list[tuple[Any, ...]]:
+        assert self._sync is not None
+        with self._sync.connect() as conn:
+            return [tuple(row) for row in conn.execute(statement, dict(params)).all()]
+
+    async def status_counts(self) -> dict[str, int]:
+        """How many jobs there are in each status (one cheap query, whatever the number of jobs)."""
+        return {str(status): int(n) for status, n in await self.fetch(STATUS_COUNTS_SQL)}
+
+    async def last_finish(self) -> float | None:
+        rows = await self.fetch(LAST_FINISH_SQL)
+        return epoch_seconds(rows[0][0]) if rows else None
+
+    async def job_times(self, ids: Sequence[str]) -> list[JobTimes]:
+        """The jobs of `ids` that exist, read in chunks."""
+        found: list[JobTimes] = []
+        for start in range(0, len(ids), ID_CHUNK):
+            rows = await self.fetch(JOB_TIMES_SQL, ids=list(ids[start : start + ID_CHUNK]))
+            found += [job_times_of(row) for row in rows]
+        return found
+
+    async def close(self) -> None:
+        if self._async is not None:
+            await self._async.dispose()
+        if self._sync is not None:
+            self._sync.dispose()
+
+
+def job_times_of(row: Sequence[Any]) -> JobTimes:
+    job_id, status, created, started, finished = row
+    created_s = epoch_seconds(created)
+    if created_s is None:
+        raise ValueError(f"job {job_id} has no created_at")
+    return JobTimes(str(job_id), str(status), created_s, epoch_seconds(started), epoch_seconds(finished))
+
+
+def finished_count(counts: Mapping[str, int]) -> int:
+    return sum(n for status, n in counts.items() if status in TERMINAL)
+
+
+# --- a minimal HTTP/1.1 client ---------------------------------------------------------------------------
+
+
+class HttpError(Exception):
+    """A request that got no complete answer (the kind is the exception's name in the figures)."""
+
+
+class StaleConnection(HttpError):
+    """A kept-alive connection that the server had closed: the request never reached it."""
+
+
+def http_request(url: str, method: str, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
+    """The bytes of one request, built once and sent as they are, again and again."""
+    host = urlsplit(url).netloc
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}", f"Content-Length: {len(body)}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(f"{url}: the benchmark's client speaks plain http:// only")
+    return parts.hostname, parts.port or 80
+
+
+class HttpConnection:
+    """One keep-alive connection that sends prepared requests and reads each answer: the status line, the
+    headers and a `Content-Length` body. It costs far less CPU per request than a full client (httpx
+    spends about 0.3 ms), which matters when the load generator shares the cores with the system."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.served = 0
+        self.closed = False
+        self.in_flight = False  # a request sent and its answer not read yet: not reusable
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> HttpConnection:
+        reader, writer = await asyncio.open_connection(host, port, limit=HTTP_READ_LIMIT)
+        return cls(reader, writer)
+
+    async def exchange(self, request: bytes) -> tuple[int, bytes]:
+        """Send `request`; (status, body) of the answer. Raises HttpError (the connection is then closed)."""
+        self.in_flight = True
+        try:
+            self.writer.write(request)
+            status_line = await self.reader.readline()
+            if not status_line:
+                raise (StaleConnection if self.served else HttpError)("connection closed by the server")
+            status = int(status_line.split(None, 2)[1])
+            length, keep_alive = await self.read_headers()
+            body = await self.reader.readexactly(length)
+        except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
+            self.close()
+            raise HttpError(f"{type(exc).__name__}: {exc}") from exc
+        except HttpError:
+            self.close()
+            raise
+        self.served += 1
+        self.in_flight = False
+        if not keep_alive:
+            self.close()
+        return status, body
+
+    async def read_headers(self) -> tuple[int, bool]:
+        """(Content-Length, whether the connection stays open) from the headers."""
+        length: int | None = None
+        keep_alive = True
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise HttpError("connection closed in the headers")
+            if line in (b"\r\n", b"\n"):
+                break
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"connection":
+                keep_alive = value.strip().lower() != b"close"
+            elif name == b"transfer-encoding":
+                raise HttpError(f"unsupported Transfer-Encoding: {value.strip().decode(errors='replace')}")
+        if length is None:
+            raise HttpError("an answer without Content-Length")
+        return length, keep_alive
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.writer.close()
+
+
+class ConnectionPool:
+    """Keep-alive connections to one server, taken in turn (the oldest free one first, so that none idles
+    long enough for the server to close it); opens another when all are busy, up to `cap`, and then
+    makes requests wait for a free one."""
+
+    def __init__(self, host: str, port: int, cap: int) -> None:
+        self.host = host
+        self.port = port
+        self.cap = cap
+        self.idle: deque[HttpConnection] = deque()
+        self.size = 0
+        self.peak = 0
+        self.waited = 0  # requests that found the pool full
+        self.changed = asyncio.Condition()
+
+    async def fill(self, count: int) -> None:
+        """Open connections until there are `count` (at most `cap`); stop at the first that fails, and
+        leave the error to the requests, which count it."""
+        for _ in range(min(count, self.cap) - self.size):
+            try:
+                conn = await HttpConnection.open(self.host, self.port)
+            except OSError:
+                break
+            self.size += 1
+            self.idle.append(conn)
+        self.peak = max(self.peak, self.size)
+
+    async def acquire(self) -> HttpConnection:
+        async with self.changed:
+            waited = False
+            while not self.idle and self.size >= self.cap:
+                waited = True
+                await self.changed.wait()
+            self.waited += waited
+            if self.idle:
+                return self.idle.popleft()
+            self.size += 1
+            self.peak = max(self.peak, self.size)
+        try:
+            return await HttpConnection.open(self.host, self.port)
+        except BaseException:  # refused, or cancelled by a request's timeout: the slot is free again
+            await self.discard(None)
+            raise
+
+    async def release(self, conn: HttpConnection) -> None:
+        if conn.closed or conn.in_flight:  # an error, or a request cancelled half-way
+            await self.discard(conn)
+            return
+        async with self.changed:
+            self.idle.append(conn)
+            self.changed.notify()
+
+    async def discard(self, conn: HttpConnection | None) -> None:
+        if conn is not None:
+            conn.close()
+        async with self.changed:
+            self.size -= 1
+            self.changed.notify()
+
+    async def exchange(self, request: bytes) -> tuple[int, bytes]:
+        """Send `request` on a free connection, once more on a new one if the server had closed it idle."""
+        for attempt in range(2):
+            conn = await self.acquire()
+            try:
+                return await conn.exchange(request)
+            except StaleConnection:
+                if attempt:
+                    raise
+            finally:
+                await self.release(conn)
+        raise AssertionError("unreachable")
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.popleft().close()
+
+
+# --- a PostgreSQL of the benchmark's own ---------------------------------------------------------------
+
+
+class EmbeddedPostgres:
+    """`conveyor.embedded.postgres.PostgresServer` in a fresh temporary folder, on a free port."""
+
+    def __init__(self) -> None:
+        self.root = Path(tempfile.mkdtemp(prefix="conveyor-bench-pg-"))
+        self.root.chmod(POSTGRES_ROOT_MODE)
+        self.server = PostgresServer(self.root, port=free_port())
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    @property
+    def pid(self) -> int | None:
+        """The postmaster's pid (the first line of postmaster.pid), while it runs."""
+        try:
+            return int((self.server.pgdata / POSTMASTER_PID_FILE).read_text().split("\n", 1)[0])
+        except (OSError, ValueError):
+            return None
+
+    def start(self) -> None:
+        self.server.start(timeout=POSTGRES_START_TIMEOUT_S)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    def remove(self) -> None:
+        cluster_home = self.server.pgdata.parent
+        shutil.rmtree(self.root, ignore_errors=True)
+        if cluster_home != self.root:  # a shadow folder under /tmp (see PostgresServer)
+            shutil.rmtree(cluster_home, ignore_errors=True)
+
+
+def run_with_postgres(keep_data: bool, run: Callable[[EmbeddedPostgres], int]) -> int:
+    """Start a PostgreSQL, `run(it)`, then stop it and (unless `keep_data`) remove its folder; `run`'s
+    exit status, or EXIT_STARTUP_FAILED if PostgreSQL did not start."""
+    postgres = EmbeddedPostgres()
+    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
+    console.print(f"Starting PostgreSQL (port {postgres.server.port}, data in {postgres.root})...")
+    failed = True
+    try:
+        started = time.perf_counter()
+        try:
+            postgres.start()
+        except PostgresError as exc:
+            console.print(f"[red]PostgreSQL did not start: {exc}[/red]", markup=False)
+            return EXIT_STARTUP_FAILED
+        console.print(f"PostgreSQL ready in {time.perf_counter() - started:.1f} s.")
+        code = run(postgres)
+        failed = code != EXIT_OK
+        return code
+    except KeyboardInterrupt:
+        console.print("[yellow]Interrupted.[/yellow]")
+        return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            postgres.stop()
+        except PostgresError as exc:
+            console.print(f"Could not stop PostgreSQL: {exc}", markup=False, style="red")
+            failed = True
+        finally:
+            signal.signal(signal.SIGTERM, previous_sigterm)
+        if failed or keep_data:
+            console.print(f"PostgreSQL data and log kept in {postgres.root}")
+        else:
+            postgres.remove()
 
 
 # --- options ----------------------------------------------------------------------------------------------

@@ -45,15 +45,22 @@ def instrument(engine: Engine) -> None:
     def on_statement(
         conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
     ) -> None:
-        verb = statement.lstrip().split(None, 1)[0].lower() if statement.strip() else "other"
-        rows = len(parameters) if executemany and parameters is not None else 1
+        verb = _verb(statement)
         with _lock:
             _counts[f"statements.{verb}"] += 1
             if verb in SQL_VERBS:
                 _counts["statements"] += 1
-                _counts[f"rows.{verb}"] += rows
         if verb in WRITE_VERBS:
             conn.info["conveyor_wrote"] = True
+
+    @event.listens_for(engine, "after_execute")
+    def on_execute(conn: Any, clause: Any, multiparams: Any, params: Any, options: Any, result: Any) -> None:
+        # Once per `execute()`: the rows it was given (an executemany of many parameter sets may be
+        # sent as one statement, or as several).
+        verb = _verb(str(clause)) if isinstance(clause, str) else _clause_verb(clause)
+        if verb in SQL_VERBS:
+            with _lock:
+                _counts[f"rows.{verb}"] += len(multiparams) if multiparams else 1
 
     @event.listens_for(engine, "commit")
     def on_commit(conn: Any) -> None:
@@ -66,6 +73,18 @@ def instrument(engine: Engine) -> None:
         wrote = conn.info.pop("conveyor_wrote", False)
         with _lock:
             _counts["transactions.rolled_back_write" if wrote else "transactions.read"] += 1
+
+
+def _verb(statement: str) -> str:
+    return statement.lstrip().split(None, 1)[0].lower() if statement.strip() else "other"
+
+
+def _clause_verb(clause: Any) -> str:
+    """The verb of a Core statement, from its visit name (`select`, `insert`, `update`, `delete`)."""
+    name = str(getattr(clause, "__visit_name__", "other"))
+    if name == "textclause":
+        return _verb(str(clause))
+    return "select" if name == "compound_select" else name
 
 
 def snapshot() -> dict[str, int]:
