@@ -39,7 +39,8 @@ DEFAULT_IDEMPOTENCY_WINDOW_S = 24 * 3600.0
 # Per-tenant limits: jobs waiting to run (scheduled or queued), and submissions per second with a burst.
 DEFAULT_TENANT_MAX_QUEUED = 10_000
 DEFAULT_TENANT_SUBMIT_RATE = 100.0
-DEFAULT_TENANT_SUBMIT_BURST = 500
+# A burst as large as the largest batch (`POST /v1/jobs/batch`), so a default tenant can send one.
+DEFAULT_TENANT_SUBMIT_BURST = 1000
 # How long a canceled job's handler may take to notice `ctx.cancelled` before its task is cancelled.
 DEFAULT_CANCEL_GRACE_S = 10.0
 # Retries wait a random time ("full jitter") up to min(cap, base * 2 ** (attempt - 1)).
