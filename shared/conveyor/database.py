@@ -3,13 +3,15 @@
 Two ways in:
 
 - `write(work)` and `read(work)` run a plain function over a sync `Connection` in one transaction:
-  the hot paths (every job state change, hot reads). On SQLite the function runs on a thread of this
-  process with the sync driver, so the database's single write lock is held only while SQL runs, never
-  across event-loop turns; a writer that finds the lock taken retries within a millisecond or two
-  rather than sleeping in SQLite's own busy handler, whose waits grow to 100 ms. On PostgreSQL it runs
-  through the async engine (`run_sync`), one round trip per statement.
+  the hot paths (every job state change, hot reads). On PostgreSQL it runs through the async engine
+  (`run_sync`), one round trip per statement. On SQLite a write runs on the event loop's own thread
+  with the sync driver, start to commit without yielding: the database's single write lock is then
+  held only while this process's SQL runs, never across event-loop turns or while another thread of
+  the process holds the GIL. A writer that finds the lock taken does not sleep in SQLite's own busy
+  handler (whose waits grow to 100 ms) but yields to the loop and tries again within a millisecond or
+  two. Reads run on a few threads of their own: in WAL mode they never wait for a writer.
 - `session()` and `reading()` are async ORM sessions, for everything that is not hot: the CLI, lists,
-  pruning, the progress service's snapshots.
+  pruning, migrations.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def _make_parent_folder(url: str) -> None:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
 
 
-def _sync_sqlite_engine(url: str, *, busy_timeout_ms: int, pool_size: int, begin: str) -> Engine:
+def _sync_sqlite_engine(url: str, *, busy_timeout_ms: int, pool_size: int, begin: str | None) -> Engine:
     sync_url = make_url(url).set(drivername="sqlite+pysqlite")
     engine = create_sync_engine(
         sync_url,
@@ -102,7 +104,7 @@ def _sync_sqlite_engine(url: str, *, busy_timeout_ms: int, pool_size: int, begin
     return engine
 
 
-def _tune_sqlite(engine: Engine, begin: str, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
+def _tune_sqlite(engine: Engine, begin: str | None, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when transactions begin (see on_begin).
@@ -115,6 +117,9 @@ def _tune_sqlite(engine: Engine, begin: str, busy_timeout_ms: int = SQLITE_BUSY_
         cursor.execute(f"PRAGMA busy_timeout={busy_timeout_ms}")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.close()
+
+    if begin is None:
+        return
 
     @event.listens_for(engine, "begin")
     def on_begin(connection: Connection) -> None:
@@ -141,8 +146,8 @@ class Database:
         self.read_engine = create_engine(url, read_only=True) if self.sqlite else self.engine
         self.read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False)
         self._writer: Engine | None = None
+        self._writer_connection: Connection | None = None
         self._reader: Engine | None = None
-        self._write_thread: ThreadPoolExecutor | None = None
         self._read_threads: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
 
@@ -151,8 +156,7 @@ class Database:
         transaction is retried whole while another process holds the write lock (for up to
         SQLITE_BUSY_TIMEOUT_MS), so `work` must be safe to run again after a rollback."""
         if self.sqlite:
-            writer, thread = self._sqlite_writer()
-            return await asyncio.get_running_loop().run_in_executor(thread, _write_sqlite, writer, work)
+            return await self._write_sqlite(work)
         return await self._postgres(self.engine, work, write=True)
 
     async def read(self, work: Callable[[Connection], T]) -> T:
@@ -177,16 +181,35 @@ class Database:
                     raise
         raise AssertionError("unreachable")
 
-    def _sqlite_writer(self) -> tuple[Engine, ThreadPoolExecutor]:
-        with self._lock:
-            if self._writer is None or self._write_thread is None:
-                # busy_timeout 0: a writer that finds the lock taken hears it at once and retries on
-                # its own short schedule (see _write_sqlite).
-                self._writer = _sync_sqlite_engine(
-                    self.url, busy_timeout_ms=0, pool_size=1, begin="BEGIN IMMEDIATE"
-                )
-                self._write_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-writer")
-            return self._writer, self._write_thread
+    async def _write_sqlite(self, work: Callable[[Connection], T]) -> T:
+        connection = self._sqlite_writer()
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+        pause = SQLITE_RETRY_FIRST_S
+        while True:
+            try:
+                # busy_timeout is 0 on this connection: a lock held by another process is reported at once.
+                connection.exec_driver_sql("BEGIN IMMEDIATE")
+            except OperationalError as exc:
+                connection.rollback()
+                if not _is_busy(exc) or time.monotonic() + pause > deadline:
+                    raise
+                await asyncio.sleep(pause)
+                pause = min(SQLITE_RETRY_LAST_S, pause * 2)
+                continue
+            try:
+                result = work(connection)
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+            return result
+
+    def _sqlite_writer(self) -> Connection:
+        if self._writer_connection is None:
+            # No `begin` hook on this engine: `_write_sqlite` begins each transaction itself.
+            self._writer = _sync_sqlite_engine(self.url, busy_timeout_ms=0, pool_size=1, begin=None)
+            self._writer_connection = self._writer.connect()
+        return self._writer_connection
 
     def _sqlite_reader(self) -> tuple[Engine, ThreadPoolExecutor]:
         with self._lock:
@@ -224,29 +247,16 @@ class Database:
         await self.engine.dispose()
         if self.read_engine is not self.engine:
             await self.read_engine.dispose()
-        for threads in (self._write_thread, self._read_threads):
-            if threads is not None:
-                threads.shutdown(wait=True)
+        if self._read_threads is not None:
+            self._read_threads.shutdown(wait=True)
+        if self._writer_connection is not None:
+            self._writer_connection.close()
         for engine in (self._writer, self._reader):
             if engine is not None:
                 engine.dispose()
         self._writer = self._reader = None
-        self._write_thread = self._read_threads = None
-
-
-def _write_sqlite(engine: Engine, work: Callable[[Connection], T]) -> T:
-    deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
-    pause = SQLITE_RETRY_FIRST_S
-    with engine.connect() as connection:
-        while True:
-            try:
-                with connection.begin():
-                    return work(connection)
-            except OperationalError as exc:
-                if not _is_busy(exc) or time.monotonic() + pause > deadline:
-                    raise
-            time.sleep(pause)
-            pause = min(SQLITE_RETRY_LAST_S, pause * 2)
+        self._writer_connection = None
+        self._read_threads = None
 
 
 def _read_sqlite(engine: Engine, work: Callable[[Connection], T]) -> T:
