@@ -498,9 +498,7 @@ async def retry(
     job = await _tenant_job(state, principal.tenant, job_id)
     more = body.attempts if body is not None and body.attempts is not None else None
     limits = state.settings.limits_for(principal.tenant)
-    change = changes.retry(
-        job_id, principal.tenant, more or default_attempts(state, job.type), max_queued=limits.max_queued
-    )
+    change = changes.retry(job, more or default_attempts(state, job.type), max_queued=limits.max_queued)
     [result] = await state.committer.apply([change])
     if result.outcome is Outcome.NOT_FOUND:
         raise _not_found(job_id)

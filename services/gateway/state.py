@@ -24,6 +24,8 @@ class GatewayState:
     limiter: SubmissionLimiter = field(default_factory=SubmissionLimiter)
 
 
-def gateway_state(request: Request) -> GatewayState:
+async def gateway_state(request: Request) -> GatewayState:
+    # async, though it awaits nothing: FastAPI runs a plain function dependency on a worker thread, a
+    # thread hop on every request.
     state: GatewayState = request.app.state.gateway
     return state

@@ -24,11 +24,24 @@ import enum
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Table, delete, func, insert, select, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Table,
+    Update,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 
 from conveyor.events import dead_letter_for, event_json, job_message_json
@@ -106,7 +119,7 @@ class Claim:
 class Transition:
     """Move a job to `target` if the lifecycle allows it from its current state; with `source`, only
     from that state; with `attempt`, only while that is its attempt; with `tenant`, only that tenant's
-    job. `values` are the other columns to set (SQL expressions allowed)."""
+    job. `values` are the other columns to set, as plain values."""
 
     job_id: str
     target: JobState
@@ -214,8 +227,9 @@ def hand_back(job: JobRecord, worker_id: str) -> Transition:
         "message": f"worker {worker_id} stopped before the attempt finished; it does not count",
         "attempt": job.attempts,
     }
-    values = {"error": error, "max_attempts": JOBS.c.max_attempts + 1, "lease_expires_at": None}
-    return Transition(job.id, JobState.QUEUED, values, attempt=job.attempts, source=JobState.RUNNING)
+    # While the attempt runs nothing else changes `max_attempts` (only a retry does, of a failed job).
+    fields = {"error": error, "max_attempts": job.max_attempts + 1, "lease_expires_at": None}
+    return Transition(job.id, JobState.QUEUED, fields, attempt=job.attempts, source=JobState.RUNNING)
 
 
 def expire_lease(job: JobRecord) -> Transition:
@@ -236,12 +250,13 @@ def cancel(job_id: str, tenant: str | None = None) -> Transition:
     )
 
 
-def retry(job_id: str, tenant: str, attempts: int, max_queued: int | None = None) -> Transition:
+def retry(job: JobRecord, attempts: int, max_queued: int | None = None) -> Transition:
     """failed -> queued, with `attempts` more attempts. Its attempt numbers go on from where they were,
-    and its last error stays until the next attempt ends."""
-    values = {"max_attempts": JOBS.c.attempts + attempts, "finished_at": None, "run_at": None}
+    and its last error stays until the next attempt ends. (While it is failed its attempt count cannot
+    change, and the transition only applies to a failed job.)"""
+    fields = {"max_attempts": job.attempts + attempts, "finished_at": None, "run_at": None}
     return Transition(
-        job_id, JobState.QUEUED, values, source=JobState.FAILED, tenant=tenant, max_queued=max_queued
+        job.id, JobState.QUEUED, fields, source=JobState.FAILED, tenant=job.tenant, max_queued=max_queued
     )
 
 
@@ -283,7 +298,7 @@ def write_changes(connection: Connection, units: Sequence[Unit], prefix: str) ->
         while c < len(changes):
             change = changes[c]
             if isinstance(change, Claim):
-                # Consecutive claims of one worker are one statement.
+                # A worker's claims for its free slots, consecutive in its unit, are one statement.
                 end = c
                 while end < len(changes) and _same_claim(changes[end], change):
                     end += 1
@@ -567,87 +582,56 @@ class _Batch:
 
     def claim(self, claims: list[Claim]) -> list[ChangeResult]:
         first = claims[0]
-        statement = (
-            update(JOBS)
-            .where(
-                JOBS.c.id.in_([claim.job_id for claim in claims]),
-                JOBS.c.status.in_(sorted(sources_of(JobState.RUNNING))),
-            )
-            .values(
-                status=JobState.RUNNING,
-                attempts=JOBS.c.attempts + 1,
-                worker_id=first.worker_id,
-                started_at=self.now,
-                lease_expires_at=self.now + timedelta(seconds=first.lease_s),
-                progress_percent=None,
-                progress_message=None,
-                last_seq=JOBS.c.last_seq + 1,
-                updated_at=self.now,
-            )
-            .returning(*JOB_COLUMNS)
-        )
-        claimed = {row.id: JobRecord.from_row(row) for row in self.connection.execute(statement)}
-        results = []
-        for claim in claims:
-            job = claimed.pop(claim.job_id, None)  # pop: the same job twice in one batch is claimed once
-            if job is None:
-                results.append(ChangeResult(Outcome.STALE))
-                continue
-            self.announce(job, "state")
-            results.append(ChangeResult(Outcome.WRITTEN, job))
-        return results
+        parameters = {
+            "b_job_ids": [claim.job_id for claim in claims],
+            "b_worker_id": first.worker_id,
+            "b_now": self.now,
+            "b_lease_expires_at": self.now + timedelta(seconds=first.lease_s),
+        }
+        claimed = {row.id: JobRecord(*row) for row in self.connection.execute(CLAIM, parameters)}
+        # pop: the same job twice in one batch is claimed once.
+        return [self._announced(claimed.pop(claim.job_id, None), "state") for claim in claims]
 
     def transition(self, change: Transition) -> ChangeResult:
         if change.max_queued is not None and change.tenant is not None and change.target in WAITING_STATES:
             waiting = self.waiting[change.tenant]
             if waiting >= change.max_queued:
                 return ChangeResult(Outcome.OVER_QUOTA, self._current(change), waiting=waiting)
-        sources = sources_of(change.target)
-        if change.source is not None:
-            assert change.source in sources, f"{change.source} -> {change.target} is not a legal transition"
-            sources = frozenset({change.source})
-        statement = update(JOBS).where(JOBS.c.id == change.job_id, JOBS.c.status.in_(sorted(sources)))
-        if change.attempt is not None:
-            statement = statement.where(JOBS.c.attempts == change.attempt)
-        if change.tenant is not None:
-            statement = statement.where(JOBS.c.tenant == change.tenant)
-        statement = statement.values(
-            status=change.target, last_seq=JOBS.c.last_seq + 1, updated_at=self.now, **change.values
-        )
-        job = self._returning(statement)
-        if job is None:
+        statement = _transition_statement(change)
+        parameters = {
+            "b_job_id": change.job_id,
+            "b_now": self.now,
+            "b_attempt": change.attempt,
+            "b_tenant": change.tenant,
+        }
+        parameters.update({f"set_{name}": value for name, value in change.values.items()})
+        row = self.connection.execute(statement, parameters).first()
+        if row is None:
             return self._refused(change)
         if change.tenant is not None and change.target in WAITING_STATES:
             self.waiting[change.tenant] += 1
-        self.announce(job, "state")
-        return ChangeResult(Outcome.WRITTEN, job)
+        return self._announced(JobRecord(*row), "state")
 
     def progress(self, change: ProgressReport) -> ChangeResult:
-        statement = (
-            update(JOBS)
-            .where(
-                JOBS.c.id == change.job_id,
-                JOBS.c.status == JobState.RUNNING,
-                JOBS.c.attempts == change.attempt,
-            )
-            .values(
-                progress_percent=change.percent,
-                progress_message=change.message,
-                last_seq=JOBS.c.last_seq + 1,
-                updated_at=self.now,
-            )
-        )
-        job = self._returning(statement)
+        parameters = {
+            "b_job_id": change.job_id,
+            "b_attempt": change.attempt,
+            "b_percent": change.percent,
+            "b_message": change.message,
+            "b_now": self.now,
+        }
+        row = self.connection.execute(PROGRESS, parameters).first()
+        return self._announced(None if row is None else JobRecord(*row), "progress")
+
+    def _announced(self, job: JobRecord | None, kind: Literal["state", "progress"]) -> ChangeResult:
         if job is None:
             return ChangeResult(Outcome.STALE)
-        self.announce(job, "progress")
+        self.announce(job, kind)
         return ChangeResult(Outcome.WRITTEN, job)
 
-    def _returning(self, statement: Any) -> JobRecord | None:
-        row = self.connection.execute(statement.returning(*JOB_COLUMNS)).first()
-        return None if row is None else JobRecord.from_row(row)
-
     def _refused(self, change: Transition) -> ChangeResult:
+        """A tenant's request is told why its change did not apply: no such job of its, or the job as it
+        is now (its state forbids it). A worker's change only needs to know that it did not."""
         if change.tenant is None:
             return ChangeResult(Outcome.STALE)
         current = self._current(change)
@@ -656,6 +640,89 @@ class _Batch:
     def _current(self, change: Transition) -> JobRecord | None:
         jobs = read_jobs(self.connection, [change.job_id], tenant=change.tenant)
         return jobs[0] if jobs else None
+
+
+# --- the statements: built once, so SQLAlchemy compiles each once and reuses it ----------------------
+# Their parameters are named `b_...` (and `set_<column>`): a parameter of an UPDATE named like a column
+# would be taken for a value to set it to.
+
+
+def _in_states(states: Iterable[JobState]) -> ColumnElement[bool]:
+    """`status IN (...)` for a fixed set, written as equalities: no list to expand at every execution."""
+    return or_(*(JOBS.c.status == state.value for state in sorted(states)))
+
+
+CLAIM = (
+    update(JOBS)
+    .where(JOBS.c.id.in_(bindparam("b_job_ids", expanding=True)), _in_states(sources_of(JobState.RUNNING)))
+    .values(
+        status=JobState.RUNNING.value,
+        attempts=JOBS.c.attempts + 1,
+        worker_id=bindparam("b_worker_id"),
+        started_at=bindparam("b_now"),
+        lease_expires_at=bindparam("b_lease_expires_at"),
+        progress_percent=None,
+        progress_message=None,
+        last_seq=JOBS.c.last_seq + 1,
+        updated_at=bindparam("b_now"),
+    )
+    .returning(*JOB_COLUMNS)
+)
+
+PROGRESS = (
+    update(JOBS)
+    .where(
+        JOBS.c.id == bindparam("b_job_id"),
+        JOBS.c.status == JobState.RUNNING.value,
+        JOBS.c.attempts == bindparam("b_attempt"),
+    )
+    .values(
+        progress_percent=bindparam("b_percent"),
+        progress_message=bindparam("b_message"),
+        last_seq=JOBS.c.last_seq + 1,
+        updated_at=bindparam("b_now"),
+    )
+    .returning(*JOB_COLUMNS)
+)
+
+_TRANSITIONS: dict[tuple[object, ...], Update] = {}
+
+
+def _transition_statement(change: Transition) -> Update:
+    """The conditional UPDATE of a transition of this shape (target, conditions, columns), built once:
+    only legal source states (or the one named), and the attempt and tenant if the change names them."""
+    shape = (
+        change.target,
+        change.source,
+        change.attempt is not None,
+        change.tenant is not None,
+        *sorted(change.values),
+    )
+    statement = _TRANSITIONS.get(shape)
+    if statement is None:
+        sources = sources_of(change.target)
+        if change.source is not None:
+            assert change.source in sources, f"{change.source} -> {change.target} is not a legal transition"
+            sources = frozenset({change.source})
+        conditions = [JOBS.c.id == bindparam("b_job_id"), _in_states(sources)]
+        if change.attempt is not None:
+            conditions.append(JOBS.c.attempts == bindparam("b_attempt"))
+        if change.tenant is not None:
+            conditions.append(JOBS.c.tenant == bindparam("b_tenant"))
+        columns = {name: bindparam(f"set_{name}", type_=JOBS.c[name].type) for name in change.values}
+        statement = (
+            update(JOBS)
+            .where(*conditions)
+            .values(
+                status=change.target.value,
+                last_seq=JOBS.c.last_seq + 1,
+                updated_at=bindparam("b_now"),
+                **columns,
+            )
+            .returning(*JOB_COLUMNS)
+        )
+        _TRANSITIONS[shape] = statement
+    return statement
 
 
 def read_jobs(connection: Connection, job_ids: Sequence[str], tenant: str | None = None) -> list[JobRecord]:
@@ -670,7 +737,3 @@ def read_jobs(connection: Connection, job_ids: Sequence[str], tenant: str | None
 
 def _columns(record: JobRecord) -> dict[str, Any]:
     return {name: getattr(record, name) for name in JobRecord.__slots__}
-
-
-def with_tenant(change: Transition, tenant: str) -> Transition:
-    return replace(change, tenant=tenant)

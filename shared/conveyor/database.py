@@ -5,9 +5,10 @@ Two ways in:
 - `write(work)` and `read(work)` run a plain function over a sync `Connection` in one transaction:
   the hot paths (every job state change, hot reads). On PostgreSQL it runs through the async engine
   (`run_sync`), one round trip per statement. On SQLite a write runs on the event loop's own thread
-  with the sync driver, start to commit without yielding: the database's single write lock is then
-  held only while this process's SQL runs, never across event-loop turns or while another thread of
-  the process holds the GIL. A writer that finds the lock taken does not sleep in SQLite's own busy
+  with the sync driver, from BEGIN to its last statement without yielding: the database's single write
+  lock is then held only while this process's SQL runs, never across event-loop turns or while another
+  thread of the process holds the GIL. Only the COMMIT, which waits for the disk, runs on a thread
+  while the loop goes on. A writer that finds the lock taken does not sleep in SQLite's own busy
   handler (whose waits grow to 100 ms) but yields to the loop and tries again within a millisecond or
   two. Reads run on a few threads of their own: in WAL mode they never wait for a writer.
 - `session()` and `reading()` are async ORM sessions, for everything that is not hot: the CLI, lists,
@@ -17,6 +18,7 @@ Two ways in:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -147,6 +149,8 @@ class Database:
         self.read_sessions = async_sessionmaker(self.read_engine, expire_on_commit=False)
         self._writer: Engine | None = None
         self._writer_connection: Connection | None = None
+        self._write_turn: asyncio.Lock | None = None
+        self._commit_thread = ThreadPoolExecutor(1, thread_name_prefix="sqlite-commit")
         self._reader: Engine | None = None
         self._read_threads: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
@@ -182,27 +186,46 @@ class Database:
         raise AssertionError("unreachable")
 
     async def _write_sqlite(self, work: Callable[[Connection], T]) -> T:
-        connection = self._sqlite_writer()
+        if self._write_turn is None:
+            self._write_turn = asyncio.Lock()
+        async with self._write_turn:  # one transaction at a time on the process's writer connection
+            connection = self._sqlite_writer()
+            await self._begin_sqlite(connection)
+            try:
+                result = work(connection)
+            except BaseException:
+                connection.rollback()
+                raise
+            # The COMMIT waits for the disk (fsync): on a thread, so the loop serves meanwhile. Nothing
+            # else uses the connection until it is done, and a cancel waits for it: it may have committed.
+            committing = asyncio.get_running_loop().run_in_executor(self._commit_thread, connection.commit)
+            try:
+                await asyncio.shield(committing)
+            except asyncio.CancelledError:
+                with contextlib.suppress(Exception):
+                    await committing
+                raise
+            except BaseException:
+                connection.rollback()
+                raise
+            return result
+
+    async def _begin_sqlite(self, connection: Connection) -> None:
+        """BEGIN IMMEDIATE: take the write lock, waiting for it (without blocking the loop) for at most
+        SQLITE_BUSY_TIMEOUT_MS while another process holds it."""
         deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
         pause = SQLITE_RETRY_FIRST_S
         while True:
             try:
                 # busy_timeout is 0 on this connection: a lock held by another process is reported at once.
                 connection.exec_driver_sql("BEGIN IMMEDIATE")
+                return
             except OperationalError as exc:
                 connection.rollback()
                 if not _is_busy(exc) or time.monotonic() + pause > deadline:
                     raise
-                await asyncio.sleep(pause)
-                pause = min(SQLITE_RETRY_LAST_S, pause * 2)
-                continue
-            try:
-                result = work(connection)
-                connection.commit()
-            except BaseException:
-                connection.rollback()
-                raise
-            return result
+            await asyncio.sleep(pause)
+            pause = min(SQLITE_RETRY_LAST_S, pause * 2)
 
     def _sqlite_writer(self) -> Connection:
         if self._writer_connection is None:
@@ -249,6 +272,7 @@ class Database:
             await self.read_engine.dispose()
         if self._read_threads is not None:
             self._read_threads.shutdown(wait=True)
+        self._commit_thread.shutdown(wait=True)
         if self._writer_connection is not None:
             self._writer_connection.close()
         for engine in (self._writer, self._reader):
