@@ -9,12 +9,11 @@ import math
 from datetime import datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, Header, Query, Request
+from fastapi import APIRouter, Body, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from conveyor import changes
-from conveyor.auth import Principal
 from conveyor.changes import ChangeResult, IdempotencyClaim, NewJob, Outcome
 from conveyor.idempotency import MAX_KEY_LENGTH, fingerprint, parse_key
 from conveyor.jobstore import get_job, is_job_id, list_jobs
@@ -65,6 +64,7 @@ TypeName = Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")]
 LabelFilter = Annotated[str, Field(max_length=320, pattern=r"^[^\x00]*$")]
 # A header that tells a client its submission was answered from an earlier one with the same key.
 REPLAYED_HEADER = "Idempotent-Replayed"
+IDEMPOTENCY_HEADER = "Idempotency-Key"
 
 router = APIRouter(prefix="/v1")
 
@@ -131,6 +131,17 @@ ACCEPTED_HEADERS = {
         **problems(400, 413, 415, 422, 429),
     },
     openapi_extra={
+        "parameters": [
+            {
+                "name": IDEMPOTENCY_HEADER,
+                "in": "header",
+                "required": False,
+                "schema": {"type": "string", "maxLength": MAX_KEY_LENGTH + 2},
+                "description": "Retry safely: the same key and body within the window (24 h by default)"
+                " return the same job; the same key with another body is refused (422). Scoped to the"
+                " tenant.",
+            }
+        ],
         "requestBody": {
             "required": True,
             "content": {
@@ -139,24 +150,16 @@ ACCEPTED_HEADERS = {
                     "examples": SUBMISSION_EXAMPLES,
                 }
             },
-        }
+        },
     },
 )
-async def submit_job(
-    request: Request,
-    idempotency_key: str | None = Header(
-        default=None,
-        alias="Idempotency-Key",
-        max_length=MAX_KEY_LENGTH + 2,
-        description="Retry safely: the same key and body within the window (24 h by default) return the"
-        " same job; the same key with another body is refused (422). Scoped to the tenant.",
-    ),
-    principal: Principal = Depends(require_principal),
-    state: GatewayState = Depends(gateway_state),
-) -> JSONResponse:
+async def submit_job(request: Request) -> JSONResponse:
     """Accept a job: answers 202 once the job is committed, with `Location` to poll."""
+    state = gateway_state(request)
+    principal = await require_principal(request, state)
     require_scope(principal, "submit")
     key = None
+    idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
     if idempotency_key is not None:
         key = parse_key(idempotency_key)
         if key is None:
@@ -246,13 +249,13 @@ def _refusal(result: ChangeResult, limits: TenantLimits, key_field: str) -> Prob
 )
 async def submit_batch(
     request: Request,
-    principal: Principal = Depends(require_principal),
-    state: GatewayState = Depends(gateway_state),
 ) -> JSONResponse:
     """Accept up to 1,000 jobs at once, atomically: all are created (202, in request order) or none
     (a 422 naming each item and field at fault, e.g. `jobs[3].type`; a 429 if the tenant's rate or
     queue limit cannot take them all). Each item may carry its own `idempotency_key`; an item whose key
     was used before with the same job is answered with that job and not created again."""
+    state = gateway_state(request)
+    principal = await require_principal(request, state)
     require_scope(principal, "submit")
     if "idempotency-key" in request.headers:
         raise invalid_field("Idempotency-Key", "a batch takes an `idempotency_key` per job, not the header")
@@ -327,10 +330,10 @@ async def list_tenant_jobs(
     created_before: datetime | None = Query(default=None, description="Created before this time."),
     limit: int = Query(default=DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
     cursor: str | None = Query(default=None, max_length=500, description="`next_cursor` of the last page."),
-    principal: Principal = Depends(require_principal),
-    state: GatewayState = Depends(gateway_state),
 ) -> JSONResponse:
     """The tenant's jobs, newest first, filtered, a page at a time."""
+    state = gateway_state(request)
+    principal = await require_principal(request, state)
     require_scope(principal, "read")
     for name, moment in (("created_after", created_after), ("created_before", created_before)):
         if moment is not None and moment.tzinfo is None:
@@ -370,10 +373,10 @@ async def read_job(
         le=MAX_WAIT_S,
         description="Hold the request up to this many seconds until the job changes state.",
     ),
-    principal: Principal = Depends(require_principal),
-    state: GatewayState = Depends(gateway_state),
 ) -> JSONResponse:
     """The status monitor: status, latest progress, and the result or error once done."""
+    state = gateway_state(request)
+    principal = await require_principal(request, state)
     require_scope(principal, "read")
     job = await _tenant_job(state, principal.tenant, job_id)
     if wait > 0 and not JobState(job.status).is_terminal:
@@ -408,11 +411,12 @@ async def _wait_for_change(
     },
 )
 async def read_result(
+    request: Request,
     job_id: str,
-    principal: Principal = Depends(require_principal),
-    state: GatewayState = Depends(gateway_state),
 ) -> JSONResponse:
     """The result of a succeeded job; a 409 problem saying why there is none otherwise."""
+    state = gateway_state(request)
+    principal = await require_principal(request, state)
     require_scope(principal, "read")
     job = await _tenant_job(state, principal.tenant, job_id)
     status = JobState(job.status)
@@ -447,12 +451,13 @@ async def read_result(
     },
 )
 async def cancel(
+    request: Request,
     job_id: str,
-    principal: Principal = Depends(require_principal),
-    state: GatewayState = Depends(gateway_state),
 ) -> JSONResponse:
     """Cancel a job: a scheduled or queued job never runs; a running job's handler is told to stop.
     The job ends `canceled`. 409 if it has already finished."""
+    state = gateway_state(request)
+    principal = await require_principal(request, state)
     require_scope(principal, "cancel")
     if not is_job_id(job_id):
         raise _not_found(job_id)
@@ -486,14 +491,15 @@ async def cancel(
     },
 )
 async def retry(
+    request: Request,
     job_id: str,
     body: Annotated[RetryRequest | None, Body()] = None,
-    principal: Principal = Depends(require_principal),
-    state: GatewayState = Depends(gateway_state),
 ) -> JSONResponse:
     """Run a failed job again: it is queued at once with `attempts` more attempts (by default as many
     as a new job of its type gets). Its attempt numbers go on counting and its last error stays until
     the next attempt ends. Needs the `submit` scope; 409 unless the job is `failed`."""
+    state = gateway_state(request)
+    principal = await require_principal(request, state)
     require_scope(principal, "submit")
     job = await _tenant_job(state, principal.tenant, job_id)
     more = body.attempts if body is not None and body.attempts is not None else None
@@ -530,11 +536,10 @@ def default_attempts(state: GatewayState, type_name: str) -> int:
 
 
 @router.get("/job-types", response_model=list[JobTypeInfo], responses=problems())
-async def list_job_types(
-    principal: Principal = Depends(require_principal),
-    state: GatewayState = Depends(gateway_state),
-) -> list[JobTypeInfo]:
+async def list_job_types(request: Request) -> list[JobTypeInfo]:
     """The registered job types and the JSON Schema of their payloads."""
+    state = gateway_state(request)
+    await require_principal(request, state)
     return [
         JobTypeInfo(name=t.name, description=t.description, payload_schema=t.payload_schema())
         for t in (state.registry.get(name) for name in state.registry.names())

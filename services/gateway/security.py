@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import Depends, Request
+from fastapi import Request
 
 from conveyor.auth import Principal, bearer_token
 from conveyor.problems import forbidden, unauthorized
-from services.gateway.state import GatewayState, gateway_state
+from services.gateway.state import GatewayState
 
 
-async def require_principal(request: Request, state: GatewayState = Depends(gateway_state)) -> Principal:
+async def require_principal(request: Request, state: GatewayState) -> Principal:
+    """The request's principal, or a 401: every request is authenticated before anything else."""
     token = bearer_token(request.headers.get("authorization"))
     if token is None:
         raise unauthorized("send an API key as `Authorization: Bearer <key>`")

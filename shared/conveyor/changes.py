@@ -21,6 +21,7 @@ Everything here is Core SQL on a sync `Connection`: no ORM identity map or flush
 from __future__ import annotations
 
 import enum
+import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -271,11 +272,48 @@ def progress(job_id: str, attempt: int, percent: float | None, message: str | No
 
 # --- writing a batch ------------------------------------------------------------------------------------
 
+# A count of a tenant's waiting jobs is used again for up to this long...
+COUNT_REUSE_S = 1.0
+# ...unless it and what the batch asks for come within this share of the tenant's limit: then it is
+# counted in the database, so a limit is held exactly where it binds.
+COUNT_NEAR_LIMIT = 0.9
 
-def write_changes(connection: Connection, units: Sequence[Unit], prefix: str) -> Written:
+
+class WaitingCounts:
+    """What one process remembers of its tenants' jobs waiting to run, so that a batch need not count
+    them in the database (a count that walks every waiting job of the tenant) while a tenant is far
+    below its limit. The memory adds the jobs the process itself queues, but not those that other
+    processes queue or that workers take meanwhile; so it is forgotten after COUNT_REUSE_S, and never
+    trusted near the limit."""
+
+    def __init__(self) -> None:
+        self._counts: dict[str, tuple[float, int]] = {}
+
+    def known(self, tenant: str, limit: int, asked: int) -> int | None:
+        """The remembered count, if it may be used for `asked` more jobs under `limit`."""
+        entry = self._counts.get(tenant)
+        if entry is None or time.monotonic() - entry[0] > COUNT_REUSE_S:
+            return None
+        count = entry[1]
+        return count if count + asked < COUNT_NEAR_LIMIT * limit else None
+
+    def counted(self, tenant: str, count: int) -> None:
+        self._counts[tenant] = (time.monotonic(), count)
+
+    def added(self, tenant: str, count: int) -> None:
+        entry = self._counts.get(tenant)
+        if entry is not None:
+            self._counts[tenant] = (entry[0], entry[1] + count)
+
+
+def write_changes(
+    connection: Connection, units: Sequence[Unit], prefix: str, counts: WaitingCounts | None = None
+) -> Written:
     """Write every change of `units` in the caller's transaction, in order; what each did, and the
-    outbox rows to hand to the relay once the transaction has committed."""
-    batch = _Batch(connection, prefix, utcnow())
+    outbox rows to hand to the relay once the transaction has committed. `counts` is what the process
+    remembers of its tenants' waiting jobs (see `WaitingCounts`); without it, every limit checked is
+    counted in the database."""
+    batch = _Batch(connection, prefix, utcnow(), counts)
     results: list[list[ChangeResult | None]] = [[None] * len(unit.changes) for unit in units]
     new_jobs = [
         (u, c, change)
@@ -283,13 +321,14 @@ def write_changes(connection: Connection, units: Sequence[Unit], prefix: str) ->
         for c, change in enumerate(unit.changes)
         if isinstance(change, NewJob)
     ]
-    quota_tenants = {
-        change.tenant
-        for unit in units
-        for change in unit.changes
-        if isinstance(change, NewJob | Transition) and change.max_queued is not None and change.tenant
-    }
-    batch.count_waiting(quota_tenants)
+    # The tenants whose limit this batch checks, each with its limit and how many jobs it asks for.
+    wanted: dict[str, tuple[int, int]] = {}
+    for unit in units:
+        for change in unit.changes:
+            if isinstance(change, NewJob | Transition) and change.max_queued is not None and change.tenant:
+                limit, asked = wanted.get(change.tenant, (change.max_queued, 0))
+                wanted[change.tenant] = (min(limit, change.max_queued), asked + 1)
+    batch.count_waiting(wanted)
     if new_jobs:
         batch.create_jobs(units, new_jobs, results)
     for u, unit in enumerate(units):
@@ -344,10 +383,13 @@ class _KeyRecord:
 class _Batch:
     """One batch being written: the statements, and the events and outbox rows they stage."""
 
-    def __init__(self, connection: Connection, prefix: str, now: datetime) -> None:
+    def __init__(
+        self, connection: Connection, prefix: str, now: datetime, counts: WaitingCounts | None
+    ) -> None:
         self.connection = connection
         self.prefix = prefix
         self.now = now
+        self.counts = counts
         self.events: list[dict[str, Any]] = []
         self.staged: list[tuple[str, str, bytes]] = []  # (topic, key, value) for the outbox
         # Jobs waiting to run, per tenant whose limit a change of this batch checks.
@@ -377,18 +419,36 @@ class _Batch:
 
     # --- quotas ---
 
-    def count_waiting(self, tenants: Iterable[str]) -> None:
-        """Count the jobs waiting to run of each tenant whose limit this batch checks: one query."""
-        tenants = sorted(set(tenants))
+    def count_waiting(self, wanted: dict[str, tuple[int, int]]) -> None:
+        """The jobs waiting to run of each tenant whose limit this batch checks (`wanted`: its limit and
+        how many jobs the batch asks for): remembered, when far enough below the limit for a slightly
+        old count to make no difference; else counted, in one query for all of them."""
+        tenants = []
+        for tenant, (limit, asked) in wanted.items():
+            known = self.counts.known(tenant, limit, asked) if self.counts is not None else None
+            if known is None:
+                tenants.append(tenant)
+            else:
+                self.waiting[tenant] = known
         if not tenants:
             return
         query = (
             select(JOBS.c.tenant, func.count())
-            .where(JOBS.c.tenant.in_(tenants), JOBS.c.status.in_(WAITING))
+            .where(JOBS.c.tenant.in_(sorted(tenants)), JOBS.c.status.in_(WAITING))
             .group_by(JOBS.c.tenant)
         )
-        for tenant, count in self.connection.execute(query):
-            self.waiting[tenant] = int(count)
+        counted = dict.fromkeys(tenants, 0)
+        counted.update({tenant: int(count) for tenant, count in self.connection.execute(query)})
+        for tenant, count in counted.items():
+            self.waiting[tenant] = count
+            if self.counts is not None:
+                self.counts.counted(tenant, count)
+
+    def added_waiting(self, tenant: str, count: int) -> None:
+        """This batch puts `count` more of the tenant's jobs in a waiting state."""
+        self.waiting[tenant] += count
+        if self.counts is not None:
+            self.counts.added(tenant, count)
 
     # --- new jobs ---
 
@@ -443,7 +503,8 @@ class _Batch:
                     created.append((u, c, job))
             first_with_key.update(unit_keys)
             same_as.update(unit_same)
-            self.waiting.update(taken)
+            for tenant, count in taken.items():
+                self.added_waiting(tenant, count)
         created = self._remember_keys(units, created, results)
         self._insert_jobs(created, results)
         for (u, c), (fu, fc) in same_as.items():
@@ -609,7 +670,7 @@ class _Batch:
         if row is None:
             return self._refused(change)
         if change.tenant is not None and change.target in WAITING_STATES:
-            self.waiting[change.tenant] += 1
+            self.added_waiting(change.tenant, 1)
         return self._announced(JobRecord(*row), "state")
 
     def progress(self, change: ProgressReport) -> ChangeResult:

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import structlog
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 
-from conveyor.changes import Change, ChangeResult, Unit, Written, write_changes
+from conveyor.changes import Change, ChangeResult, Unit, WaitingCounts, Written, write_changes
 from conveyor.database import Database
 from conveyor.outbox import OutboxRelay
 
@@ -54,6 +54,7 @@ class Committer:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
+        self._counts = WaitingCounts()
         self.batches = 0  # transactions written, for tests and benchmarks
         self.changes = 0
 
@@ -142,7 +143,8 @@ class Committer:
         return batch
 
     async def _write(self, units: list[Unit]) -> Written:
-        written = await self._db.write(functools.partial(write_changes, units=units, prefix=self._prefix))
+        work = functools.partial(write_changes, units=units, prefix=self._prefix, counts=self._counts)
+        written = await self._db.write(work)
         self.batches += 1
         self.changes += sum(len(unit.changes) for unit in units)
         return written

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from conveyor.changes import LEASE_EXPIRED
 from conveyor.lifecycle import TERMINAL_STATES, WAITING_STATES, JobState
-from conveyor.models import JOB_COLUMNS, JOBS, JobLabel, JobRecord, utcnow
+from conveyor.models import JOB_COLUMNS, JOBS, RUNNING, SCHEDULED, JobLabel, JobRecord, utcnow
 
 # A `Connection`, or an ORM `Session` (as `AsyncSession.run_sync` hands one): both run Core queries.
 Reader = Connection | Session
@@ -128,7 +128,8 @@ def due_jobs(connection: Reader, limit: int) -> list[JobRecord]:
     """Scheduled jobs whose `run_at` has come, the earliest first."""
     query = (
         select(*JOB_COLUMNS)
-        .where(JOBS.c.status == JobState.SCHEDULED, JOBS.c.run_at <= utcnow())
+        # The partial index's own condition, as text: it is certain to match it, whatever the driver.
+        .where(SCHEDULED, JOBS.c.run_at <= utcnow())
         .order_by(JOBS.c.run_at)
         .limit(limit)
     )
@@ -139,7 +140,7 @@ def expired_leases(connection: Reader, limit: int) -> list[JobRecord]:
     """Running jobs whose worker stopped renewing its lease: it died or lost the database."""
     query = (
         select(*JOB_COLUMNS)
-        .where(JOBS.c.status == JobState.RUNNING, JOBS.c.lease_expires_at < utcnow())
+        .where(RUNNING, JOBS.c.lease_expires_at < utcnow())
         .order_by(JOBS.c.lease_expires_at)
         .limit(limit)
     )

@@ -6,7 +6,19 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Column, DateTime, Index, Integer, LargeBinary, String, Table, Text, TypeDecorator
+from sqlalchemy import (
+    JSON,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    text,
+)
 from sqlalchemy.engine import Dialect, Row
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -56,6 +68,10 @@ class UTCDateTime(TypeDecorator[datetime]):
         return process
 
 
+SCHEDULED = text("status = 'scheduled'")
+RUNNING = text("status = 'running'")
+
+
 class Base(DeclarativeBase):
     pass
 
@@ -93,9 +109,10 @@ class Job(Base):
 
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant", "created_at"),
-        Index("ix_jobs_status_lease", "status", "lease_expires_at"),
         Index("ix_jobs_tenant_status", "tenant", "status"),
-        Index("ix_jobs_status_run_at", "status", "run_at"),
+        # Partial: only the rows the scheduler and the reaper look for (migration 0004 says why).
+        Index("ix_jobs_scheduled_run_at", "run_at", sqlite_where=SCHEDULED, postgresql_where=SCHEDULED),
+        Index("ix_jobs_running_lease", "lease_expires_at", sqlite_where=RUNNING, postgresql_where=RUNNING),
     )
 
 
