@@ -144,8 +144,16 @@ async def missing_topics(bootstrap: str, prefix: str) -> list[str]:
     return [topic for topic in all_topics(prefix) if topic not in existing]
 
 
-async def ensure_topics(bootstrap: str, prefix: str, partitions: int, replication_factor: int) -> list[str]:
-    """Create whichever of the project's topics do not exist yet; returns the ones it created."""
+async def ensure_topics(
+    bootstrap: str,
+    prefix: str,
+    partitions: int,
+    replication_factor: int,
+    events_partitions: int | None = None,
+) -> list[str]:
+    """Create whichever of the project's topics do not exist yet; returns the ones it created. The job
+    topics get `partitions`; the events and dead-letter topics `events_partitions` (the same, unless
+    given): their readers read every partition, so more of them only cost the broker."""
     missing = await missing_topics(bootstrap, prefix)
     if not missing:
         return []
@@ -155,7 +163,15 @@ async def ensure_topics(bootstrap: str, prefix: str, partitions: int, replicatio
         config["min.insync.replicas"] = str(min(2, replication_factor))
     async with admin_client(bootstrap) as admin:
         response = await admin.create_topics(
-            [NewTopic(topic, partitions, replication_factor, topic_configs=config) for topic in missing],
+            [
+                NewTopic(
+                    topic,
+                    partitions if topic in job_topics(prefix) else events_partitions or partitions,
+                    replication_factor,
+                    topic_configs=config,
+                )
+                for topic in missing
+            ],
             timeout_ms=ADMIN_TIMEOUT_MS,
         )
     failures = [

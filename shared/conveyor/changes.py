@@ -331,13 +331,16 @@ def write_changes(
     batch.count_waiting(wanted)
     if new_jobs:
         batch.create_jobs(units, new_jobs, results)
+    # Existing jobs: first the claims, each unit's consecutive claims one statement (PostgreSQL locks
+    # their rows in id order); then the other changes one by one, in job id order (a job's own changes in
+    # the order given). Transactions that lock rows in one order cannot deadlock on them.
+    others: list[tuple[str, int, int, int, Transition | ProgressReport]] = []
     for u, unit in enumerate(units):
         changes = unit.changes
         c = 0
         while c < len(changes):
             change = changes[c]
             if isinstance(change, Claim):
-                # A worker's claims for its free slots, consecutive in its unit, are one statement.
                 end = c
                 while end < len(changes) and _same_claim(changes[end], change):
                     end += 1
@@ -346,11 +349,11 @@ def write_changes(
                     results[u][c + offset] = result
                 c = end
                 continue
-            if isinstance(change, Transition):
-                results[u][c] = batch.transition(change)
-            elif isinstance(change, ProgressReport):
-                results[u][c] = batch.progress(change)
+            if isinstance(change, Transition | ProgressReport):
+                others.append((change.job_id, len(others), u, c, change))
             c += 1
+    for _, _, u, c, change in sorted(others, key=lambda item: (item[0], item[1])):
+        results[u][c] = batch.transition(change) if isinstance(change, Transition) else batch.progress(change)
     outbox = batch.flush()
     return Written(
         [[result or ChangeResult(Outcome.ABANDONED) for result in unit] for unit in results], outbox

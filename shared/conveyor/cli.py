@@ -109,7 +109,9 @@ def create_topics() -> None:
     s = _settings()
     _require_bootstrap(s)
     created = asyncio.run(
-        ensure_topics(s.kafka_bootstrap, s.topic_prefix, s.partitions, s.replication_factor)
+        ensure_topics(
+            s.kafka_bootstrap, s.topic_prefix, s.partitions, s.replication_factor, s.events_partitions
+        )
     )
     console.print(f"created: {', '.join(created) or 'nothing, all topics exist'}")
 

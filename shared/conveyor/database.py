@@ -28,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
+import structlog
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, event, text
@@ -41,6 +42,7 @@ from conveyor import sqlstats
 from conveyor.jsoncodec import dumps_text, loads
 
 T = TypeVar("T")
+log = structlog.get_logger(__name__)
 
 # Several processes (gateway, workers, progress) share one SQLite file: a writer waits this long for
 # the lock before it gives up (and the request it serves answers 503).
@@ -52,6 +54,10 @@ SQLITE_RETRY_LAST_S = 0.002
 # Threads that read SQLite for `read()`: reads never wait for the writer in WAL mode.
 SQLITE_READ_THREADS = 4
 POSTGRES_POOL_SIZE = 10
+# A write transaction PostgreSQL undid for a deadlock (40P01) or a serialization failure (40001) is run
+# again, at most this many times.
+RETRIED_SQLSTATES = frozenset({"40P01", "40001"})
+POSTGRES_RETRIES = 3
 POSTGRES_MAX_OVERFLOW = 20
 
 
@@ -131,6 +137,10 @@ def _tune_sqlite(engine: Engine, begin: str | None, busy_timeout_ms: int = SQLIT
         connection.exec_driver_sql(begin)
 
 
+def _sqlstate(exc: DBAPIError) -> str:
+    return str(getattr(exc.orig, "sqlstate", None) or getattr(exc.orig, "pgcode", None) or "")
+
+
 def _is_busy(exc: OperationalError) -> bool:
     return "locked" in str(exc.orig) or "busy" in str(exc.orig)
 
@@ -161,7 +171,11 @@ class Database:
         SQLITE_BUSY_TIMEOUT_MS), so `work` must be safe to run again after a rollback."""
         if self.sqlite:
             return await self._write_sqlite(work)
-        return await self._postgres(self.engine, work, write=True)
+        # One write transaction of this process at a time, on PostgreSQL too: its writers (the committer's
+        # batches, lease renewals, outbox deletes) then never wait for each other's row locks, and so
+        # never deadlock with each other.
+        async with self._turn():
+            return await self._postgres(self.engine, work, write=True)
 
     async def read(self, work: Callable[[Connection], T]) -> T:
         """Run `work` in one read-only transaction (never waits for writers)."""
@@ -171,7 +185,9 @@ class Database:
         return await self._postgres(self.engine, work, write=False)
 
     async def _postgres(self, engine: AsyncEngine, work: Callable[[Connection], T], write: bool) -> T:
-        for attempt in (1, 2):
+        attempt = 0
+        while True:
+            attempt += 1
             try:
                 async with engine.connect() as connection:
                     result = await connection.run_sync(work)
@@ -181,14 +197,22 @@ class Database:
             except DBAPIError as exc:
                 # A connection the server dropped (a restart, an idle timeout): the pool has been
                 # invalidated, and one more try gets a fresh connection. Nothing was committed.
-                if attempt == 2 or not exc.connection_invalidated:
-                    raise
-        raise AssertionError("unreachable")
+                if exc.connection_invalidated and attempt == 1:
+                    continue
+                # Two processes' transactions took the same rows in another order, and PostgreSQL chose
+                # this one to undo: it is run again, as a whole.
+                if _sqlstate(exc) in RETRIED_SQLSTATES and attempt <= POSTGRES_RETRIES:
+                    log.info("database.transaction_retried", sqlstate=_sqlstate(exc), attempt=attempt)
+                    continue
+                raise
 
-    async def _write_sqlite(self, work: Callable[[Connection], T]) -> T:
+    def _turn(self) -> asyncio.Lock:
         if self._write_turn is None:
             self._write_turn = asyncio.Lock()
-        async with self._write_turn:  # one transaction at a time on the process's writer connection
+        return self._write_turn
+
+    async def _write_sqlite(self, work: Callable[[Connection], T]) -> T:
+        async with self._turn():  # one transaction at a time on the process's writer connection
             connection = self._sqlite_writer()
             await self._begin_sqlite(connection)
             try:

@@ -104,7 +104,11 @@ async def _prepare(settings: Settings, bootstrap: str) -> None:
     while True:
         try:
             await ensure_topics(
-                bootstrap, settings.topic_prefix, settings.partitions, settings.replication_factor
+                bootstrap,
+                settings.topic_prefix,
+                settings.partitions,
+                settings.replication_factor,
+                settings.events_partitions,
             )
             return
         except BrokerUnavailable:

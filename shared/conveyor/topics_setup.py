@@ -41,7 +41,7 @@ class TopicKeeper:
         s = self._settings
         try:
             created = await ensure_topics(
-                s.kafka_bootstrap, s.topic_prefix, s.partitions, s.replication_factor
+                s.kafka_bootstrap, s.topic_prefix, s.partitions, s.replication_factor, s.events_partitions
             )
         except BrokerUnavailable as exc:
             log.warning("topics.unavailable", error=str(exc))
