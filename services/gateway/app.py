@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 
+from conveyor import collector
 from conveyor.auth import Authenticator, parse_bootstrap_keys
 from conveyor.committer import Committer
 from conveyor.database import Database
@@ -36,13 +37,15 @@ def create_app(settings: Settings) -> FastAPI:
         await committer.start()
         key_pruner = Pruner(db, "idempotency-keys", prune_keys)
         await key_pruner.start()
-        app.state.gateway = GatewayState(
+        state = GatewayState(
             settings=settings,
             db=db,
             registry=load_handler_modules(settings.handler_modules),
             committer=committer,
             authenticator=Authenticator(db, parse_bootstrap_keys(settings.api_keys)),
         )
+        app.state.gateway = state
+        collector.started()
         try:
             yield
         finally:

@@ -10,6 +10,7 @@ from datetime import timedelta
 from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi.responses import Response
 
+from conveyor import collector
 from conveyor.auth import Authenticator, parse_bootstrap_keys
 from conveyor.database import Database
 from conveyor.eventlog import prune_event_history
@@ -39,6 +40,7 @@ def create_app(settings: Settings) -> FastAPI:
         await pruner.start()
         authenticator = Authenticator(db, parse_bootstrap_keys(settings.api_keys))
         app.state.progress = ProgressState(settings, db, hub, authenticator)
+        collector.started()
         try:
             yield
         finally:

@@ -29,7 +29,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from pydantic import ValidationError
 
-from conveyor import changes, processes
+from conveyor import changes, collector, processes
 from conveyor.broker import create_job_consumer, stop_consumer, subscribe_to_jobs
 from conveyor.committer import Committer
 from conveyor.database import Database
@@ -152,6 +152,7 @@ class Worker:
             fetch_min_bytes=FETCH_MIN_BYTES,
         )
         await self._consumer.start()
+        collector.started()
         log.info("worker.started", worker_id=self.worker_id, concurrency=self.concurrency)
         try:
             await self._loop(stop)
