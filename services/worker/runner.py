@@ -60,8 +60,9 @@ NO_PARTITION = TopicPartition("", -1)
 # and saved nothing measurable once the collector was tuned (`conveyor.collector`).
 FETCH_MAX_WAIT_MS = 100
 COMMIT_INTERVAL_S = 0.5
-# Records taken from the consumer per read.
-READ_BATCH = 500
+# Records taken from the consumer per read: enough to take all it has fetched, so a slot chooses among
+# every level from the start (read-ahead bounds what is read per partition).
+READ_BATCH = 5000
 # A claim the database did not take is tried again after this long, doubling up to the cap.
 CLAIM_RETRY_BASE_S = 0.5
 CLAIM_RETRY_CAP_S = 30.0
