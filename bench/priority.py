@@ -5,7 +5,8 @@ It prints figures and asserts nothing. It starts its own embedded stack (``pytho
 with no workers, in a fresh temporary data folder on free ports, and stops it at the end.
 
 1. Backlog: ``--backlog`` ``demo.sleep`` jobs (``--job-seconds`` each) at every level, interleaved, from
-   ``--tenants`` tenants in turn (jobs are keyed by tenant, so several tenants fill every partition).
+   ``--tenants`` tenants in turn (jobs are keyed by job id, so each tenant's jobs fill every partition,
+   and the worker takes the tenants in turn within a level).
 2. The benchmark starts ``--workers`` workers. While every level still has a backlog, the starts per
    level are compared with the weights (``--weights``, else the default 16:8:4:2:1).
 3. Once the top level's backlog has all started, the levels below still saturate the workers; new
@@ -238,8 +239,9 @@ def started_at(job: JobTimes) -> datetime:
 
 def share_figures(jobs: Sequence[JobTimes], weights: Sequence[int]) -> dict[str, Any]:
     """Starts per level while every level had jobs waiting, worker by worker: from a worker's first start
-    until it started the last backlog job of some level. Each worker owns its own partitions, and tenants'
-    keys spread the backlog over them unevenly, so one worker may run out of p1 jobs well before another;
+    until it started the last backlog job of some level. Each worker owns its own partitions, and the job
+    ids' keys spread the backlog over them a little unevenly, so one worker may run out of p1 jobs before
+    another;
     from then on it rightly gives the lower levels every slot, which is not what this table measures."""
     starts: Counter[int] = Counter()
     windows = []

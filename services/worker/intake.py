@@ -108,6 +108,15 @@ class Intake:
             if tp.topic in self._level_of_topic and self._per_partition[tp] < self.read_ahead
         ]
 
+    def by_level(self, partitions: Iterable[TopicPartition]) -> list[list[TopicPartition]]:
+        """Job partitions grouped by priority level, the top level first."""
+        groups: dict[int, list[TopicPartition]] = {}
+        for tp in partitions:
+            level = self.level_of(tp)
+            if level is not None:
+                groups.setdefault(level, []).append(tp)
+        return [groups[level] for level in sorted(groups)]
+
     def add(self, pending: Pending) -> None:
         level = self.level_of(pending.tp)
         assert level is not None, f"{pending.tp.topic} is no priority topic"
