@@ -256,8 +256,10 @@ def exchange(gateway: httpx.Client, method: str, url: str, **kwargs: Any) -> Non
 
 @pytest.fixture(scope="module")
 def finished_job_id(gateway: httpx.Client) -> str:
-    """A job of this tenant that is done, so a `?wait=` on it returns at once."""
-    response = gateway.post("/v1/jobs", json={"type": "demo.echo", "payload": {"fuzz": True}})
+    """A job of this tenant that is done, so a `?wait=` on it returns at once. It goes at the top
+    priority: the fuzzing before it queues hundreds of `demo.sleep` jobs at the default one, and on a
+    busy machine a job behind them all did not finish within the deadline."""
+    response = gateway.post("/v1/jobs", json={"type": "demo.echo", "payload": {"fuzz": True}, "priority": 1})
     assert response.status_code == 202, response.text
     job_id: str = response.json()["id"]
     deadline = time.monotonic() + 60
