@@ -24,7 +24,7 @@ from conveyor.database import Database
 from conveyor.eventlog import events_between
 from conveyor.jobstore import count_waiting_jobs, load_job
 from conveyor.lifecycle import IllegalTransition, JobState
-from conveyor.models import JOBS, JobEventRecord, JobRecord, OutboxMessage, utcnow
+from conveyor.models import JOBS, Job, JobEventRecord, JobRecord, OutboxMessage, utcnow
 from conveyor.outbox import OUTBOX, OutboxRelay
 
 from harness import write_now
@@ -115,14 +115,20 @@ async def test_stored_statuses_are_job_states(db: Database) -> None:
     # the state's value, as it always did.
     queued = await job(db, new_job())
     claimed = await job(db, changes.claim(queued.id, "w1", lease_s=30))
-    assert queued.status is JobState.QUEUED and claimed.status is JobState.RUNNING
+    reported = await job(db, changes.progress(queued.id, 1, 50.0, None))
+    assert queued.status is JobState.QUEUED and claimed.status is reported.status is JobState.RUNNING
     assert (await stored(db, queued.id)).status is JobState.RUNNING
+    done = await job(db, changes.complete(reported, None))
+    assert done.status is JobState.SUCCEEDED
+    async with db.reading() as session:
+        orm_job = await session.get(Job, queued.id)
+    assert orm_job is not None and orm_job.status is JobState.SUCCEEDED  # the ORM's column too
 
     def raw_status(connection: Connection) -> object:
         return connection.execute(text("SELECT status FROM jobs WHERE id = :id"), {"id": queued.id}).scalar()
 
     raw = await db.read(raw_status)
-    assert raw == "running" and type(raw) is str
+    assert raw == "succeeded" and type(raw) is str
 
 
 async def test_last_attempt_failure_is_final(db: Database) -> None:
