@@ -23,8 +23,8 @@ from conveyor.committer import Committer
 from conveyor.database import Database
 from conveyor.eventlog import events_between
 from conveyor.jobstore import count_waiting_jobs, load_job
-from conveyor.lifecycle import JobState
-from conveyor.models import JOBS, JobEventRecord, JobRecord, OutboxMessage, utcnow
+from conveyor.lifecycle import IllegalTransition, JobState
+from conveyor.models import JOBS, Job, JobEventRecord, JobRecord, OutboxMessage, utcnow
 from conveyor.outbox import OUTBOX, OutboxRelay
 
 from harness import write_now
@@ -99,6 +99,36 @@ async def test_state_never_goes_backwards(db: Database) -> None:
     assert (await one(db, changes.Transition(queued.id, JobState.RUNNING))).outcome is Outcome.STALE
     assert (await one(db, changes.claim(queued.id, "w2", lease_s=30))).outcome is Outcome.STALE
     assert (await stored(db, queued.id)).status == JobState.SUCCEEDED
+
+
+async def test_a_transition_from_an_illegal_source_state_is_refused_as_illegal(db: Database) -> None:
+    queued = await job(db, new_job())
+    illegal = changes.Transition(queued.id, JobState.SUCCEEDED, source=JobState.QUEUED)
+    with pytest.raises(IllegalTransition) as refused:
+        await one(db, illegal)
+    assert (refused.value.current, refused.value.target) == (JobState.QUEUED, JobState.SUCCEEDED)
+    assert (await stored(db, queued.id)).status is JobState.QUEUED, "nothing was written"
+
+
+async def test_stored_statuses_are_job_states(db: Database) -> None:
+    # The column reads as `JobState`, from Core statements (RETURNING and SELECT) alike, and stores
+    # the state's value, as it always did.
+    queued = await job(db, new_job())
+    claimed = await job(db, changes.claim(queued.id, "w1", lease_s=30))
+    reported = await job(db, changes.progress(queued.id, 1, 50.0, None))
+    assert queued.status is JobState.QUEUED and claimed.status is reported.status is JobState.RUNNING
+    assert (await stored(db, queued.id)).status is JobState.RUNNING
+    done = await job(db, changes.complete(reported, None))
+    assert done.status is JobState.SUCCEEDED
+    async with db.reading() as session:
+        orm_job = await session.get(Job, queued.id)
+    assert orm_job is not None and orm_job.status is JobState.SUCCEEDED  # the ORM's column too
+
+    def raw_status(connection: Connection) -> object:
+        return connection.execute(text("SELECT status FROM jobs WHERE id = :id"), {"id": queued.id}).scalar()
+
+    raw = await db.read(raw_status)
+    assert raw == "succeeded" and type(raw) is str
 
 
 async def test_last_attempt_failure_is_final(db: Database) -> None:

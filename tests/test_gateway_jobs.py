@@ -310,6 +310,7 @@ async def test_a_tenant_never_sees_or_touches_another_tenants_job(module_stack: 
             hidden = assert_problem(await other.request(method, path.format(job["id"])), 404)
             absent = assert_problem(await other.request(method, path.format(missing)), 404)
             assert hidden["title"] == absent["title"]
+            assert hidden["type"] == absent["type"] == "urn:conveyor:problem:job-not-found"
         listed = (await other.get("/v1/jobs", params={"limit": 200})).json()
         assert job["id"] not in {item["id"] for item in listed["items"]}
         assert (await owner.get(f"/v1/jobs/{job['id']}")).json()["status"] == "scheduled"

@@ -235,6 +235,8 @@ async def test_a_tenant_never_sees_another_tenants_job(module_stack: Stack) -> N
                 )
                 assert response.status_code == 404
                 assert response.headers["content-type"] == "application/problem+json"
+                # The same problem as the gateway's for a job the tenant does not have.
+                assert response.json()["type"] == "urn:conveyor:problem:job-not-found"
 
         # B's `all` subscription carries B's job to its end, and nothing of A's.
         while not (seen_b and seen_b[-1].get("status") == "succeeded"):

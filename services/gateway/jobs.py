@@ -20,7 +20,7 @@ from conveyor.jobstore import get_job, is_job_id, list_jobs
 from conveyor.jsoncodec import FastJSONResponse
 from conveyor.lifecycle import JobState
 from conveyor.models import JobRecord, utcnow
-from conveyor.problems import PROBLEM_JSON, Problem, invalid_field, invalid_request
+from conveyor.problems import PROBLEM_JSON, Problem, invalid_field, invalid_request, job_not_found
 from conveyor.schemas import (
     MAX_BATCH_JOBS,
     SUBMISSION_EXAMPLES,
@@ -46,7 +46,7 @@ from services.gateway.listing import (
     job_filter,
     next_page_url,
 )
-from services.gateway.security import require_principal, require_scope
+from services.gateway.security import require_principal
 from services.gateway.state import GatewayState, gateway_state
 from services.gateway.submission import (
     MAX_BATCH_BODY_BYTES,
@@ -156,8 +156,7 @@ ACCEPTED_HEADERS = {
 async def submit_job(request: Request) -> JSONResponse:
     """Accept a job: answers 202 once the job is committed, with `Location` to poll."""
     state = gateway_state(request)
-    principal = await require_principal(request, state)
-    require_scope(principal, "submit")
+    principal = await require_principal(request, state, "submit")
     key = None
     idempotency_key = request.headers.get(IDEMPOTENCY_HEADER)
     if idempotency_key is not None:
@@ -207,7 +206,10 @@ def _new_job(
 
 
 def _written(result: ChangeResult) -> JobRecord:
-    assert result.job is not None
+    """The job a result answers with (a written or replayed job, or the row a stale change found)."""
+    if result.job is None:
+        # The write path answers these outcomes with the job; without one there is nothing to show.
+        raise RuntimeError(f"a {result.outcome.value} change result without its job")
     return result.job
 
 
@@ -255,8 +257,7 @@ async def submit_batch(
     queue limit cannot take them all). Each item may carry its own `idempotency_key`; an item whose key
     was used before with the same job is answered with that job and not created again."""
     state = gateway_state(request)
-    principal = await require_principal(request, state)
-    require_scope(principal, "submit")
+    principal = await require_principal(request, state, "submit")
     if "idempotency-key" in request.headers:
         raise invalid_field("Idempotency-Key", "a batch takes an `idempotency_key` per job, not the header")
     items = await read_batch(request, state.registry)
@@ -333,8 +334,7 @@ async def list_tenant_jobs(
 ) -> JSONResponse:
     """The tenant's jobs, newest first, filtered, a page at a time."""
     state = gateway_state(request)
-    principal = await require_principal(request, state)
-    require_scope(principal, "read")
+    principal = await require_principal(request, state, "read")
     for name, moment in (("created_after", created_after), ("created_before", created_before)):
         if moment is not None and moment.tzinfo is None:
             raise invalid_field(name, "give a time with a UTC offset, e.g. 2026-11-24T10:00:00Z")
@@ -376,12 +376,11 @@ async def read_job(
 ) -> JSONResponse:
     """The status monitor: status, latest progress, and the result or error once done."""
     state = gateway_state(request)
-    principal = await require_principal(request, state)
-    require_scope(principal, "read")
+    principal = await require_principal(request, state, "read")
     job = await _tenant_job(state, principal.tenant, job_id)
-    if wait > 0 and not JobState(job.status).is_terminal:
+    if wait > 0 and not job.status.is_terminal:
         job = await _wait_for_change(request, state, principal.tenant, job, wait)
-    headers = {} if JobState(job.status).is_terminal else {"Retry-After": str(retry_after_s(job))}
+    headers = {} if job.status.is_terminal else {"Retry-After": str(retry_after_s(job))}
     return FastJSONResponse(resource_document(job, state.settings.progress_url), headers=headers)
 
 
@@ -416,10 +415,9 @@ async def read_result(
 ) -> JSONResponse:
     """The result of a succeeded job; a 409 problem saying why there is none otherwise."""
     state = gateway_state(request)
-    principal = await require_principal(request, state)
-    require_scope(principal, "read")
+    principal = await require_principal(request, state, "read")
     job = await _tenant_job(state, principal.tenant, job_id)
-    status = JobState(job.status)
+    status = job.status
     if status is JobState.SUCCEEDED:
         return FastJSONResponse(job.result)
     if status is JobState.FAILED:
@@ -457,15 +455,13 @@ async def cancel(
     """Cancel a job: a scheduled or queued job never runs; a running job's handler is told to stop.
     The job ends `canceled`. 409 if it has already finished."""
     state = gateway_state(request)
-    principal = await require_principal(request, state)
-    require_scope(principal, "cancel")
+    principal = await require_principal(request, state, "cancel")
     if not is_job_id(job_id):
         raise _not_found(job_id)
     [result] = await state.committer.apply([changes.cancel(job_id, principal.tenant)])
     if result.outcome is Outcome.NOT_FOUND:
         raise _not_found(job_id)
-    canceled = result.job
-    assert canceled is not None
+    canceled = _written(result)
     if result.outcome is not Outcome.WRITTEN:
         raise Problem(
             409,
@@ -499,8 +495,7 @@ async def retry(
     as a new job of its type gets). Its attempt numbers go on counting and its last error stays until
     the next attempt ends. Needs the `submit` scope; 409 unless the job is `failed`."""
     state = gateway_state(request)
-    principal = await require_principal(request, state)
-    require_scope(principal, "submit")
+    principal = await require_principal(request, state, "submit")
     job = await _tenant_job(state, principal.tenant, job_id)
     more = body.attempts if body is not None and body.attempts is not None else None
     limits = state.settings.limits_for(principal.tenant)
@@ -554,4 +549,4 @@ async def _tenant_job(state: GatewayState, tenant: str, job_id: str) -> JobRecor
 
 
 def _not_found(job_id: str) -> Problem:
-    return Problem(404, "Not found", f"no job {job_id!r}", slug="job-not-found")
+    return job_not_found(f"no job {job_id!r}")

@@ -4,22 +4,21 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from conveyor.auth import Principal, bearer_token
+from conveyor.auth import Forbidden, Principal, Unauthenticated, bearer_token, resolve_principal
 from conveyor.problems import forbidden, unauthorized
 from services.gateway.state import GatewayState
 
 
-async def require_principal(request: Request, state: GatewayState) -> Principal:
-    """The request's principal, or a 401: every request is authenticated before anything else."""
+async def require_principal(request: Request, state: GatewayState, scope: str | None = None) -> Principal:
+    """The request's principal, holding `scope` if one is named; else a 401 (no key, or an unknown or
+    revoked one) or a 403 (the key lacks the scope). Every request is authenticated before anything
+    else."""
     token = bearer_token(request.headers.get("authorization"))
-    if token is None:
-        raise unauthorized("send an API key as `Authorization: Bearer <key>`")
-    principal = await state.authenticator.principal(token)
-    if principal is None:
-        raise unauthorized("unknown or revoked API key")
-    return principal
-
-
-def require_scope(principal: Principal, scope: str) -> None:
-    if scope not in principal.scopes:
-        raise forbidden(scope)
+    try:
+        return await resolve_principal(state.authenticator, token, scope=scope)
+    except Unauthenticated as exc:
+        if not exc.presented:
+            raise unauthorized("send an API key as `Authorization: Bearer <key>`") from None
+        raise unauthorized("unknown or revoked API key") from None
+    except Forbidden as exc:
+        raise forbidden(exc.scope) from None

@@ -17,7 +17,7 @@ import structlog
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from conveyor.auth import Principal
+from conveyor.auth import Forbidden, Principal, Unauthenticated, resolve_principal
 from services.progress.channel import Channel, Reply, Subscribe
 from services.progress.protocol import (
     PONG,
@@ -106,15 +106,7 @@ def _stream(
     async def send(message: Outgoing) -> None:
         await websocket.send_text(message.text)
 
-    return EventStream(
-        hub=state.hub,
-        db=state.db,
-        principal=principal,
-        channel=channel,
-        send=send,
-        events_url=state.settings.progress_url,
-        single_job=single_job,
-    )
+    return EventStream(state, principal, channel, send, single_job=single_job)
 
 
 async def _run(
@@ -193,14 +185,15 @@ def _end_of(done: set[asyncio.Task[Any]]) -> StreamEnd | None:
 
 async def _authenticate(websocket: WebSocket, state: ProgressState) -> Principal | None:
     """The key from the `Authorization` header, a `token` query parameter, or an `auth` first message.
-    A missing or bad key closes the socket with 1008 (policy violation)."""
+    A missing or bad key, or one without the read scope, closes the socket with 1008 (policy
+    violation): a socket has no 401 and 403 to tell them apart."""
     token = presented_token(websocket) or await _first_message_token(websocket)
-    principal = await state.principal(token) if token else None
-    if principal is None or "read" not in principal.scopes:
+    try:
+        return await resolve_principal(state.authenticator, token, scope="read")
+    except (Unauthenticated, Forbidden):
         detail = "send a valid API key with the read scope"
         await _send_and_close(websocket, error_message("unauthorized", detail), CLOSE_POLICY_VIOLATION)
         return None
-    return principal
 
 
 async def _first_message_token(websocket: WebSocket) -> str | None:

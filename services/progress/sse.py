@@ -18,11 +18,10 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from conveyor.auth import Principal
+from conveyor.auth import Forbidden, Principal, Unauthenticated, resolve_principal
 from conveyor.eventlog import events_between
 from conveyor.jobstore import get_job
-from conveyor.lifecycle import JobState
-from conveyor.problems import Problem, forbidden, invalid_field, unauthorized
+from conveyor.problems import Problem, forbidden, invalid_field, job_not_found, unauthorized
 from services.progress.channel import Channel, Subscribe
 from services.progress.protocol import parse_seq
 from services.progress.state import ProgressState, presented_token
@@ -50,10 +49,10 @@ async def job_events(
             raise invalid_field("Last-Event-ID", "Last-Event-ID must be the seq of an event")
     job = await state.db.read(functools.partial(get_job, tenant=principal.tenant, job_id=job_id))
     if job is None:
-        raise Problem(404, "Not found", "no such job", slug="not-found")
+        raise job_not_found("no such job")
     if after_seq is not None and after_seq > job.last_seq:
         raise invalid_field("after_seq", f"after_seq is past the job's last seq, {job.last_seq}")
-    finished = JobState(job.status).is_terminal and after_seq == job.last_seq
+    finished = job.status.is_terminal and after_seq == job.last_seq
     if not streaming:
         upto = min(job.last_seq, (after_seq or 0) + limit)
         events = await state.db.read(
@@ -77,15 +76,7 @@ async def _stream(
 ) -> AsyncIterator[ServerSentEvent]:
     outgoing: asyncio.Queue[Outgoing] = asyncio.Queue(SSE_BUFFER)
     channel = Channel(state.settings.progress_client_queue)
-    stream = EventStream(
-        hub=state.hub,
-        db=state.db,
-        principal=principal,
-        channel=channel,
-        send=outgoing.put,
-        events_url=state.settings.progress_url,
-        single_job=True,
-    )
+    stream = EventStream(state, principal, channel, outgoing.put, single_job=True)
     channel.request(Subscribe((job_id,), {job_id: after_seq} if after_seq is not None else {}))
     sender = asyncio.create_task(stream.run())
     overflow = asyncio.create_task(channel.overflowed.wait())
@@ -117,10 +108,10 @@ def _sse(message: Outgoing) -> ServerSentEvent:
 
 
 async def _principal(request: Request, state: ProgressState) -> Principal:
-    token = presented_token(request)
-    principal = await state.principal(token) if token else None
-    if principal is None:
-        raise unauthorized("send a valid API key as `Authorization: Bearer <key>`")
-    if "read" not in principal.scopes:
-        raise forbidden("read")
-    return principal
+    """The request's principal with the read scope; else a 401 or a 403 problem, as on the gateway."""
+    try:
+        return await resolve_principal(state.authenticator, presented_token(request), scope="read")
+    except Unauthenticated:
+        raise unauthorized("send a valid API key as `Authorization: Bearer <key>`") from None
+    except Forbidden as exc:
+        raise forbidden(exc.scope) from None

@@ -1,4 +1,5 @@
-"""What the progress service's endpoints share: settings, database, hub and authenticator."""
+"""What the progress service's endpoints share: settings, database, hub and authenticator. It is the
+one context the service's modules take (a connection's stream too), rather than each of its parts."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from dataclasses import dataclass
 
 from starlette.requests import HTTPConnection
 
-from conveyor.auth import Authenticator, Principal, bearer_token
+from conveyor.auth import Authenticator, bearer_token
 from conveyor.database import Database
 from conveyor.settings import Settings
 from services.progress.hub import EventHub
@@ -18,10 +19,6 @@ class ProgressState:
     db: Database
     hub: EventHub
     authenticator: Authenticator
-
-    async def principal(self, token: str) -> Principal | None:
-        """Who the API key belongs to; None for an unknown or revoked key."""
-        return await self.authenticator.principal(token)
 
 
 def presented_token(connection: HTTPConnection) -> str | None:

@@ -19,11 +19,9 @@ from typing import Any
 from sqlalchemy import Connection
 
 from conveyor.auth import Principal
-from conveyor.database import Database
 from conveyor.eventlog import events_between
 from conveyor.events import JobEvent
 from conveyor.jobstore import active_jobs, get_job
-from conveyor.lifecycle import JobState
 from conveyor.models import JobRecord
 from conveyor.schemas import resource_document
 from services.progress.channel import (
@@ -36,7 +34,7 @@ from services.progress.channel import (
     Unsubscribe,
     UnsubscribeAll,
 )
-from services.progress.hub import EventHub
+from services.progress.state import ProgressState
 
 # WebSocket close codes. 4000-4999 are the application's own: the client asked for something wrong,
 # the job is unknown to its tenant, or it fell behind and should reconnect with `after_seq`.
@@ -103,21 +101,19 @@ class EventStream:
 
     def __init__(
         self,
-        *,
-        hub: EventHub,
-        db: Database,
+        state: ProgressState,
         principal: Principal,
         channel: Channel,
         send: Send,
-        events_url: str,
+        *,
         single_job: bool = False,
     ) -> None:
-        self._hub = hub
-        self._db = db
+        self._hub = state.hub
+        self._db = state.db
+        self._events_url = state.settings.progress_url
         self._principal = principal
         self._channel = channel
         self._send = send
-        self._events_url = events_url
         self._single_job = single_job
         self._watched: set[str] = set()
         self._all = False
@@ -202,7 +198,7 @@ class EventStream:
             for event in replay or ():
                 await self._deliver(event, event.seq)
         self._advance(job_id, job.last_seq)
-        if JobState(job.status).is_terminal:
+        if job.status.is_terminal:
             return self._finished(job_id)
         return None
 

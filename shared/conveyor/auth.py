@@ -1,4 +1,5 @@
-"""API keys: bootstrap keys from settings and keys stored (hashed) in the database."""
+"""API keys: bootstrap keys from settings and keys stored (hashed) in the database, and the one
+resolver every transport (HTTP, WebSocket, SSE) asks who a presented key belongs to."""
 
 from __future__ import annotations
 
@@ -95,6 +96,37 @@ class Authenticator:
             self._cache.clear()
         self._cache[digest] = (now + self._cache_s, found)
         return found
+
+
+class Unauthenticated(Exception):
+    """No key was presented (`presented` False), or the key is unknown or revoked."""
+
+    def __init__(self, *, presented: bool) -> None:
+        super().__init__("unknown or revoked API key" if presented else "no API key presented")
+        self.presented = presented
+
+
+class Forbidden(Exception):
+    """The key is valid but lacks `scope`."""
+
+    def __init__(self, scope: str) -> None:
+        super().__init__(f"this API key lacks the {scope!r} scope")
+        self.scope = scope
+
+
+async def resolve_principal(
+    authenticator: Authenticator, token: str | None, *, scope: str | None = None
+) -> Principal:
+    """The principal of a presented key, holding `scope` when one is named. Raises `Unauthenticated`
+    or `Forbidden`; each transport turns them into its own answer (a problem, a close code)."""
+    if not token:
+        raise Unauthenticated(presented=False)
+    principal = await authenticator.principal(token)
+    if principal is None:
+        raise Unauthenticated(presented=True)
+    if scope is not None and scope not in principal.scopes:
+        raise Forbidden(scope)
+    return principal
 
 
 @dataclass(frozen=True)

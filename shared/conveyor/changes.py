@@ -47,7 +47,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from conveyor.events import dead_letter_for, event_json, job_message_json
 from conveyor.jsoncodec import dumps
-from conveyor.lifecycle import WAITING_STATES, JobState, sources_of
+from conveyor.lifecycle import WAITING_STATES, IllegalTransition, JobState, sources_of
 from conveyor.models import (
     JOB_COLUMNS,
     JOBS,
@@ -766,7 +766,10 @@ def _transition_statement(change: Transition) -> Update:
     if statement is None:
         sources = sources_of(change.target)
         if change.source is not None:
-            assert change.source in sources, f"{change.source} -> {change.target} is not a legal transition"
+            # A caller's mistake, not a stale row: no row could ever match, so say so rather than answer
+            # STALE forever. Raised, not asserted, so that `python -O` keeps the check.
+            if change.source not in sources:
+                raise IllegalTransition(change.source, change.target)
             sources = frozenset({change.source})
         conditions = [JOBS.c.id == bindparam("b_job_id"), _in_states(sources)]
         if change.attempt is not None:

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, PrivateAttr
 
+from conveyor.jobfields import shown_fields
 from conveyor.jsoncodec import dumps
 from conveyor.lifecycle import JobState
 from conveyor.models import JobView
@@ -56,7 +57,7 @@ class JobEvent(BaseModel):
     attempt: int
     at: datetime
     result: Any | None = None
-    # The last attempt's error: on `failed`, and on `scheduled` when a failed attempt waits to be retried.
+    # The last attempt's error, for as long as the job has one (`conveyor.jobfields`).
     error: dict[str, Any] | None = None
     # When a `scheduled` job runs: its `run_at`, or the retry time after a failed attempt.
     run_at: datetime | None = None
@@ -98,6 +99,7 @@ def job_message_for(job: JobView) -> JobMessage:
 
 
 def dead_letter_for(job: JobView) -> DeadLetter:
+    shown = shown_fields(job)
     return DeadLetter(
         job_id=job.id,
         tenant=job.tenant,
@@ -106,8 +108,8 @@ def dead_letter_for(job: JobView) -> DeadLetter:
         payload=job.payload,
         attempts=job.attempts,
         max_attempts=job.max_attempts,
-        error=job.error,
-        labels=job.labels or {},
+        error=shown["error"],
+        labels=shown["labels"],
         created_at=job.created_at,
         failed_at=job.finished_at or job.updated_at,
     )
@@ -115,21 +117,22 @@ def dead_letter_for(job: JobView) -> DeadLetter:
 
 def event_fields(job: JobView, kind: Literal["state", "progress"]) -> dict[str, Any]:
     """The event that announces the job row as it is now (its `last_seq` already counts this event),
-    as the fields of a `JobEvent` in its order: the one place an event's content is decided."""
-    status = JobState(job.status)
+    as the fields of a `JobEvent` in its order: the one place an event's content is decided. Status,
+    progress, result and error are the job's `shown_fields`, as in its resource."""
+    shown = shown_fields(job)
     return {
         "job_id": job.id,
         "tenant": job.tenant,
         "seq": job.last_seq,
         "type": kind,
-        "status": status.value,
-        "progress": {"percent": job.progress_percent, "message": job.progress_message},
+        "status": shown["status"],
+        "progress": shown["progress"],
         "attempt": job.attempts,
         "at": job.updated_at,
-        "result": job.result if status is JobState.SUCCEEDED else None,
-        # The last attempt's error: once failed, and while a failed attempt waits to be retried.
-        "error": job.error if status in (JobState.FAILED, JobState.SCHEDULED) else None,
-        "run_at": job.run_at if status is JobState.SCHEDULED else None,
+        "result": shown["result"],
+        "error": shown["error"],
+        # When a scheduled job runs (its `run_at`, or its retry time): an event says only while it waits.
+        "run_at": job.run_at if job.status is JobState.SCHEDULED else None,
     }
 
 

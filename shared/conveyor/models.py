@@ -10,6 +10,7 @@ from sqlalchemy import (
     JSON,
     Column,
     DateTime,
+    Enum,
     Index,
     Integer,
     LargeBinary,
@@ -21,6 +22,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect, Row
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from conveyor.lifecycle import JobState
 
 
 def utcnow() -> datetime:
@@ -68,6 +71,21 @@ class UTCDateTime(TypeDecorator[datetime]):
         return process
 
 
+def _state_values(states: type[JobState]) -> list[str]:
+    return [state.value for state in states]
+
+
+# A job's status, read as a `JobState` and stored as its value (`queued`, ...): the VARCHAR(16) the
+# column always was (no native enum type, no CHECK constraint), so existing rows and the migrations
+# stay as they are, on SQLite and PostgreSQL alike.
+JOB_STATE = Enum(
+    JobState,
+    native_enum=False,
+    create_constraint=False,
+    length=16,
+    values_callable=_state_values,
+)
+
 SCHEDULED = text("status = 'scheduled'")
 RUNNING = text("status = 'running'")
 
@@ -82,7 +100,7 @@ class Job(Base):
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     tenant: Mapped[str] = mapped_column(String(128))
     type: Mapped[str] = mapped_column(String(200))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[JobState] = mapped_column(JOB_STATE)
     priority: Mapped[int] = mapped_column(Integer)
     payload: Mapped[Any] = mapped_column(JSON)
     result: Mapped[Any | None] = mapped_column(JSON, nullable=True)
@@ -127,7 +145,7 @@ class JobRecord:
     id: str
     tenant: str
     type: str
-    status: str
+    status: JobState
     priority: int
     payload: Any
     result: Any | None

@@ -114,6 +114,12 @@ def forbidden(scope: str) -> Problem:
     return Problem(403, "Forbidden", f"this API key lacks the {scope!r} scope", slug="forbidden")
 
 
+def job_not_found(detail: str) -> Problem:
+    """No such job for this tenant: one problem type on every service (another tenant's job is
+    answered exactly like a job that does not exist)."""
+    return Problem(404, "Not found", detail, slug="job-not-found")
+
+
 def dependency_down(name: str) -> Problem:
     return Problem(
         503,

@@ -8,6 +8,7 @@ from typing import Annotated, Any
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints
 
 from conveyor.events import Progress
+from conveyor.jobfields import shown_fields
 from conveyor.lifecycle import JobState
 from conveyor.models import JobView
 from conveyor.topics import DEFAULT_PRIORITY, HIGHEST_PRIORITY, LOWEST_PRIORITY
@@ -203,7 +204,7 @@ def iso(moment: datetime | None) -> str | None:
 
 
 def job_links(job: JobView, events_base_url: str) -> dict[str, str | None]:
-    status = JobState(job.status)
+    status = job.status
     path = job_path(job.id)
     return {
         "self": path,
@@ -217,25 +218,26 @@ def job_links(job: JobView, events_base_url: str) -> dict[str, str | None]:
 def resource_document(job: JobView, events_base_url: str) -> dict[str, Any]:
     """The job resource (`JobResource`) as a JSON-ready dict: what the status monitor, the 202 and the
     snapshot of a live stream show. Built by hand, since a model and its dump cost more than the rest
-    of a submission."""
-    status = JobState(job.status)
+    of a submission. Status, progress, result, error and labels are the job's `shown_fields`, as in
+    its events and its dead letter."""
+    shown = shown_fields(job)
     return {
         "id": job.id,
         "type": job.type,
-        "status": status.value,
+        "status": shown["status"],
         "priority": job.priority,
         "attempts": job.attempts,
         "max_attempts": job.max_attempts,
-        "labels": job.labels or {},
+        "labels": shown["labels"],
         "run_at": iso(job.run_at),
         "timeout_s": job.timeout_s,
         "created_at": iso(job.created_at),
         "updated_at": iso(job.updated_at),
         "started_at": iso(job.started_at),
         "finished_at": iso(job.finished_at),
-        "progress": {"percent": job.progress_percent, "message": job.progress_message},
-        "result": job.result if status is JobState.SUCCEEDED else None,
-        "error": job.error,
+        "progress": shown["progress"],
+        "result": shown["result"],
+        "error": shown["error"],
         "links": job_links(job, events_base_url),
     }
 

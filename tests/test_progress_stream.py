@@ -1,0 +1,208 @@
+"""The progress service's event stream (`services.progress.streams.EventStream`), in process: a real
+database, an event hub that is never started (the test hands it events as Kafka would), and a send
+that records each message. A failure here names the stream, not a line in a service's log."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any, Literal
+
+from conveyor import changes
+from conveyor.auth import ALL_SCOPES, Authenticator, Principal
+from conveyor.changes import NewJob
+from conveyor.database import Database
+from conveyor.events import event_json
+from conveyor.models import JobRecord
+from conveyor.schemas import resource_document
+from conveyor.settings import Settings
+from services.progress.channel import Channel, Subscribe, SubscribeAll, UnsubscribeAll
+from services.progress.hub import EventHub
+from services.progress.state import ProgressState
+from services.progress.streams import (
+    CLOSE_BAD_REQUEST,
+    CLOSE_NORMAL,
+    CLOSE_UNKNOWN_JOB,
+    EventStream,
+    Outgoing,
+    StreamEnd,
+)
+
+from harness import write_now
+
+PREFIX = "stream-test"
+EVENTS_URL = "ws://progress.test"
+WAIT_S = 10.0
+TENANT = Principal("t", ALL_SCOPES)
+OTHER_TENANT = Principal("other", ALL_SCOPES)
+Message = dict[str, Any]
+
+
+def progress_state(db: Database) -> ProgressState:
+    settings = Settings(progress_public_url=EVENTS_URL, progress_client_queue=100)
+    # Never started: it reads no topic, and `dispatch` stands in for the records it would have read.
+    hub = EventHub("unused:9092", PREFIX)
+    return ProgressState(settings, db, hub, Authenticator(db, {}))
+
+
+class Client:
+    """One connection's stream, and what it has been sent so far."""
+
+    def __init__(self, state: ProgressState, principal: Principal = TENANT, *, single_job: bool) -> None:
+        self.channel = Channel(state.settings.progress_client_queue)
+        self._sent: asyncio.Queue[Outgoing] = asyncio.Queue()
+        self.stream = EventStream(state, principal, self.channel, self._sent.put, single_job=single_job)
+        self.task = asyncio.create_task(self.stream.run())
+
+    async def receive(self) -> Message:
+        outgoing = await asyncio.wait_for(self._sent.get(), WAIT_S)
+        message: Message = json.loads(outgoing.text)
+        return message
+
+    async def receive_many(self, count: int) -> list[Message]:
+        return [await self.receive() for _ in range(count)]
+
+    async def end(self) -> StreamEnd:
+        return await asyncio.wait_for(self.task, WAIT_S)
+
+    def nothing_sent(self) -> bool:
+        return self._sent.empty()
+
+    async def close(self) -> None:
+        self.task.cancel()
+        await asyncio.gather(self.task, return_exceptions=True)
+
+
+async def written(db: Database, change: changes.Change) -> JobRecord:
+    [[result]] = (await write_now(db, PREFIX, change)).results
+    assert result.written and result.job is not None, result
+    return result.job
+
+
+async def new_job(db: Database, tenant: str = TENANT.tenant) -> JobRecord:
+    return await written(db, NewJob(tenant=tenant, type="demo.echo", payload={}, priority=3, max_attempts=2))
+
+
+def publish(state: ProgressState, job: JobRecord, kind: Literal["state", "progress"] = "state") -> None:
+    """The job's latest event, as the hub reads it from the events topic."""
+    state.hub.dispatch(job.id.encode(), event_json(job, kind))
+
+
+def seqs(messages: list[Message]) -> list[tuple[str, int]]:
+    return [(message["type"], message["seq"]) for message in messages]
+
+
+async def test_one_job_gets_its_snapshot_its_events_and_ends_with_its_terminal_event(db: Database) -> None:
+    state = progress_state(db)
+    queued = await new_job(db)
+    client = Client(state, single_job=True)
+    client.channel.request(Subscribe((queued.id,)))
+    snapshot = await client.receive()
+    assert snapshot == {
+        "type": "snapshot",
+        "job_id": queued.id,
+        "seq": 1,
+        "job": json.loads(json.dumps(resource_document(queued, EVENTS_URL))),
+    }
+
+    running = await written(db, changes.claim(queued.id, "w1", lease_s=30))
+    publish(state, running)
+    reported = await written(db, changes.progress(queued.id, 1, 50.0, "half"))
+    publish(state, reported, "progress")
+    done = await written(db, changes.complete(reported, {"ok": True}))
+    publish(state, done)
+
+    events = await client.receive_many(3)
+    assert seqs(events) == [("state", 2), ("progress", 3), ("state", 4)]
+    assert events[1]["progress"] == {"percent": 50.0, "message": "half"}
+    assert events[2]["status"] == "succeeded" and events[2]["result"] == {"ok": True}
+    assert await client.end() == StreamEnd(CLOSE_NORMAL)
+    publish(state, done)  # the stream left the hub: nothing is queued for it any more
+    assert len(client.channel) == 0
+
+
+async def test_a_hole_is_filled_from_the_history_and_a_late_repeat_is_dropped(db: Database) -> None:
+    state = progress_state(db)
+    queued = await new_job(db)
+    client = Client(state, single_job=True)
+    client.channel.request(Subscribe((queued.id,)))
+    assert (await client.receive())["type"] == "snapshot"
+
+    running = await written(db, changes.claim(queued.id, "w1", lease_s=30))
+    reported = await written(db, changes.progress(queued.id, 1, 10.0, None))
+    publish(state, reported, "progress")  # event 2 has not arrived (yet)
+    assert seqs(await client.receive_many(2)) == [("state", 2), ("progress", 3)]
+
+    publish(state, running)  # event 2 after all, late: sent already, from the history
+    done = await written(db, changes.complete(reported, None))
+    publish(state, done)
+    assert seqs([await client.receive()]) == [("state", 4)]
+    assert await client.end() == StreamEnd(CLOSE_NORMAL)
+    assert client.nothing_sent()
+
+
+async def test_a_resume_replays_the_events_after_the_seq_given(db: Database) -> None:
+    state = progress_state(db)
+    queued = await new_job(db)
+    await written(db, changes.claim(queued.id, "w1", lease_s=30))
+    await written(db, changes.progress(queued.id, 1, 10.0, None))
+    client = Client(state, single_job=True)
+    try:
+        client.channel.request(Subscribe((queued.id,), {queued.id: 1}))
+        resumed, *replayed = await client.receive_many(3)
+        assert resumed == {"type": "resumed", "job_id": queued.id, "after_seq": 1, "last_seq": 3}
+        assert seqs(replayed) == [("state", 2), ("progress", 3)]
+        assert client.nothing_sent()
+    finally:
+        await client.close()
+
+
+async def test_another_tenants_job_is_an_unknown_job(db: Database) -> None:
+    state = progress_state(db)
+    theirs = await new_job(db, tenant=OTHER_TENANT.tenant)
+    client = Client(state, single_job=True)
+    client.channel.request(Subscribe((theirs.id,)))
+    assert await client.receive() == {
+        "type": "error",
+        "error": "unknown_job",
+        "detail": "no such job",
+        "job_id": theirs.id,
+    }
+    assert await client.end() == StreamEnd(CLOSE_UNKNOWN_JOB, "unknown job")
+
+
+async def test_an_after_seq_past_the_jobs_last_seq_is_refused(db: Database) -> None:
+    state = progress_state(db)
+    queued = await new_job(db)
+    client = Client(state, single_job=True)
+    client.channel.request(Subscribe((queued.id,), {queued.id: 5}))
+    error = await client.receive()
+    assert (error["error"], error["job_id"]) == ("invalid_after_seq", queued.id)
+    assert await client.end() == StreamEnd(CLOSE_BAD_REQUEST, "invalid after_seq")
+
+
+async def test_all_of_a_tenants_jobs_from_a_snapshot_then_new_jobs_from_their_first_event(
+    db: Database,
+) -> None:
+    state = progress_state(db)
+    waiting = await new_job(db)
+    client = Client(state, single_job=False)
+    try:
+        client.channel.request(SubscribeAll())
+        snapshot = await client.receive()
+        assert (snapshot["type"], snapshot["all"], snapshot["truncated"]) == ("snapshot", True, False)
+        assert [job["job_id"] for job in snapshot["jobs"]] == [waiting.id]
+
+        publish(state, await new_job(db, tenant=OTHER_TENANT.tenant))  # not this tenant's
+        later = await new_job(db)
+        publish(state, later)
+        publish(state, waiting)  # in the snapshot already
+        event = await client.receive()
+        assert (event["job_id"], event["seq"], event["status"]) == (later.id, 1, "queued")
+
+        client.channel.request(UnsubscribeAll())
+        assert await client.receive() == {"type": "unsubscribed", "all": True}
+        publish(state, await written(db, changes.claim(later.id, "w1", lease_s=30)))
+        assert len(client.channel) == 0 and client.nothing_sent()
+    finally:
+        await client.close()
