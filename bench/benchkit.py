@@ -37,7 +37,10 @@ from sqlalchemy import Engine, TextClause, bindparam, create_engine, make_url, t
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from conveyor.embedded.kafka import is_port_free
-from conveyor.embedded.postgres import PostgresError, PostgresServer, free_port
+
+# The private PostgreSQL server is test support code, not part of the package: it lives beside the tests.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "tests"))
+from postgres_server import PostgresError, PostgresServer, free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 LOCALHOST = "127.0.0.1"
@@ -730,7 +733,7 @@ class ConnectionPool:
 
 
 class EmbeddedPostgres:
-    """`conveyor.embedded.postgres.PostgresServer` in a fresh temporary folder, on a free port."""
+    """`PostgresServer` (`tests/postgres_server.py`) in a fresh temporary folder, on a free port."""
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="conveyor-bench-pg-"))

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Make sure PostgreSQL server binaries (initdb, pg_ctl) are installed, so that
-# conveyor.embedded.postgres can run a private, throwaway cluster.
+# tests/postgres_server.py can run a private, throwaway cluster.
 #
 # Idempotent: if some major version is already under /usr/lib/postgresql/*/bin,
 # it only reports where (on stdout) and exits 0. Otherwise it installs Debian's

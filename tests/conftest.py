@@ -20,10 +20,9 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from conveyor.database import Database
 from conveyor.embedded.kafka import KafkaCluster, free_port_block
-from conveyor.embedded.postgres import PostgresServer
-from conveyor.embedded.postgres import free_port as free_pg_port
 
 from harness import KEY_A, KEY_B, TENANT_A, TENANT_B, Stack, free_port
+from postgres_server import PostgresServer
 
 KAFKA_ENV = "CONVEYOR_TEST_KAFKA_BOOTSTRAP"
 POSTGRES_ENV = "CONVEYOR_TEST_POSTGRES_URL"
@@ -52,7 +51,7 @@ def postgres_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str
     if os.environ.get(POSTGRES_ENV):
         yield os.environ[POSTGRES_ENV]
         return
-    server = PostgresServer(tmp_path_factory.mktemp("postgres"), port=free_pg_port())
+    server = PostgresServer(tmp_path_factory.mktemp("postgres"), port=free_port())
     server.start()
     try:
         yield server.url

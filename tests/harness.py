@@ -1,22 +1,32 @@
-"""Runs Conveyor's services as real OS processes for tests, as they run in production."""
+"""Runs Conveyor's services as real OS processes for tests, as they run in production, and holds what
+the tests share: submitting jobs, reading what the services answered, logged and wrote."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import httpx
+import websockets
+from aiokafka import TopicPartition
+from sqlalchemy import Connection, func, select
 
 from conveyor.changes import Change, Unit, Written, write_changes
 from conveyor.database import Database
+from conveyor.eventlog import events_between
+from conveyor.events import JobEvent
+from conveyor.models import JOBS, OutboxMessage
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -24,6 +34,9 @@ POLL_INTERVAL_S = 0.1
 
 TENANT_A, KEY_A = "tenant-a", "key-a-0123456789"
 TENANT_B, KEY_B = "tenant-b", "key-b-0123456789"
+PROBLEM_JSON = "application/problem+json"
+# How a worker logs a partition: `topic[partition]`.
+PARTITION_NAME = re.compile(r"^(?P<topic>.+)\[(?P<partition>\d+)\]$")
 
 
 async def write_now(db: Database, prefix: str, *changes: Change, atomic: bool = False) -> Written:
@@ -83,6 +96,12 @@ class Stack:
         self.processes[name] = process
         return process
 
+    def start_gateway(self, name: str, **env: str) -> str:
+        """Another gateway on a port of its own, not waited for (it may never be ready); its URL."""
+        port = free_port()
+        self.start(name, "gateway", CONVEYOR_GATEWAY_PORT=str(port), **env)
+        return f"http://127.0.0.1:{port}"
+
     async def start_progress(self, name: str, port: int | None = None, **env: str) -> str:
         """Another progress instance on its own port (the same one again after a restart); its ws:// URL."""
         port = port or free_port()
@@ -99,22 +118,15 @@ class Stack:
         """Stop one service for good (SIGTERM) and forget it."""
         process = self.processes.pop(name)
         process.terminate()
-        try:
-            process.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        _reap(process)
 
     def stop_all(self) -> None:
+        # Every service is told first, so they stop side by side rather than one after another.
         for process in self.processes.values():
             if process.poll() is None:
                 process.terminate()
         for process in self.processes.values():
-            try:
-                process.wait(timeout=STOP_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            _reap(process)
 
     def log(self, name: str) -> str:
         return (self.log_dir / f"{name}.log").read_text(errors="replace")
@@ -138,21 +150,26 @@ class Stack:
             f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.log_dir.glob("*.log")
         )
 
-    def client(self, key: str = KEY_A) -> httpx.AsyncClient:
+    def client(self, key: str = KEY_A, base_url: str | None = None) -> httpx.AsyncClient:
+        """A client of the gateway (or of another one at `base_url`) as `key`'s tenant."""
         return httpx.AsyncClient(
-            base_url=self.gateway_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
+            base_url=base_url or self.gateway_url, headers={"Authorization": f"Bearer {key}"}, timeout=30
         )
 
+    async def submit_job(self, body: dict[str, Any], key: str = KEY_A) -> str:
+        """Submit a job as `key`'s tenant, on a client of its own; the job's id."""
+        async with self.client(key) as client:
+            job_id: str = (await submit(client, body))["id"]
+            return job_id
 
-async def wait_for_status(
-    client: httpx.AsyncClient, job_id: str, statuses: set[str], within_s: float
-) -> dict[str, Any]:
-    async def reached() -> dict[str, Any] | None:
-        body: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
-        return body if body["status"] in statuses else None
 
-    result: dict[str, Any] = await eventually(reached, within_s, f"job {job_id} to reach {statuses}")
-    return result
+def _reap(process: subprocess.Popen[bytes]) -> None:
+    """Wait for a process that was told to stop; kill it if it takes longer than STOP_TIMEOUT_S."""
+    try:
+        process.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 async def wait_alive(base_url: str, within_s: float = READY_TIMEOUT_S) -> None:
@@ -166,3 +183,145 @@ async def wait_alive(base_url: str, within_s: float = READY_TIMEOUT_S) -> None:
                 return False
 
         await eventually(alive, within_s, f"{base_url}/healthz")
+
+
+# --- Jobs over HTTP ---
+
+
+async def submit_response(client: httpx.AsyncClient, body: dict[str, Any], **headers: str) -> httpx.Response:
+    """POST a job; the gateway's response, which must be a 202."""
+    response = await client.post("/v1/jobs", json=body, headers=headers)
+    assert response.status_code == 202, response.text
+    return response
+
+
+async def submit(client: httpx.AsyncClient, body: dict[str, Any], **headers: str) -> dict[str, Any]:
+    """POST a job, which must be accepted; the job, as the 202 describes it."""
+    job: dict[str, Any] = (await submit_response(client, body, **headers)).json()
+    return job
+
+
+def sleep_job(seconds: float, steps: int | None = None) -> dict[str, Any]:
+    """A `demo.sleep` job: `steps` progress reports (by default about one a second) over `seconds`."""
+    return {
+        "type": "demo.sleep",
+        "payload": {"seconds": seconds, "steps": max(1, round(seconds)) if steps is None else steps},
+    }
+
+
+async def wait_for_status(
+    client: httpx.AsyncClient, job_id: str, statuses: set[str], within_s: float
+) -> dict[str, Any]:
+    async def reached() -> dict[str, Any] | None:
+        body: dict[str, Any] = (await client.get(f"/v1/jobs/{job_id}")).json()
+        return body if body["status"] in statuses else None
+
+    result: dict[str, Any] = await eventually(reached, within_s, f"job {job_id} to reach {statuses}")
+    return result
+
+
+async def nothing_waiting(client: httpx.AsyncClient) -> bool:
+    """Whether the client's tenant has no job queued or scheduled."""
+    page = (await client.get("/v1/jobs", params={"status": ["scheduled", "queued"]})).json()
+    return page["items"] == []
+
+
+async def collect_events(
+    stack: Stack, job_id: str, key: str = KEY_A
+) -> tuple[list[dict[str, Any]], int | None]:
+    """Every message of the job's WebSocket until the server closes it (once the job is done); and the
+    close code."""
+    url = f"{stack.progress_url}/v1/jobs/{job_id}/events"
+    messages = []
+    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+        async for raw in ws:
+            messages.append(json.loads(raw))
+        return messages, ws.close_code
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
+    """The response is a problem document (RFC 9457) of `status`; its body."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == PROBLEM_JSON
+    body: dict[str, object] = response.json()
+    assert body["status"] == status
+    assert body["title"]
+    return body
+
+
+# --- The command line ---
+
+
+async def cli(stack: Stack, *args: str, env: dict[str, str] | None = None) -> tuple[int | None, str, str]:
+    """Run `conveyor ARGS`: (exit code, stdout, stderr)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "conveyor",
+        *args,
+        env={**os.environ, **stack.env, **(env or {})},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+    return process.returncode, stdout.decode().strip(), stderr.decode().strip()
+
+
+async def run_cli(stack: Stack, *args: str) -> str:
+    """Run `conveyor ARGS`, which must succeed; its output."""
+    returncode, stdout, stderr = await cli(stack, *args)
+    assert returncode == 0, stderr
+    return stdout
+
+
+# --- What the services logged and wrote ---
+
+
+def worker_events(stack: Stack, event: str, job_id: str | None = None, worker: str = "worker-1") -> list[Any]:
+    """The worker's log records of `event` (for `job_id`), oldest first. Needs CONVEYOR_LOG_JSON."""
+    records = []
+    for line in stack.log(worker).splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # not structlog's: a traceback, a library's own line
+        if record.get("event") == event and (job_id is None or record.get("job_id") == job_id):
+            records.append(record)
+    return records
+
+
+def assignments(stack: Stack, worker: str) -> list[tuple[datetime, set[TopicPartition]]]:
+    """Each `worker.assigned` of the worker: when, and the partitions of its job topics."""
+    result = []
+    for record in worker_events(stack, "worker.assigned", worker=worker):
+        partitions = set()
+        for name in record["partitions"]:
+            match = PARTITION_NAME.match(name)
+            assert match is not None, name
+            partitions.add(TopicPartition(match["topic"], int(match["partition"])))
+        result.append((datetime.fromisoformat(record["timestamp"]), partitions))
+    return result
+
+
+def at(timestamp: str) -> datetime:
+    """A log record's (or a job's) timestamp, in UTC."""
+    return datetime.fromisoformat(timestamp).astimezone(UTC)
+
+
+async def event_history(db: Database, job_id: str) -> list[JobEvent]:
+    """The job's whole event history, oldest first (the job exists, and its history has no gaps)."""
+
+    def read(connection: Connection) -> list[JobEvent]:
+        last_seq = connection.execute(select(JOBS.c.last_seq).where(JOBS.c.id == job_id)).scalar_one_or_none()
+        assert last_seq is not None, f"no job {job_id}"
+        events = events_between(connection, job_id, 0, last_seq)
+        assert events is not None, f"the history of {job_id} has gaps"
+        return events
+
+    return await db.read(read)
+
+
+async def outbox_size(db: Database) -> int:
+    """How many messages wait in the outbox, not yet published."""
+    async with db.reading() as session:
+        return int(await session.scalar(select(func.count()).select_from(OutboxMessage)) or 0)

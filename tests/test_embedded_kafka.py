@@ -18,13 +18,13 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from conveyor.embedded.kafka import (
-    DEFAULT_CACHE_DIR,
     PORTS_PER_NODE,
     KafkaCluster,
     PortInUseError,
     free_port_block,
     is_port_free,
 )
+from conveyor.embedded.kafka_jars import DEFAULT_CACHE_DIR
 
 CONSUME_TIMEOUT = 60.0
 

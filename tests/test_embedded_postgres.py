@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from conveyor.embedded.postgres import (
+from postgres_server import (
     PG_BIN_ENV,
     PostgresError,
     PostgresServer,

@@ -2,25 +2,9 @@
 
 from __future__ import annotations
 
-import json
-from typing import Any
-
-import websockets
-
-from harness import KEY_A, Stack, wait_for_status
+from harness import Stack, collect_events, wait_for_status
 
 JOB_TIMEOUT_S = 60
-
-
-async def collect_events(
-    stack: Stack, job_id: str, key: str = KEY_A
-) -> tuple[list[dict[str, Any]], int | None]:
-    url = f"{stack.progress_url}/v1/jobs/{job_id}/events"
-    messages = []
-    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
-        async for raw in ws:
-            messages.append(json.loads(raw))
-        return messages, ws.close_code
 
 
 async def test_sleep_job_runs_from_202_to_succeeded_with_live_progress(stack: Stack) -> None:

@@ -3,48 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import sys
 
 import httpx
 
 from conveyor.auth import PRINCIPAL_CACHE_S, hash_key
 
-from harness import KEY_B, Stack, eventually, free_port, wait_for_status
-
-PROBLEM_JSON = "application/problem+json"
-
-
-async def cli(stack: Stack, *args: str, env: dict[str, str] | None = None) -> tuple[int | None, str, str]:
-    """Run `conveyor ARGS`: (exit code, stdout, stderr)."""
-    process = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "conveyor",
-        *args,
-        env={**os.environ, **stack.env, **(env or {})},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdout, stderr = await process.communicate()
-    return process.returncode, stdout.decode().strip(), stderr.decode().strip()
-
-
-async def run_cli(stack: Stack, *args: str) -> str:
-    returncode, stdout, stderr = await cli(stack, *args)
-    assert returncode == 0, stderr
-    return stdout
-
-
-def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"] == PROBLEM_JSON
-    body: dict[str, object] = response.json()
-    assert body["status"] == status
-    assert body["title"]
-    return body
-
+from harness import KEY_B, Stack, assert_problem, cli, run_cli, wait_alive, wait_for_status
 
 UNAUTHORIZED: list[dict[str, str]] = [
     {},
@@ -141,19 +106,9 @@ async def test_health_and_readiness(module_stack: Stack) -> None:
 
 
 async def test_readiness_fails_when_kafka_is_unreachable(module_stack: Stack) -> None:
-    port = free_port()
-    module_stack.start(
-        "gateway-no-kafka", "gateway", CONVEYOR_KAFKA_BOOTSTRAP="127.0.0.1:1", CONVEYOR_GATEWAY_PORT=str(port)
-    )
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as client:
-
-        async def alive() -> bool:
-            try:
-                return (await client.get("/healthz")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await eventually(alive, 60, "the gateway without Kafka to start")
+    base = module_stack.start_gateway("gateway-no-kafka", CONVEYOR_KAFKA_BOOTSTRAP="127.0.0.1:1")
+    await wait_alive(base, 60)
+    async with httpx.AsyncClient(base_url=base) as client:
         ready = await client.get("/readyz")
     assert ready.status_code == 503
     assert ready.json()["checks"]["database"] == "ok"

@@ -8,9 +8,8 @@ import uuid
 from typing import Any
 
 import httpx
-from test_gateway import assert_problem, run_cli
 
-from harness import KEY_A, KEY_B, Stack, eventually, free_port, wait_for_status
+from harness import KEY_A, KEY_B, Stack, assert_problem, eventually, nothing_waiting, run_cli, wait_for_status
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 BATCH_LIMIT = 1000
@@ -134,21 +133,14 @@ async def test_each_item_has_its_own_idempotency_key(module_stack: Stack) -> Non
 async def test_a_batch_is_within_the_tenants_rate_and_queue_limits_or_refused_whole(
     module_stack: Stack,
 ) -> None:
-    port = free_port()
     limits = {"tenant-a": {"submit_rate": 1, "submit_burst": 5}, "tenant-b": {"max_queued": 4}}
-    module_stack.start(
-        "gateway-batch-limited",
-        "gateway",
-        CONVEYOR_GATEWAY_PORT=str(port),
-        CONVEYOR_TENANT_LIMITS=json.dumps(limits),
-    )
-    base = f"http://127.0.0.1:{port}"
+    base = module_stack.start_gateway("gateway-batch-limited", CONVEYOR_TENANT_LIMITS=json.dumps(limits))
     marker = uuid.uuid4().hex
     try:
         await module_stack.wait_ready(base)
         async with (
-            httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY_A}"}) as a,
-            httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY_B}"}) as b,
+            module_stack.client(KEY_A, base_url=base) as a,
+            module_stack.client(KEY_B, base_url=base) as b,
         ):
             # Every job takes a token: a batch larger than the burst could never pass; one that fits, once.
             too_big = assert_problem(
@@ -164,7 +156,7 @@ async def test_a_batch_is_within_the_tenants_rate_and_queue_limits_or_refused_wh
             assert limited["limit"] == "rate"
 
             # tenant-b may have 4 jobs waiting: with 3 scheduled, a batch of 2 does not fit: refused whole.
-            await eventually(lambda: _none_waiting(b), 60, "tenant-b's earlier jobs to leave the queue")
+            await eventually(lambda: nothing_waiting(b), 60, "tenant-b's earlier jobs to leave the queue")
             held = [marked(marker, n, delay_s=300) for n in range(3)]
             assert (await b.post("/v1/jobs/batch", json={"jobs": held})).status_code == 202
             full = assert_problem(
@@ -196,10 +188,3 @@ async def test_the_batch_operation_is_documented(module_stack: Stack) -> None:
     assert body["properties"]["jobs"]["maxItems"] == BATCH_LIMIT
     assert "idempotency_key" in body["properties"]["jobs"]["items"]["properties"]
     assert {"202", "401", "403", "413", "422", "429", "503"} <= set(operation["responses"])
-
-
-async def _none_waiting(client: httpx.AsyncClient) -> bool:
-    for status in ("queued", "scheduled"):
-        if (await client.get("/v1/jobs", params={"status": status})).json()["items"]:
-            return False
-    return True

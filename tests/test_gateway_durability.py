@@ -18,17 +18,16 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select, text
+from sqlalchemy import select, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from conveyor.database import Database
 from conveyor.embedded.kafka import KafkaCluster
-from conveyor.models import Job, OutboxMessage
+from conveyor.models import Job
 
-from harness import KEY_A, Stack, eventually, free_port, wait_alive, wait_for_status
+from harness import PROBLEM_JSON, Stack, eventually, outbox_size, submit, wait_alive, wait_for_status
 
-PROBLEM_JSON = "application/problem+json"
 # Outbox rows count as orphans after 10 s (conveyor.outbox.ORPHAN_AGE_S); then any live relay sweeps them.
 ORPHAN_SWEEP_WITHIN_S = 60
 # A restarted broker must be found again by every producer and consumer, each on its own backoff.
@@ -38,26 +37,28 @@ DONE = {"succeeded", "failed", "cancelled"}
 STOP_WITHIN_S = 30
 
 
-async def outbox_size(database_url: str) -> int:
+@asynccontextmanager
+async def database_at(database_url: str) -> AsyncIterator[Database]:
+    """The deployment's database, opened for one look (the services may be restarting around it)."""
     db = Database(database_url)
     try:
-        async with db.reading() as session:
-            return int(await session.scalar(select(func.count()).select_from(OutboxMessage)) or 0)
+        yield db
     finally:
         await db.close()
+
+
+async def outbox_size_at(database_url: str) -> int:
+    async with database_at(database_url) as db:
+        return await outbox_size(db)
 
 
 async def outbox_size_is(database_url: str, size: int) -> bool:
-    return await outbox_size(database_url) == size
+    return await outbox_size_at(database_url) == size
 
 
 async def stored_jobs(database_url: str) -> list[Job]:
-    db = Database(database_url)
-    try:
-        async with db.reading() as session:
-            return list((await session.scalars(select(Job))).all())
-    finally:
-        await db.close()
+    async with database_at(database_url) as db, db.reading() as session:
+        return list((await session.scalars(select(Job))).all())
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,9 @@ class Accepted:
     payload: Any
 
 
-async def submit(client: httpx.AsyncClient, payload: Any) -> Accepted:
-    response = await client.post("/v1/jobs", json={"type": "demo.echo", "payload": payload})
-    assert response.status_code == 202, response.text
-    return Accepted(response.json()["id"], payload)
+async def submit_echo(client: httpx.AsyncClient, payload: Any) -> Accepted:
+    job = await submit(client, {"type": "demo.echo", "payload": payload})
+    return Accepted(job["id"], payload)
 
 
 async def all_succeed(client: httpx.AsyncClient, jobs: list[Accepted], within_s: float) -> None:
@@ -89,21 +89,15 @@ async def test_jobs_accepted_by_a_gateway_killed_before_publishing_still_run(
 ) -> None:
     # A second gateway on the same database and topics whose Kafka is unreachable: it commits each job
     # and answers 202, but its relay can never publish, so the messages stay in the outbox.
-    port = free_port()
-    stack.start(
-        "gateway-no-kafka", "gateway", CONVEYOR_KAFKA_BOOTSTRAP="127.0.0.1:1", CONVEYOR_GATEWAY_PORT=str(port)
-    )
-    doomed_url = f"http://127.0.0.1:{port}"
+    doomed_url = stack.start_gateway("gateway-no-kafka", CONVEYOR_KAFKA_BOOTSTRAP="127.0.0.1:1")
     await wait_alive(doomed_url)
-    async with httpx.AsyncClient(
-        base_url=doomed_url, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=30
-    ) as doomed:
-        jobs = [await submit(doomed, {"n": n}) for n in range(5)]
+    async with stack.client(base_url=doomed_url) as doomed:
+        jobs = [await submit_echo(doomed, {"n": n}) for n in range(5)]
 
     async with stack.client() as client:
         # Well within the orphan age: nothing can have published them yet.
         assert await statuses(client, jobs) == ["queued"] * len(jobs)
-        assert await outbox_size(database_url) >= 2 * len(jobs)  # an event and a job message each
+        assert await outbox_size_at(database_url) >= 2 * len(jobs)  # an event and a job message each
         stack.kill("gateway-no-kafka")
 
         await all_succeed(client, jobs, ORPHAN_SWEEP_WITHIN_S)
@@ -116,19 +110,19 @@ async def test_jobs_accepted_while_kafka_is_down_run_once_it_is_back(
     private_kafka: KafkaCluster, private_kafka_stack: Stack
 ) -> None:
     async with private_kafka_stack.client() as client:
-        before = [await submit(client, {"before": n}) for n in range(3)]
+        before = [await submit_echo(client, {"before": n}) for n in range(3)]
         await all_succeed(client, before, 60)
 
         await asyncio.to_thread(private_kafka.stop)
         assert not private_kafka.is_running
-        during = [await submit(client, {"during": n}) for n in range(5)]
+        during = [await submit_echo(client, {"during": n}) for n in range(5)]
         assert await statuses(client, during) == ["queued"] * len(during)
 
         # The same broker again: same ports, same data directory, so the same topics and offsets.
         await asyncio.to_thread(private_kafka.start)
         await all_succeed(client, during, KAFKA_RECOVERY_WITHIN_S)
 
-        after = [await submit(client, {"after": n}) for n in range(2)]
+        after = [await submit_echo(client, {"after": n}) for n in range(2)]
         await all_succeed(client, after, 60)
 
 
@@ -221,7 +215,7 @@ async def test_a_submission_while_the_database_is_down_gets_503_and_leaves_nothi
         refused = await client.post("/v1/jobs", json={"type": "demo.echo", "payload": refused_marker})
 
     async with stack.client() as client:
-        accepted = await submit(client, "accepted")
+        accepted = await submit_echo(client, "accepted")
         await all_succeed(client, [accepted], 60)
 
     jobs = await stored_jobs(database_url)

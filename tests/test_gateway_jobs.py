@@ -10,22 +10,26 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from test_gateway import assert_problem
 
-from harness import KEY_A, KEY_B, Stack, eventually, free_port, wait_for_status
+from harness import (
+    KEY_A,
+    KEY_B,
+    Stack,
+    assert_problem,
+    eventually,
+    nothing_waiting,
+    run_cli,
+    submit,
+    submit_response,
+    wait_for_status,
+)
 
 TERMINAL = {"succeeded", "failed", "canceled"}
 
 
-async def submit(client: httpx.AsyncClient, body: dict[str, Any], **headers: str) -> httpx.Response:
-    response = await client.post("/v1/jobs", json=body, headers=headers)
-    assert response.status_code == 202, response.text
-    return response
-
-
 async def test_submission_answers_202_with_location_retry_after_and_links(module_stack: Stack) -> None:
     async with module_stack.client() as client:
-        response = await submit(
+        response = await submit_response(
             client,
             {
                 "type": "demo.echo",
@@ -57,7 +61,7 @@ async def test_submission_answers_202_with_location_retry_after_and_links(module
 
 async def test_a_delayed_job_is_scheduled_then_runs(module_stack: Stack) -> None:
     async with module_stack.client() as client:
-        response = await submit(client, {"type": "demo.echo", "payload": 2, "delay_s": 2})
+        response = await submit_response(client, {"type": "demo.echo", "payload": 2, "delay_s": 2})
         job = response.json()
         assert job["status"] == "scheduled"
         assert job["run_at"] is not None
@@ -91,7 +95,7 @@ async def test_schedule_and_option_errors_name_the_field(module_stack: Stack) ->
 async def test_a_past_run_at_runs_at_once(module_stack: Stack) -> None:
     async with module_stack.client() as client:
         past = (datetime.now(UTC) - timedelta(hours=1)).isoformat()
-        job = (await submit(client, {"type": "demo.echo", "payload": 3, "run_at": past})).json()
+        job = await submit(client, {"type": "demo.echo", "payload": 3, "run_at": past})
         assert job["status"] == "queued"
         assert (await wait_for_status(client, job["id"], TERMINAL, 60))["status"] == "succeeded"
 
@@ -100,7 +104,7 @@ async def test_the_same_idempotency_key_and_body_return_the_same_job(module_stac
     key = str(uuid.uuid4())
     body = {"type": "demo.echo", "payload": {"a": 1, "b": 2}}
     async with module_stack.client() as client, module_stack.client(KEY_B) as other:
-        first = await submit(client, body, **{"Idempotency-Key": key})
+        first = await submit_response(client, body, **{"Idempotency-Key": key})
         # The same JSON with its keys in another order is the same request.
         again = await client.post(
             "/v1/jobs",
@@ -122,7 +126,7 @@ async def test_the_same_idempotency_key_and_body_return_the_same_job(module_stac
         ]
 
         # Keys are the tenant's own: another tenant's same key is another job.
-        theirs = await submit(other, body, **{"Idempotency-Key": key})
+        theirs = await submit_response(other, body, **{"Idempotency-Key": key})
         assert theirs.json()["id"] != first.json()["id"]
 
         listed = (
@@ -151,7 +155,7 @@ async def test_concurrent_identical_idempotent_requests_create_one_job(module_st
 
 async def test_wait_holds_the_request_until_the_job_changes_state(module_stack: Stack) -> None:
     async with module_stack.client() as client:
-        job = (await submit(client, {"type": "demo.echo", "payload": 4, "delay_s": 1.5})).json()
+        job = await submit(client, {"type": "demo.echo", "payload": 4, "delay_s": 1.5})
         loop = asyncio.get_running_loop()
         started = loop.time()
         changed = (await client.get(f"/v1/jobs/{job['id']}", params={"wait": 30})).json()
@@ -160,7 +164,7 @@ async def test_wait_holds_the_request_until_the_job_changes_state(module_stack: 
         assert 0.5 < waited < 20, waited
 
         # A job that does not change within the wait is returned as it is, after the wait.
-        later = (await submit(client, {"type": "demo.noop", "delay_s": 120})).json()
+        later = await submit(client, {"type": "demo.noop", "delay_s": 120})
         started = loop.time()
         same = await client.get(f"/v1/jobs/{later['id']}", params={"wait": 1})
         assert same.json()["status"] == "scheduled"
@@ -176,13 +180,11 @@ async def test_wait_holds_the_request_until_the_job_changes_state(module_stack: 
 
 async def test_result_before_the_end_and_of_a_failed_job_is_a_clear_problem(module_stack: Stack) -> None:
     async with module_stack.client() as client:
-        waiting = (await submit(client, {"type": "demo.noop", "delay_s": 120})).json()
+        waiting = await submit(client, {"type": "demo.noop", "delay_s": 120})
         not_ready = assert_problem(await client.get(f"/v1/jobs/{waiting['id']}/result"), 409)
         assert not_ready["job_status"] == "scheduled"
 
-        failing = (
-            await submit(client, {"type": "demo.fail", "payload": {"fail_times": 5}, "max_attempts": 1})
-        ).json()
+        failing = await submit(client, {"type": "demo.fail", "payload": {"fail_times": 5}, "max_attempts": 1})
         await wait_for_status(client, failing["id"], TERMINAL, 60)
         failed = assert_problem(await client.get(f"/v1/jobs/{failing['id']}/result"), 409)
         assert failed["error"]["type"] == "DemoFailure"  # type: ignore[index]
@@ -190,7 +192,7 @@ async def test_result_before_the_end_and_of_a_failed_job_is_a_clear_problem(modu
 
 async def test_cancel_a_scheduled_job_and_refuse_to_cancel_a_finished_one(module_stack: Stack) -> None:
     async with module_stack.client() as client:
-        job = (await submit(client, {"type": "demo.echo", "payload": 5, "delay_s": 2})).json()
+        job = await submit(client, {"type": "demo.echo", "payload": 5, "delay_s": 2})
         response = await client.post(job["links"]["cancel"])
         assert response.status_code == 202
         assert response.json()["status"] == "canceled"
@@ -208,15 +210,10 @@ async def test_cancel_a_scheduled_job_and_refuse_to_cancel_a_finished_one(module
         final = (await client.get(f"/v1/jobs/{job['id']}")).json()
         assert (final["status"], final["attempts"], final["started_at"]) == ("canceled", 0, None)
 
-        done = (await submit(client, {"type": "demo.echo", "payload": 6})).json()
+        done = await submit(client, {"type": "demo.echo", "payload": 6})
         await wait_for_status(client, done["id"], TERMINAL, 60)
         finished = assert_problem(await client.post(f"/v1/jobs/{done['id']}/cancel"), 409)
         assert finished["job_status"] == "succeeded"
-
-
-async def _none_waiting(client: httpx.AsyncClient) -> bool:
-    page = (await client.get("/v1/jobs", params={"status": ["scheduled", "queued"]})).json()
-    return page["items"] == []
 
 
 def _past(moment: str, seconds: float) -> bool:
@@ -235,7 +232,7 @@ async def test_list_filters_and_pages_newest_first(module_stack: Stack) -> None:
                 "labels": {"batch": batch, "parity": "odd" if n % 2 else "even"},
                 "delay_s": 300,  # they stay scheduled, so the status filter is deterministic
             }
-            created.append((await submit(client, body)).json())
+            created.append(await submit(client, body))
         newest_first = [job["id"] for job in reversed(created)]
 
         pages: list[str] = []
@@ -299,7 +296,7 @@ async def test_list_filters_and_pages_newest_first(module_stack: Stack) -> None:
 
 async def test_a_tenant_never_sees_or_touches_another_tenants_job(module_stack: Stack) -> None:
     async with module_stack.client() as owner, module_stack.client(KEY_B) as other:
-        job = (await submit(owner, {"type": "demo.echo", "payload": {"secret": 1}, "delay_s": 60})).json()
+        job = await submit(owner, {"type": "demo.echo", "payload": {"secret": 1}, "delay_s": 60})
         missing = "00000000-0000-0000-0000-000000000000"
         for method, path in (
             ("GET", "/v1/jobs/{}"),
@@ -318,12 +315,10 @@ async def test_a_tenant_never_sees_or_touches_another_tenants_job(module_stack: 
 
 
 async def test_scopes_guard_every_endpoint(module_stack: Stack) -> None:
-    from test_gateway import run_cli
-
     reader = await run_cli(module_stack, "keys", "create", "--tenant", "tenant-a", "--scopes", "read")
     submitter = await run_cli(module_stack, "keys", "create", "--tenant", "tenant-a", "--scopes", "submit")
     async with module_stack.client() as full, module_stack.client(reader) as read_only:
-        job = (await submit(full, {"type": "demo.noop", "delay_s": 60})).json()
+        job = await submit(full, {"type": "demo.noop", "delay_s": 60})
         assert_problem(await read_only.post("/v1/jobs", json={"type": "demo.noop"}), 403)
         assert_problem(await read_only.post(job["links"]["cancel"]), 403)
         assert (await read_only.get("/v1/jobs")).status_code == 200
@@ -335,20 +330,13 @@ async def test_scopes_guard_every_endpoint(module_stack: Stack) -> None:
 
 
 async def test_tenant_limits_answer_429_with_retry_after(module_stack: Stack) -> None:
-    port = free_port()
     limits = {"tenant-a": {"submit_rate": 0.5, "submit_burst": 3}, "tenant-b": {"max_queued": 2}}
-    module_stack.start(
-        "gateway-limited",
-        "gateway",
-        CONVEYOR_GATEWAY_PORT=str(port),
-        CONVEYOR_TENANT_LIMITS=json.dumps(limits),
-    )
-    base = f"http://127.0.0.1:{port}"
+    base = module_stack.start_gateway("gateway-limited", CONVEYOR_TENANT_LIMITS=json.dumps(limits))
     try:
         await module_stack.wait_ready(base)
         async with (
-            httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY_A}"}) as a,
-            httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {KEY_B}"}) as b,
+            module_stack.client(KEY_A, base_url=base) as a,
+            module_stack.client(KEY_B, base_url=base) as b,
         ):
             statuses = [(await a.post("/v1/jobs", json={"type": "demo.noop"})).status_code for _ in range(4)]
             assert statuses == [202, 202, 202, 429]
@@ -358,7 +346,7 @@ async def test_tenant_limits_answer_429_with_retry_after(module_stack: Stack) ->
             assert 1 <= int(too_fast.headers["retry-after"]) <= 2
 
             # tenant-b may have two jobs waiting; a third is refused until one leaves the queue.
-            await eventually(lambda: _none_waiting(b), 60, "tenant-b's earlier jobs to leave the queue")
+            await eventually(lambda: nothing_waiting(b), 60, "tenant-b's earlier jobs to leave the queue")
             waiting = [
                 (await b.post("/v1/jobs", json={"type": "demo.noop", "delay_s": 300})).json()
                 for _ in range(2)

@@ -7,7 +7,6 @@ The handlers the children run are in tests/process_handlers.py: a child imports 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sys
@@ -19,13 +18,12 @@ from typing import Any
 
 import process_handlers
 import pytest
-import websockets
 
 from conveyor import processes
 from conveyor.handlers import Handler, JobContext, JobType, job, run_handler
 from conveyor.processes import ProcessHandlerError, ProcessPool
 
-from harness import KEY_A, Stack, eventually, wait_for_status
+from harness import Stack, collect_events, eventually, submit, wait_for_status, worker_events
 
 # Starting a child (spawn: a fresh interpreter importing conveyor) takes about a second on a slow machine.
 RUN_TIMEOUT_S = 30.0
@@ -271,32 +269,12 @@ def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
     return {**stack_env, "CONVEYOR_LOG_JSON": "true", "CONVEYOR_WORKER_PROCESSES": "2"}
 
 
-def worker_records(stack: Stack, event: str, job_id: str) -> list[dict[str, Any]]:
-    records = []
-    for line in stack.log("worker-1").splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # not structlog's
-        if record.get("event") == event and record.get("job_id") == job_id:
-            records.append(record)
-    return records
-
-
-async def collect_events(stack: Stack, job_id: str) -> list[dict[str, Any]]:
-    url = f"{stack.progress_url}/v1/jobs/{job_id}/events"
-    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {KEY_A}"}) as ws:
-        return [json.loads(raw) async for raw in ws]
-
-
 async def test_a_crunch_job_runs_in_the_workers_pool_from_202_to_succeeded(stack: Stack) -> None:
     async with stack.client() as client:
         body = {"type": "demo.crunch", "payload": {"n": 200_000, "steps": 4}}
-        response = await client.post("/v1/jobs", json=body)
-        assert response.status_code == 202, response.text
-        job_id = response.json()["id"]
+        job_id = (await submit(client, body))["id"]
 
-        messages = await asyncio.wait_for(collect_events(stack, job_id), JOB_TIMEOUT_S)
+        messages, _ = await asyncio.wait_for(collect_events(stack, job_id), JOB_TIMEOUT_S)
         final = await wait_for_status(client, job_id, TERMINAL, JOB_TIMEOUT_S)
 
     assert final["status"] == "succeeded", final["error"]
@@ -311,7 +289,7 @@ async def test_a_crunch_job_runs_in_the_workers_pool_from_202_to_succeeded(stack
     assert events[-1]["type"] == "state"
     assert events[-1]["status"] == "succeeded", "the last report is written before the outcome"
     # The child logs to the worker's log, bound to the job, from a process of its own.
-    (crunched,) = worker_records(stack, "demo.crunched", job_id)
+    (crunched,) = worker_events(stack, "demo.crunched", job_id)
     assert crunched["primes"] == PRIMES_BELOW_200K
     assert crunched["pid"] != stack.processes["worker-1"].pid
 
@@ -319,9 +297,7 @@ async def test_a_crunch_job_runs_in_the_workers_pool_from_202_to_succeeded(stack
 async def test_a_canceled_crunch_job_stops_its_child_within_the_grace(stack: Stack) -> None:
     async with stack.client() as client:
         body = {"type": "demo.crunch", "payload": {"n": 100_000_000, "steps": 1000}}
-        response = await client.post("/v1/jobs", json=body)
-        assert response.status_code == 202, response.text
-        job_id = response.json()["id"]
+        job_id = (await submit(client, body))["id"]
 
         async def crunching() -> bool:
             job = (await client.get(f"/v1/jobs/{job_id}")).json()
@@ -332,7 +308,7 @@ async def test_a_canceled_crunch_job_stops_its_child_within_the_grace(stack: Sta
         assert response.status_code == 202, response.text
 
         (canceled,) = await eventually(
-            lambda: worker_records(stack, "job.canceled", job_id), JOB_TIMEOUT_S, "the handler to stop"
+            lambda: worker_events(stack, "job.canceled", job_id), JOB_TIMEOUT_S, "the handler to stop"
         )
         final = (await client.get(f"/v1/jobs/{job_id}")).json()
 

@@ -6,22 +6,15 @@ import json
 import uuid
 
 from aiokafka import AIOKafkaConsumer
-from sqlalchemy import func, select
 
 from conveyor.broker import ensure_topics
 from conveyor.database import Database
 from conveyor.embedded.kafka import free_port_block
 from conveyor.events import Progress
-from conveyor.models import OutboxMessage
 from conveyor.outbox import OutboxRelay, stage_messages
 from conveyor.topics import events_topic
 
-from harness import eventually
-
-
-async def outbox_size(db: Database) -> int:
-    async with db.session() as session:
-        return int(await session.scalar(select(func.count()).select_from(OutboxMessage)) or 0)
+from harness import eventually, outbox_size
 
 
 async def test_rows_wait_while_kafka_is_unreachable_and_flow_once_it_answers(

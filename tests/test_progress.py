@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection
 from conveyor import changes
 from conveyor.database import Database
 
-from harness import KEY_A, KEY_B, Stack, eventually, wait_for_status, write_now
+from harness import KEY_A, KEY_B, Stack, eventually, sleep_job, wait_for_status, write_now
 
 JOB_TIMEOUT_S = 90
 RECEIVE_TIMEOUT_S = 60
@@ -52,18 +52,6 @@ async def read_to_close(ws: ClientConnection) -> tuple[list[Message], int | None
     return messages, ws.close_code
 
 
-async def submit(stack: Stack, body: dict[str, Any], key: str = KEY_A) -> str:
-    async with stack.client(key) as client:
-        response = await client.post("/v1/jobs", json=body)
-        assert response.status_code == 202, response.text
-        job_id: str = response.json()["id"]
-        return job_id
-
-
-def sleep_job(seconds: float, steps: int) -> dict[str, Any]:
-    return {"type": "demo.sleep", "payload": {"seconds": seconds, "steps": steps}}
-
-
 async def history(stack: Stack, job_id: str, after_seq: int = 0, key: str = KEY_A) -> dict[str, Any]:
     url = f"{http_url(stack.progress_url)}/v1/jobs/{job_id}/events"
     async with httpx.AsyncClient(headers=auth(key), timeout=30) as client:
@@ -91,7 +79,7 @@ def assert_gap_free(events: list[Message], after_seq: int) -> None:
 
 
 async def test_hundreds_of_progress_events_arrive_in_order_without_gaps(module_stack: Stack) -> None:
-    job_id = await submit(module_stack, sleep_job(seconds=3, steps=300))
+    job_id = await module_stack.submit_job(sleep_job(seconds=3, steps=300))
     async with connect(f"{module_stack.progress_url}/v1/jobs/{job_id}/events") as ws:
         messages, code = await read_to_close(ws)
 
@@ -113,7 +101,7 @@ async def test_hundreds_of_progress_events_arrive_in_order_without_gaps(module_s
 
 
 async def test_resume_after_a_disconnect_mid_job_gets_exactly_the_missed_events(module_stack: Stack) -> None:
-    job_id = await submit(module_stack, sleep_job(seconds=4, steps=100))
+    job_id = await module_stack.submit_job(sleep_job(seconds=4, steps=100))
     url = f"{module_stack.progress_url}/v1/jobs/{job_id}/events"
     async with connect(url) as ws:
         snapshot = await receive(ws)
@@ -139,7 +127,7 @@ async def test_resume_after_a_disconnect_mid_job_gets_exactly_the_missed_events(
 
 
 async def test_resume_of_a_finished_job_replays_its_history(module_stack: Stack) -> None:
-    job_id = await submit(module_stack, sleep_job(seconds=0.2, steps=5))
+    job_id = await module_stack.submit_job(sleep_job(seconds=0.2, steps=5))
     async with module_stack.client() as client:
         await wait_for_status(client, job_id, {"succeeded"}, JOB_TIMEOUT_S)
     url = f"{module_stack.progress_url}/v1/jobs/{job_id}/events"
@@ -171,7 +159,7 @@ async def test_a_restart_of_the_progress_service_loses_nothing_a_client_cannot_r
 ) -> None:
     instance = await module_stack.start_progress("progress-restarted")
     port = int(instance.rsplit(":", 1)[1])
-    job_id = await submit(module_stack, sleep_job(seconds=6, steps=60))
+    job_id = await module_stack.submit_job(sleep_job(seconds=6, steps=60))
     async with connect(f"{instance}/v1/jobs/{job_id}/events") as ws:
         snapshot = await receive(ws)
         first_part = [await receive(ws) for _ in range(5)]
@@ -193,7 +181,7 @@ async def test_a_restart_of_the_progress_service_loses_nothing_a_client_cannot_r
 async def test_two_instances_each_deliver_every_event_to_their_own_clients(module_stack: Stack) -> None:
     second = await module_stack.start_progress("progress-second")
     try:
-        job_id = await submit(module_stack, sleep_job(seconds=2, steps=40))
+        job_id = await module_stack.submit_job(sleep_job(seconds=2, steps=40))
         path = f"/v1/jobs/{job_id}/events?after_seq=0"
         async with connect(module_stack.progress_url + path) as one, connect(second + path) as two:
             (from_one, code_one), (from_two, code_two) = await asyncio.gather(
@@ -214,8 +202,8 @@ async def test_a_tenant_never_sees_another_tenants_job(module_stack: Stack) -> N
     async with connect(f"{url}/v1/events", key=KEY_B) as watcher_b:
         await watcher_b.send(json.dumps({"op": "subscribe", "all": True}))
         assert (await receive(watcher_b))["type"] == "snapshot"
-        job_a = await submit(module_stack, sleep_job(seconds=0.5, steps=3))
-        job_b = await submit(module_stack, {"type": "demo.noop"}, key=KEY_B)
+        job_a = await module_stack.submit_job(sleep_job(seconds=0.5, steps=3))
+        job_b = await module_stack.submit_job({"type": "demo.noop"}, key=KEY_B)
 
         # Tenant B asks for A's job by id, on each endpoint: it does not exist for B.
         async with connect(f"{url}/v1/jobs/{job_a}/events", key=KEY_B) as ws:
@@ -251,11 +239,11 @@ async def test_a_tenant_never_sees_another_tenants_job(module_stack: Stack) -> N
 
 
 async def test_one_socket_for_many_jobs(module_stack: Stack) -> None:
-    done = await submit(module_stack, {"type": "demo.echo", "payload": {"n": 1}})
+    done = await module_stack.submit_job({"type": "demo.echo", "payload": {"n": 1}})
     async with module_stack.client() as client:
         await wait_for_status(client, done, {"succeeded"}, JOB_TIMEOUT_S)
-    slow = await submit(module_stack, sleep_job(seconds=30, steps=300))
-    fast = await submit(module_stack, sleep_job(seconds=1, steps=5))
+    slow = await module_stack.submit_job(sleep_job(seconds=30, steps=300))
+    fast = await module_stack.submit_job(sleep_job(seconds=1, steps=5))
 
     async with connect(f"{module_stack.progress_url}/v1/events") as ws:
         await ws.send(json.dumps({"op": "subscribe", "job_ids": [fast, slow, done], "after_seq": {done: 1}}))
@@ -276,7 +264,7 @@ async def test_one_socket_for_many_jobs(module_stack: Stack) -> None:
         snapshot = await receive(ws)
         assert snapshot["type"] == "snapshot" and snapshot["all"] is True
         assert slow in {job["job_id"] for job in snapshot["jobs"]}
-        newcomer = await submit(module_stack, {"type": "demo.echo", "payload": {"n": 2}})
+        newcomer = await module_stack.submit_job({"type": "demo.echo", "payload": {"n": 2}})
         mine: list[Message] = []
         while not mine or mine[-1].get("status") != "succeeded":
             message = await receive(ws)
@@ -295,7 +283,7 @@ async def test_one_socket_for_many_jobs(module_stack: Stack) -> None:
 
 
 async def test_authentication_by_header_query_or_first_message(module_stack: Stack) -> None:
-    job_id = await submit(module_stack, {"type": "demo.noop"})
+    job_id = await module_stack.submit_job({"type": "demo.noop"})
     async with module_stack.client() as client:
         await wait_for_status(client, job_id, {"succeeded"}, JOB_TIMEOUT_S)
     url = f"{module_stack.progress_url}/v1/jobs/{job_id}/events"
@@ -361,7 +349,7 @@ async def sse_events(response: httpx.Response) -> AsyncIterator[Message]:
 
 
 async def test_server_sent_events_stream_and_resume_with_last_event_id(module_stack: Stack) -> None:
-    job_id = await submit(module_stack, sleep_job(seconds=3, steps=30))
+    job_id = await module_stack.submit_job(sleep_job(seconds=3, steps=30))
     url = f"{http_url(module_stack.progress_url)}/v1/jobs/{job_id}/events"
     stream_headers = {**auth(), "Accept": "text/event-stream"}
     async with httpx.AsyncClient(timeout=RECEIVE_TIMEOUT_S) as client:
@@ -468,7 +456,7 @@ async def test_idle_sockets_and_silent_peers_are_closed(module_stack: Stack) -> 
         assert (messages, code, ws.close_reason) == ([], 1001, "idle")
 
         # A peer that never answers the server's pings is dropped even while its job runs.
-        job_id = await submit(module_stack, sleep_job(seconds=20, steps=20))
+        job_id = await module_stack.submit_job(sleep_job(seconds=20, steps=20))
         port = int(instance.rsplit(":", 1)[1])
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(
@@ -494,7 +482,7 @@ async def test_idle_sockets_and_silent_peers_are_closed(module_stack: Stack) -> 
 
 async def test_progress_reports_under_load_are_coalesced_at_the_source_not_lost(module_stack: Stack) -> None:
     """A handler that reports far faster than the database takes writes: the newest report wins."""
-    job_id = await submit(module_stack, sleep_job(seconds=0, steps=1000))
+    job_id = await module_stack.submit_job(sleep_job(seconds=0, steps=1000))
     async with module_stack.client() as client:
         final = await wait_for_status(client, job_id, {"succeeded"}, JOB_TIMEOUT_S)
     assert final["progress"]["percent"] == 100.0
@@ -508,7 +496,7 @@ async def test_progress_reports_under_load_are_coalesced_at_the_source_not_lost(
 async def test_an_event_kafka_has_not_delivered_is_filled_from_the_history_and_its_late_copy_dropped(
     module_stack: Stack,
 ) -> None:
-    job_id = await submit(module_stack, sleep_job(seconds=14, steps=70))
+    job_id = await module_stack.submit_job(sleep_job(seconds=14, steps=70))
     async with connect(f"{module_stack.progress_url}/v1/jobs/{job_id}/events") as ws:
         snapshot = await receive(ws)
         first = [await receive(ws)]

@@ -8,14 +8,13 @@ not hoped for.
 from __future__ import annotations
 
 import asyncio
-import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
 
-from harness import Stack, eventually, wait_for_status
+from harness import Stack, at, eventually, submit, wait_for_status, worker_events
 
 # The module's workers give a canceled handler this long to stop by itself (production: 10 s).
 GRACE_S = 1.0
@@ -40,30 +39,6 @@ def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
         # One job at a time, so a running job keeps the next one queued for as long as a test needs.
         "CONVEYOR_WORKER_CONCURRENCY": "1",
     }
-
-
-def worker_events(stack: Stack, event: str, job_id: str | None = None, worker: str = "worker-1") -> list[Any]:
-    """The worker's log records of `event` (for `job_id`), oldest first."""
-    records = []
-    for line in stack.log(worker).splitlines():
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # not structlog's: a traceback, a library's own line
-        if record.get("event") == event and (job_id is None or record.get("job_id") == job_id):
-            records.append(record)
-    return records
-
-
-def at(timestamp: str) -> datetime:
-    return datetime.fromisoformat(timestamp).astimezone(UTC)
-
-
-async def submit(client: httpx.AsyncClient, body: dict[str, Any]) -> dict[str, Any]:
-    response = await client.post("/v1/jobs", json=body)
-    assert response.status_code == 202, response.text
-    job: dict[str, Any] = response.json()
-    return job
 
 
 async def cancel(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:

@@ -5,19 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from typing import Any
 
-import httpx
 import pytest
-from test_worker_control import worker_events
 
 from conveyor.changes import HANDED_BACK
 from conveyor.database import Database
-from conveyor.eventlog import events_between
 from conveyor.events import JobEvent
 from conveyor.jobstore import load_job
 
-from harness import Stack, eventually, wait_for_status
+from harness import Stack, event_history, eventually, sleep_job, submit, wait_for_status, worker_events
 
 DRAIN_GRACE_S = 5.0
 JOB_TIMEOUT_S = 60
@@ -31,20 +27,8 @@ def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
     return {**stack_env, "CONVEYOR_DRAIN_GRACE_S": str(DRAIN_GRACE_S), "CONVEYOR_LOG_JSON": "true"}
 
 
-async def submit(client: httpx.AsyncClient, body: dict[str, Any]) -> str:
-    response = await client.post("/v1/jobs", json=body)
-    assert response.status_code == 202, response.text
-    job_id: str = response.json()["id"]
-    return job_id
-
-
 async def state_events(db: Database, job_id: str) -> list[JobEvent]:
-    async with db.reading() as session:
-        job = await session.run_sync(load_job, job_id)
-        assert job is not None
-        events = await session.run_sync(events_between, job_id, 0, job.last_seq)
-    assert events is not None
-    return [event for event in events if event.type == "state"]
+    return [event for event in await event_history(db, job_id) if event.type == "state"]
 
 
 async def test_sigterm_finishes_what_it_can_and_hands_back_the_rest_at_once(
@@ -55,13 +39,11 @@ async def test_sigterm_finishes_what_it_can_and_hands_back_the_rest_at_once(
     try:
         async with stack.client() as client:
             # Finishes inside the grace period although it ignores ctx.cancelled.
-            short = await submit(client, {"type": "demo.stubborn", "payload": {"seconds": 3}})
+            short = (await submit(client, {"type": "demo.stubborn", "payload": {"seconds": 3}}))["id"]
             # Ignores ctx.cancelled and outlasts the grace: interrupted, then handed back.
-            stubborn = await submit(client, {"type": "demo.stubborn", "payload": {"seconds": 10}})
+            stubborn = (await submit(client, {"type": "demo.stubborn", "payload": {"seconds": 10}}))["id"]
             # Stops as soon as ctx.cancelled is set: handed back at once, not at the end of the grace.
-            cooperative = await submit(
-                client, {"type": "demo.sleep", "payload": {"seconds": 20, "steps": 20}}
-            )
+            cooperative = (await submit(client, sleep_job(20)))["id"]
             for job_id in (short, stubborn, cooperative):
                 await wait_for_status(client, job_id, {"running"}, JOB_TIMEOUT_S)
 

@@ -16,13 +16,10 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy.engine import make_url
-from test_worker_control import at, worker_events
 
 from conveyor.database import Database
-from conveyor.eventlog import events_between
-from conveyor.jobstore import load_job
 
-from harness import Stack, eventually, wait_for_status
+from harness import Stack, at, event_history, eventually, wait_for_status, worker_events
 
 JOB_TIMEOUT_S = 60
 CUT_OFF_WORKER = "worker-cut-off"
@@ -104,10 +101,7 @@ async def test_a_worker_cut_off_from_the_database_stops_its_job_before_the_next_
                 "the worker to rejoin",
             )
             rejoined = await submit_until_run_by(stack, client, CUT_OFF_WORKER)
-        async with db.reading() as session:
-            record = await session.run_sync(load_job, job_id)
-            assert record is not None
-            events = await session.run_sync(events_between, job_id, 0, record.last_seq)
+        events = await event_history(db, job_id)
     finally:
         await db.close()
         stack.stop(CUT_OFF_WORKER)

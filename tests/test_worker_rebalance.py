@@ -14,7 +14,6 @@ transaction, then published). A job at priority p lands on partition (topic p, t
 from __future__ import annotations
 
 import itertools
-import re
 import uuid
 from collections.abc import Iterable
 from datetime import datetime
@@ -25,11 +24,9 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.partitioner import murmur2
 from conftest import TEST_LEASE_S
-from test_worker_control import worker_events
 
 from conveyor.changes import NewJob
 from conveyor.database import Database
-from conveyor.eventlog import events_between
 from conveyor.events import JobEvent, JobMessage
 from conveyor.jobstore import load_job
 from conveyor.lifecycle import JobState
@@ -38,7 +35,16 @@ from conveyor.outbox import OutboxRelay
 from conveyor.settings import DEFAULT_MAX_ATTEMPTS
 from conveyor.topics import job_topic, worker_group
 
-from harness import TENANT_A, Stack, eventually, write_now
+from harness import (
+    TENANT_A,
+    Stack,
+    assignments,
+    event_history,
+    eventually,
+    sleep_job,
+    worker_events,
+    write_now,
+)
 
 PARTITIONS = 3  # CONVEYOR_PARTITIONS of the test deployments
 PRIORITIES = range(1, 6)
@@ -46,7 +52,6 @@ JOB_TIMEOUT_S = 60
 # Starting a worker process, and its joining the group, on a loaded 2-core machine.
 JOIN_TIMEOUT_S = 45
 TERMINAL = {"succeeded", "failed", "canceled"}
-PARTITION_NAME = re.compile(r"^(?P<topic>.+)\[(?P<partition>\d+)\]$")
 
 
 def partition_of(key: str, partitions: int = PARTITIONS) -> int:
@@ -83,7 +88,7 @@ def stack_env(stack_env: dict[str, str], worker_env: dict[str, str]) -> dict[str
 # --- Submitting ---
 
 
-async def submit(stack: Stack, partition: int, priority: int, body: dict[str, Any]) -> str:
+async def place(stack: Stack, partition: int, priority: int, body: dict[str, Any]) -> str:
     """Submit a job that lands on partition `partition` of priority `priority`'s topic."""
     job = NewJob(
         tenant=TENANT_A,
@@ -105,10 +110,6 @@ async def submit(stack: Stack, partition: int, priority: int, body: dict[str, An
     return job.id
 
 
-def sleep_job(seconds: float) -> dict[str, Any]:
-    return {"type": "demo.sleep", "payload": {"seconds": seconds, "steps": max(1, round(seconds))}}
-
-
 # --- Reading the database ---
 
 
@@ -128,12 +129,7 @@ class Jobs:
         return job
 
     async def events(self, job_id: str) -> list[JobEvent]:
-        async with self.db.reading() as session:
-            job = await session.run_sync(load_job, job_id)
-            assert job is not None, job_id
-            events = await session.run_sync(events_between, job_id, 0, job.last_seq)
-        assert events is not None, f"the history of {job_id} has gaps"
-        return events
+        return await event_history(self.db, job_id)
 
     async def wait_finished(self, job_ids: Iterable[str], within_s: float) -> dict[str, JobRecord]:
         """Wait until every one of the jobs is terminal; fail naming the ones that are not."""
@@ -193,19 +189,6 @@ def attempt_spans(events: list[JobEvent]) -> dict[int, tuple[datetime, datetime]
 
 
 # --- Reading the workers' logs and the broker ---
-
-
-def assignments(stack: Stack, worker: str) -> list[tuple[datetime, set[TopicPartition]]]:
-    """Each `worker.assigned` of the worker: when, and the partitions of its job topics."""
-    result = []
-    for record in worker_events(stack, "worker.assigned", worker=worker):
-        partitions = set()
-        for name in record["partitions"]:
-            match = PARTITION_NAME.match(name)
-            assert match is not None, name
-            partitions.add(TopicPartition(match["topic"], int(match["partition"])))
-        result.append((datetime.fromisoformat(record["timestamp"]), partitions))
-    return result
 
 
 def worker_id(stack: Stack, worker: str) -> str:
@@ -315,7 +298,7 @@ async def test_a_worker_joining_while_jobs_run_loses_and_repeats_no_job(
         placed: dict[str, TopicPartition] = {}
         running = []
         for priority, partition in RUNNING_PLACES:
-            job_id = await submit(stack, partition, priority, sleep_job(LONG_S))
+            job_id = await place(stack, partition, priority, sleep_job(LONG_S))
             placed[job_id] = TopicPartition(job_topic(prefix, priority), partition)
             running.append(job_id)
         for job_id in running:
@@ -323,7 +306,7 @@ async def test_a_worker_joining_while_jobs_run_loses_and_repeats_no_job(
         # worker-1 is at capacity now: these wait for a free slot (or for worker-2).
         waiting = []
         for priority, partition in WAITING_PLACES:
-            job_id = await submit(stack, partition, priority, sleep_job(WAITING_S))
+            job_id = await place(stack, partition, priority, sleep_job(WAITING_S))
             placed[job_id] = TopicPartition(job_topic(prefix, priority), partition)
             waiting.append(job_id)
 
@@ -342,7 +325,7 @@ async def test_a_worker_joining_while_jobs_run_loses_and_repeats_no_job(
         later = []
         for owned in (worker_1_partitions, worker_2_partitions):
             for tp in sorted(owned)[:3]:
-                job_id = await submit(stack, tp.partition, priority_of(prefix, tp), sleep_job(LATER_S))
+                job_id = await place(stack, tp.partition, priority_of(prefix, tp), sleep_job(LATER_S))
                 placed[job_id] = tp
                 later.append(job_id)
 
@@ -446,12 +429,12 @@ async def test_a_job_longer_than_max_poll_interval_keeps_its_worker_in_the_group
         await eventually(lambda: assignments(stack, "worker-1"), JOIN_TIMEOUT_S, "worker-1's partitions")
         state, members = await group_members(bootstrap, group)
 
-        long = await submit(stack, 0, 3, sleep_job(OVERRUN_S))
+        long = await place(stack, 0, 3, sleep_job(OVERRUN_S))
         await jobs.wait_status(long, {"running"}, JOB_TIMEOUT_S)
         # A job behind it, on another partition: at capacity it waits for the slot, with the worker
         # still polling meanwhile (the case a consumer that stops polling when busy gets wrong); below
         # capacity it runs beside the long one.
-        behind = await submit(stack, 1, 3, sleep_job(1))
+        behind = await place(stack, 1, 3, sleep_job(1))
         long_final = await jobs.wait_status(long, TERMINAL, OVERRUN_S + JOB_TIMEOUT_S)
         behind_final = await jobs.wait_status(behind, TERMINAL, JOB_TIMEOUT_S)
         state_after, members_after = await group_members(bootstrap, group)
@@ -500,7 +483,7 @@ async def test_a_partition_is_never_committed_past_a_job_still_running(
     try:
         await eventually(lambda: assignments(stack, "worker-1"), JOIN_TIMEOUT_S, "worker-1's partitions")
         # A finished job first, so the partition has a committed offset to keep.
-        first = await submit(stack, 0, 3, {"type": "demo.echo", "payload": {"first": True}})
+        first = await place(stack, 0, 3, {"type": "demo.echo", "payload": {"first": True}})
         await jobs.wait_status(first, {"succeeded"}, JOB_TIMEOUT_S)
 
         async def committed(tp: TopicPartition, offset: int) -> bool:
@@ -510,14 +493,14 @@ async def test_a_partition_is_never_committed_past_a_job_still_running(
 
         # Then, on the same partition, a long job and short ones behind it: all four run at once
         # (concurrency 4) and the short ones finish first.
-        unfinished = await submit(stack, 0, 3, sleep_job(UNFINISHED_S))
+        unfinished = await place(stack, 0, 3, sleep_job(UNFINISHED_S))
         await jobs.wait_status(unfinished, {"running"}, JOB_TIMEOUT_S)
-        shorts = [await submit(stack, 0, 3, sleep_job(SHORT_S)) for _ in range(3)]
+        shorts = [await place(stack, 0, 3, sleep_job(SHORT_S)) for _ in range(3)]
         for job_id in shorts:
             await jobs.wait_status(job_id, {"succeeded"}, JOB_TIMEOUT_S)
         # A job on another partition, committed after the short ones finished: the worker has had its
         # chance to commit the first partition past them.
-        probe = await submit(stack, 1, 3, sleep_job(1))
+        probe = await place(stack, 1, 3, sleep_job(1))
         await jobs.wait_status(probe, {"succeeded"}, JOB_TIMEOUT_S)
         await eventually(lambda: committed(probe_partition, 1), JOB_TIMEOUT_S, "the probe's offset committed")
         committed_before_kill = await committed_offset(bootstrap, group, partition)
@@ -588,7 +571,7 @@ async def test_a_partition_kept_through_a_rebalance_is_not_committed_past_its_ru
         # Two partitions in a row of the group's order: through the rebalance worker-1 keeps one of them.
         placed: dict[str, TopicPartition] = {}
         for partition in (0, 1):
-            job_id = await submit(stack, partition, 3, sleep_job(KEPT_S))
+            job_id = await place(stack, partition, 3, sleep_job(KEPT_S))
             placed[job_id] = TopicPartition(job_topic(prefix, 3), partition)
             await jobs.wait_status(job_id, {"running"}, JOB_TIMEOUT_S)
 
@@ -604,7 +587,7 @@ async def test_a_partition_kept_through_a_rebalance_is_not_committed_past_its_ru
 
         # A job on another partition worker-1 kept, committed: worker-1 has committed since the rebalance.
         probe_tp = min(other for other in kept if other != tp)
-        probe = await submit(stack, probe_tp.partition, priority_of(prefix, probe_tp), sleep_job(1))
+        probe = await place(stack, probe_tp.partition, priority_of(prefix, probe_tp), sleep_job(1))
         await jobs.wait_status(probe, {"succeeded"}, JOB_TIMEOUT_S)
         probe_end = await end_offset(bootstrap, probe_tp)
 

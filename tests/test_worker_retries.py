@@ -9,16 +9,13 @@ from datetime import datetime
 
 import pytest
 from aiokafka import AIOKafkaConsumer
-from test_gateway import assert_problem, run_cli
 
 from conveyor.database import Database
-from conveyor.eventlog import events_between
-from conveyor.events import DeadLetter, JobEvent
-from conveyor.jobstore import load_job
+from conveyor.events import DeadLetter
 from conveyor.retries import Backoff
 from conveyor.topics import dead_letter_topic
 
-from harness import KEY_B, Stack, eventually, wait_for_status
+from harness import KEY_B, Stack, assert_problem, event_history, eventually, run_cli, wait_for_status
 
 RETRY_BASE_S = 1.0
 RETRY_CAP_S = 1.5
@@ -43,15 +40,6 @@ def test_full_jitter_draws_from_the_whole_range() -> None:
     assert all(0.0 <= delay <= 8.0 for delay in delays)
     assert min(delays) < 0.1 and max(delays) > 7.9  # spread over all of [0, 8], not bunched at the top
     assert 3.5 < sum(delays) / len(delays) < 4.5
-
-
-async def history(db: Database, job_id: str) -> list[JobEvent]:
-    async with db.reading() as session:
-        job = await session.run_sync(load_job, job_id)
-        assert job is not None
-        events = await session.run_sync(events_between, job_id, 0, job.last_seq)
-    assert events is not None
-    return events
 
 
 async def dead_letters(stack: Stack, job_id: str, count: int) -> list[DeadLetter]:
@@ -105,7 +93,7 @@ async def test_failed_attempts_wait_out_their_backoff_then_the_job_is_dead_lette
 
     db = Database(database_url)
     try:
-        events = [event for event in await history(db, job["id"]) if event.type == "state"]
+        events = [event for event in await event_history(db, job["id"]) if event.type == "state"]
     finally:
         await db.close()
     assert [(event.status.value, event.attempt) for event in events] == [

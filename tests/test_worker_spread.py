@@ -12,16 +12,13 @@ from typing import Any
 import httpx
 import pytest
 from sqlalchemy import Connection, select
-from test_worker_control import worker_events
-from test_worker_rebalance import assignments
 
 from conveyor.database import Database
-from conveyor.eventlog import events_between
 from conveyor.lifecycle import JobState
 from conveyor.models import JOBS
 from conveyor.topics import job_topic
 
-from harness import Stack, eventually
+from harness import Stack, assignments, event_history, eventually, worker_events
 
 WORKERS = 4
 PARTITIONS = 12  # as many as an even share for 4 workers needs (the default)
@@ -143,7 +140,7 @@ async def test_a_worker_killed_amid_batched_claims_and_outcomes_loses_and_repeat
             await eventually(
                 lambda: _at_least(succeeded_count(db, ids), KILL_JOBS), FINISH_TIMEOUT_S, "every job"
             )
-        histories = await asyncio.gather(*(history(db, job_id) for job_id in ids))
+        histories = await asyncio.gather(*(event_history(db, job_id) for job_id in ids))
     finally:
         await db.close()
 
@@ -163,16 +160,6 @@ async def test_a_worker_killed_amid_batched_claims_and_outcomes_loses_and_repeat
     # of the slots it had freed but not yet committed (a batch or two).
     assert repeated, "the kill landed while the worker held jobs: some of them ran again"
     assert len(repeated) <= 3 * WORKER_CONCURRENCY, f"{len(repeated)} jobs ran twice"
-
-
-async def history(db: Database, job_id: str) -> list[Any]:
-    def read(connection: Connection) -> list[Any]:
-        row = connection.execute(select(JOBS.c.last_seq).where(JOBS.c.id == job_id)).one()
-        events = events_between(connection, job_id, 0, row.last_seq)
-        assert events is not None
-        return events
-
-    return await db.read(read)
 
 
 async def _at_least(count: Any, wanted: int) -> bool:

@@ -18,6 +18,7 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
 from pydantic import ValidationError
 
+from conveyor.background import BackgroundTask
 from conveyor.broker import start_events_consumer, stop_consumer
 from conveyor.events import JobEvent
 
@@ -39,16 +40,14 @@ class EventHub:
         self._consumer: AIOKafkaConsumer | None = None
         self._by_job: dict[str, set[Listener]] = defaultdict(set)
         self._by_tenant: dict[str, set[Listener]] = defaultdict(set)
-        self._task: asyncio.Task[None] | None = None
+        self._reader = BackgroundTask("event-hub", self._run)
 
     async def start(self) -> None:
         self._consumer = await start_events_consumer(self._bootstrap, self._prefix)
-        self._task = asyncio.create_task(self._run(), name="event-hub")
+        self._reader.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._reader.stop()
         if self._consumer is not None and not await stop_consumer(self._consumer):
             log.warning("hub.consumer_stop_unclean")
 

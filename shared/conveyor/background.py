@@ -42,13 +42,20 @@ class BackgroundTask:
         if self._task is None:
             self._task = asyncio.create_task(self._body(), name=self.name)
 
-    async def stop(self) -> None:
-        """Cancel the task and wait for it to end; a task that failed or was never started is fine."""
-        task, self._task = self._task, None
+    async def stop(self, grace_s: float = 0.0) -> bool:
+        """Wait up to `grace_s` for the task to end by itself (for a body told to finish by other means),
+        then cancel it and wait for it to end. True if it ended within the grace. A task that failed or
+        was never started is fine."""
+        task = self._task
         if task is None:
-            return
+            return True
+        if grace_s > 0:
+            await asyncio.wait({task}, timeout=grace_s)
+        self._task = None
+        ended = task.done()
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+        return ended
 
 
 async def run_every(
@@ -72,6 +79,15 @@ async def run_every(
             log.exception(failure_event, failures=failures)
         else:
             failures = 0
+
+
+async def retry_every(interval_s: float, attempt: Callable[[], Awaitable[bool]]) -> None:
+    """Sleep `interval_s` and call `attempt`, until it returns True. For a chore that is done once it
+    succeeds (creating the topics, say); `attempt` reports its own failures."""
+    while True:
+        await asyncio.sleep(interval_s)
+        if await attempt():
+            return
 
 
 def every(

@@ -119,7 +119,7 @@ def create_topics() -> None:
 @kafka_app.command("fetch")
 def kafka_fetch() -> None:
     """Download the broker's jars from Maven Central into the cache (once)."""
-    from conveyor.embedded.kafka import fetch_broker_jars
+    from conveyor.embedded.kafka_jars import fetch_broker_jars
 
     settings = _settings()
     console.print(str(fetch_broker_jars(settings.cache_dir, settings.kafka_version)))

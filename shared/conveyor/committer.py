@@ -14,7 +14,6 @@ every caller of the batch with the error, and none of their changes was written.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from dataclasses import dataclass
 import structlog
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 
+from conveyor.background import BackgroundTask
 from conveyor.changes import Change, ChangeResult, Unit, WaitingCounts, Written, write_changes
 from conveyor.database import Database
 from conveyor.outbox import OutboxRelay
@@ -52,31 +52,26 @@ class Committer:
         self._max_batch = max_batch
         self._queue: list[_Waiting] = []
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundTask("committer", self._run)
         self._stopping = False
         self._counts = WaitingCounts()
         self.batches = 0  # transactions written, for tests and benchmarks
         self.changes = 0
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="committer")
+        self._loop.start()
 
     async def stop(self) -> None:
         """Write what has gathered (for at most STOP_TIMEOUT_S), then stop."""
-        if self._task is None:
+        if not self._loop.running:
             return
         self._stopping = True
         self._wake.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._task), STOP_TIMEOUT_S)
-        except TimeoutError:
+        if not await self._loop.stop(grace_s=STOP_TIMEOUT_S):
+            # Cancelling leaves the queue as it was: these callers were never written.
             log.warning("committer.stop_timed_out", waiting=len(self._queue))
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
         _fail(self._queue, RuntimeError("the committer has stopped"))
         self._queue = []
-        self._task = None
 
     async def apply(self, changes: Sequence[Change], *, atomic: bool = False) -> list[ChangeResult]:
         """Write `changes` in the next batch; a result for each, once it has committed. Raises the
@@ -87,7 +82,7 @@ class Committer:
         self, changes: Sequence[Change], *, atomic: bool = False
     ) -> asyncio.Future[list[ChangeResult]]:
         """Like `apply`, for a caller that does not wait: the future resolves once it has committed."""
-        if self._task is None or self._stopping:
+        if not self._loop.running or self._stopping:
             raise RuntimeError("the committer is not running")
         answer: asyncio.Future[list[ChangeResult]] = asyncio.get_running_loop().create_future()
         if not changes:

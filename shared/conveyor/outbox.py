@@ -21,6 +21,7 @@ from aiokafka.errors import KafkaError
 from sqlalchemy import ColumnElement, Connection, Table, delete, insert, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
+from conveyor.background import BackgroundTask, exponential_delay
 from conveyor.broker import BrokerUnavailable, start_producer
 from conveyor.database import Database
 from conveyor.models import OutboxMessage, utcnow
@@ -103,17 +104,14 @@ class OutboxRelay:
         self._pending: set[int] = set()  # committed, to be re-read from the database and sent
         self._published: set[int] = set()  # sent, to be deleted
         self._wake = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundTask("outbox-relay", self._run)
         self._failures = 0
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="outbox-relay")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        await self._loop.stop()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._flush(), timeout=STOP_TIMEOUT_S)
         async with self._lock:
@@ -158,7 +156,8 @@ class OutboxRelay:
                 log.warning("outbox.database_unavailable", error=str(exc))
 
     def _backoff(self) -> float:
-        return float(min(RETRY_CAP_S, RETRY_BASE_S * 2 ** min(self._failures, 10)))
+        # One more than the failures: the first retry already waits twice the base.
+        return exponential_delay(self._failures + 1, RETRY_BASE_S, RETRY_CAP_S)
 
     async def _flush(self) -> bool:
         """Send the rows handed over by `notify`."""

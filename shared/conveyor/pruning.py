@@ -5,13 +5,13 @@ Several instances may prune at once: the deletes are idempotent, so they need no
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 
 import structlog
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from conveyor.background import BackgroundTask, run_every
 from conveyor.database import Database
 
 log = structlog.get_logger(__name__)
@@ -30,27 +30,29 @@ class Pruner:
         self._name = name
         self._step = step
         self._interval_s = interval_s
-        self._task: asyncio.Task[None] | None = None
+        self._loop = BackgroundTask(f"pruner-{name}", self._run)
 
     async def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"pruner-{self._name}")
+        self._loop.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+        await self._loop.stop()
 
     async def prune_once(self) -> int:
         async with self._db.session() as session:
             return await self._step(session)
 
     async def _run(self) -> None:
-        while True:
-            try:
-                deleted = await self.prune_once()
-            except (SQLAlchemyError, OSError) as exc:
-                log.warning("prune.failed", what=self._name, error=str(exc))
-            else:
-                if deleted:
-                    log.info("prune.done", what=self._name, rows=deleted)
-            await asyncio.sleep(self._interval_s)
+        # A first round at once: a service that restarts often would otherwise never prune.
+        await self._round()
+        await run_every(self._interval_s, self._round, failure_event="prune.failed")
+
+    async def _round(self) -> None:
+        try:
+            deleted = await self.prune_once()
+        except (SQLAlchemyError, OSError) as exc:
+            # The database is away: a warning, not a traceback; the next round tries again.
+            log.warning("prune.failed", what=self._name, error=str(exc))
+        else:
+            if deleted:
+                log.info("prune.done", what=self._name, rows=deleted)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
 from dataclasses import dataclass, field
 
 import structlog
+
+from conveyor.background import BackgroundTask, exponential_delay
 
 log = structlog.get_logger(__name__)
 
@@ -41,13 +44,16 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run every service until `stop` is set, then stop them all."""
-        watchers = [asyncio.create_task(self._keep_running(service)) for service in self._services]
+        watchers = [
+            BackgroundTask(f"supervise-{service.spec.name}", functools.partial(self._keep_running, service))
+            for service in self._services
+        ]
+        for watcher in watchers:
+            watcher.start()
         await stop.wait()
         self._stopping.set()
         await asyncio.gather(*(self._terminate(service) for service in self._services))
-        for watcher in watchers:
-            watcher.cancel()
-        await asyncio.gather(*watchers, return_exceptions=True)
+        await asyncio.gather(*(watcher.stop() for watcher in watchers))
 
     def pids(self) -> dict[str, int]:
         return {
@@ -73,7 +79,7 @@ class Supervisor:
             if self._stopping.is_set():
                 return
             failures = 0 if loop.time() - started >= HEALTHY_AFTER_S else failures + 1
-            delay = min(RESTART_CAP_S, RESTART_BASE_S * 2 ** max(failures - 1, 0)) if failures else 0.0
+            delay = exponential_delay(failures, RESTART_BASE_S, RESTART_CAP_S)
             service.restarts += 1
             log.warning("supervisor.exited", service=service.spec.name, code=code, restart_in_s=delay)
             with contextlib.suppress(TimeoutError):

@@ -6,6 +6,7 @@ import asyncio
 
 import structlog
 
+from conveyor.background import BackgroundTask, retry_every
 from conveyor.broker import BrokerUnavailable, ensure_topics
 from conveyor.settings import Settings
 
@@ -19,23 +20,15 @@ class TopicKeeper:
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._task: asyncio.Task[None] | None = None
+        self._retry = BackgroundTask("topic-keeper", lambda: retry_every(RETRY_INTERVAL_S, self._try_once))
         self.ready = asyncio.Event()
 
     async def start(self) -> None:
         if not await self._try_once():
-            self._task = asyncio.create_task(self._retry(), name="topic-keeper")
+            self._retry.start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-
-    async def _retry(self) -> None:
-        while True:
-            await asyncio.sleep(RETRY_INTERVAL_S)
-            if await self._try_once():
-                return
+        await self._retry.stop()
 
     async def _try_once(self) -> bool:
         s = self._settings

@@ -1,4 +1,4 @@
-"""A private PostgreSQL server run from the stock binaries, for development and tests.
+"""A private PostgreSQL server run from the stock binaries, for the tests and the benchmarks.
 
 There is no Docker on our machines, but Debian's `postgresql` package ships `initdb` and `pg_ctl`
 (`scripts/ensure-postgres.sh` installs it). `PostgresServer` uses them to run a cluster of its own: it
