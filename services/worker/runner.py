@@ -131,11 +131,12 @@ class Worker:
                 log.info("job.skipped", job_id=pending.message.job_id, reason="not claimable")
                 feed.release(pending)
                 continue
-            task = asyncio.create_task(self._run(feed, pending, result.job), name=f"job-{result.job.id}")
+            task = asyncio.create_task(self._run_job(feed, pending, result.job), name=f"job-{result.job.id}")
             self._jobs.add(task)
             task.add_done_callback(self._jobs.discard)
 
-    async def _run(self, feed: JobFeed, pending: Pending, job: JobRecord) -> None:
+    async def _run_job(self, feed: JobFeed, pending: Pending, job: JobRecord) -> None:
+        """Run the claimed job to its recorded outcome, then release its record's offset."""
         try:
             await self.executor.execute(job)
         except Exception:
