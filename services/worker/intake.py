@@ -119,7 +119,8 @@ class Intake:
 
     def add(self, pending: Pending) -> None:
         level = self.level_of(pending.tp)
-        assert level is not None, f"{pending.tp.topic} is no priority topic"
+        if level is None:  # the consumer reads only the priority topics
+            raise ValueError(f"{pending.tp.topic} is no priority topic")
         self._levels[level].add(pending)
         self._per_partition[pending.tp] += 1
         self._size += 1

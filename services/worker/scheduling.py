@@ -9,16 +9,14 @@ queue each job, and the others' updates match no row.
 
 from __future__ import annotations
 
-import asyncio
 import functools
 
 import structlog
 
 from conveyor import changes
-from conveyor.committer import Committer
-from conveyor.database import Database
+from conveyor.background import every
 from conveyor.jobstore import due_jobs
-from services.worker.periodic import run_every
+from services.worker.context import WorkerContext
 
 log = structlog.get_logger(__name__)
 
@@ -30,30 +28,18 @@ SCHEDULE_BATCH = 100
 
 class Scheduler:
     def __init__(
-        self,
-        *,
-        db: Database,
-        committer: Committer,
-        interval_s: float = SCHEDULE_INTERVAL_S,
-        batch: int = SCHEDULE_BATCH,
+        self, context: WorkerContext, *, interval_s: float = SCHEDULE_INTERVAL_S, batch: int = SCHEDULE_BATCH
     ) -> None:
-        self._db = db
-        self._committer = committer
-        self._interval_s = interval_s
+        self._db = context.db
+        self._committer = context.committer
         self._batch = batch
-        self._task: asyncio.Task[None] | None = None
+        self._chore = every(interval_s, self.queue_all_due, name="scheduler", failure_event="schedule.failed")
 
-    async def start(self) -> None:
-        self._task = asyncio.create_task(
-            run_every(self._interval_s, self.queue_all_due, "schedule.failed"), name="scheduler"
-        )
+    def start(self) -> None:
+        self._chore.start()
 
     async def stop(self) -> None:
-        if self._task is None:
-            return
-        self._task.cancel()
-        await asyncio.gather(self._task, return_exceptions=True)
-        self._task = None
+        await self._chore.stop()
 
     async def queue_all_due(self) -> None:
         """Queue due jobs a batch at a time; a full batch means a backlog, so the next follows at once."""
