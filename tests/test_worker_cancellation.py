@@ -6,11 +6,12 @@ import asyncio
 from typing import Any
 
 from structlog.testing import capture_logs
-from worker_doubles import RecordingCommitter, execution_of, job_record, registry_of, worker_context
 
 from conveyor.handlers import JobContext, JobType
 from services.worker.execution import JobExecutor
 from services.worker.middleware.cancellation import Cancellation, CancelWatch
+
+from worker_doubles import RecordingCommitter, execution_of, job_record, registry_of, worker_context
 
 
 async def test_a_handler_that_returns_in_its_grace_is_not_interrupted() -> None:

@@ -6,13 +6,14 @@ import asyncio
 from typing import Any
 
 from structlog.testing import capture_logs
-from worker_doubles import RecordingCommitter, execution_of, job_record, registry_of, until, worker_context
 
 from conveyor.changes import HANDED_BACK
 from conveyor.handlers import JobContext, JobType
 from conveyor.lifecycle import JobState
 from services.worker.execution import JobExecutor
 from services.worker.middleware.drain import Drain, drain
+
+from worker_doubles import RecordingCommitter, execution_of, job_record, registry_of, until, worker_context
 
 
 async def test_nothing_is_handed_back_before_the_drain() -> None:

@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
-from worker_doubles import RecordingCommitter, job_record, registry_of, until, worker_context
 
 from conveyor.changes import HANDED_BACK, TIMED_OUT, Outcome
 from conveyor.handlers import JobContext, JobType
 from conveyor.lifecycle import JobState
 from services.worker import execution
 from services.worker.execution import JobExecutor
+
+from worker_doubles import RecordingCommitter, job_record, registry_of, until, worker_context
 
 
 def executor_for(handler: Any, committer: RecordingCommitter, **settings: Any) -> JobExecutor:

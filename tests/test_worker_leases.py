@@ -7,13 +7,14 @@ import asyncio
 from typing import Any
 
 from structlog.testing import capture_logs
-from worker_doubles import RecordingCommitter, execution_of, job_record, registry_of, until, worker_context
 
 from conveyor.changes import LEASE_EXPIRED, Outcome
 from conveyor.handlers import JobContext, JobType
 from services.worker.execution import JobExecutor
 from services.worker.middleware.cancellation import CancelWatch
 from services.worker.middleware.leases import LeaseKeeper, LostLease
+
+from worker_doubles import RecordingCommitter, execution_of, job_record, registry_of, until, worker_context
 
 
 class Renewals:

@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from prometheus_client import REGISTRY
-from worker_doubles import RecordingCommitter, job_record, registry_of, worker_context
 
 from conveyor.handlers import JobContext, JobType
 from services.worker.execution import JobExecutor
+
+from worker_doubles import RecordingCommitter, job_record, registry_of, worker_context
 
 
 def sample(name: str, **labels: str) -> float:

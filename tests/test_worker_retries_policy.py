@@ -6,13 +6,13 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from worker_doubles import execution_of, job_record
-
 from conveyor.handlers import JobType
 from conveyor.lifecycle import JobState
 from conveyor.models import utcnow
 from conveyor.retries import Backoff
 from services.worker.middleware.retries import MAX_TRACEBACK_CHARS, Retries
+
+from worker_doubles import execution_of, job_record
 
 WORKER_BACKOFF = Backoff(base_s=2.0, cap_s=8.0)
 

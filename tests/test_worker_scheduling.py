@@ -6,11 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from structlog.testing import capture_logs
-from worker_doubles import RecordingCommitter, job_record, registry_of, worker_context
 
 from conveyor.changes import Outcome
 from conveyor.lifecycle import JobState
 from services.worker.scheduling import Scheduler
+
+from worker_doubles import RecordingCommitter, job_record, registry_of, worker_context
 
 
 class Due:

@@ -6,13 +6,14 @@ import asyncio
 from typing import Any
 
 import pytest
-from worker_doubles import execution_of, job_record
 
 from conveyor.changes import TIMED_OUT
 from conveyor.handlers import JobType
 from conveyor.lifecycle import JobState
 from services.worker.middleware.retries import Retries
 from services.worker.middleware.time_limit import TimeLimit, limit_for
+
+from worker_doubles import execution_of, job_record
 
 
 async def noop(ctx: Any, payload: Any) -> None:

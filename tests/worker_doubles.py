@@ -9,6 +9,7 @@ from typing import Any
 
 from conveyor.changes import Change, ChangeResult, Outcome, Transition
 from conveyor.handlers import JobContext, JobType, Registry
+from conveyor.lifecycle import JobState
 from conveyor.models import JobRecord, utcnow
 from conveyor.settings import Settings
 from services.worker.attempt import Execution
@@ -25,7 +26,7 @@ def job_record(**fields: Any) -> JobRecord:
         "id": "job-1",
         "tenant": "t",
         "type": "test.job",
-        "status": "running",
+        "status": JobState.RUNNING,
         "priority": 3,
         "payload": {},
         "result": None,
@@ -70,7 +71,7 @@ class RecordingCommitter:
 
     def _result(self, change: Change) -> ChangeResult:
         if isinstance(change, Transition) and self.outcome is Outcome.WRITTEN:
-            return ChangeResult(self.outcome, job_record(id=change.job_id, status=change.target.value))
+            return ChangeResult(self.outcome, job_record(id=change.job_id, status=change.target))
         return ChangeResult(self.outcome)
 
     @property
