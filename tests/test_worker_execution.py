@@ -30,6 +30,16 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [record for record in logs if record["event"] == name]
 
 
+async def returns_one(ctx: JobContext, payload: Any) -> int:
+    return 1
+
+
+@pytest.fixture
+def fast_record_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An outcome the database did not take is written again within milliseconds."""
+    monkeypatch.setattr(execution, "RECORD_RETRY_BASE_S", 0.001)
+
+
 class Blocking:
     """A handler that says when it has started, then waits for `ctx.cancelled` (or ignores it)."""
 
@@ -203,9 +213,6 @@ async def test_a_job_claimed_while_draining_is_handed_back_at_once() -> None:
 
 
 async def test_the_slot_is_free_before_the_outcome_is_committed() -> None:
-    async def handler(ctx: JobContext, payload: Any) -> int:
-        return 1
-
     committer = RecordingCommitter()
     release = asyncio.Event()
     apply = committer.apply
@@ -215,7 +222,7 @@ async def test_the_slot_is_free_before_the_outcome_is_committed() -> None:
         return await apply(changes, atomic=atomic)
 
     committer.apply = slow_apply  # type: ignore[method-assign]
-    executor = executor_for(handler, committer)
+    executor = executor_for(returns_one, committer)
     running = asyncio.create_task(executor.execute(job_record()))
     await executor.slot_freed.wait()
     assert executor.busy == 0
@@ -225,29 +232,21 @@ async def test_the_slot_is_free_before_the_outcome_is_committed() -> None:
     assert executor.running == {}
 
 
-async def test_an_outcome_the_database_did_not_take_is_written_again(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(execution, "RECORD_RETRY_BASE_S", 0.001)
-
-    async def handler(ctx: JobContext, payload: Any) -> int:
-        return 1
-
+@pytest.mark.usefixtures("fast_record_retries")
+async def test_an_outcome_the_database_did_not_take_is_written_again() -> None:
     committer = RecordingCommitter()
     committer.failures = 2
     with capture_logs() as logs:
-        await executor_for(handler, committer).execute(job_record())
+        await executor_for(returns_one, committer).execute(job_record())
     assert [outcome.target for outcome in committer.outcomes] == [JobState.SUCCEEDED]
     assert [record["failures"] for record in events(logs, "job.record_failed")] == [1, 2]
 
 
-async def test_an_outcome_is_given_up_once_the_lease_is_lost(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(execution, "RECORD_RETRY_BASE_S", 0.001)
-
-    async def handler(ctx: JobContext, payload: Any) -> int:
-        return 1
-
+@pytest.mark.usefixtures("fast_record_retries")
+async def test_an_outcome_is_given_up_once_the_lease_is_lost() -> None:
     committer = RecordingCommitter()
     committer.failures = 1_000_000
-    executor = executor_for(handler, committer)
+    executor = executor_for(returns_one, committer)
     with capture_logs() as logs:
         running = asyncio.create_task(executor.execute(job_record()))
         await until(lambda: committer.calls >= 1)
@@ -258,11 +257,8 @@ async def test_an_outcome_is_given_up_once_the_lease_is_lost(monkeypatch: pytest
 
 
 async def test_an_outcome_the_database_rejects_is_void() -> None:
-    async def handler(ctx: JobContext, payload: Any) -> int:
-        return 1
-
     committer = RecordingCommitter(outcome=Outcome.STALE)
     with capture_logs() as logs:
-        await executor_for(handler, committer).execute(job_record())
+        await executor_for(returns_one, committer).execute(job_record())
     assert len(events(logs, "job.outcome_rejected")) == 1
     assert events(logs, "job.recorded") == []

@@ -191,6 +191,12 @@ def attempt_spans(events: list[JobEvent]) -> dict[int, tuple[datetime, datetime]
 # --- Reading the workers' logs and the broker ---
 
 
+def kafka_of(stack: Stack) -> tuple[str, str, str]:
+    """The stack's Kafka bootstrap, topic prefix and workers' consumer group."""
+    prefix = stack.env["CONVEYOR_TOPIC_PREFIX"]
+    return stack.env["CONVEYOR_KAFKA_BOOTSTRAP"], prefix, worker_group(prefix)
+
+
 def worker_id(stack: Stack, worker: str) -> str:
     (started,) = worker_events(stack, "worker.started", worker=worker)
     value: str = started["worker_id"]
@@ -422,8 +428,7 @@ OVERRUN_S = 15.0
 async def test_a_job_longer_than_max_poll_interval_keeps_its_worker_in_the_group(
     stack: Stack, database_url: str, at_capacity: bool
 ) -> None:
-    bootstrap = stack.env["CONVEYOR_KAFKA_BOOTSTRAP"]
-    group = worker_group(stack.env["CONVEYOR_TOPIC_PREFIX"])
+    bootstrap, _, group = kafka_of(stack)
     jobs = Jobs(database_url)
     try:
         await eventually(lambda: assignments(stack, "worker-1"), JOIN_TIMEOUT_S, "worker-1's partitions")
@@ -474,9 +479,7 @@ SHORT_S = 0.5
 async def test_a_partition_is_never_committed_past_a_job_still_running(
     stack: Stack, database_url: str
 ) -> None:
-    bootstrap = stack.env["CONVEYOR_KAFKA_BOOTSTRAP"]
-    prefix = stack.env["CONVEYOR_TOPIC_PREFIX"]
-    group = worker_group(prefix)
+    bootstrap, prefix, group = kafka_of(stack)
     partition = TopicPartition(job_topic(prefix, 3), 0)
     probe_partition = TopicPartition(job_topic(prefix, 3), 1)
     jobs = Jobs(database_url)
@@ -562,9 +565,7 @@ KEPT_S = 20.0
 async def test_a_partition_kept_through_a_rebalance_is_not_committed_past_its_running_job(
     stack: Stack, database_url: str
 ) -> None:
-    bootstrap = stack.env["CONVEYOR_KAFKA_BOOTSTRAP"]
-    prefix = stack.env["CONVEYOR_TOPIC_PREFIX"]
-    group = worker_group(prefix)
+    bootstrap, prefix, group = kafka_of(stack)
     jobs = Jobs(database_url)
     try:
         await eventually(lambda: assignments(stack, "worker-1"), JOIN_TIMEOUT_S, "worker-1's partitions")
