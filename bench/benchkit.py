@@ -74,6 +74,7 @@ POSTGRES_START_TIMEOUT_S = 120.0
 POSTGRES_ROOT_MODE = 0o711
 POSTMASTER_PID_FILE = "postmaster.pid"
 HTTP_READ_LIMIT = 1 << 16
+QUANTILES = ("p50", "p90", "p99", "max")  # the keys of quantiles()
 
 console = Console(highlight=False)
 
@@ -103,6 +104,17 @@ def quantiles(values: Sequence[float], scale: float = 1.0) -> dict[str, float | 
         "p99": rounded(scaled(percentile(values, 99), scale)),
         "max": rounded(scaled(top, scale)),
     }
+
+
+def quantile_rows(
+    name: str, values: Mapping[str, Any], unit: str, about: str, keys: Sequence[str] = QUANTILES
+) -> list[tuple[str, str, str]]:
+    """A table row per quantile of `values` (as quantiles() makes them), in the order of `keys`; what
+    they measure (`about`) is said once, on the first row, so that the column stays readable."""
+    return [
+        (f"{name} {key}", fmt(values[key]), f"{unit} ({about})" if n == 0 else unit)
+        for n, key in enumerate(keys)
+    ]
 
 
 def scaled(value: float | None, scale: float) -> float | None:
@@ -152,6 +164,26 @@ def machine_settings() -> dict[str, Any]:
         "platform": sys.platform,
         "python": sys.version.split()[0],
     }
+
+
+def machine_row(settings: Mapping[str, Any], more: str = "") -> tuple[str, str, str]:
+    """The header's row of the machine_settings() (cores, platform, Python), `more` after them."""
+    return (
+        "machine",
+        f"{settings['cpu_count']} cores",
+        f"{settings['platform']}, Python {settings['python']}{more}",
+    )
+
+
+def print_header_table(title: str, rows: Sequence[tuple[str, str, str]], settings: Mapping[str, Any]) -> None:
+    """A benchmark's header: its own `rows`, then the load average before the run, last in every header,
+    since the other work on the machine shares its CPUs with the stack."""
+    load_average = (
+        "load average",
+        f"{settings['load_avg_start']:.2f}",
+        "1 min, before the run (CPUs are shared)",
+    )
+    console.print(table(title, [*rows, load_average]))
 
 
 def tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -943,18 +975,25 @@ def finish(figures: StackFigures, json_path: Path | None) -> None:
         console.print(f"Figures written to {json_path}")
 
 
+def stack_without_workers(args: argparse.Namespace) -> EmbeddedStack:
+    """A stack whose supervisor starts no workers: the benchmark starts its own (`Workers`) once its load
+    is in place, so that nothing runs before it measures."""
+    return EmbeddedStack(0, args.database_url, None)
+
+
 def run_main(
     args: argparse.Namespace,
     new_stack: Callable[[argparse.Namespace], EmbeddedStack],
-    begin: Callable[[argparse.Namespace, str, EmbeddedStack | None], F],
+    new_figures: Callable[[argparse.Namespace, str, EmbeddedStack | None], F],
+    print_header: Callable[[dict[str, Any]], None],
     benchmark: Callable[[argparse.Namespace, F, str, str, EmbeddedStack | None], Coroutine[Any, Any, None]],
 ) -> int:
     """Run a benchmark against `--url`, or against a stack it starts, stops and (unless kept) removes.
 
-    `new_stack(args)` makes the stack (not started yet; None for --url); `begin(args, url, stack)` makes the
-    figures (the settings) and prints the header, before the stack starts; `benchmark(args, figures, url,
-    key, stack)` measures. Ctrl-C and SIGTERM stop the stack cleanly, and the
-    data folder is kept when anything failed, for its log.
+    `new_stack(args)` makes the stack (not started yet; not called for --url); `new_figures(args, url,
+    stack)` makes the figures (the settings), and `print_header(settings)` prints them, before the stack
+    starts; `benchmark(args, figures, url, key, stack)` measures. Ctrl-C and SIGTERM stop the stack
+    cleanly, and the data folder is kept when anything failed, for its log.
     """
     stack: EmbeddedStack | None = None
     failed = True
@@ -962,12 +1001,14 @@ def run_main(
     try:
         if args.url:
             url = args.url.rstrip("/")
-            key = args.key or os.environ[BENCH_KEY_ENV]
-            figures = begin(args, url, None)
         else:
             stack = new_stack(args)
             url = stack.url
-            figures = begin(args, url, stack)
+        figures = new_figures(args, url, stack)
+        print_header(figures.settings)
+        if stack is None:
+            key = args.key or os.environ[BENCH_KEY_ENV]
+        else:
             if not start_stack(stack, figures, args.startup_timeout):
                 return EXIT_STARTUP_FAILED
             key = stack.api_key()

@@ -47,11 +47,15 @@ from benchkit import (
     console,
     database_kind,
     fmt,
+    machine_row,
     machine_settings,
     new_parser,
+    print_header_table,
+    quantile_rows,
     quantiles,
     rounded,
     run_main,
+    stack_without_workers,
     table,
 )
 from sqlalchemy import select
@@ -323,10 +327,9 @@ def print_header(settings: dict[str, Any]) -> None:
             f"for {settings['arrival_seconds']:g} s",
         ),
         ("database", str(settings["database"]), ""),
-        ("machine", f"{settings['cpu_count']} cores", f"{settings['platform']}, Python {settings['python']}"),
-        ("load average", f"{settings['load_avg_start']:.2f}", "1 min, before the run (CPUs are shared)"),
+        machine_row(settings),
     ]
-    console.print(table("Priority benchmark", rows))
+    print_header_table("Priority benchmark", rows, settings)
 
 
 def print_shares(fig: dict[str, Any]) -> None:
@@ -367,9 +370,7 @@ def print_arrivals(fig: dict[str, Any]) -> None:
             fmt(fig["during_saturation"]),
             f"of {fig['arrivals']} created while the backlog saturated the workers",
         ),
-        ("queue wait p50", fmt(wait["p50"]), "ms (created_at -> started_at)"),
-        ("queue wait p99", fmt(wait["p99"]), "ms"),
-        ("queue wait max", fmt(wait["max"]), "ms"),
+        *quantile_rows("queue wait", wait, "ms", "created_at -> started_at", ("p50", "p99", "max")),
     ]
     console.print(table("Top-priority arrivals behind the p2-p5 backlog", rows))
 
@@ -484,19 +485,13 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def new_stack(args: argparse.Namespace) -> EmbeddedStack:
-    """No workers under the supervisor: the benchmark starts them once the backlog is in place."""
-    return EmbeddedStack(0, args.database_url, None)
-
-
-def begin(args: argparse.Namespace, url: str, stack: EmbeddedStack | None) -> Figures:
-    figures = Figures(settings_of(args))
-    print_header(figures.settings)
-    return figures
+def new_figures(args: argparse.Namespace, url: str, stack: EmbeddedStack | None) -> Figures:
+    return Figures(settings_of(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(parse_args(argv), new_stack, begin, run_benchmark)
+    """The workers start once the backlog is in place, hence a stack without them."""
+    return run_main(parse_args(argv), stack_without_workers, new_figures, print_header, run_benchmark)
 
 
 if __name__ == "__main__":

@@ -76,15 +76,19 @@ from benchkit import (
     console,
     database_kind,
     fmt,
+    machine_row,
     machine_settings,
     new_parser,
     percentile,
+    print_header_table,
     proc_argv,
     proc_stat,
+    quantile_rows,
     quantiles,
     rounded,
     run_main,
     stack_cpu,
+    stack_without_workers,
     table,
 )
 from rich import box
@@ -685,14 +689,9 @@ def print_header(s: dict[str, Any]) -> None:
         ("connect concurrency", str(s["connect_concurrency"]), "handshakes in flight"),
         ("workers", str(s["workers"]), str(s["workers_note"])),
         ("database", str(s["database"]), ""),
-        (
-            "machine",
-            f"{s['cpu_count']} cores",
-            f"{s['platform']}, Python {s['python']}, open files {s['nofile']}",
-        ),
-        ("load average", f"{s['load_avg_start']:.2f}", "1 min, before the run (CPUs are shared)"),
+        machine_row(s, f", open files {s['nofile']}"),
     ]
-    console.print(table("Progress fan-out benchmark", rows))
+    print_header_table("Progress fan-out benchmark", rows, s)
 
 
 def print_connect(fig: dict[str, Any]) -> None:
@@ -701,10 +700,7 @@ def print_connect(fig: dict[str, Any]) -> None:
         ("connected", fmt(fig["connected"]), f"of {fig['requested']:,}"),
         ("wall time", fmt(fig["wall_s"], 2), "s until all had their snapshot"),
         ("connect rate", fmt(fig["rate_per_s"]), "connections/s"),
-        ("per connection p50", fmt(per["p50"]), "ms (open -> snapshot received)"),
-        ("per connection p90", fmt(per["p90"]), "ms"),
-        ("per connection p99", fmt(per["p99"]), "ms"),
-        ("per connection max", fmt(per["max"]), "ms"),
+        *quantile_rows("per connection", per, "ms", "open -> snapshot received"),
         ("permessage-deflate", fmt(fig["deflate_negotiated"]), "connections negotiated it"),
     ]
     for status, n in sorted(fig["snapshot_statuses"].items()):
@@ -755,10 +751,7 @@ def print_delivery(fig: dict[str, Any]) -> None:
             fmt(fig["deliveries_per_s"]),
             f"deliveries/s over {fig['span_s']:.1f} s (first `at` -> last receipt)",
         ),
-        ("latency p50", fmt(lat["p50"]), "ms (worker's `at` -> client receipt)"),
-        ("latency p90", fmt(lat["p90"]), "ms"),
-        ("latency p99", fmt(lat["p99"]), "ms"),
-        ("latency max", fmt(lat["max"]), "ms"),
+        *quantile_rows("latency", lat, "ms", "worker's `at` -> client receipt"),
         (
             "  progress events p50 / p99",
             f"{fmt(fig['progress_latency_ms']['p50'])} / {fmt(fig['progress_latency_ms']['p99'])}",
@@ -1198,20 +1191,14 @@ def progress_url_of(args: argparse.Namespace, stack: EmbeddedStack | None) -> st
     return args.progress_url.rstrip("/") if args.progress_url else None
 
 
-def new_stack(args: argparse.Namespace) -> EmbeddedStack:
-    """No workers under the supervisor: the benchmark starts them once everyone is connected."""
-    return EmbeddedStack(0, args.database_url, None)
-
-
-def begin(args: argparse.Namespace, url: str, stack: EmbeddedStack | None) -> Figures:
+def new_figures(args: argparse.Namespace, url: str, stack: EmbeddedStack | None) -> Figures:
     nofile = raise_nofile_limit()  # before the stack starts: its processes inherit it
-    figures = Figures(settings_of(args, url, progress_url_of(args, stack), nofile))
-    print_header(figures.settings)
-    return figures
+    return Figures(settings_of(args, url, progress_url_of(args, stack), nofile))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_main(parse_args(argv), new_stack, begin, run_benchmark)
+    """The workers start once every subscriber is connected, hence a stack without them."""
+    return run_main(parse_args(argv), stack_without_workers, new_figures, print_header, run_benchmark)
 
 
 if __name__ == "__main__":

@@ -68,9 +68,11 @@ from benchkit import (
     grid,
     host_port,
     http_request,
+    machine_row,
     machine_settings,
     new_parser,
     percentile,
+    print_header_table,
     proc_stat,
     quantiles,
     read_sql_stats,
@@ -835,16 +837,9 @@ def open_label(rate: float) -> str:
     return f"open {rate:g}/s"
 
 
-async def run_benchmark(
-    args: argparse.Namespace,
-    figures: Figures,
-    url: str,
-    key: str,
-    stack: EmbeddedStack | None,
-    postgres: EmbeddedPostgres | None,
-    wrk: str,
-) -> None:
-    bench = Bench(args, figures, url, key, stack, postgres)
+async def run_benchmark(bench: Bench, wrk: str) -> None:
+    """Every phase asked for, in order, on the `bench` its caller built from the run's parameters."""
+    args, figures = bench.args, bench.figures
     try:
         if bench.db is None:
             skip(figures, "end to end and open loop: they need the database (--database-url with --url)")
@@ -862,7 +857,7 @@ async def run_benchmark(
         if figures.resources:
             why_no_sql = (
                 "the stack wrote no files into CONVEYOR_SQL_STATS_DIR (an older stack?)"
-                if stack is not None
+                if bench.stack is not None
                 else "they need a stack started by the benchmark"
             )
             print_resources(figures.resources, why_no_sql)
@@ -898,11 +893,10 @@ def print_header(settings: dict[str, Any]) -> None:
         ("accept", f"{settings['accept_seconds']} s", f"{settings['wrk']}, {connections} connections"),
         ("end to end", fmt(settings["jobs"]), f"jobs over {connections} connections"),
         ("open loop", ", ".join(f"{r:g}" for r in settings["rates"]), f"jobs/s, {open_s:g} s each"),
-        ("machine", f"{settings['cpu_count']} cores", f"{settings['platform']}, Python {settings['python']}"),
+        machine_row(settings),
         ("client", str(settings["client_loop"]), "event loop of the Python load generator"),
-        ("load average", f"{settings['load_avg_start']:.2f}", "1 min, before the run (CPUs are shared)"),
     ]
-    console.print(table("Throughput benchmark", rows))
+    print_header_table("Throughput benchmark", rows, settings)
 
 
 def print_accept(fig: dict[str, Any]) -> None:
@@ -1175,17 +1169,15 @@ def run(args: argparse.Namespace, postgres: EmbeddedPostgres | None, wrk: str) -
     def new_stack(args: argparse.Namespace) -> EmbeddedStack:
         return EmbeddedStack(args.workers, args.database_url, args.worker_concurrency, sql_stats=True)
 
-    def begin(args: argparse.Namespace, url: str, stack: EmbeddedStack | None) -> Figures:
-        figures = Figures(settings_of(args, url, postgres, wrk))
-        print_header(figures.settings)
-        return figures
+    def new_figures(args: argparse.Namespace, url: str, stack: EmbeddedStack | None) -> Figures:
+        return Figures(settings_of(args, url, postgres, wrk))
 
     async def benchmark(
         args: argparse.Namespace, figures: Figures, url: str, key: str, stack: EmbeddedStack | None
     ) -> None:
-        await run_benchmark(args, figures, url, key, stack, postgres, wrk)
+        await run_benchmark(Bench(args, figures, url, key, stack, postgres), wrk)
 
-    return run_main(args, new_stack, begin, benchmark)
+    return run_main(args, new_stack, new_figures, print_header, benchmark)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
