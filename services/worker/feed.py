@@ -34,8 +34,8 @@ NO_PARTITION = TopicPartition("", -1)
 # and saved nothing measurable once the collector was tuned (`conveyor.collector`).
 FETCH_MAX_WAIT_MS = 100
 # Records taken from the consumer per read, from each priority level in turn, so that a slot chooses
-# among every level from the start. Parsing records holds the event loop, and the free slots wait for
-# it: 500 at a time finished 6% more jobs per second than taking everything fetched (5,000) at once.
+# among every level from the start. Parsing records holds the event loop while the free slots wait, so
+# a read takes a bounded number rather than everything the consumer has fetched.
 READ_BATCH_PER_LEVEL = 100
 # The wait for records when the intake is empty takes this many, from whichever level has them.
 READ_BATCH = 500
