@@ -30,6 +30,15 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [record for record in logs if record["event"] == name]
 
 
+async def start_attempt(handler: Blocking) -> tuple[RecordingCommitter, JobExecutor, asyncio.Task[None]]:
+    """An executor running one `test.job` attempt, once its handler has started."""
+    committer = RecordingCommitter()
+    executor = executor_for(handler, committer)
+    running = asyncio.create_task(executor.execute(job_record()))
+    await handler.started.wait()
+    return committer, executor, running
+
+
 async def returns_one(ctx: JobContext, payload: Any) -> int:
     return 1
 
@@ -113,11 +122,8 @@ async def test_a_timed_out_attempt_is_stopped_at_once_and_fails_timed_out() -> N
 
 async def test_a_canceled_attempt_that_stops_in_its_grace_records_nothing() -> None:
     handler = Blocking()
-    committer = RecordingCommitter()
-    executor = executor_for(handler, committer)
+    committer, executor, running = await start_attempt(handler)
     with capture_logs() as logs:
-        running = asyncio.create_task(executor.execute(job_record()))
-        await handler.started.wait()
         assert executor.cancel("job-1") == 1
         assert executor.cancel("job-1") is None, "an attempt is canceled once"
         await running
@@ -145,11 +151,8 @@ async def test_a_canceled_attempt_that_ignores_it_is_interrupted_after_the_grace
 
 async def test_a_lost_attempt_is_interrupted_and_records_nothing() -> None:
     handler = Blocking(stubborn=True)
-    committer = RecordingCommitter()
-    executor = executor_for(handler, committer)
+    committer, executor, running = await start_attempt(handler)
     with capture_logs() as logs:
-        running = asyncio.create_task(executor.execute(job_record()))
-        await handler.started.wait()
         executor.lose("job-1", 2)  # another attempt's lease: not this one
         assert executor.holds("job-1", 1)
         executor.lose("job-1", 1)
@@ -160,10 +163,7 @@ async def test_a_lost_attempt_is_interrupted_and_records_nothing() -> None:
 
 async def test_a_handler_that_stops_by_raising_in_the_drain_is_handed_back() -> None:
     handler = Blocking(raises=True)
-    committer = RecordingCommitter()
-    executor = executor_for(handler, committer)
-    running = asyncio.create_task(executor.execute(job_record()))
-    await handler.started.wait()
+    committer, executor, running = await start_attempt(handler)
     executor.drain()
     await running
     [outcome] = committer.outcomes
@@ -174,11 +174,8 @@ async def test_a_handler_that_stops_by_raising_in_the_drain_is_handed_back() -> 
 
 async def test_a_handler_still_running_when_the_drain_grace_ends_is_interrupted_and_handed_back() -> None:
     handler = Blocking(stubborn=True)
-    committer = RecordingCommitter()
-    executor = executor_for(handler, committer)
+    committer, executor, running = await start_attempt(handler)
     with capture_logs() as logs:
-        running = asyncio.create_task(executor.execute(job_record()))
-        await handler.started.wait()
         executor.drain()
         executor.hand_back_all()
         await running
@@ -189,10 +186,7 @@ async def test_a_handler_still_running_when_the_drain_grace_ends_is_interrupted_
 
 async def test_a_handler_that_returns_in_the_drain_is_recorded_as_usual() -> None:
     handler = Blocking()
-    committer = RecordingCommitter()
-    executor = executor_for(handler, committer)
-    running = asyncio.create_task(executor.execute(job_record()))
-    await handler.started.wait()
+    committer, executor, running = await start_attempt(handler)
     executor.drain()
     await running
     [outcome] = committer.outcomes
