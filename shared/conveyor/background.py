@@ -16,7 +16,7 @@ import structlog
 log = structlog.get_logger(__name__)
 
 # Past this exponent the doubling is far beyond any sensible cap; stop before floats overflow.
-MAX_EXPONENT = 30
+MAX_EXPONENT = 62
 
 
 def exponential_delay(failures: int, base_s: float, cap_s: float) -> float:

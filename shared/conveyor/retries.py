@@ -15,10 +15,8 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from conveyor.background import exponential_delay
 from conveyor.models import utcnow
-
-# Past this exponent the doubling is far beyond any sensible cap; stop before floats overflow.
-MAX_EXPONENT = 62
 
 
 @dataclass(frozen=True)
@@ -28,7 +26,8 @@ class Backoff:
 
     def ceiling_s(self, attempt: int) -> float:
         """The longest wait after the `attempt`-th attempt failed (attempts count from 1)."""
-        return min(self.cap_s, self.base_s * 2.0 ** min(max(attempt - 1, 0), MAX_EXPONENT))
+        # Attempt 0 (nothing has run yet) waits at most the base, as attempt 1 does.
+        return exponential_delay(max(attempt, 1), self.base_s, self.cap_s)
 
     def delay_s(self, attempt: int, rng: random.Random | None = None) -> float:
         """A random wait in [0, ceiling]: full jitter."""
