@@ -33,31 +33,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+import benchkit as kit
 import httpx
-from benchkit import (
-    DEFAULT_WORKERS,
-    REQUEST_TIMEOUT_S,
-    EmbeddedStack,
-    StackFigures,
-    Workers,
-    add_database_option,
-    add_option,
-    add_stack_options,
-    check_at_least_one,
-    console,
-    database_kind,
-    fmt,
-    machine_row,
-    machine_settings,
-    new_parser,
-    print_header_table,
-    quantile_rows,
-    quantiles,
-    rounded,
-    run_main,
-    stack_without_workers,
-    table,
-)
 from sqlalchemy import select
 
 from conveyor.auth import ALL_SCOPES, create_api_key
@@ -196,11 +173,11 @@ async def wait_until(
             return jobs
         now = time.perf_counter()
         if now - started > timeout_s:
-            console.print(f"[red]Deadline of {timeout_s:.0f} s hit waiting for {what}.[/red]")
+            kit.console.print(f"[red]Deadline of {timeout_s:.0f} s hit waiting for {what}.[/red]")
             return None
         if now >= next_report:
             finished = sum(1 for job in jobs if job.status in TERMINAL_STATES)
-            console.print(f"  waiting for {what}: {finished:,}/{len(jobs):,} jobs finished", style="dim")
+            kit.console.print(f"  waiting for {what}: {finished:,}/{len(jobs):,} jobs finished", style="dim")
             next_report = now + PROGRESS_EVERY_S
         await asyncio.sleep(POLL_INTERVAL_S)
 
@@ -217,10 +194,14 @@ def all_finished(jobs: Sequence[JobTimes]) -> bool:
 
 
 @dataclass
-class Figures(StackFigures):
+class Figures(kit.StackFigures):
+    # How the backlog went in: jobs, outcomes, wall time.
     backlog_submit: dict[str, Any] = field(default_factory=dict)
+    # Each level's share of the starts while every level had work, against its weight.
     shares: dict[str, Any] = field(default_factory=dict)
+    # How long each level's backlog jobs waited to start.
     backlog_waits: dict[str, Any] = field(default_factory=dict)
+    # The p1 jobs that kept arriving behind the backlog: their waits to start.
     arrivals: dict[str, Any] = field(default_factory=dict)
 
 
@@ -284,8 +265,8 @@ def backlog_wait_figures(jobs: Sequence[JobTimes]) -> dict[str, Any]:
         waits = [(started_at(job) - first).total_seconds() for job in backlog_jobs(jobs, priority) if first]
         figures[f"p{priority}"] = {
             "jobs": len(waits),
-            "first": rounded(min(waits, default=None)),
-            **quantiles(waits),
+            "first": kit.rounded(min(waits, default=None)),
+            **kit.quantiles(waits),
         }
     return figures
 
@@ -298,7 +279,7 @@ def arrival_figures(jobs: Sequence[JobTimes], saturated_until: datetime | None) 
     return {
         "arrivals": len(arrivals),
         "during_saturation": len(during),
-        "queue_wait_ms": quantiles(waits_ms),
+        "queue_wait_ms": kit.quantiles(waits_ms),
     }
 
 
@@ -316,7 +297,7 @@ def print_header(settings: dict[str, Any]) -> None:
         ("job type", JOB_TYPE, f"{settings['job_seconds']:g} s each"),
         (
             "backlog",
-            fmt(settings["backlog"]),
+            kit.fmt(settings["backlog"]),
             f"jobs at each of the 5 levels, from {settings['tenants']} tenants",
         ),
         ("workers", str(settings["workers"]), f"{settings['worker_concurrency']} jobs each at once"),
@@ -327,23 +308,23 @@ def print_header(settings: dict[str, Any]) -> None:
             f"for {settings['arrival_seconds']:g} s",
         ),
         ("database", str(settings["database"]), ""),
-        machine_row(settings),
+        kit.machine_row(settings),
     ]
-    print_header_table("Priority benchmark", rows, settings)
+    kit.print_header_table("Priority benchmark", rows, settings)
 
 
 def print_shares(fig: dict[str, Any]) -> None:
     rows = [
         (
             level,
-            fmt(values["started"]),
+            kit.fmt(values["started"]),
             f"{fmt_share(values['share'])} (weight {values['weight']}: {fmt_share(values['weight_share'])})",
         )
         for level, values in fig["levels"].items()
     ]
-    windows = ", ".join(fmt(window, 2) for window in fig["window_s"])
+    windows = ", ".join(kit.fmt(window, 2) for window in fig["window_s"])
     rows.append(("windows", windows or "-", f"s, one per worker ({fig['workers']}) that had every level"))
-    console.print(table("Starts per level while every level had a backlog", rows))
+    kit.console.print(kit.table("Starts per level while every level had a backlog", rows))
 
 
 def fmt_share(share: float | None) -> str:
@@ -354,12 +335,12 @@ def print_backlog_waits(fig: dict[str, Any]) -> None:
     rows = [
         (
             level,
-            f"{fmt(values['p50'])} / {fmt(values['p99'])}",
-            f"s p50 / p99; first {fmt(values['first'])} s, last {fmt(values['max'])} s",
+            f"{kit.fmt(values['p50'])} / {kit.fmt(values['p99'])}",
+            f"s p50 / p99; first {kit.fmt(values['first'])} s, last {kit.fmt(values['max'])} s",
         )
         for level, values in fig.items()
     ]
-    console.print(table("Backlog queue wait per level (from the first start)", rows))
+    kit.console.print(kit.table("Backlog queue wait per level (from the first start)", rows))
 
 
 def print_arrivals(fig: dict[str, Any]) -> None:
@@ -367,44 +348,46 @@ def print_arrivals(fig: dict[str, Any]) -> None:
     rows = [
         (
             "arrivals",
-            fmt(fig["during_saturation"]),
+            kit.fmt(fig["during_saturation"]),
             f"of {fig['arrivals']} created while the backlog saturated the workers",
         ),
-        *quantile_rows("queue wait", wait, "ms", "created_at -> started_at", ("p50", "p99", "max")),
+        *kit.quantile_rows("queue wait", wait, "ms", "created_at -> started_at", ("p50", "p99", "max")),
     ]
-    console.print(table("Top-priority arrivals behind the p2-p5 backlog", rows))
+    kit.console.print(kit.table("Top-priority arrivals behind the p2-p5 backlog", rows))
 
 
 # --- main -------------------------------------------------------------------------------------------
 
 
-def database_url_of(args: argparse.Namespace, stack: EmbeddedStack) -> str:
+def database_url_of(args: argparse.Namespace, stack: kit.EmbeddedStack) -> str:
     return args.database_url or Settings(data_dir=stack.data_dir, database_url="").resolved_database_url
 
 
 async def run_benchmark(
-    args: argparse.Namespace, figures: Figures, url: str, key: str, stack: EmbeddedStack | None
+    args: argparse.Namespace, figures: Figures, url: str, key: str, stack: kit.EmbeddedStack | None
 ) -> None:
     assert stack is not None, "the benchmark starts its own stack"
     db = Database(database_url_of(args, stack))
-    workers = Workers(stack, args.workers, args.worker_concurrency, CONVEYOR_PRIORITY_WEIGHTS=args.weights)
+    workers = kit.Workers(
+        stack, args.workers, args.worker_concurrency, CONVEYOR_PRIORITY_WEIGHTS=args.weights
+    )
     limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
     try:
         tenants = await create_tenants(db, args.tenants)
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
+        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=kit.REQUEST_TIMEOUT_S) as client:
             total = args.backlog * len(PRIORITIES)
-            console.print(
+            kit.console.print(
                 f"Backlog: submitting {total:,} jobs ({args.backlog:,} per level), no worker running..."
             )
             outcomes, wall_s = await submit_backlog(
                 client, tenants, args.backlog, args.job_seconds, args.concurrency
             )
             figures.backlog_submit = {"jobs": total, "outcomes": dict(outcomes), "wall_s": round(wall_s, 2)}
-            console.print(
+            kit.console.print(
                 f"Backlog: {outcomes.get('202', 0):,} accepted in {wall_s:.1f} s ({dict(outcomes)})"
             )
 
-            console.print(f"Starting {args.workers} workers...")
+            kit.console.print(f"Starting {args.workers} workers...")
             workers.start()
             top_done = await wait_until(
                 db,
@@ -413,7 +396,7 @@ async def run_benchmark(
                 args.wait_timeout,
             )
             if top_done is not None:
-                console.print(
+                kit.console.print(
                     f"The p1 backlog has started; {args.arrival_rate:g} new p1 jobs per second for "
                     f"{args.arrival_seconds:g} s behind the rest of the backlog..."
                 )
@@ -425,7 +408,7 @@ async def run_benchmark(
             db, all_finished, "every job to finish", args.wait_timeout
         ) or await read_jobs(db)
     finally:
-        console.print("Stopping the workers...", style="dim")
+        kit.console.print("Stopping the workers...", style="dim")
         workers.stop()
         await db.close()
 
@@ -439,27 +422,31 @@ async def run_benchmark(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = new_parser(__doc__)
-    add_option(parser, "--backlog", DEFAULT_BACKLOG, "jobs at each level before the workers start")
-    add_option(parser, "--job-seconds", DEFAULT_JOB_SECONDS, "how long each job runs")
-    add_option(parser, "--tenants", DEFAULT_TENANTS, "tenants the jobs come from, in turn")
-    add_option(
+    parser = kit.new_parser(__doc__)
+    kit.add_option(parser, "--backlog", DEFAULT_BACKLOG, "jobs at each level before the workers start")
+    kit.add_option(parser, "--job-seconds", DEFAULT_JOB_SECONDS, "how long each job runs")
+    kit.add_option(parser, "--tenants", DEFAULT_TENANTS, "tenants the jobs come from, in turn")
+    kit.add_option(
         parser, "--concurrency", DEFAULT_CONCURRENCY, "requests in flight while submitting the backlog"
     )
-    add_option(parser, "--workers", DEFAULT_WORKERS, "worker processes to start")
-    add_option(parser, "--worker-concurrency", DEFAULT_WORKER_CONCURRENCY, "jobs per worker at once")
+    kit.add_option(parser, "--workers", kit.DEFAULT_WORKERS, "worker processes to start")
+    kit.add_option(parser, "--worker-concurrency", DEFAULT_WORKER_CONCURRENCY, "jobs per worker at once")
     parser.add_argument(
         "--weights",
         default=",".join(map(str, DEFAULT_PRIORITY_WEIGHTS)),
         help="the workers' CONVEYOR_PRIORITY_WEIGHTS, p1..p5 (default %(default)s)",
     )
-    add_option(parser, "--arrival-rate", DEFAULT_ARRIVAL_RATE, "new p1 jobs per second behind the backlog")
-    add_option(parser, "--arrival-seconds", DEFAULT_ARRIVAL_SECONDS, "how long they keep coming")
-    add_database_option(parser)
-    add_stack_options(parser, DEFAULT_WAIT_TIMEOUT_S, "seconds each wait for the jobs may take")
+    kit.add_option(
+        parser, "--arrival-rate", DEFAULT_ARRIVAL_RATE, "new p1 jobs per second behind the backlog"
+    )
+    kit.add_option(parser, "--arrival-seconds", DEFAULT_ARRIVAL_SECONDS, "how long they keep coming")
+    kit.add_database_option(parser)
+    kit.add_stack_options(parser, DEFAULT_WAIT_TIMEOUT_S, "seconds each wait for the jobs may take")
     parser.set_defaults(url=None, key=None)  # always a started stack: the workers start after the backlog
     args = parser.parse_args(argv)
-    check_at_least_one(parser, args, ("backlog", "tenants", "concurrency", "workers", "worker_concurrency"))
+    kit.check_at_least_one(
+        parser, args, ("backlog", "tenants", "concurrency", "workers", "worker_concurrency")
+    )
     try:
         Settings(priority_weights=args.weights)
     except ValueError as exc:
@@ -479,19 +466,19 @@ def settings_of(args: argparse.Namespace) -> dict[str, Any]:
         "weights": args.weights,
         "arrival_rate": args.arrival_rate,
         "arrival_seconds": args.arrival_seconds,
-        "database": database_kind(args.database_url),
-        **machine_settings(),
+        "database": kit.database_kind(args.database_url),
+        **kit.machine_settings(),
         "load_avg_start": os.getloadavg()[0],
     }
 
 
-def new_figures(args: argparse.Namespace, url: str, stack: EmbeddedStack | None) -> Figures:
+def new_figures(args: argparse.Namespace, url: str, stack: kit.EmbeddedStack | None) -> Figures:
     return Figures(settings_of(args))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The workers start once the backlog is in place, hence a stack without them."""
-    return run_main(parse_args(argv), stack_without_workers, new_figures, print_header, run_benchmark)
+    return kit.run_main(parse_args(argv), kit.stack_without_workers, new_figures, print_header, run_benchmark)
 
 
 if __name__ == "__main__":

@@ -56,41 +56,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import benchkit as kit
 import httpx
-from benchkit import (
-    DEFAULT_WORKERS,
-    LOCALHOST,
-    READY_POLL_S,
-    REQUEST_TIMEOUT_S,
-    TERMINAL,
-    EmbeddedStack,
-    StackFigures,
-    Workers,
-    add_database_option,
-    add_key_option,
-    add_option,
-    add_stack_options,
-    add_url_option,
-    check_at_least_one,
-    check_target,
-    console,
-    database_kind,
-    fmt,
-    machine_row,
-    machine_settings,
-    new_parser,
-    percentile,
-    print_header_table,
-    proc_argv,
-    proc_stat,
-    quantile_rows,
-    quantiles,
-    rounded,
-    run_main,
-    stack_cpu,
-    stack_without_workers,
-    table,
-)
 from rich import box
 from rich.table import Table
 from websockets.asyncio.client import ClientConnection, connect
@@ -139,7 +106,7 @@ def raise_nofile_limit() -> int:
 
 
 def proc_cpu_s(pid: int) -> float | None:
-    stat = proc_stat(pid)
+    stat = kit.proc_stat(pid)
     return None if stat is None else stat[1]
 
 
@@ -155,7 +122,7 @@ def proc_status_kib(pid: int, name: str) -> int | None:
 
 
 def proc_parent(pid: int) -> int | None:
-    stat = proc_stat(pid)
+    stat = kit.proc_stat(pid)
     return None if stat is None else stat[0]
 
 
@@ -167,7 +134,7 @@ def find_progress_pids(root_pid: int) -> list[int]:
     """Descendants of `root_pid` running `python -m conveyor progress`."""
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or not is_progress_service(proc_argv(int(entry.name))):
+        if not entry.name.isdigit() or not is_progress_service(kit.proc_argv(int(entry.name))):
             continue
         ancestor = proc_parent(int(entry.name))
         while ancestor is not None and ancestor > 1 and ancestor != root_pid:
@@ -208,7 +175,7 @@ def ts(text: str) -> float:
 
 def ms(values: Sequence[float]) -> dict[str, float | None]:
     """p50/p90/p99/max of seconds, in milliseconds."""
-    return quantiles(values, MS_PER_S)
+    return kit.quantiles(values, MS_PER_S)
 
 
 # --- the client processes ----------------------------------------------------------------------------
@@ -312,7 +279,7 @@ async def watch(
             if kind not in ("state", "progress"):
                 sub.other[str(kind)] += 1
                 continue
-            terminal = kind == "state" and event.get("status") in TERMINAL
+            terminal = kind == "state" and event.get("status") in kit.TERMINAL
             coalesced = event.get("coalesced_from")
             sub.events.append(
                 (
@@ -470,7 +437,7 @@ class Clients:
 
 
 @dataclass
-class Figures(StackFigures):
+class Figures(kit.StackFigures):
     connect: dict[str, Any] = field(default_factory=dict)
     memory: dict[str, Any] = field(default_factory=dict)
     delivery: dict[str, Any] = field(default_factory=dict)
@@ -492,7 +459,7 @@ def connect_figures(
         "requested": requested,
         "connected": len(times),
         "errors": dict(errors),
-        "wall_s": rounded(wall, 3),
+        "wall_s": kit.rounded(wall, 3),
         "rate_per_s": round(len(times) / wall, 1) if wall else None,
         "per_connection_ms": ms(times),
         "deflate_negotiated": sum(bool(sub["deflate"]) for sub in subs),
@@ -638,7 +605,7 @@ def memory_figures(
 def cpu_snapshot(
     stack_pid: int | None, progress_pid: int | None, workers: Sequence[int], clients: Sequence[int]
 ) -> dict[str, float]:
-    totals = stack_cpu(stack_pid) if stack_pid else {}
+    totals = kit.stack_cpu(stack_pid) if stack_pid else {}
     totals.pop("run", None)  # the supervisor idles
     if not stack_pid and progress_pid:
         totals["progress"] = proc_cpu_s(progress_pid) or 0.0
@@ -679,8 +646,8 @@ def print_header(s: dict[str, Any]) -> None:
     rows = [
         ("gateway", str(s["gateway"]), str(s["origin"])),
         ("progress", str(s["progress"]), "one instance"),
-        ("subscribers", fmt(s["subscribers"]), f"{s['subscribers_per_job']} per job"),
-        ("jobs", fmt(s["jobs"]), f"{JOB_TYPE}: {s['job_seconds']:g} s, {s['steps_note']}"),
+        ("subscribers", kit.fmt(s["subscribers"]), f"{s['subscribers_per_job']} per job"),
+        ("jobs", kit.fmt(s["jobs"]), f"{JOB_TYPE}: {s['job_seconds']:g} s, {s['steps_note']}"),
         (
             "client processes",
             str(s["clients"]),
@@ -689,42 +656,44 @@ def print_header(s: dict[str, Any]) -> None:
         ("connect concurrency", str(s["connect_concurrency"]), "handshakes in flight"),
         ("workers", str(s["workers"]), str(s["workers_note"])),
         ("database", str(s["database"]), ""),
-        machine_row(s, f", open files {s['nofile']}"),
+        kit.machine_row(s, f", open files {s['nofile']}"),
     ]
-    print_header_table("Progress fan-out benchmark", rows, s)
+    kit.print_header_table("Progress fan-out benchmark", rows, s)
 
 
 def print_connect(fig: dict[str, Any]) -> None:
     per = fig["per_connection_ms"]
     rows = [
-        ("connected", fmt(fig["connected"]), f"of {fig['requested']:,}"),
-        ("wall time", fmt(fig["wall_s"], 2), "s until all had their snapshot"),
-        ("connect rate", fmt(fig["rate_per_s"]), "connections/s"),
-        *quantile_rows("per connection", per, "ms", "open -> snapshot received"),
-        ("permessage-deflate", fmt(fig["deflate_negotiated"]), "connections negotiated it"),
+        ("connected", kit.fmt(fig["connected"]), f"of {fig['requested']:,}"),
+        ("wall time", kit.fmt(fig["wall_s"], 2), "s until all had their snapshot"),
+        ("connect rate", kit.fmt(fig["rate_per_s"]), "connections/s"),
+        *kit.quantile_rows("per connection", per, "ms", "open -> snapshot received"),
+        ("permessage-deflate", kit.fmt(fig["deflate_negotiated"]), "connections negotiated it"),
     ]
     for status, n in sorted(fig["snapshot_statuses"].items()):
-        rows.append(("snapshot said", fmt(n), status))
+        rows.append(("snapshot said", kit.fmt(n), status))
     for kind, n in sorted(fig["errors"].items()):
-        rows.append(("connect error", fmt(n), kind))
-    console.print(table("Connect", rows))
+        rows.append(("connect error", kit.fmt(n), kind))
+    kit.console.print(kit.table("Connect", rows))
 
 
 def print_memory(fig: dict[str, Any]) -> None:
     if fig.get("pid") is None:
-        console.print(f"[yellow]Memory: progress service process not found ({fig.get('found_by')}).[/yellow]")
+        kit.console.print(
+            f"[yellow]Memory: progress service process not found ({fig.get('found_by')}).[/yellow]"
+        )
         return
     rows = [
         ("progress pid", str(fig["pid"]), str(fig["found_by"])),
         ("RSS before", kib(fig["rss_before_kib"]), "MiB (after a warm-up)"),
         ("RSS all connected", kib(fig["rss_connected_kib"]), "MiB"),
-        ("per connection", fmt(fig["per_connection_kib"]), "KiB ((connected - before) / connected)"),
+        ("per connection", kit.fmt(fig["per_connection_kib"]), "KiB ((connected - before) / connected)"),
         ("RSS after all closed", kib(fig["rss_after_close_kib"]), "MiB"),
         ("peak RSS", kib(fig["peak_rss_kib"]), "MiB (VmHWM, since the process started)"),
     ]
     if fig["restarted"]:
         rows.append(("[red]restarted[/red]", "yes", "it exited or restarted during the run"))
-    console.print(table("Memory of the progress service", rows))
+    kit.console.print(kit.table("Memory of the progress service", rows))
 
 
 def print_delivery(fig: dict[str, Any]) -> None:
@@ -732,44 +701,48 @@ def print_delivery(fig: dict[str, Any]) -> None:
     rows = [
         (
             "delivered",
-            fmt(fig["delivered"]),
+            kit.fmt(fig["delivered"]),
             f"of {fig['expected']:,} expected events (every seq after the snapshot)",
         ),
-        ("missing", fmt(fig["missing"]), ""),
-        ("  in gaps, coalesced", fmt(fig["missing_in_gaps_coalesced"]), "(next event had coalesced_from)"),
-        ("  in gaps, unexplained", fmt(fig["missing_in_gaps_other"]), ""),
-        ("  at the end", fmt(fig["missing_at_end"]), "(never got there: closed early or deadline)"),
-        ("coalesced events", fmt(fig["coalesced_events"]), "carried coalesced_from"),
+        ("missing", kit.fmt(fig["missing"]), ""),
+        (
+            "  in gaps, coalesced",
+            kit.fmt(fig["missing_in_gaps_coalesced"]),
+            "(next event had coalesced_from)",
+        ),
+        ("  in gaps, unexplained", kit.fmt(fig["missing_in_gaps_other"]), ""),
+        ("  at the end", kit.fmt(fig["missing_at_end"]), "(never got there: closed early or deadline)"),
+        ("coalesced events", kit.fmt(fig["coalesced_events"]), "carried coalesced_from"),
         ("duplicates / out of order", f"{fig['duplicates']} / {fig['out_of_order']}", ""),
         (
             "measured deliveries",
-            fmt(fig["measured_deliveries"]),
+            kit.fmt(fig["measured_deliveries"]),
             f"{fig['distinct_events']:,} distinct events",
         ),
         (
             "delivery rate",
-            fmt(fig["deliveries_per_s"]),
+            kit.fmt(fig["deliveries_per_s"]),
             f"deliveries/s over {fig['span_s']:.1f} s (first `at` -> last receipt)",
         ),
-        *quantile_rows("latency", lat, "ms", "worker's `at` -> client receipt"),
+        *kit.quantile_rows("latency", lat, "ms", "worker's `at` -> client receipt"),
         (
             "  progress events p50 / p99",
-            f"{fmt(fig['progress_latency_ms']['p50'])} / {fmt(fig['progress_latency_ms']['p99'])}",
+            f"{kit.fmt(fig['progress_latency_ms']['p50'])} / {kit.fmt(fig['progress_latency_ms']['p99'])}",
             "ms",
         ),
         (
             "  state events p50 / p99",
-            f"{fmt(fig['state_latency_ms']['p50'])} / {fmt(fig['state_latency_ms']['p99'])}",
+            f"{kit.fmt(fig['state_latency_ms']['p50'])} / {kit.fmt(fig['state_latency_ms']['p99'])}",
             f"ms ({fig['state_deliveries']:,} deliveries: running, succeeded...)",
         ),
         (
             "first receipt p50 / p99",
-            f"{fmt(first['p50'])} / {fmt(first['p99'])}",
+            f"{kit.fmt(first['p50'])} / {kit.fmt(first['p99'])}",
             "ms (the first subscriber of each event)",
         ),
         (
             "fan-out spread p50 / p99",
-            f"{fmt(spread['p50'])} / {fmt(spread['p99'])}",
+            f"{kit.fmt(spread['p50'])} / {kit.fmt(spread['p99'])}",
             "ms (first to last subscriber of an event)",
         ),
     ]
@@ -777,34 +750,34 @@ def print_delivery(fig: dict[str, Any]) -> None:
         rows.append(
             (
                 "before the window",
-                fmt(fig["before_window"]),
+                kit.fmt(fig["before_window"]),
                 "deliveries not measured (recorded while connecting)",
             )
         )
     if fig["not_newer_than_snapshot"]:
-        rows.append(("not newer than snapshot", fmt(fig["not_newer_than_snapshot"]), "events"))
-    console.print(table("Delivery", rows))
+        rows.append(("not newer than snapshot", kit.fmt(fig["not_newer_than_snapshot"]), "events"))
+    kit.console.print(kit.table("Delivery", rows))
 
 
 def print_closes(fig: dict[str, Any]) -> None:
-    rows = [("subscriptions", fmt(n), outcome) for outcome, n in sorted(fig["outcomes"].items())]
-    rows += [("early close", fmt(n), reason) for reason, n in sorted(fig["early_close_reasons"].items())]
-    rows += [("read error", fmt(n), kind) for kind, n in sorted(fig["read_errors"].items())]
-    rows += [("other message", fmt(n), kind) for kind, n in sorted(fig["other_messages"].items())]
-    console.print(table("How the subscriptions ended", rows))
+    rows = [("subscriptions", kit.fmt(n), outcome) for outcome, n in sorted(fig["outcomes"].items())]
+    rows += [("early close", kit.fmt(n), reason) for reason, n in sorted(fig["early_close_reasons"].items())]
+    rows += [("read error", kit.fmt(n), kind) for kind, n in sorted(fig["read_errors"].items())]
+    rows += [("other message", kit.fmt(n), kind) for kind, n in sorted(fig["other_messages"].items())]
+    kit.console.print(kit.table("How the subscriptions ended", rows))
 
 
 def print_jobs(fig: dict[str, Any]) -> None:
     statuses = ", ".join(f"{status}: {n}" for status, n in sorted(fig["statuses"].items()))
     rows = [
-        ("jobs", fmt(fig["count"]), statuses),
-        ("attempts > 1", fmt(fig["retried"]), ""),
-        ("start spread", fmt(fig["start_spread_s"], 2), "s (first to last started_at)"),
-        ("run time p50", fmt(fig["run_s_p50"], 2), "s (started_at -> finished_at)"),
+        ("jobs", kit.fmt(fig["count"]), statuses),
+        ("attempts > 1", kit.fmt(fig["retried"]), ""),
+        ("start spread", kit.fmt(fig["start_spread_s"], 2), "s (first to last started_at)"),
+        ("run time p50", kit.fmt(fig["run_s_p50"], 2), "s (started_at -> finished_at)"),
     ]
     if (fig["start_spread_s"] or 0) > 1:
         rows.append(("[yellow]note[/yellow]", "", "the jobs did not all run at once (too few worker slots?)"))
-    console.print(table("Jobs", rows))
+    kit.console.print(kit.table("Jobs", rows))
 
 
 def print_cpu(fig: dict[str, Any]) -> None:
@@ -821,7 +794,7 @@ def print_cpu(fig: dict[str, Any]) -> None:
             share = f" ({used / wall:.0%})" if used is not None and wall else ""
             cells.append("-" if used is None else f"{used:.2f}{share}")
         out.add_row(name, *cells)
-    console.print(out)
+    kit.console.print(out)
 
 
 def print_logs(fig: dict[str, Any]) -> None:
@@ -829,11 +802,13 @@ def print_logs(fig: dict[str, Any]) -> None:
         if not found:
             continue
         if not found["lines"]:
-            console.print(f"{name}: no warnings, errors or tracebacks during the run.")
+            kit.console.print(f"{name}: no warnings, errors or tracebacks during the run.")
             continue
-        console.print(f"[yellow]{name}: {found['lines']} warning/error lines in the run; the first:[/yellow]")
+        kit.console.print(
+            f"[yellow]{name}: {found['lines']} warning/error lines in the run; the first:[/yellow]"
+        )
         for line in found["samples"]:
-            console.print("  " + line[:300], markup=False)
+            kit.console.print("  " + line[:300], markup=False)
 
 
 # --- the run -----------------------------------------------------------------------------------------
@@ -889,7 +864,7 @@ async def wait_progress_ready(progress_url: str, timeout_s: float) -> None:
                 last = f"{type(exc).__name__}: {exc}"
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the progress service was not ready in {timeout_s:.0f} s (last: {last})")
-            await asyncio.sleep(READY_POLL_S)
+            await asyncio.sleep(kit.READY_POLL_S)
 
 
 def job_figures(bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -903,8 +878,8 @@ def job_figures(bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "count": len(bodies),
         "statuses": dict(Counter(b["status"] for b in bodies)),
         "retried": sum(b.get("attempts", 0) > 1 for b in bodies),
-        "start_spread_s": rounded(max(started) - min(started), 3) if started else None,
-        "run_s_p50": rounded(percentile(runs, 50), 3),
+        "start_spread_s": kit.rounded(max(started) - min(started), 3) if started else None,
+        "run_s_p50": kit.rounded(kit.percentile(runs, 50), 3),
     }
 
 
@@ -927,20 +902,20 @@ def client_plans(
 
 
 async def run_benchmark(
-    args: argparse.Namespace, figures: Figures, url: str, key: str, stack: EmbeddedStack | None
+    args: argparse.Namespace, figures: Figures, url: str, key: str, stack: kit.EmbeddedStack | None
 ) -> None:
     s = figures.settings
     progress_url = progress_url_of(args, stack)
     stack_pid = stack.process.pid if stack is not None and stack.process is not None else None
     lead = 0.0 if stack is not None else args.lead
-    workers: Workers | None = None
+    workers: kit.Workers | None = None
     clients: Clients | None = None
     log_offset = stack.log_path.stat().st_size if stack is not None and stack.log_path.exists() else 0
     async with httpx.AsyncClient(
-        base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=REQUEST_TIMEOUT_S
+        base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=kit.REQUEST_TIMEOUT_S
     ) as http:
         try:
-            console.print(f"Submitting {args.jobs} {JOB_TYPE} jobs...")
+            kit.console.print(f"Submitting {args.jobs} {JOB_TYPE} jobs...")
             jobs = await submit_jobs(
                 http, args.jobs, lead + args.job_seconds, s["steps"] + s["lead_steps"], args.aligned
             )
@@ -950,7 +925,7 @@ async def run_benchmark(
                 s["progress"] = progress_url
             await wait_progress_ready(progress_url, args.startup_timeout)
             progress_pid, pid_how = locate_progress(args, stack, progress_url)
-            console.print(f"Progress service: {progress_url}; warm-up: {WARMUP_CONNECTIONS} connections")
+            kit.console.print(f"Progress service: {progress_url}; warm-up: {WARMUP_CONNECTIONS} connections")
             warm = [await snapshot_seq(progress_url, key, job_ids[0]) for _ in range(WARMUP_CONNECTIONS)]
             if None in warm:
                 raise RuntimeError(f"{warm.count(None)} of {WARMUP_CONNECTIONS} warm-up connections failed")
@@ -961,7 +936,7 @@ async def run_benchmark(
             clients = Clients(plans)
             if None in await clients.gather("ready", CLIENT_START_TIMEOUT_S):
                 raise RuntimeError("a client process did not start")
-            console.print(
+            kit.console.print(
                 f"Connecting {args.subscribers:,} subscribers from {len(plans)} client processes..."
             )
             cpu_go = cpu_snapshot(stack_pid, progress_pid, [], clients.pids)
@@ -974,7 +949,7 @@ async def run_benchmark(
                 )
             cpu_connected = cpu_snapshot(stack_pid, progress_pid, [], clients.pids)
             wall_connected = time.perf_counter()
-            console.print(
+            kit.console.print(
                 f"Every subscriber connected or failed after {wall_connected - wall_go:.1f} s; "
                 f"reading the progress service's RSS in {RSS_SETTLE_S:.0f} s"
             )
@@ -985,17 +960,17 @@ async def run_benchmark(
             wall_window = time.perf_counter()
             cpu_window = cpu_snapshot(stack_pid, progress_pid, [], clients.pids)
             if stack is not None:
-                workers = Workers(stack, args.workers, max(DEFAULT_WORKER_CONCURRENCY, args.jobs))
+                workers = kit.Workers(stack, args.workers, max(DEFAULT_WORKER_CONCURRENCY, args.jobs))
                 workers.start()
-                console.print(
+                kit.console.print(
                     f"Started {args.workers} workers; the jobs run now, for about {args.job_seconds:g} s..."
                 )
             else:
-                console.print(f"Measuring; the jobs end in about {args.job_seconds:g} s...")
+                kit.console.print(f"Measuring; the jobs end in about {args.job_seconds:g} s...")
             deadline_s = lead + args.job_seconds + args.wait_timeout
             results = await clients.gather("done", deadline_s)
             if None in results:
-                console.print(
+                kit.console.print(
                     f"[yellow]Deadline ({deadline_s:.0f} s) hit: stopping the subscribers still open[/yellow]"
                 )
                 clients.broadcast("stop")
@@ -1025,7 +1000,7 @@ async def run_benchmark(
             if clients is not None:
                 clients.stop()
             if workers is not None:
-                console.print("Stopping the workers...", style="dim")
+                kit.console.print("Stopping the workers...", style="dim")
                 workers.stop()
 
     figures.connect = connect_figures(subs, stages, args.subscribers)
@@ -1061,30 +1036,32 @@ async def run_benchmark(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = new_parser(__doc__)
-    add_url_option(parser)
+    parser = kit.new_parser(__doc__)
+    kit.add_url_option(parser)
     parser.add_argument(
         "--progress-url", help="ws://host:port of the progress service (default: the jobs' links)"
     )
-    add_key_option(parser)
+    kit.add_key_option(parser)
     parser.add_argument(
         "--progress-pid", type=int, help="pid of the progress service for --url (memory figures)"
     )
-    add_option(parser, "--subscribers", DEFAULT_SUBSCRIBERS, "WebSocket subscribers")
-    add_option(parser, "--jobs", DEFAULT_JOBS, "jobs they watch")
-    add_option(parser, "--clients", DEFAULT_CLIENTS, "client processes")
-    add_option(parser, "--job-seconds", DEFAULT_JOB_SECONDS, "how long each job runs and reports progress")
-    add_option(
+    kit.add_option(parser, "--subscribers", DEFAULT_SUBSCRIBERS, "WebSocket subscribers")
+    kit.add_option(parser, "--jobs", DEFAULT_JOBS, "jobs they watch")
+    kit.add_option(parser, "--clients", DEFAULT_CLIENTS, "client processes")
+    kit.add_option(
+        parser, "--job-seconds", DEFAULT_JOB_SECONDS, "how long each job runs and reports progress"
+    )
+    kit.add_option(
         parser, "--interval", DEFAULT_INTERVAL_S, "seconds between the progress reports of the slowest job"
     )
-    add_option(parser, "--workers", DEFAULT_WORKERS, "worker processes to start")
-    add_option(
+    kit.add_option(parser, "--workers", kit.DEFAULT_WORKERS, "worker processes to start")
+    kit.add_option(
         parser,
         "--connect-concurrency",
         DEFAULT_CONNECT_CONCURRENCY,
         "handshakes in flight, over all client processes",
     )
-    add_option(
+    kit.add_option(
         parser,
         "--lead",
         DEFAULT_LEAD_S,
@@ -1096,17 +1073,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="every job reports at the same pace, so all their reports arrive together (the worst case)",
     )
     parser.add_argument("--no-deflate", action="store_true", help="do not offer permessage-deflate")
-    add_database_option(parser)
-    add_stack_options(
+    kit.add_database_option(parser)
+    kit.add_stack_options(
         parser,
         DEFAULT_WAIT_TIMEOUT_S,
         "seconds to wait for the terminal events after the jobs' nominal end",
     )
     args = parser.parse_args(argv)
-    check_at_least_one(parser, args, ("subscribers", "jobs", "clients", "workers", "connect_concurrency"))
+    kit.check_at_least_one(parser, args, ("subscribers", "jobs", "clients", "workers", "connect_concurrency"))
     if args.interval <= 0 or args.job_seconds < args.interval:
         parser.error("--interval must be positive and at most --job-seconds")
-    check_target(parser, args)
+    kit.check_target(parser, args)
     if (args.progress_url or args.progress_pid) and not args.url:
         parser.error("--progress-url and --progress-pid go with --url")
     steps = round(args.job_seconds / args.interval) + (round(args.lead / args.interval) if args.url else 0)
@@ -1157,15 +1134,15 @@ def settings_of(args: argparse.Namespace, url: str, progress_url: str | None, no
             if external
             else "started by the benchmark once all subscribers are connected"
         ),
-        "database": database_kind(args.database_url) if args.database_url or not external else "unknown",
-        **machine_settings(),
+        "database": kit.database_kind(args.database_url) if args.database_url or not external else "unknown",
+        **kit.machine_settings(),
         "nofile": nofile,
         "load_avg_start": os.getloadavg()[0],
     }
 
 
 def locate_progress(
-    args: argparse.Namespace, stack: EmbeddedStack | None, progress_url: str
+    args: argparse.Namespace, stack: kit.EmbeddedStack | None, progress_url: str
 ) -> tuple[int | None, str]:
     """The progress service's pid, and how it was found."""
     if args.progress_pid:
@@ -1184,21 +1161,21 @@ def locate_progress(
     return pid, f"listens on port {parsed.port}"
 
 
-def progress_url_of(args: argparse.Namespace, stack: EmbeddedStack | None) -> str | None:
+def progress_url_of(args: argparse.Namespace, stack: kit.EmbeddedStack | None) -> str | None:
     """The started stack's progress service, or --progress-url (None: read it from the jobs' links)."""
     if stack is not None:
-        return f"ws://{LOCALHOST}:{stack.progress_port}"
+        return f"ws://{kit.LOCALHOST}:{stack.progress_port}"
     return args.progress_url.rstrip("/") if args.progress_url else None
 
 
-def new_figures(args: argparse.Namespace, url: str, stack: EmbeddedStack | None) -> Figures:
+def new_figures(args: argparse.Namespace, url: str, stack: kit.EmbeddedStack | None) -> Figures:
     nofile = raise_nofile_limit()  # before the stack starts: its processes inherit it
     return Figures(settings_of(args, url, progress_url_of(args, stack), nofile))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The workers start once every subscriber is connected, hence a stack without them."""
-    return run_main(parse_args(argv), stack_without_workers, new_figures, print_header, run_benchmark)
+    return kit.run_main(parse_args(argv), kit.stack_without_workers, new_figures, print_header, run_benchmark)
 
 
 if __name__ == "__main__":

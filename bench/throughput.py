@@ -43,47 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchkit import (
-    DEFAULT_WORKERS,
-    EXIT_STARTUP_FAILED,
-    REQUEST_TIMEOUT_S,
-    ConnectionPool,
-    EmbeddedPostgres,
-    EmbeddedStack,
-    HttpError,
-    JobsDatabase,
-    JobTimes,
-    SqlCounts,
-    StackFigures,
-    add_key_option,
-    add_option,
-    add_stack_options,
-    add_url_option,
-    check_at_least_one,
-    check_target,
-    console,
-    database_kind,
-    finished_count,
-    fmt,
-    grid,
-    host_port,
-    http_request,
-    machine_row,
-    machine_settings,
-    new_parser,
-    percentile,
-    print_header_table,
-    proc_stat,
-    quantiles,
-    read_sql_stats,
-    rounded,
-    run_main,
-    run_with_postgres,
-    sql_stats_delta,
-    stack_cpu,
-    table,
-    tree_cpu,
-)
+import benchkit as kit
 
 JOB_TYPE = "demo.noop"
 JOB_BODY = json.dumps({"type": JOB_TYPE, "payload": {}}).encode()
@@ -115,7 +75,7 @@ STEADY_WINDOW = (5, 95)
 WRK_PACKAGE = "wrk"
 WRK_THREADS = 1
 # wrk's default (2 s) would count a slow answer as a timeout and leave it out of the latencies.
-WRK_TIMEOUT = f"{REQUEST_TIMEOUT_S:.0f}s"
+WRK_TIMEOUT = f"{kit.REQUEST_TIMEOUT_S:.0f}s"
 WRK_PERCENTILES = (50, 75, 90, 99, 99.9)
 WRK_LINE_PREFIX = "bench "
 APT_ENV = {"DEBIAN_FRONTEND": "noninteractive"}
@@ -197,7 +157,7 @@ class SetupError(RuntimeError):
 
 
 @dataclass
-class Figures(StackFigures):
+class Figures(kit.StackFigures):
     warmup: dict[str, Any] = field(default_factory=dict)
     accept: dict[str, Any] = field(default_factory=dict)
     end_to_end: dict[str, Any] = field(default_factory=dict)
@@ -240,7 +200,7 @@ class Probe:
     started: float  # perf_counter
     cpu: dict[str, float]
     client_cpu_s: float
-    sql: SqlCounts
+    sql: kit.SqlCounts
     finished: int  # jobs already finished in the database
 
 
@@ -276,15 +236,17 @@ def ensure_wrk() -> str:
         return found
     if shutil.which("apt-get") is None:
         raise SetupError("wrk is not installed, and there is no apt-get to install it with")
-    console.print(f"wrk is not installed: installing Debian's package (apt-get install -y {WRK_PACKAGE})...")
+    kit.console.print(
+        f"wrk is not installed: installing Debian's package (apt-get install -y {WRK_PACKAGE})..."
+    )
     if not apt_get("install", "-y", WRK_PACKAGE):
-        console.print("That failed; running apt-get update, then trying again...")
+        kit.console.print("That failed; running apt-get update, then trying again...")
         apt_get("update")
         apt_get("install", "-y", WRK_PACKAGE)
     found = shutil.which(WRK_PACKAGE)
     if not found:
         raise SetupError(f"could not install wrk (apt-get install -y {WRK_PACKAGE} failed; see above)")
-    console.print(f"wrk installed: {found}")
+    kit.console.print(f"wrk installed: {found}")
     return found
 
 
@@ -301,12 +263,12 @@ def apt_get(*words: str) -> bool:
             check=False,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
-        console.print(f"[red]{shlex.join(command)}: {exc}[/red]")
+        kit.console.print(f"[red]{shlex.join(command)}: {exc}[/red]")
         return False
     if result.returncode != 0:
         output = (result.stderr.strip() or result.stdout.strip())[-APT_OUTPUT_TAIL:]
-        console.print(f"{shlex.join(command)} exited with status {result.returncode}:", style="red")
-        console.print(output, markup=False)
+        kit.console.print(f"{shlex.join(command)} exited with status {result.returncode}:", style="red")
+        kit.console.print(output, markup=False)
     return result.returncode == 0
 
 
@@ -364,7 +326,7 @@ async def exit_cpu_s(pid: int) -> float | None:
     """Wait for the child `pid` to exit without reaping it, then read the CPU it used from /proc, which
     still holds it while the process is a zombie."""
     await asyncio.to_thread(os.waitid, os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-    stat = proc_stat(pid)
+    stat = kit.proc_stat(pid)
     return stat[1] if stat is not None else None
 
 
@@ -420,9 +382,9 @@ async def send_one(
     """One POST; the Sent record if it was accepted (202 with the job's id), and its outcome counted."""
     sent_at = time.time()
     try:
-        async with asyncio.timeout(REQUEST_TIMEOUT_S):
+        async with asyncio.timeout(kit.REQUEST_TIMEOUT_S):
             status, body = await exchange(request)
-    except (HttpError, OSError, TimeoutError) as exc:
+    except (kit.HttpError, OSError, TimeoutError) as exc:
         outcomes[type(exc).__name__] += 1
         return None
     answered_at = time.time()
@@ -439,7 +401,7 @@ async def send_one(
 
 async def closed_loop(host: str, port: int, request: bytes, count: int, connections: int) -> Load:
     """`count` requests from `connections` loops, each sending its next as soon as its last is answered."""
-    pool = ConnectionPool(host, port, connections)
+    pool = kit.ConnectionPool(host, port, connections)
     await pool.fill(min(connections, count))
     numbers = iter(range(count))
     sent: list[Sent] = []
@@ -461,7 +423,7 @@ async def closed_loop(host: str, port: int, request: bytes, count: int, connecti
 async def open_loop(host: str, port: int, request: bytes, rate: float, seconds: float, cap: int) -> Load:
     """Requests at `rate` per second for `seconds`, each sent at its time (t0 + i / rate) whatever the
     earlier ones take, on a free connection of a pool that grows up to `cap` when all are busy."""
-    pool = ConnectionPool(host, port, cap)
+    pool = kit.ConnectionPool(host, port, cap)
     await pool.fill(OPEN_LOOP_FIRST_CONNECTIONS)
     outcomes: Counter[str] = Counter()
     count = max(1, round(rate * seconds))
@@ -488,10 +450,10 @@ async def open_loop(host: str, port: int, request: bytes, rate: float, seconds: 
 
 
 def ms_quantiles(values: Sequence[float]) -> dict[str, float | None]:
-    return quantiles(values, MS)
+    return kit.quantiles(values, MS)
 
 
-def latency_figures(sent: Sequence[Sent], jobs: dict[str, JobTimes]) -> dict[str, Any]:
+def latency_figures(sent: Sequence[Sent], jobs: dict[str, kit.JobTimes]) -> dict[str, Any]:
     """Accept latency (client), end to end (client send -> finished_at), server side (created_at ->
     finished_at) and queue wait (created_at -> started_at), over the accepted jobs that finished."""
     e2e: list[float] = []
@@ -513,14 +475,14 @@ def latency_figures(sent: Sequence[Sent], jobs: dict[str, JobTimes]) -> dict[str
     }
 
 
-def rate_figures(sent: Sequence[Sent], jobs: dict[str, JobTimes]) -> dict[str, Any]:
+def rate_figures(sent: Sequence[Sent], jobs: dict[str, kit.JobTimes]) -> dict[str, Any]:
     """Jobs per second over the steady window (the jobs that finished between the STEADY_WINDOW
     percentiles of the finish times, over the window's length), and from the first send to the last finish."""
     finishes = sorted(job.finished for job in jobs.values() if job.finished is not None)
     if not finishes or not sent:
         return {"steady_rate_per_s": None, "overall_rate_per_s": None}
     low_p, high_p = STEADY_WINDOW
-    low, high = percentile(finishes, low_p), percentile(finishes, high_p)
+    low, high = kit.percentile(finishes, low_p), kit.percentile(finishes, high_p)
     assert low is not None and high is not None
     in_window = sum(1 for moment in finishes if low <= moment <= high)
     first_send = min(one.sent_at for one in sent)
@@ -548,7 +510,7 @@ def outcome_figures(load: Load) -> dict[str, Any]:
     }
 
 
-def status_figures(jobs: dict[str, JobTimes], accepted: int) -> dict[str, Any]:
+def status_figures(jobs: dict[str, kit.JobTimes], accepted: int) -> dict[str, Any]:
     statuses = Counter(job.status for job in jobs.values())
     return {"statuses": dict(sorted(statuses.items())), "missing_in_database": accepted - len(jobs)}
 
@@ -565,8 +527,8 @@ class Bench:
         figures: Figures,
         url: str,
         key: str,
-        stack: EmbeddedStack | None,
-        postgres: EmbeddedPostgres | None,
+        stack: kit.EmbeddedStack | None,
+        postgres: kit.EmbeddedPostgres | None,
     ) -> None:
         self.args = args
         self.figures = figures
@@ -574,11 +536,11 @@ class Bench:
         self.key = key
         self.stack = stack
         self.postgres = postgres
-        self.host, self.port = host_port(url)
+        self.host, self.port = kit.host_port(url)
         headers = {"Content-Type": CONTENT_TYPE, "Authorization": f"Bearer {key}"}
-        self.request = http_request(url, "POST", JOBS_PATH, JOB_BODY, headers)
+        self.request = kit.http_request(url, "POST", JOBS_PATH, JOB_BODY, headers)
         read_url = stack.read_url if stack is not None else args.database_url
-        self.db = JobsDatabase(read_url) if read_url else None
+        self.db = kit.JobsDatabase(read_url) if read_url else None
         # Where the wrk script and wrk's output go: the stack's folder, or a folder of our own for --url.
         self.own_dir: Path | None = None
         if stack is not None:
@@ -590,23 +552,23 @@ class Bench:
         if self.own_dir is None:
             return
         if self.args.keep_data:
-            console.print(f"wrk's script and output kept in {self.own_dir}")
+            kit.console.print(f"wrk's script and output kept in {self.own_dir}")
         else:
             shutil.rmtree(self.own_dir, ignore_errors=True)
 
     # -- resources
 
     def cpu(self) -> dict[str, float]:
-        used = stack_cpu(self.stack.pid) if self.stack is not None and self.stack.pid else {}
+        used = kit.stack_cpu(self.stack.pid) if self.stack is not None and self.stack.pid else {}
         if self.postgres is not None and (pid := self.postgres.pid) is not None:
-            used["postgres"] = tree_cpu(pid)
+            used["postgres"] = kit.tree_cpu(pid)
         return used
 
-    def sql(self) -> SqlCounts:
-        return read_sql_stats(self.stack.sql_stats_dir if self.stack is not None else None)
+    def sql(self) -> kit.SqlCounts:
+        return kit.read_sql_stats(self.stack.sql_stats_dir if self.stack is not None else None)
 
     async def finished_now(self) -> int:
-        return finished_count(await self.db.status_counts()) if self.db is not None else 0
+        return kit.finished_count(await self.db.status_counts()) if self.db is not None else 0
 
     async def begin_phase(self) -> Probe:
         return Probe(
@@ -627,7 +589,7 @@ class Bench:
         if loadgen_cpu_s is None:
             loadgen_cpu_s = cpu_time() - probe.client_cpu_s
         await asyncio.sleep(SQL_STATS_SETTLE_S)
-        sql = sql_stats_delta(probe.sql, self.sql())
+        sql = kit.sql_stats_delta(probe.sql, self.sql())
         figures = resource_figures(probe, cpu_after, wall_s, jobs, loadgen, loadgen_cpu_s, sql)
         self.figures.resources[name] = figures
         return figures
@@ -642,23 +604,23 @@ class Bench:
         next_report = time.monotonic() + PROGRESS_EVERY_S
         while True:
             counts = await self.db.status_counts()
-            done = finished_count(counts) - probe.finished
-            unfinished = sum(counts.values()) - finished_count(counts)
+            done = kit.finished_count(counts) - probe.finished
+            unfinished = sum(counts.values()) - kit.finished_count(counts)
             if unfinished == 0 and done >= accepted:
                 return Drain(done, 0, False, await self.db.last_finish())
             now = time.monotonic()
             if now >= deadline:
-                console.print(
+                kit.console.print(
                     f"[red]{label}: deadline of {self.args.wait_timeout:.0f} s hit with {unfinished:,} jobs "
                     "unfinished; the figures cover the finished ones, and the next phase overlaps[/red]"
                 )
                 return Drain(done, unfinished, True, await self.db.last_finish())
             if now >= next_report:
-                console.print(f"  {label}: {done:,} finished, {unfinished:,} to go", style="dim")
+                kit.console.print(f"  {label}: {done:,} finished, {unfinished:,} to go", style="dim")
                 next_report = now + PROGRESS_EVERY_S
             await asyncio.sleep(COMPLETION_POLL_S)
 
-    async def job_times(self, sent: Sequence[Sent]) -> dict[str, JobTimes]:
+    async def job_times(self, sent: Sequence[Sent]) -> dict[str, kit.JobTimes]:
         assert self.db is not None
         return {job.id: job for job in await self.db.job_times([one.job_id for one in sent])}
 
@@ -688,7 +650,7 @@ def resource_figures(
         "stack_cpu_ms_per_job_total": per_job_ms(total) if used else None,
         "stack_machine_share": round(total / (wall_s * cores), 3) if used and wall_s > 0 else None,
         "loadgen": loadgen,
-        "loadgen_cpu_s": rounded(loadgen_cpu_s, 2),
+        "loadgen_cpu_s": kit.rounded(loadgen_cpu_s, 2),
         "loadgen_cpu_ms_per_job": per_job_ms(loadgen_cpu_s),
         "sql_per_job": {
             side: {key: round(n / jobs, 3) for key, n in sorted(counts.items())} if jobs else {}
@@ -703,7 +665,7 @@ def resource_figures(
 async def warm_up(bench: Bench) -> None:
     """A few jobs, submitted and waited for, so that the workers have joined their consumer group."""
     args = bench.args
-    console.print(f"Warm-up: {args.warmup} jobs...")
+    kit.console.print(f"Warm-up: {args.warmup} jobs...")
     probe = await bench.begin_phase()
     load = await closed_loop(bench.host, bench.port, bench.request, args.warmup, args.connections)
     drain = await bench.drain(probe, len(load.sent), "warm-up") if bench.db is not None else None
@@ -715,7 +677,7 @@ async def warm_up(bench: Bench) -> None:
     }
     errors = outcome_figures(load)["error_kinds"]
     bench.figures.warmup["errors"] = errors
-    console.print(
+    kit.console.print(
         f"Warm-up: {len(load.sent)}/{args.warmup} accepted"
         + (f", {drain.finished} finished" if drain else "")
         + f" in {bench.figures.warmup['seconds']:.1f} s"
@@ -727,12 +689,12 @@ async def accept_phase(bench: Bench, wrk: str) -> None:
     args = bench.args
     script = write_wrk_script(bench.work_dir / "post-job.lua", bench.key)
     command = wrk_command(wrk, script, bench.url, args.accept_seconds, args.connections)
-    console.print(f"Phase 1, accept: {shlex.join(command)}")
+    kit.console.print(f"Phase 1, accept: {shlex.join(command)}")
     probe = await bench.begin_phase()
     run = await run_wrk(command, bench.work_dir / "wrk.out")
     if run.exit_code != 0 or not run.statuses:
-        console.print(f"[red]wrk exited with status {run.exit_code}; its output ({run.output}):[/red]")
-        console.print(run.output.read_text(errors="replace"), markup=False)
+        kit.console.print(f"[red]wrk exited with status {run.exit_code}; its output ({run.output}):[/red]")
+        kit.console.print(run.output.read_text(errors="replace"), markup=False)
     figures = accept_figures(run)
     jobs = figures["accepted"]
     if bench.db is not None:
@@ -743,7 +705,9 @@ async def accept_phase(bench: Bench, wrk: str) -> None:
             "jobs_finished": drain.finished,
             "beyond_202s": drain.finished - figures["accepted"],
             "unfinished": drain.unfinished,
-            "drain_after_wrk_s": rounded(drain.last_finish - run.ended_at, 2) if drain.last_finish else None,
+            "drain_after_wrk_s": kit.rounded(drain.last_finish - run.ended_at, 2)
+            if drain.last_finish
+            else None,
         }
     bench.figures.accept = figures
     print_accept(figures)
@@ -764,19 +728,19 @@ def accept_figures(run: WrkRun) -> dict[str, Any]:
         "duration_s": round(run.duration_s, 3),
         "accepted_per_s": round(accepted / run.duration_s, 1) if run.duration_s > 0 else None,
         "latency_ms": {name: round(us / MS, 2) for name, us in run.latency_us.items()},
-        "wrk_cpu_s": rounded(run.cpu_s, 2),
+        "wrk_cpu_s": kit.rounded(run.cpu_s, 2),
         "wrk_core_share": round(run.cpu_s / run.duration_s, 3) if run.cpu_s and run.duration_s else None,
     }
 
 
 async def end_to_end_phase(bench: Bench) -> None:
     args = bench.args
-    console.print(
+    kit.console.print(
         f"Phase 2, end to end: {args.jobs:,} jobs over {args.connections} connections (closed loop)..."
     )
     probe = await bench.begin_phase()
     load = await closed_loop(bench.host, bench.port, bench.request, args.jobs, args.connections)
-    console.print(
+    kit.console.print(
         f"  {len(load.sent):,} accepted in {load.wall_s:.1f} s; waiting for them to finish...", style="dim"
     )
     drain = await bench.drain(probe, len(load.sent), "end to end")
@@ -797,7 +761,7 @@ async def end_to_end_phase(bench: Bench) -> None:
 
 async def open_loop_phase(bench: Bench, rate: float) -> None:
     args = bench.args
-    console.print(f"Phase 3, open loop: {rate:g} jobs/s for {args.open_seconds:g} s...")
+    kit.console.print(f"Phase 3, open loop: {rate:g} jobs/s for {args.open_seconds:g} s...")
     probe = await bench.begin_phase()
     load = await open_loop(
         bench.host, bench.port, bench.request, rate, args.open_seconds, args.open_max_connections
@@ -818,9 +782,9 @@ async def open_loop_phase(bench: Bench, rate: float) -> None:
         **latency_figures(load.sent, jobs),
     }
     bench.figures.open_loop.append(figures)
-    console.print(
+    kit.console.print(
         f"  {rate:g}/s: {len(load.sent):,} accepted, {figures['errors']:,} errors, e2e p50/p99 "
-        f"{fmt(figures['e2e_ms']['p50'])} / {fmt(figures['e2e_ms']['p99'])} ms",
+        f"{kit.fmt(figures['e2e_ms']['p50'])} / {kit.fmt(figures['e2e_ms']['p99'])} ms",
         style="dim",
     )
     await bench.end_phase(open_label(rate), probe, drain.finished, "python client")
@@ -867,7 +831,7 @@ async def run_benchmark(bench: Bench, wrk: str) -> None:
 
 
 def skip(figures: Figures, what: str) -> None:
-    console.print(f"[yellow]Skipped: {what}.[/yellow]")
+    kit.console.print(f"[yellow]Skipped: {what}.[/yellow]")
     figures.skipped.append(what)
 
 
@@ -875,7 +839,7 @@ def skip(figures: Figures, what: str) -> None:
 
 
 def slash(values: Sequence[float | int | None], digits: int = 1) -> str:
-    return " / ".join(fmt(value, digits) for value in values)
+    return " / ".join(kit.fmt(value, digits) for value in values)
 
 
 def kinds(counts: dict[str, int]) -> str:
@@ -891,36 +855,36 @@ def print_header(settings: dict[str, Any]) -> None:
         ("job type", JOB_TYPE, ""),
         ("phases", ", ".join(settings["phases"]), f"(+{settings['warmup']} warm-up jobs)"),
         ("accept", f"{settings['accept_seconds']} s", f"{settings['wrk']}, {connections} connections"),
-        ("end to end", fmt(settings["jobs"]), f"jobs over {connections} connections"),
+        ("end to end", kit.fmt(settings["jobs"]), f"jobs over {connections} connections"),
         ("open loop", ", ".join(f"{r:g}" for r in settings["rates"]), f"jobs/s, {open_s:g} s each"),
-        machine_row(settings),
+        kit.machine_row(settings),
         ("client", str(settings["client_loop"]), "event loop of the Python load generator"),
     ]
-    print_header_table("Throughput benchmark", rows, settings)
+    kit.print_header_table("Throughput benchmark", rows, settings)
 
 
 def print_accept(fig: dict[str, Any]) -> None:
     lat = fig["latency_ms"]
     rows = [
-        ("requests answered", fmt(fig["requests"]), f"in {fig['duration_s']:.2f} s"),
-        ("202 Accepted", fmt(fig["accepted"]), ""),
-        ("other statuses", fmt(sum(fig["other_statuses"].values())), kinds(fig["other_statuses"])),
-        ("socket errors", fmt(sum(fig["socket_errors"].values())), kinds(fig["socket_errors"])),
-        ("accepted rate", fmt(fig["accepted_per_s"]), "202s/s"),
+        ("requests answered", kit.fmt(fig["requests"]), f"in {fig['duration_s']:.2f} s"),
+        ("202 Accepted", kit.fmt(fig["accepted"]), ""),
+        ("other statuses", kit.fmt(sum(fig["other_statuses"].values())), kinds(fig["other_statuses"])),
+        ("socket errors", kit.fmt(sum(fig["socket_errors"].values())), kinds(fig["socket_errors"])),
+        ("accepted rate", kit.fmt(fig["accepted_per_s"]), "202s/s"),
         (
             "latency p50 / p75 / p90 / p99",
             slash([lat.get(f"p{p}") for p in (50, 75, 90, 99)], 2),
             "ms (wrk, every answer)",
         ),
         ("latency p99.9 / max", slash([lat.get("p99.9"), lat.get("max")], 2), "ms"),
-        ("wrk CPU", fmt(fig["wrk_cpu_s"], 2), f"s ({fmt(pct(fig['wrk_core_share']))}% of a core)"),
+        ("wrk CPU", kit.fmt(fig["wrk_cpu_s"], 2), f"s ({kit.fmt(pct(fig['wrk_core_share']))}% of a core)"),
     ]
     if "jobs_finished" in fig:
         rows += [
-            ("jobs finished", fmt(fig["jobs_finished"]), f"({fig['beyond_202s']:+,} beyond the 202s)"),
-            ("drain after wrk stopped", fmt(fig["drain_after_wrk_s"], 2), "s (to the last finished_at)"),
+            ("jobs finished", kit.fmt(fig["jobs_finished"]), f"({fig['beyond_202s']:+,} beyond the 202s)"),
+            ("drain after wrk stopped", kit.fmt(fig["drain_after_wrk_s"], 2), "s (to the last finished_at)"),
         ]
-    console.print(table("Phase 1: accept (wrk, closed loop, POST /v1/jobs)", rows))
+    kit.console.print(kit.table("Phase 1: accept (wrk, closed loop, POST /v1/jobs)", rows))
 
 
 def pct(share: float | None) -> float | None:
@@ -928,22 +892,22 @@ def pct(share: float | None) -> float | None:
 
 
 def print_end_to_end(fig: dict[str, Any]) -> None:
-    missing, span = fig["missing_in_database"], fmt(fig.get("first_send_to_last_finish_s"), 2)
+    missing, span = fig["missing_in_database"], kit.fmt(fig.get("first_send_to_last_finish_s"), 2)
     rows = [
-        ("accepted", fmt(fig["accepted"]), f"of {fig['requests']:,} requests"),
-        ("errors", fmt(fig["errors"]), kinds(fig["error_kinds"])),
-        ("submit", fmt(fig["submit_wall_s"], 2), f"s ({fmt(fig['accepted_per_s'])} 202s/s)"),
+        ("accepted", kit.fmt(fig["accepted"]), f"of {fig['requests']:,} requests"),
+        ("errors", kit.fmt(fig["errors"]), kinds(fig["error_kinds"])),
+        ("submit", kit.fmt(fig["submit_wall_s"], 2), f"s ({kit.fmt(fig['accepted_per_s'])} 202s/s)"),
         (
             "statuses",
             kinds(fig["statuses"]),
             f"unfinished {fig['unfinished']:,}, not in the database {missing:,}",
         ),
-        ("steady rate", fmt(fig["steady_rate_per_s"]), f"jobs/s ({steady_about(fig)})"),
-        ("overall rate", fmt(fig["overall_rate_per_s"]), f"jobs/s (first send to last finish: {span} s)"),
-        ("drain after last 202", fmt(fig.get("drain_after_last_accept_s"), 2), "s"),
+        ("steady rate", kit.fmt(fig["steady_rate_per_s"]), f"jobs/s ({steady_about(fig)})"),
+        ("overall rate", kit.fmt(fig["overall_rate_per_s"]), f"jobs/s (first send to last finish: {span} s)"),
+        ("drain after last 202", kit.fmt(fig.get("drain_after_last_accept_s"), 2), "s"),
         *latency_rows(fig),
     ]
-    console.print(table("Phase 2: end to end (closed loop, Python client)", rows))
+    kit.console.print(kit.table("Phase 2: end to end (closed loop, Python client)", rows))
 
 
 def steady_about(fig: dict[str, Any]) -> str:
@@ -974,41 +938,41 @@ def print_open_loop(runs: Sequence[dict[str, Any]]) -> None:
         return [label, *(value(run) for run in runs)]
 
     def q(key: str, name: str) -> Callable[[dict[str, Any]], str]:
-        return lambda run: fmt(run[key][name])
+        return lambda run: kit.fmt(run[key][name])
 
     rows = [
         line("sent / accepted", lambda r: f"{r['requests']:,} / {r['accepted']:,}"),
-        line("errors", lambda r: fmt(r["errors"])),
-        line("achieved, 202s/s", lambda r: fmt(r["achieved_per_s"])),
-        line("finished, jobs/s (steady)", lambda r: fmt(r["steady_rate_per_s"])),
+        line("errors", lambda r: kit.fmt(r["errors"])),
+        line("achieved, 202s/s", lambda r: kit.fmt(r["achieved_per_s"])),
+        line("finished, jobs/s (steady)", lambda r: kit.fmt(r["steady_rate_per_s"])),
         line("send lag p99, ms", q("send_lag_ms", "p99")),
-        line("connections (peak)", lambda r: fmt(r["peak_connections"])),
+        line("connections (peak)", lambda r: kit.fmt(r["peak_connections"])),
         line("accept p50, ms", q("accept_ms", "p50")),
         line("accept p99, ms", q("accept_ms", "p99")),
         line("end to end p50, ms", q("e2e_ms", "p50")),
         line("end to end p99, ms", q("e2e_ms", "p99")),
         line("queue wait p50, ms", q("queue_wait_ms", "p50")),
         line("queue wait p99, ms", q("queue_wait_ms", "p99")),
-        line("unfinished", lambda r: fmt(r["unfinished"])),
+        line("unfinished", lambda r: kit.fmt(r["unfinished"])),
     ]
     headers = ["offered, jobs/s", *(f"{run['offered_per_s']:g}" for run in runs)]
-    console.print(grid("Phase 3: open loop", headers, rows))
-    console.print(
+    kit.console.print(kit.grid("Phase 3: open loop", headers, rows))
+    kit.console.print(
         "  end to end: client send -> finished_at; queue wait: created_at -> started_at", style="dim"
     )
     errors = {f"{run['offered_per_s']:g}/s": run["error_kinds"] for run in runs if run["error_kinds"]}
     for rate, counts in errors.items():
-        console.print(f"  errors at {rate}: {kinds(counts)}", style="yellow")
+        kit.console.print(f"  errors at {rate}: {kinds(counts)}", style="yellow")
 
 
 def print_resources(resources: dict[str, dict[str, Any]], why_no_sql: str) -> None:
-    console.print()
+    kit.console.print()
     phases = list(resources.values())
 
     def line(
         label: str, value: Callable[[dict[str, Any]], float | int | str | None], digits: int = 2
     ) -> list[str]:
-        return [label, *(v if isinstance(v := value(phase), str) else fmt(v, digits) for phase in phases)]
+        return [label, *(v if isinstance(v := value(phase), str) else kit.fmt(v, digits) for phase in phases)]
 
     components = [name for name in CPU_COMPONENTS if any(name in p["stack_cpu_ms_per_job"] for p in phases)]
     rows = [
@@ -1023,12 +987,12 @@ def print_resources(resources: dict[str, dict[str, Any]], why_no_sql: str) -> No
     ]
     for side_label, side in SQL_SIDES:
         rows += [line(f"{side_label}: {label}/job", sql_getter(side, key)) for label, key in SQL_ROWS]
-    console.print(grid("Resources per job, by phase", ["", *resources], rows))
-    console.print(
+    kit.console.print(kit.grid("Resources per job, by phase", ["", *resources], rows))
+    kit.console.print(
         "  Per phase: first request to last job finished (drain included) / jobs finished.", style="dim"
     )
     if not any(phase["sql_per_job"] for phase in phases):
-        console.print(f"  No SQL counts: {why_no_sql}.", style="dim")
+        kit.console.print(f"  No SQL counts: {why_no_sql}.", style="dim")
 
 
 def cpu_getter(name: str) -> Callable[[dict[str, Any]], float | None]:
@@ -1071,9 +1035,9 @@ def parse_phases(text: str) -> list[str]:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = new_parser(__doc__)
-    add_url_option(parser)
-    add_key_option(parser)
+    parser = kit.new_parser(__doc__)
+    kit.add_url_option(parser)
+    kit.add_key_option(parser)
     target = parser.add_mutually_exclusive_group()
     target.add_argument(
         "--database",
@@ -1084,28 +1048,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     target.add_argument(
         "--database-url", help="the stack's database (with --url: where to read the jobs' timestamps)"
     )
-    add_option(parser, "--workers", DEFAULT_WORKERS, "worker processes to start")
+    kit.add_option(parser, "--workers", kit.DEFAULT_WORKERS, "worker processes to start")
     parser.add_argument(
         "--worker-concurrency", type=int, help="jobs per worker at once (CONVEYOR_WORKER_CONCURRENCY)"
     )
     parser.add_argument(
         "--phases", type=parse_phases, default=list(PHASES), help="phases to run (default accept,e2e,open)"
     )
-    add_option(parser, "--warmup", DEFAULT_WARMUP, "warm-up jobs, not measured")
-    add_option(parser, "--accept-seconds", DEFAULT_ACCEPT_SECONDS, "seconds of wrk in the accept phase")
-    add_option(parser, "--connections", DEFAULT_CONNECTIONS, "connections of the accept and e2e phases")
-    add_option(parser, "--jobs", DEFAULT_JOBS, "jobs of the end-to-end phase")
+    kit.add_option(parser, "--warmup", DEFAULT_WARMUP, "warm-up jobs, not measured")
+    kit.add_option(parser, "--accept-seconds", DEFAULT_ACCEPT_SECONDS, "seconds of wrk in the accept phase")
+    kit.add_option(parser, "--connections", DEFAULT_CONNECTIONS, "connections of the accept and e2e phases")
+    kit.add_option(parser, "--jobs", DEFAULT_JOBS, "jobs of the end-to-end phase")
     parser.add_argument(
         "--rates",
         type=parse_rates,
         default=parse_rates(DEFAULT_RATES),
         help=f"offered rates of the open-loop phase, jobs/s (default {DEFAULT_RATES})",
     )
-    add_option(parser, "--open-seconds", DEFAULT_OPEN_SECONDS, "seconds of each open-loop rate")
-    add_option(parser, "--open-max-connections", DEFAULT_OPEN_MAX_CONNECTIONS, "open-loop connection cap")
-    add_stack_options(parser, DEFAULT_DRAIN_TIMEOUT_S, "seconds each phase waits for its jobs to finish")
+    kit.add_option(parser, "--open-seconds", DEFAULT_OPEN_SECONDS, "seconds of each open-loop rate")
+    kit.add_option(parser, "--open-max-connections", DEFAULT_OPEN_MAX_CONNECTIONS, "open-loop connection cap")
+    kit.add_stack_options(parser, DEFAULT_DRAIN_TIMEOUT_S, "seconds each phase waits for its jobs to finish")
     args = parser.parse_args(argv)
-    check_at_least_one(parser, args, ("accept_seconds", "connections", "jobs", "open_max_connections"))
+    kit.check_at_least_one(parser, args, ("accept_seconds", "connections", "jobs", "open_max_connections"))
     if args.warmup < 0 or args.workers < 0:
         parser.error("--warmup and --workers cannot be negative")
     if args.open_seconds <= 0:
@@ -1114,12 +1078,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         parser.error(
             "--database postgresql starts a database for a started stack: with --url, give --database-url"
         )
-    check_target(parser, args)
+    kit.check_target(parser, args)
     return args
 
 
 def settings_of(
-    args: argparse.Namespace, url: str, postgres: EmbeddedPostgres | None, wrk: str
+    args: argparse.Namespace, url: str, postgres: kit.EmbeddedPostgres | None, wrk: str
 ) -> dict[str, Any]:
     external = bool(args.url)
     worker_concurrency: str | int = args.worker_concurrency or os.environ.get(
@@ -1128,7 +1092,7 @@ def settings_of(
     if postgres is not None:
         database, origin = "postgresql", f"started by the benchmark (port {postgres.server.port})"
     elif args.database_url:
-        database, origin = database_kind(args.database_url), "--database-url"
+        database, origin = kit.database_kind(args.database_url), "--database-url"
     else:
         database, origin = ("unknown", "not given") if external else ("sqlite", "the stack's default")
     return {
@@ -1148,7 +1112,7 @@ def settings_of(
         "open_max_connections": args.open_max_connections,
         "wrk": wrk_version(wrk),
         "client_loop": type(asyncio.get_event_loop_policy()).__module__.split(".")[0],
-        **machine_settings(),
+        **kit.machine_settings(),
         "load_avg_start": os.getloadavg()[0],
     }
 
@@ -1161,23 +1125,23 @@ def use_uvloop() -> None:
         asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
-def run(args: argparse.Namespace, postgres: EmbeddedPostgres | None, wrk: str) -> int:
+def run(args: argparse.Namespace, postgres: kit.EmbeddedPostgres | None, wrk: str) -> int:
     """One benchmark run against the started stack (or --url), on `postgres` if there is one."""
     if postgres is not None:
         args.database_url = postgres.url
 
-    def new_stack(args: argparse.Namespace) -> EmbeddedStack:
-        return EmbeddedStack(args.workers, args.database_url, args.worker_concurrency, sql_stats=True)
+    def new_stack(args: argparse.Namespace) -> kit.EmbeddedStack:
+        return kit.EmbeddedStack(args.workers, args.database_url, args.worker_concurrency, sql_stats=True)
 
-    def new_figures(args: argparse.Namespace, url: str, stack: EmbeddedStack | None) -> Figures:
+    def new_figures(args: argparse.Namespace, url: str, stack: kit.EmbeddedStack | None) -> Figures:
         return Figures(settings_of(args, url, postgres, wrk))
 
     async def benchmark(
-        args: argparse.Namespace, figures: Figures, url: str, key: str, stack: EmbeddedStack | None
+        args: argparse.Namespace, figures: Figures, url: str, key: str, stack: kit.EmbeddedStack | None
     ) -> None:
         await run_benchmark(Bench(args, figures, url, key, stack, postgres), wrk)
 
-    return run_main(args, new_stack, new_figures, print_header, benchmark)
+    return kit.run_main(args, new_stack, new_figures, print_header, benchmark)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1185,13 +1149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         wrk = ensure_wrk() if "accept" in args.phases else WRK_PACKAGE
     except SetupError as exc:
-        console.print(f"[red]{exc}[/red]")
-        return EXIT_STARTUP_FAILED
+        kit.console.print(f"[red]{exc}[/red]")
+        return kit.EXIT_STARTUP_FAILED
     use_uvloop()
-    if not console.is_terminal:
-        console.width = OUTPUT_WIDTH
+    if not kit.console.is_terminal:
+        kit.console.width = OUTPUT_WIDTH
     if args.database == "postgresql" and not args.url:
-        return run_with_postgres(args.keep_data, lambda postgres: run(args, postgres, wrk))
+        return kit.run_with_postgres(args.keep_data, lambda postgres: run(args, postgres, wrk))
     return run(args, None, wrk)
 
 

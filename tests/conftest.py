@@ -133,8 +133,15 @@ async def db(database_url: str) -> AsyncIterator[Database]:
 
 
 @pytest.fixture
-def stack_env(kafka_bootstrap: str, database_url: str, tmp_path: Path) -> dict[str, str]:
-    return deployment_env(kafka_bootstrap, database_url, tmp_path)
+def stack_env(
+    request: pytest.FixtureRequest, kafka_bootstrap: str, database_url: str, tmp_path: Path
+) -> dict[str, str]:
+    """The environment of a test's stack: the deployment's, then the settings of its
+    `@pytest.mark.stack_settings(...)` marks (a module's `pytestmark` first, the test's own last)."""
+    env = deployment_env(kafka_bootstrap, database_url, tmp_path)
+    for mark in reversed(list(request.node.iter_markers("stack_settings"))):
+        env.update({name: str(value) for name, value in mark.kwargs.items()})
+    return env
 
 
 @pytest.fixture

@@ -11,6 +11,8 @@ from typing import Any
 
 import httpx
 
+from conveyor.schemas import SUBMISSION_EXAMPLES
+
 from harness import (
     KEY_A,
     KEY_B,
@@ -28,24 +30,16 @@ TERMINAL = {"succeeded", "failed", "canceled"}
 
 
 async def test_submission_answers_202_with_location_retry_after_and_links(module_stack: Stack) -> None:
+    # The "urgent" example of the OpenAPI document, as a reader of the docs would send it.
+    body = SUBMISSION_EXAMPLES["urgent"]["value"]
     async with module_stack.client() as client:
-        response = await submit_response(
-            client,
-            {
-                "type": "demo.echo",
-                "payload": {"n": 1},
-                "priority": 2,
-                "timeout_s": 30,
-                "max_attempts": 4,
-                "labels": {"customer": "acme", "batch": "7"},
-            },
-        )
+        response = await submit_response(client, body)
         job = response.json()
         assert response.headers["location"] == f"/v1/jobs/{job['id']}"
         assert int(response.headers["retry-after"]) >= 1
         assert job["status"] == "queued"
-        assert (job["priority"], job["timeout_s"], job["max_attempts"]) == (2, 30, 4)
-        assert job["labels"] == {"customer": "acme", "batch": "7"}
+        assert (job["priority"], job["timeout_s"], job["max_attempts"]) == (1, 60, 5)
+        assert job["labels"] == {"customer": "acme", "batch": "2026-11"}
         links = job["links"]
         assert links["self"] == response.headers["location"]
         assert links["cancel"] == f"{links['self']}/cancel"
@@ -56,7 +50,7 @@ async def test_submission_answers_202_with_location_retry_after_and_links(module
         assert done["status"] == "succeeded"
         assert done["links"]["cancel"] is None
         assert done["links"]["result"] == f"{links['self']}/result"
-        assert (await client.get(done["links"]["result"])).json() == {"n": 1}
+        assert (await client.get(done["links"]["result"])).json() == {"invoice": 1042}
 
 
 async def test_a_delayed_job_is_scheduled_then_runs(module_stack: Stack) -> None:

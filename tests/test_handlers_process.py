@@ -7,6 +7,7 @@ The handlers the children run are in tests/process_handlers.py: a child imports 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import signal
 import sys
@@ -248,6 +249,14 @@ async def test_children_exit_soon_after_their_worker_is_killed() -> None:
     await eventually(lambda: not pid_alive(child), orphan_exit_s, f"the orphan {child} to exit")
 
 
+def test_a_process_handlers_progress_takes_what_an_async_handlers_does() -> None:
+    # The two contexts' `progress` are one method in two forms (awaited, and a plain call in a child):
+    # a handler moved between them keeps its calls, so their parameters must stay the same.
+    async_form = inspect.signature(JobContext.progress).parameters
+    process_form = inspect.signature(processes.ProcessJobContext.progress).parameters
+    assert list(process_form.values()) == list(async_form.values())
+
+
 def test_a_process_handler_must_be_a_plain_module_level_function() -> None:
     async def not_plain(ctx: Any, payload: Any) -> None:
         pass
@@ -264,9 +273,7 @@ def test_a_process_handler_must_be_a_plain_module_level_function() -> None:
 # Through a stack: the worker's own pool, its reports in the database and on the events socket.
 
 
-@pytest.fixture
-def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
-    return {**stack_env, "CONVEYOR_LOG_JSON": "true", "CONVEYOR_WORKER_PROCESSES": "2"}
+pytestmark = pytest.mark.stack_settings(CONVEYOR_LOG_JSON="true", CONVEYOR_WORKER_PROCESSES=2)
 
 
 async def test_a_crunch_job_runs_in_the_workers_pool_from_202_to_succeeded(stack: Stack) -> None:

@@ -28,17 +28,14 @@ JOB_TIMEOUT_S = 30
 TERMINAL = {"succeeded", "failed", "canceled"}
 
 
-@pytest.fixture
-def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
-    return {
-        **stack_env,
-        "CONVEYOR_CANCEL_GRACE_S": str(GRACE_S),
-        "CONVEYOR_LOG_JSON": "true",
-        # `job.started` and `job.recorded`, the lines every job logs, are at DEBUG.
-        "CONVEYOR_LOG_LEVEL": "DEBUG",
-        # One job at a time, so a running job keeps the next one queued for as long as a test needs.
-        "CONVEYOR_WORKER_CONCURRENCY": "1",
-    }
+pytestmark = pytest.mark.stack_settings(
+    CONVEYOR_CANCEL_GRACE_S=GRACE_S,
+    CONVEYOR_LOG_JSON="true",
+    # `job.started` and `job.recorded`, the lines every job logs, are at DEBUG.
+    CONVEYOR_LOG_LEVEL="DEBUG",
+    # One job at a time, so a running job keeps the next one queued for as long as a test needs.
+    CONVEYOR_WORKER_CONCURRENCY=1,
+)
 
 
 async def cancel(client: httpx.AsyncClient, job_id: str) -> dict[str, Any]:

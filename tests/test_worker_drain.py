@@ -22,9 +22,7 @@ JOB_TIMEOUT_S = 60
 STOP_SLACK_S = 10.0
 
 
-@pytest.fixture
-def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
-    return {**stack_env, "CONVEYOR_DRAIN_GRACE_S": str(DRAIN_GRACE_S), "CONVEYOR_LOG_JSON": "true"}
+pytestmark = pytest.mark.stack_settings(CONVEYOR_DRAIN_GRACE_S=DRAIN_GRACE_S, CONVEYOR_LOG_JSON="true")
 
 
 async def state_events(db: Database, job_id: str) -> list[JobEvent]:

@@ -188,9 +188,7 @@ START_WITHIN_S = 5.0
 STILL_WAITING = 1000
 
 
-@pytest.fixture
-def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
-    return {**stack_env, "CONVEYOR_WORKER_CONCURRENCY": str(WORKER_CONCURRENCY)}
+pytestmark = pytest.mark.stack_settings(CONVEYOR_WORKER_CONCURRENCY=WORKER_CONCURRENCY)
 
 
 async def insert_backlog(db: Database, relay: OutboxRelay, prefix: str, priority: int, count: int) -> None:

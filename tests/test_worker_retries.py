@@ -22,9 +22,7 @@ RETRY_CAP_S = 1.5
 JOB_TIMEOUT_S = 60
 
 
-@pytest.fixture
-def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
-    return {**stack_env, "CONVEYOR_RETRY_BASE_S": str(RETRY_BASE_S), "CONVEYOR_RETRY_CAP_S": str(RETRY_CAP_S)}
+pytestmark = pytest.mark.stack_settings(CONVEYOR_RETRY_BASE_S=RETRY_BASE_S, CONVEYOR_RETRY_CAP_S=RETRY_CAP_S)
 
 
 def test_the_backoff_ceiling_doubles_per_attempt_up_to_the_cap() -> None:

@@ -28,16 +28,13 @@ JOIN_TIMEOUT_S = 60
 FINISH_TIMEOUT_S = 120
 
 
-@pytest.fixture
-def stack_env(stack_env: dict[str, str]) -> dict[str, str]:
-    return {
-        **stack_env,
-        "CONVEYOR_PARTITIONS": str(PARTITIONS),
-        "CONVEYOR_LOG_JSON": "true",
-        # Thousands of jobs in a few seconds: more than a tenant's default rate.
-        "CONVEYOR_TENANT_SUBMIT_RATE": "100000",
-        "CONVEYOR_TENANT_SUBMIT_BURST": "100000",
-    }
+pytestmark = pytest.mark.stack_settings(
+    CONVEYOR_PARTITIONS=PARTITIONS,
+    CONVEYOR_LOG_JSON="true",
+    # Thousands of jobs in a few seconds: more than a tenant's default rate.
+    CONVEYOR_TENANT_SUBMIT_RATE=100000,
+    CONVEYOR_TENANT_SUBMIT_BURST=100000,
+)
 
 
 async def submit_batches(client: httpx.AsyncClient, count: int, job: dict[str, Any]) -> list[str]:
