@@ -312,9 +312,9 @@ async def event_history(db: Database, job_id: str) -> list[JobEvent]:
     """The job's whole event history, oldest first (the job exists, and its history has no gaps)."""
 
     def read(connection: Connection) -> list[JobEvent]:
-        last_seq = connection.execute(select(JOBS.c.last_seq).where(JOBS.c.id == job_id)).scalar_one_or_none()
-        assert last_seq is not None, f"no job {job_id}"
-        events = events_between(connection, job_id, 0, last_seq)
+        row = connection.execute(select(JOBS.c.tenant, JOBS.c.last_seq).where(JOBS.c.id == job_id)).first()
+        assert row is not None, f"no job {job_id}"
+        events = events_between(connection, job_id, 0, row.last_seq, tenant=row.tenant)
         assert events is not None, f"the history of {job_id} has gaps"
         return events
 

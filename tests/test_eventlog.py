@@ -34,7 +34,7 @@ async def finished_job(db: Database) -> JobRecord:
 async def test_every_announced_change_is_in_the_history_in_order(db: Database) -> None:
     job = await finished_job(db)
     async with db.reading() as session:
-        events = await session.run_sync(events_between, job.id, 0, job.last_seq)
+        events = await session.run_sync(events_between, job.id, 0, job.last_seq, tenant="t")
     assert events is not None
     assert [(e.seq, e.type, e.status) for e in events] == [
         (1, "state", "queued"),
@@ -45,8 +45,15 @@ async def test_every_announced_change_is_in_the_history_in_order(db: Database) -
     ]
     assert events[3].progress.percent == 80.0 and events[-1].result == {"ok": True}
     async with db.reading() as session:
-        assert [e.seq for e in await session.run_sync(events_between, job.id, 2, 4) or []] == [3, 4]
-        assert await session.run_sync(events_between, job.id, 5, 5) == []
+        assert [e.seq for e in await session.run_sync(events_between, job.id, 2, 4, tenant="t") or []] == [3, 4]
+        assert await session.run_sync(events_between, job.id, 5, 5, tenant="t") == []
+
+
+async def test_another_tenants_history_reads_as_pruned_not_as_its_events(db: Database) -> None:
+    job = await finished_job(db)
+    async with db.reading() as session:
+        assert await session.run_sync(events_between, job.id, 0, job.last_seq, tenant="other") is None
+        assert await session.run_sync(events_between, job.id, 0, job.last_seq, tenant="t") is not None
 
 
 async def test_history_of_jobs_finished_long_ago_is_pruned(db: Database) -> None:
@@ -61,6 +68,6 @@ async def test_history_of_jobs_finished_long_ago_is_pruned(db: Database) -> None
     assert deleted == 5
     async with db.reading() as session:
         assert (
-            await session.run_sync(events_between, old.id, 0, old.last_seq) is None
+            await session.run_sync(events_between, old.id, 0, old.last_seq, tenant="t") is None
         )  # pruned: not a partial list
-        assert len(await session.run_sync(events_between, recent.id, 0, recent.last_seq) or []) == 5
+        assert len(await session.run_sync(events_between, recent.id, 0, recent.last_seq, tenant="t") or []) == 5

@@ -19,7 +19,7 @@ from websockets.asyncio.client import ClientConnection
 from conveyor import changes
 from conveyor.database import Database
 
-from harness import KEY_A, KEY_B, Stack, eventually, sleep_job, wait_for_status, write_now
+from harness import KEY_A, KEY_B, TENANT_B, Stack, eventually, sleep_job, wait_for_status, write_now
 
 JOB_TIMEOUT_S = 90
 RECEIVE_TIMEOUT_S = 60
@@ -236,6 +236,73 @@ async def test_a_tenant_never_sees_another_tenants_job(module_stack: Stack) -> N
         assert_gap_free(seen_b, after_seq=0)
     async with module_stack.client() as client:
         await wait_for_status(client, job_a, {"succeeded"}, JOB_TIMEOUT_S)
+
+
+# Subscribes one socket sends at once in the leak test below: within a socket's burst of messages.
+SUBSCRIBES_PER_SOCKET = 10
+
+
+async def test_subscribing_again_and_again_to_another_tenants_running_job_never_gets_its_events(
+    module_stack: Stack,
+) -> None:
+    """Tenant B knows the id of A's job and asks for it in a loop, on every endpoint, while the job
+    reports progress: each ask is refused, and not one of its events reaches B meanwhile."""
+    url = module_stack.progress_url
+    job_a = await module_stack.submit_job(sleep_job(seconds=4, steps=200))
+    foreign: list[Message] = []
+    asks = {"events": 0, "job_socket": 0, "sse": 0}
+    running = True
+
+    def keep(message: Message) -> None:
+        if message.get("job_id") == job_a and message["type"] != "error" or message.get("tenant") not in (
+            None,
+            TENANT_B,
+        ):
+            foreign.append(message)
+
+    async def on_events_socket() -> None:
+        # With `all`, a job first seen live is sent from its seq 1 (its history fills the hole).
+        while running:
+            async with connect(f"{url}/v1/events", key=KEY_B) as ws:
+                await ws.send(json.dumps({"op": "subscribe", "all": True}))
+                for _ in range(SUBSCRIBES_PER_SOCKET):
+                    await ws.send(json.dumps({"op": "subscribe", "job_ids": [job_a]}))
+                refused = 0
+                while refused < SUBSCRIBES_PER_SOCKET:
+                    message = await receive(ws)
+                    if message["type"] == "error":
+                        assert (message["error"], message["job_id"]) == ("unknown_job", job_a)
+                        refused += 1
+                    keep(message)
+                asks["events"] += refused
+
+    async def on_job_socket() -> None:
+        while running:
+            async with connect(f"{url}/v1/jobs/{job_a}/events?after_seq=0", key=KEY_B) as ws:
+                messages, code = await read_to_close(ws)
+            assert code == 4404 and [m["error"] for m in messages] == ["unknown_job"]
+            asks["job_socket"] += 1
+
+    async def on_sse() -> None:
+        headers = {**auth(KEY_B), "Accept": "text/event-stream"}
+        async with httpx.AsyncClient(timeout=30) as client:
+            while running:
+                for resume in ({}, {"Last-Event-ID": "0"}):
+                    response = await client.get(
+                        f"{http_url(url)}/v1/jobs/{job_a}/events", headers={**headers, **resume}
+                    )
+                    assert response.status_code == 404
+                    asks["sse"] += 1
+
+    askers = [asyncio.create_task(ask()) for ask in (on_events_socket, on_job_socket, on_sse)]
+    try:
+        async with module_stack.client() as client:
+            await wait_for_status(client, job_a, {"succeeded"}, JOB_TIMEOUT_S)
+    finally:
+        running = False
+        await asyncio.gather(*askers)
+    assert foreign == []
+    assert min(asks.values()) > 0, asks
 
 
 async def test_one_socket_for_many_jobs(module_stack: Stack) -> None:

@@ -34,7 +34,7 @@ async def drain(channel: Channel) -> list[tuple[str, int, int]]:
 
 
 async def test_consecutive_progress_events_of_a_job_coalesce_to_the_newest() -> None:
-    channel = Channel(limit=10)
+    channel = Channel(limit=10, tenant="t")
     for seq in (3, 4, 5):
         channel.offer(event(seq))
     channel.offer(event(9, job_id="j2"))
@@ -43,7 +43,7 @@ async def test_consecutive_progress_events_of_a_job_coalesce_to_the_newest() -> 
 
 
 async def test_state_events_are_never_coalesced_and_end_a_run_of_progress() -> None:
-    channel = Channel(limit=10)
+    channel = Channel(limit=10, tenant="t")
     channel.offer(event(3))
     channel.offer(event(4, "state", status=JobState.QUEUED))
     channel.offer(event(5, "state", status=JobState.RUNNING))
@@ -54,14 +54,14 @@ async def test_state_events_are_never_coalesced_and_end_a_run_of_progress() -> N
 
 async def test_an_out_of_order_progress_event_is_not_coalesced() -> None:
     # Between 3 and 5 there may be a state event that has not arrived yet: 5 must not stand for it.
-    channel = Channel(limit=10)
+    channel = Channel(limit=10, tenant="t")
     channel.offer(event(3))
     channel.offer(event(5))
     assert await drain(channel) == [("j1", 3, 3), ("j1", 5, 5)]
 
 
 async def test_a_taken_item_is_no_longer_coalesced_into() -> None:
-    channel = Channel(limit=10)
+    channel = Channel(limit=10, tenant="t")
     channel.offer(event(3))
     assert await drain(channel) == [("j1", 3, 3)]
     channel.offer(event(4))
@@ -69,7 +69,7 @@ async def test_a_taken_item_is_no_longer_coalesced_into() -> None:
 
 
 async def test_a_full_channel_overflows_and_takes_nothing_more() -> None:
-    channel = Channel(limit=2)
+    channel = Channel(limit=2, tenant="t")
     channel.offer(event(1, "state", status=JobState.QUEUED))
     channel.request(Reply({"type": "pong"}))
     assert not channel.overflowed.is_set()

@@ -16,7 +16,7 @@ from conveyor.events import event_json
 from conveyor.models import JobRecord
 from conveyor.schemas import resource_document
 from conveyor.settings import Settings
-from services.progress.channel import Channel, Subscribe, SubscribeAll, UnsubscribeAll
+from services.progress.channel import Channel, Reply, Subscribe, SubscribeAll, UnsubscribeAll
 from services.progress.hub import EventHub
 from services.progress.state import ProgressState
 from services.progress.streams import (
@@ -49,7 +49,7 @@ class Client:
     """One connection's stream, and what it has been sent so far."""
 
     def __init__(self, state: ProgressState, principal: Principal = TENANT, *, single_job: bool) -> None:
-        self.channel = Channel(state.settings.progress_client_queue)
+        self.channel = Channel(state.settings.progress_client_queue, principal.tenant)
         self._sent: asyncio.Queue[Outgoing] = asyncio.Queue()
         self.stream = EventStream(state, principal, self.channel, self._sent.put, single_job=single_job)
         self.task = asyncio.create_task(self.stream.run())
@@ -169,6 +169,24 @@ async def test_another_tenants_job_is_an_unknown_job(db: Database) -> None:
         "job_id": theirs.id,
     }
     assert await client.end() == StreamEnd(CLOSE_UNKNOWN_JOB, "unknown job")
+
+
+async def test_a_channel_is_offered_only_its_own_tenants_events_whatever_it_watches(db: Database) -> None:
+    state = progress_state(db)
+    theirs = await new_job(db, tenant=OTHER_TENANT.tenant)
+    client = Client(state, single_job=False)
+    try:
+        client.channel.request(SubscribeAll())
+        assert (await client.receive())["type"] == "snapshot"
+        # What a subscribe does while it reads whose job an id is: the id is watched before the answer.
+        state.hub.watch_job(theirs.id, client.channel)
+        publish(state, theirs)
+        publish(state, await written(db, changes.claim(theirs.id, "w1", lease_s=30)))
+        assert len(client.channel) == 0
+        client.channel.request(Reply({"type": "pong"}))
+        assert await client.receive() == {"type": "pong"}  # nothing of theirs was queued before it
+    finally:
+        await client.close()
 
 
 async def test_an_after_seq_past_the_jobs_last_seq_is_refused(db: Database) -> None:

@@ -60,8 +60,10 @@ Item = QueuedEvent | Request
 
 
 class Channel:
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, tenant: str) -> None:
         self._limit = limit
+        # Whose connection this is: the hub offers it only this tenant's events.
+        self.tenant = tenant
         self._items: deque[Item] = deque()
         # Per job, its newest queued item if that item is a progress event: the one a newer one replaces.
         self._coalescible: dict[str, QueuedEvent] = {}

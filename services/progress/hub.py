@@ -5,6 +5,10 @@ It reads with no consumer group, so every progress instance sees every event, an
 of the topic: what happened before a client watched comes from the database (`conveyor.eventlog`),
 not from Kafka. A channel watches first and reads its snapshot second, so an event newer than the
 snapshot is certain to reach it; older ones are dropped by their `seq`.
+
+A listener belongs to one tenant and is offered only that tenant's events, whatever it watches: a
+job id is watched before the database says whose job it is, and that read may come back "not
+yours" after the job's events have arrived. The check is one string comparison per listener.
 """
 
 from __future__ import annotations
@@ -29,6 +33,10 @@ FETCH_RETRY_S = 1.0
 
 
 class Listener(Protocol):
+    @property
+    def tenant(self) -> str:
+        """The tenant whose events, and only whose, this listener may be offered."""
+
     def offer(self, event: JobEvent) -> None:
         """Take an event without blocking: the hub never waits for one client."""
 
@@ -87,7 +95,8 @@ class EventHub:
             return
         listeners = self._by_job.get(event.job_id, set()) | self._by_tenant.get(event.tenant, set())
         for listener in listeners:
-            listener.offer(event)
+            if listener.tenant == event.tenant:
+                listener.offer(event)
 
 
 def _discard(index: dict[str, set[Listener]], name: str, listener: Listener) -> None:

@@ -65,7 +65,7 @@ async def serve_job_events(websocket: WebSocket, state: ProgressState, job_id: s
         detail = f"after_seq must be a non-negative integer, got {given[:40]!r}"
         await _send_and_close(websocket, error_message("invalid_after_seq", detail), CLOSE_BAD_REQUEST)
         return
-    channel = Channel(state.settings.progress_client_queue)
+    channel = Channel(state.settings.progress_client_queue, principal.tenant)
     stream = _stream(websocket, state, principal, channel, single_job=True)
     channel.request(Subscribe((job_id,), {job_id: after_seq} if after_seq is not None else {}))
 
@@ -84,7 +84,7 @@ async def serve_events(websocket: WebSocket, state: ProgressState) -> None:
     principal = await _authenticate(websocket, state)
     if principal is None:
         return
-    channel = Channel(state.settings.progress_client_queue)
+    channel = Channel(state.settings.progress_client_queue, principal.tenant)
     stream = _stream(websocket, state, principal, channel, single_job=False)
 
     def on_message(text: str) -> None:

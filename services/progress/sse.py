@@ -56,7 +56,13 @@ async def job_events(
     if not streaming:
         upto = min(job.last_seq, (after_seq or 0) + limit)
         events = await state.db.read(
-            functools.partial(events_between, job_id=job_id, after_seq=after_seq or 0, upto_seq=upto)
+            functools.partial(
+                events_between,
+                job_id=job_id,
+                after_seq=after_seq or 0,
+                upto_seq=upto,
+                tenant=principal.tenant,
+            )
         )
         if events is None:
             raise Problem(410, "Gone", "this part of the job's history was pruned", slug="history-pruned")
@@ -75,7 +81,7 @@ async def _stream(
     state: ProgressState, principal: Principal, job_id: str, after_seq: int | None
 ) -> AsyncIterator[ServerSentEvent]:
     outgoing: asyncio.Queue[Outgoing] = asyncio.Queue(SSE_BUFFER)
-    channel = Channel(state.settings.progress_client_queue)
+    channel = Channel(state.settings.progress_client_queue, principal.tenant)
     stream = EventStream(state, principal, channel, outgoing.put, single_job=True)
     channel.request(Subscribe((job_id,), {job_id: after_seq} if after_seq is not None else {}))
     sender = asyncio.create_task(stream.run())

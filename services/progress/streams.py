@@ -172,7 +172,7 @@ class EventStream:
         def read(connection: Connection) -> tuple[JobRecord | None, list[JobEvent] | None]:
             job = get_job(connection, tenant, job_id)
             if job is not None and after_seq is not None and 0 <= after_seq < job.last_seq:
-                return job, events_between(connection, job_id, after_seq, job.last_seq)
+                return job, events_between(connection, job_id, after_seq, job.last_seq, tenant=tenant)
             return job, None
 
         job, replay = await self._db.read(read)
@@ -236,7 +236,11 @@ class EventStream:
             # A hole: events that have not arrived (yet). The history has them, committed before this one.
             missing = await self._db.read(
                 functools.partial(
-                    events_between, job_id=event.job_id, after_seq=cursor, upto_seq=first_seq - 1
+                    events_between,
+                    job_id=event.job_id,
+                    after_seq=cursor,
+                    upto_seq=first_seq - 1,
+                    tenant=self._principal.tenant,
                 )
             )
             for earlier in missing or ():

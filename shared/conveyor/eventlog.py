@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import delete, select
+from sqlalchemy import delete, exists, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.events import JobEvent
@@ -20,14 +20,22 @@ from conveyor.lifecycle import TERMINAL_STATES
 from conveyor.models import Job, JobEventRecord
 
 
-def events_between(connection: Reader, job_id: str, after_seq: int, upto_seq: int) -> list[JobEvent] | None:
-    """The job's events after `after_seq` up to `upto_seq`, in order; None if some were pruned."""
+def events_between(
+    connection: Reader, job_id: str, after_seq: int, upto_seq: int, *, tenant: str
+) -> list[JobEvent] | None:
+    """The job's events after `after_seq` up to `upto_seq`, in order; None if some were pruned.
+    Only the tenant's own job has a history for it: another tenant's reads as pruned, so a caller
+    that did not check whose job it is still cannot hand out another tenant's events."""
     if upto_seq <= after_seq:
         return []
+    owned = exists().where(Job.id == job_id, Job.tenant == tenant)
     query = (
         select(JobEventRecord.body)
         .where(
-            JobEventRecord.job_id == job_id, JobEventRecord.seq > after_seq, JobEventRecord.seq <= upto_seq
+            JobEventRecord.job_id == job_id,
+            JobEventRecord.seq > after_seq,
+            JobEventRecord.seq <= upto_seq,
+            owned,
         )
         .order_by(JobEventRecord.seq)
     )
