@@ -167,7 +167,9 @@ async def test_every_change_is_in_the_history_and_the_outbox_in_the_same_transac
     written = await write_now(
         db, PREFIX, changes.progress(queued.id, 1, 50.0, "half"), changes.complete(claimed, 7)
     )
-    history = await db.read(functools.partial(events_between, job_id=queued.id, after_seq=0, upto_seq=4, tenant="t"))
+    history = await db.read(
+        functools.partial(events_between, job_id=queued.id, after_seq=0, upto_seq=4, tenant="t")
+    )
     assert history is not None and [(e.seq, e.type, e.status) for e in history] == [
         (1, "state", "queued"),
         (2, "state", "running"),

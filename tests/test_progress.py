@@ -238,8 +238,11 @@ async def test_a_tenant_never_sees_another_tenants_job(module_stack: Stack) -> N
         await wait_for_status(client, job_a, {"succeeded"}, JOB_TIMEOUT_S)
 
 
-# Subscribes one socket sends at once in the leak test below: within a socket's burst of messages.
-SUBSCRIBES_PER_SOCKET = 10
+# In the leak test below: subscribes each socket sends at once, sockets asking side by side, and a
+# message rate and burst no socket reaches.
+SUBSCRIBES_PER_SOCKET = 200
+EVENTS_SOCKETS = 2
+UNTHROTTLED = 1_000_000
 
 
 async def test_subscribing_again_and_again_to_another_tenants_running_job_never_gets_its_events(
@@ -247,21 +250,26 @@ async def test_subscribing_again_and_again_to_another_tenants_running_job_never_
 ) -> None:
     """Tenant B knows the id of A's job and asks for it in a loop, on every endpoint, while the job
     reports progress: each ask is refused, and not one of its events reaches B meanwhile."""
-    url = module_stack.progress_url
-    job_a = await module_stack.submit_job(sleep_job(seconds=4, steps=200))
+    # An instance that lets a socket send as fast as it likes: each subscribe is a window to try.
+    url = await module_stack.start_progress(
+        "progress-unthrottled",
+        CONVEYOR_PROGRESS_MESSAGE_RATE=str(UNTHROTTLED),
+        CONVEYOR_PROGRESS_MESSAGE_BURST=str(UNTHROTTLED),
+    )
+    job_a = await module_stack.submit_job(sleep_job(seconds=4, steps=400))
     foreign: list[Message] = []
     asks = {"events": 0, "job_socket": 0, "sse": 0}
     running = True
 
     def keep(message: Message) -> None:
-        if message.get("job_id") == job_a and message["type"] != "error" or message.get("tenant") not in (
-            None,
-            TENANT_B,
-        ):
+        """Note a message that is A's: anything about A's job but its refusal, or of A's tenant."""
+        about_a = message.get("job_id") == job_a and message["type"] != "error"
+        if about_a or message.get("tenant", TENANT_B) != TENANT_B:
             foreign.append(message)
 
     async def on_events_socket() -> None:
-        # With `all`, a job first seen live is sent from its seq 1 (its history fills the hole).
+        # With `all`, a job first seen live is sent from its seq 1, its history filling the hole: so
+        # one event of A's let through would have brought A's whole history with it.
         while running:
             async with connect(f"{url}/v1/events", key=KEY_B) as ws:
                 await ws.send(json.dumps({"op": "subscribe", "all": True}))
@@ -275,6 +283,10 @@ async def test_subscribing_again_and_again_to_another_tenants_running_job_never_
                         refused += 1
                     keep(message)
                 asks["events"] += refused
+                # Asked once every refusal is in, the pong comes after whatever was queued meanwhile.
+                await ws.send(json.dumps({"op": "ping"}))
+                while (message := await receive(ws))["type"] != "pong":
+                    keep(message)
 
     async def on_job_socket() -> None:
         while running:
@@ -294,13 +306,15 @@ async def test_subscribing_again_and_again_to_another_tenants_running_job_never_
                     assert response.status_code == 404
                     asks["sse"] += 1
 
-    askers = [asyncio.create_task(ask()) for ask in (on_events_socket, on_job_socket, on_sse)]
+    asking = (on_job_socket, on_sse, *[on_events_socket] * EVENTS_SOCKETS)
+    askers = [asyncio.create_task(ask()) for ask in asking]
     try:
         async with module_stack.client() as client:
             await wait_for_status(client, job_a, {"succeeded"}, JOB_TIMEOUT_S)
     finally:
         running = False
         await asyncio.gather(*askers)
+        module_stack.stop("progress-unthrottled")
     assert foreign == []
     assert min(asks.values()) > 0, asks
 
