@@ -3,8 +3,31 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import structlog
+
+# A query parameter that carries an API key (`?token=`, for browsers, which cannot set headers on a
+# WebSocket or an EventSource): its value never reaches a log line.
+SECRET_PARAMETER = re.compile(r"(?P<name>[?&]token=)[^&\s\"']*", re.IGNORECASE)
+REDACTED = "[redacted]"
+
+
+def redact(text: str) -> str:
+    """The text with the value of every `token` query parameter replaced."""
+    return SECRET_PARAMETER.sub(rf"\g<name>{REDACTED}", text)
+
+
+class RedactSecrets(logging.Filter):
+    """uvicorn logs every WebSocket handshake at INFO with its path and query string (and its access
+    log, when enabled, every request's): a key in a URL would land in the logs as it is."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        redacted = redact(message)
+        if redacted != message:
+            record.msg, record.args = redacted, None
+        return True
 
 
 def configure_logging(level: str = "INFO", json: bool = False) -> None:
@@ -12,6 +35,9 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
     # DEBUG is for following jobs (`job.started`, `job.recorded`), not every statement of a driver.
     library_level = max(logging.INFO, logging.getLevelName(level.upper()))
     logging.basicConfig(level=library_level, format="%(message)s")
+    # On the handlers, not a logger: a filter there sees every library's records, whichever logger.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactSecrets())
     # aiokafka is chatty about reconnects that we already report ourselves.
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     # Alembic announces its dialect at every start; keep only the upgrades it runs.

@@ -1,0 +1,76 @@
+"""Keys never reach the logs: a browser's `?token=<key>` on a WebSocket or an EventSource URL is in no
+log line of any service, at INFO or at DEBUG, though the handshake lines that carry URLs are logged."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import httpx
+import websockets
+
+from conveyor.logs import REDACTED
+
+from harness import KEY_A, Stack, eventually, wait_for_status
+
+JOB_TIMEOUT_S = 90
+LOG_TIMEOUT_S = 15
+# A key of the right shape that no tenant has: a refused key must not be logged either.
+UNKNOWN_KEY = "key-x-9876543210"
+
+
+def http_url(ws_url: str) -> str:
+    return ws_url.replace("ws://", "http://")
+
+
+async def use_keys_in_urls(progress_url: str, gateway_url: str, job_id: str) -> None:
+    """Every way a key can travel in a URL: both sockets, SSE and the JSON history, and the gateway."""
+    for key in (KEY_A, UNKNOWN_KEY):
+        # The unknown key's sockets are closed with 1008 as soon as they open.
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async with websockets.connect(f"{progress_url}/v1/jobs/{job_id}/events?token={key}") as ws:
+                async for _ in ws:
+                    pass
+        with contextlib.suppress(websockets.ConnectionClosed):
+            async with websockets.connect(f"{progress_url}/v1/events?after_seq=0&token={key}") as ws:
+                await ws.send(json.dumps({"op": "ping"}))
+                await ws.recv()
+        async with httpx.AsyncClient(timeout=30) as client:
+            events_url = f"{http_url(progress_url)}/v1/jobs/{job_id}/events"
+            async with client.stream(
+                "GET", events_url, params={"token": key}, headers={"Accept": "text/event-stream"}
+            ) as response:
+                async for _ in response.aiter_lines():
+                    pass
+            await client.get(events_url, params={"token": key})
+            await client.get(f"{gateway_url}/v1/jobs/{job_id}", params={"token": key})
+
+
+async def test_a_key_in_a_url_is_in_no_log_line_at_info_or_debug(module_stack: Stack) -> None:
+    debug_progress = await module_stack.start_progress("progress-debug", CONVEYOR_LOG_LEVEL="DEBUG")
+    debug_gateway = module_stack.start_gateway("gateway-debug", CONVEYOR_LOG_LEVEL="DEBUG")
+    try:
+        await module_stack.wait_ready(debug_gateway)
+        job_id = await module_stack.submit_job({"type": "demo.noop"})
+        async with module_stack.client() as client:
+            await wait_for_status(client, job_id, {"succeeded"}, JOB_TIMEOUT_S)
+        await use_keys_in_urls(module_stack.progress_url, module_stack.gateway_url, job_id)
+        await use_keys_in_urls(debug_progress, debug_gateway, job_id)
+
+        # The handshakes are logged, URL and all (so the lines a key could be in are there)...
+        def handshakes_logged() -> bool:
+            return all(
+                module_stack.log(name).count("/v1/events?after_seq=0&token=") == 2
+                for name in ("progress", "progress-debug")
+            )
+
+        await eventually(handshakes_logged, LOG_TIMEOUT_S, "both progress services to log the handshakes")
+        # ...with the key's place kept and its value gone, here and in every other line of every service.
+        for log in module_stack.log_dir.glob("*.log"):
+            text = log.read_text(errors="replace")
+            for key in (KEY_A, UNKNOWN_KEY):
+                assert key not in text, f"{log.name} logged a key: {key}"
+        assert module_stack.log("progress-debug").count(f"token={REDACTED}") >= 2
+    finally:
+        module_stack.stop("progress-debug")
+        module_stack.stop("gateway-debug")
