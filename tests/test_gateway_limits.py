@@ -7,7 +7,8 @@ import pytest
 
 from conveyor.problems import Problem
 from conveyor.settings import Settings, TenantLimits
-from services.gateway.limits import SubmissionLimiter, TokenBucket, queue_full
+from conveyor.tokenbucket import TokenBucket
+from services.gateway.limits import SubmissionLimiter, queue_full
 
 
 def test_a_bucket_allows_its_burst_then_its_rate() -> None:

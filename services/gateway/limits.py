@@ -9,35 +9,13 @@ at the same moment).
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass, field
 
-from conveyor.problems import Problem, invalid_field
+from conveyor.problems import Problem, invalid_field, too_many_requests
 from conveyor.settings import TenantLimits
+from conveyor.tokenbucket import TokenBucket
 
 # What a client over its queued-jobs cap is told to wait: jobs leave the queue as workers take them.
 QUEUE_FULL_RETRY_AFTER_S = 5
-
-
-@dataclass
-class TokenBucket:
-    rate: float
-    burst: int
-    tokens: float = field(init=False)
-    updated: float = field(default_factory=time.monotonic)
-
-    def __post_init__(self) -> None:
-        self.tokens = float(self.burst)
-
-    def take(self, now: float | None = None, count: int = 1) -> float:
-        """Take `count` tokens: 0.0 if there were as many, else the seconds until there will be."""
-        now = time.monotonic() if now is None else now
-        self.tokens = min(float(self.burst), self.tokens + (now - self.updated) * self.rate)
-        self.updated = now
-        if self.tokens >= count:
-            self.tokens -= count
-            return 0.0
-        return (count - self.tokens) / self.rate
 
 
 class SubmissionLimiter:
@@ -69,14 +47,3 @@ def queue_full(waiting: int, limits: TenantLimits, wanted: int = 1) -> Problem:
 def too_large_for_burst(count: int, limits: TenantLimits) -> Problem:
     """A batch larger than the tenant's burst could never be admitted: the client must split it."""
     return invalid_field("jobs", f"at most {limits.submit_burst} jobs at once for this tenant (its burst)")
-
-
-def too_many_requests(detail: str, retry_after_s: int, limit: str) -> Problem:
-    return Problem(
-        429,
-        "Too many requests",
-        detail,
-        slug="rate-limited",
-        headers={"Retry-After": str(max(1, retry_after_s))},
-        limit=limit,
-    )

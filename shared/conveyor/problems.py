@@ -120,6 +120,18 @@ def job_not_found(detail: str) -> Problem:
     return Problem(404, "Not found", detail, slug="job-not-found")
 
 
+def too_many_requests(detail: str, retry_after_s: int, limit: str) -> Problem:
+    """A 429 for a client over one of its limits; `limit` names which."""
+    return Problem(
+        429,
+        "Too many requests",
+        detail,
+        slug="rate-limited",
+        headers={"Retry-After": str(max(1, retry_after_s))},
+        limit=limit,
+    )
+
+
 def dependency_down(name: str) -> Problem:
     return Problem(
         503,
