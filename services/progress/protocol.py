@@ -12,6 +12,8 @@ from services.progress.channel import Request, Subscribe, SubscribeAll, Unsubscr
 from services.progress.streams import MAX_SUBSCRIPTIONS, error_message
 
 MAX_JOB_ID_LENGTH = 64
+# Ids one subscribe may name: each one new to the socket costs a database read.
+MAX_IDS_PER_MESSAGE = 100
 SEQ = re.compile(r"[0-9]{1,18}")
 JobId = Annotated[str, Field(min_length=1, max_length=MAX_JOB_ID_LENGTH)]
 
@@ -35,7 +37,7 @@ class PingMessage(_Message):
 
 class SubscribeMessage(_Message):
     op: Literal["subscribe"]
-    job_ids: list[JobId] = Field(default_factory=list, max_length=MAX_SUBSCRIPTIONS)
+    job_ids: list[JobId] = Field(default_factory=list, max_length=MAX_IDS_PER_MESSAGE)
     all: bool = Field(default=False, description="Every job of the tenant, present and future.")
     after_seq: dict[JobId, Annotated[int, Field(ge=0)]] = Field(
         default_factory=dict, description="Resume these jobs after the given seq instead of a snapshot."

@@ -3,6 +3,10 @@
 Each connection runs three tasks until the first one ends: its stream (sends what its channel holds),
 its reader (turns client messages into channel requests), and a watchdog (overflow, idleness). The
 hub only ever puts events in the channel, so a client that reads slowly never holds anyone else up.
+
+What one client may cost is bounded: uvicorn refuses frames over `CONVEYOR_PROGRESS_WS_MAX_BYTES`
+(1009), a socket has `CONVEYOR_PROGRESS_AUTH_TIMEOUT_S` to present its key, its messages are metered
+by a token bucket, and its tenant holds at most `CONVEYOR_PROGRESS_TENANT_MAX_SOCKETS` on this instance.
 """
 
 from __future__ import annotations
@@ -10,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -18,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from conveyor.auth import Forbidden, Principal, Unauthenticated, resolve_principal
+from conveyor.tokenbucket import TokenBucket
 from services.progress.channel import Channel, Reply, Subscribe
 from services.progress.protocol import (
     PONG,
@@ -36,6 +41,7 @@ from services.progress.streams import (
     CLOSE_FELL_BEHIND,
     CLOSE_GOING_AWAY,
     CLOSE_POLICY_VIOLATION,
+    CLOSE_TOO_MANY,
     CLOSE_TRY_AGAIN_LATER,
     EventStream,
     Outgoing,
@@ -45,20 +51,52 @@ from services.progress.streams import (
 
 log = structlog.get_logger(__name__)
 
-# How long a client that sent no key in the handshake has to send it as its first message.
-AUTH_TIMEOUT_S = 10.0
 MIN_WATCH_S = 0.1
 FELL_BEHIND = StreamEnd(CLOSE_FELL_BEHIND, "fell behind: reconnect with after_seq")
 DATABASE_DOWN = StreamEnd(CLOSE_TRY_AGAIN_LATER, "database unavailable: reconnect with after_seq")
+TOO_MANY_MESSAGES = StreamEnd(CLOSE_POLICY_VIOLATION, "too_many_messages")
+
+Serve = Callable[[Principal], Awaitable[None]]
 
 
 async def serve_job_events(websocket: WebSocket, state: ProgressState, job_id: str) -> None:
     """`/v1/jobs/{job_id}/events`: a snapshot (or a replay after `?after_seq=N`), the job's events, its
     terminal event, then close 1000. The client may send pings; nothing else."""
+
+    async def serve(principal: Principal) -> None:
+        await _serve_job_events(websocket, state, principal, job_id)
+
+    await _admitted(websocket, state, serve)
+
+
+async def serve_events(websocket: WebSocket, state: ProgressState) -> None:
+    """`/v1/events`: the client subscribes to jobs by id, or to all of its tenant's, and unsubscribes."""
+
+    async def serve(principal: Principal) -> None:
+        await _serve_events(websocket, state, principal)
+
+    await _admitted(websocket, state, serve)
+
+
+async def _admitted(websocket: WebSocket, state: ProgressState, serve: Serve) -> None:
+    """Accept the socket, authenticate it, and serve it while it holds one of its tenant's sockets."""
     await websocket.accept()
     principal = await _authenticate(websocket, state)
     if principal is None:
         return
+    if not state.sockets.take(principal.tenant):
+        detail = f"at most {state.sockets.limit} sockets per tenant on this instance; close one first"
+        await _send_and_close(websocket, error_message("too_many_sockets", detail), CLOSE_TOO_MANY)
+        return
+    try:
+        await serve(principal)
+    finally:
+        state.sockets.give_back(principal.tenant)
+
+
+async def _serve_job_events(
+    websocket: WebSocket, state: ProgressState, principal: Principal, job_id: str
+) -> None:
     given = websocket.query_params.get("after_seq")
     after_seq = parse_seq(given) if given is not None else None
     if given is not None and after_seq is None:
@@ -78,12 +116,7 @@ async def serve_job_events(websocket: WebSocket, state: ProgressState, job_id: s
     await _run(websocket, state, channel, stream, on_message)
 
 
-async def serve_events(websocket: WebSocket, state: ProgressState) -> None:
-    """`/v1/events`: the client subscribes to jobs by id, or to all of its tenant's, and unsubscribes."""
-    await websocket.accept()
-    principal = await _authenticate(websocket, state)
-    if principal is None:
-        return
+async def _serve_events(websocket: WebSocket, state: ProgressState, principal: Principal) -> None:
     channel = Channel(state.settings.progress_client_queue, principal.tenant)
     stream = _stream(websocket, state, principal, channel, single_job=False)
 
@@ -118,13 +151,17 @@ async def _run(
 ) -> None:
     loop = asyncio.get_running_loop()
     last_heard = loop.time()
+    allowance = TokenBucket(state.settings.progress_message_rate, state.settings.progress_message_burst)
 
-    async def read() -> None:
+    async def read() -> StreamEnd | None:
         nonlocal last_heard
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
-                return
+                return None
+            if allowance.take() > 0:
+                log.info("progress.client_too_many_messages")
+                return TOO_MANY_MESSAGES
             last_heard = loop.time()
             text = message.get("text")
             if text is None:
@@ -184,10 +221,18 @@ def _end_of(done: set[asyncio.Task[Any]]) -> StreamEnd | None:
 
 
 async def _authenticate(websocket: WebSocket, state: ProgressState) -> Principal | None:
-    """The key from the `Authorization` header, a `token` query parameter, or an `auth` first message.
-    A missing or bad key, or one without the read scope, closes the socket with 1008 (policy
-    violation): a socket has no 401 and 403 to tell them apart."""
-    token = presented_token(websocket) or await _first_message_token(websocket)
+    """The key from the `Authorization` header, a `token` query parameter, or an `auth` first message
+    (within the auth timeout). A missing or bad key, or one without the read scope, closes the socket
+    with 1008 (policy violation): a socket has no 401 and 403 to tell them apart."""
+    token = presented_token(websocket)
+    if token is None:
+        timeout_s = state.settings.progress_auth_timeout_s
+        try:
+            token = await asyncio.wait_for(_first_message_token(websocket), timeout=timeout_s)
+        except TimeoutError:
+            detail = f'send {{"op": "auth", "token": "<key>"}} within {timeout_s:g} s of connecting'
+            await _send_and_close(websocket, error_message("auth_timeout", detail), CLOSE_POLICY_VIOLATION)
+            return None
     try:
         return await resolve_principal(state.authenticator, token, scope="read")
     except (Unauthenticated, Forbidden):
@@ -198,9 +243,8 @@ async def _authenticate(websocket: WebSocket, state: ProgressState) -> Principal
 
 async def _first_message_token(websocket: WebSocket) -> str | None:
     try:
-        text = await asyncio.wait_for(websocket.receive_text(), timeout=AUTH_TIMEOUT_S)
-        message = parse_client_message(text)
-    except (TimeoutError, BadMessage, WebSocketDisconnect, RuntimeError, KeyError):
+        message = parse_client_message(await websocket.receive_text())
+    except (BadMessage, WebSocketDisconnect, RuntimeError, KeyError):
         return None
     return message.token if isinstance(message, AuthMessage) else None
 

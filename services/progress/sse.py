@@ -5,6 +5,9 @@ message has the event's `seq` as its id, so a reconnecting `EventSource` resumes
 `Last-Event-ID`. Once the job is finished and everything was sent, a reconnect gets 204, which tells
 an `EventSource` to stop. Without that Accept header the endpoint answers the job's recorded events
 as JSON (`?after_seq=N&limit=M`), for clients that catch up by polling.
+
+A tenant holds at most `CONVEYOR_PROGRESS_TENANT_MAX_STREAMS` streams on one instance; one more is
+answered 429.
 """
 
 from __future__ import annotations
@@ -12,16 +15,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
+from starlette.types import Receive, Scope, Send
 
 from conveyor.auth import Forbidden, Principal, Unauthenticated, resolve_principal
 from conveyor.eventlog import events_between
 from conveyor.jobstore import get_job
-from conveyor.problems import Problem, forbidden, invalid_field, job_not_found, unauthorized
+from conveyor.problems import (
+    Problem,
+    forbidden,
+    invalid_field,
+    job_not_found,
+    too_many_requests,
+    unauthorized,
+)
 from services.progress.channel import Channel, Subscribe
 from services.progress.protocol import parse_seq
 from services.progress.state import ProgressState, presented_token
@@ -33,6 +44,8 @@ SSE_PING_S = 15
 MAX_PAGE = 1000
 # What the sender may have handed over that the response has not written yet.
 SSE_BUFFER = 16
+# What a tenant with all its streams open is told to wait: a stream ends when its job does.
+STREAMS_FULL_RETRY_AFTER_S = 5
 
 
 async def job_events(
@@ -74,7 +87,28 @@ async def job_events(
         return JSONResponse(body)
     if finished:
         return Response(status_code=204)
-    return EventSourceResponse(_stream(state, principal, job_id, after_seq), ping=SSE_PING_S)
+    tenant = principal.tenant
+    if not state.streams.take(tenant):
+        detail = f"at most {state.streams.limit} event streams per tenant on this instance"
+        raise too_many_requests(detail, STREAMS_FULL_RETRY_AFTER_S, "streams")
+    return HeldEventSource(
+        _stream(state, principal, job_id, after_seq), release=lambda: state.streams.give_back(tenant)
+    )
+
+
+class HeldEventSource(EventSourceResponse):
+    """An SSE response that holds one of its tenant's stream slots until it is over, however it ends
+    (the job done, the client gone, the server stopping), even if its stream never started."""
+
+    def __init__(self, content: AsyncIterator[ServerSentEvent], release: Callable[[], None]) -> None:
+        super().__init__(content, ping=SSE_PING_S)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 async def _stream(

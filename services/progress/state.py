@@ -3,13 +3,14 @@ one context the service's modules take (a connection's stream too), rather than 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
 
 from conveyor.auth import Authenticator, bearer_token
 from conveyor.database import Database
 from conveyor.settings import Settings
+from services.progress.admission import TenantSlots
 from services.progress.hub import EventHub
 
 
@@ -19,6 +20,13 @@ class ProgressState:
     db: Database
     hub: EventHub
     authenticator: Authenticator
+    # The WebSockets and the SSE streams each tenant holds open on this instance.
+    sockets: TenantSlots = field(init=False)
+    streams: TenantSlots = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sockets = TenantSlots(self.settings.progress_tenant_max_sockets)
+        self.streams = TenantSlots(self.settings.progress_tenant_max_streams)
 
 
 def presented_token(connection: HTTPConnection) -> str | None:

@@ -37,7 +37,8 @@ from services.progress.channel import (
 from services.progress.state import ProgressState
 
 # WebSocket close codes. 4000-4999 are the application's own: the client asked for something wrong,
-# the job is unknown to its tenant, or it fell behind and should reconnect with `after_seq`.
+# the job is unknown to its tenant, it fell behind and should reconnect with `after_seq`, or its tenant
+# holds as many sockets as it may (HTTP's 429).
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_POLICY_VIOLATION = 1008
@@ -45,10 +46,12 @@ CLOSE_TRY_AGAIN_LATER = 1013
 CLOSE_BAD_REQUEST = 4400
 CLOSE_UNKNOWN_JOB = 4404
 CLOSE_FELL_BEHIND = 4008
+CLOSE_TOO_MANY = 4429
 
 # A `subscribe all` snapshot lists at most this many unfinished jobs, newest first.
 ALL_JOBS_SNAPSHOT_LIMIT = 1000
-# Jobs one connection may watch by id.
+# Jobs one connection may watch by id, counting the ids it asked for that are not its tenant's: each
+# of those cost a database read once, and is answered from memory after that.
 MAX_SUBSCRIPTIONS = 1000
 # With `subscribe all`, the last seq sent is remembered for this many jobs (the most recent ones).
 MAX_TRACKED_JOBS = 10_000
@@ -116,6 +119,9 @@ class EventStream:
         self._send = send
         self._single_job = single_job
         self._watched: set[str] = set()
+        # Ids asked for that are not the tenant's jobs. Job ids are made by the gateway before it
+        # answers, so an id unknown once stays unknown: asking again costs no database read.
+        self._unknown: set[str] = set()
         self._all = False
         # The last seq sent, per job.
         self._cursors: OrderedDict[str, int] = OrderedDict()
@@ -159,10 +165,11 @@ class EventStream:
         return None
 
     async def _subscribe(self, job_id: str, after_seq: int | None) -> StreamEnd | None:
-        if job_id not in self._watched and len(self._watched) >= MAX_SUBSCRIPTIONS:
-            await self._say(
-                error_message("too_many_subscriptions", f"at most {MAX_SUBSCRIPTIONS} jobs", job_id=job_id)
-            )
+        if job_id in self._unknown:
+            return await self._unknown_job(job_id)
+        if job_id not in self._watched and len(self._watched) + len(self._unknown) >= MAX_SUBSCRIPTIONS:
+            detail = f"at most {MAX_SUBSCRIPTIONS} jobs, counting ids that are not jobs of yours"
+            await self._say(error_message("too_many_subscriptions", detail, job_id=job_id))
             return None
         # Watch first, read second: an event newer than what is read below is sure to be queued.
         self._hub.watch_job(job_id, self._channel)
@@ -178,8 +185,8 @@ class EventStream:
         job, replay = await self._db.read(read)
         if job is None:
             self._unwatch(job_id)
-            await self._say(error_message("unknown_job", "no such job", job_id=job_id))
-            return StreamEnd(CLOSE_UNKNOWN_JOB, "unknown job") if self._single_job else None
+            self._unknown.add(job_id)
+            return await self._unknown_job(job_id)
         if after_seq is not None and not 0 <= after_seq <= job.last_seq:
             self._unwatch(job_id)
             detail = f"after_seq must be between 0 and the job's last seq, {job.last_seq}"
@@ -201,6 +208,10 @@ class EventStream:
         if job.status.is_terminal:
             return self._finished(job_id)
         return None
+
+    async def _unknown_job(self, job_id: str) -> StreamEnd | None:
+        await self._say(error_message("unknown_job", "no such job", job_id=job_id))
+        return StreamEnd(CLOSE_UNKNOWN_JOB, "unknown job") if self._single_job else None
 
     async def _subscribe_all(self) -> None:
         tenant = self._principal.tenant

@@ -20,4 +20,6 @@ def serve_http(app: ASGIApp, settings: Settings, port: int) -> None:
         ws_ping_interval=settings.progress_ping_interval_s,
         ws_ping_timeout=settings.progress_ping_timeout_s,
         ws_per_message_deflate=settings.progress_ws_deflate,
+        # uvicorn's default is 16 MiB, read before the app has even seen a key.
+        ws_max_size=settings.progress_ws_max_bytes,
     )

@@ -36,6 +36,16 @@ DEFAULT_PROGRESS_PING_INTERVAL_S = 20.0
 DEFAULT_PROGRESS_PING_TIMEOUT_S = 20.0
 DEFAULT_PROGRESS_IDLE_TIMEOUT_S = 60.0
 DEFAULT_EVENT_HISTORY_S = 7 * 24 * 3600.0
+# What one client may cost the progress service: the largest WebSocket frame it may send (a subscribe
+# of 100 ids is under 5 KiB), how long a socket may take to present its key, messages per second per
+# socket with bursts, and sockets and SSE streams per tenant on one instance (the fan-out benchmark's
+# 2,000 subscribers of one tenant fit).
+DEFAULT_PROGRESS_WS_MAX_BYTES = 64 * 1024
+DEFAULT_PROGRESS_AUTH_TIMEOUT_S = 10.0
+DEFAULT_PROGRESS_MESSAGE_RATE = 20.0
+DEFAULT_PROGRESS_MESSAGE_BURST = 50
+DEFAULT_PROGRESS_TENANT_MAX_SOCKETS = 5000
+DEFAULT_PROGRESS_TENANT_MAX_STREAMS = 1000
 # What the gateway suggests a client waits before its first poll of a fresh job.
 DEFAULT_RETRY_AFTER_S = 1
 # How long an `Idempotency-Key` is remembered (the window the API publishes).
@@ -192,6 +202,34 @@ class Settings(BaseSettings):
         default=False,
         description="Offer permessage-deflate on WebSockets: fewer bytes, but about 80 rather than 45 KiB"
         " and more CPU per socket (bench/progress_fanout.py); events are small.",
+    )
+    progress_ws_max_bytes: int = Field(
+        default=DEFAULT_PROGRESS_WS_MAX_BYTES,
+        ge=1024,
+        description="Largest WebSocket message a client may send; a larger one closes the socket (1009).",
+    )
+    progress_auth_timeout_s: float = Field(
+        default=DEFAULT_PROGRESS_AUTH_TIMEOUT_S,
+        gt=0,
+        description="How long a socket without a key in its handshake has to send it (then 1008).",
+    )
+    progress_message_rate: float = Field(
+        default=DEFAULT_PROGRESS_MESSAGE_RATE,
+        gt=0,
+        description="Messages per second a socket may send on average; past it the socket is closed (1008).",
+    )
+    progress_message_burst: int = Field(
+        default=DEFAULT_PROGRESS_MESSAGE_BURST, ge=1, description="Messages a socket may send at once."
+    )
+    progress_tenant_max_sockets: int = Field(
+        default=DEFAULT_PROGRESS_TENANT_MAX_SOCKETS,
+        ge=1,
+        description="WebSockets one tenant may hold open on one progress instance (then 4429).",
+    )
+    progress_tenant_max_streams: int = Field(
+        default=DEFAULT_PROGRESS_TENANT_MAX_STREAMS,
+        ge=1,
+        description="SSE streams one tenant may hold open on one progress instance (then 429).",
     )
     event_history_s: float = Field(
         default=DEFAULT_EVENT_HISTORY_S,
