@@ -90,18 +90,26 @@ async def test_a_frame_over_the_limit_closes_the_socket_before_or_after_authenti
         assert (await receive(ws))["error"] == "bad_message"
 
 
-async def test_a_socket_that_sends_no_key_in_time_is_closed_with_1008(limited: str) -> None:
-    started = time.monotonic()
-    async with connect(f"{limited}/v1/events", key=None) as ws:
-        messages = await read_to_close(ws)
-    assert ws.close_code == 1008 and ws.close_reason == "auth_timeout"
-    assert [message["error"] for message in messages] == ["auth_timeout"]
-    assert time.monotonic() - started < 10 * AUTH_TIMEOUT_S
-    # In time, the key as a first message still works, on either socket.
+async def test_a_socket_that_sends_no_key_in_time_is_closed_with_1008(
+    module_stack: Stack, limited: str
+) -> None:
+    job_id = await module_stack.submit_job({"type": "demo.noop"})
+    for path in ("/v1/events", f"/v1/jobs/{job_id}/events"):
+        started = time.monotonic()
+        async with connect(f"{limited}{path}", key=None) as ws:
+            messages = await read_to_close(ws)
+        assert (ws.close_code, ws.close_reason) == (1008, "auth_timeout"), path
+        assert [message["error"] for message in messages] == ["auth_timeout"]
+        assert time.monotonic() - started < 10 * AUTH_TIMEOUT_S
+
+    # In time, the key as a first message works on either socket: no key needs to be in a URL.
     async with connect(f"{limited}/v1/events", key=None) as ws:
         await ws.send(json.dumps({"op": "auth", "token": KEY_A}))
         await ws.send(json.dumps({"op": "ping"}))
         assert await receive(ws) == {"type": "pong"}
+    async with connect(f"{limited}/v1/jobs/{job_id}/events", key=None) as ws:
+        await ws.send(json.dumps({"op": "auth", "token": KEY_A}))
+        assert (await receive(ws))["type"] == "snapshot"
 
 
 async def test_a_socket_over_its_message_rate_is_closed_with_1008(limited: str) -> None:
