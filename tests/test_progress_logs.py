@@ -9,7 +9,7 @@ import json
 import httpx
 import websockets
 
-from conveyor.logs import REDACTED
+from conveyor.logs import REDACTED, redact
 
 from harness import KEY_A, Stack, eventually, wait_for_status
 
@@ -17,6 +17,17 @@ JOB_TIMEOUT_S = 90
 LOG_TIMEOUT_S = 15
 # A key of the right shape that no tenant has: a refused key must not be logged either.
 UNKNOWN_KEY = "key-x-9876543210"
+
+
+def test_the_value_of_every_token_parameter_is_redacted_and_nothing_else() -> None:
+    line = '127.0.0.1:5 - "WebSocket /v1/events?after_seq=3&token=k1%2B&TOKEN=k2" [accepted]'
+    assert redact(line) == (
+        f'127.0.0.1:5 - "WebSocket /v1/events?after_seq=3&token={REDACTED}&TOKEN={REDACTED}" [accepted]'
+    )
+    assert (
+        redact("GET /v1/jobs?tokens=1&my_token=2 a token= here")
+        == "GET /v1/jobs?tokens=1&my_token=2 a token= here"
+    )
 
 
 def http_url(ws_url: str) -> str:
