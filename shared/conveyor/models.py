@@ -23,11 +23,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect, Row
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# Re-exported: the modules that stamp rows know the process's clock from here.
+from conveyor.clock import utcnow as utcnow
 from conveyor.lifecycle import JobState
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -242,4 +240,20 @@ class OutboxMessage(Base):
     topic: Mapped[str] = mapped_column(String(249))
     key: Mapped[str] = mapped_column(String(200))
     value: Mapped[bytes] = mapped_column(LargeBinary)
+    # Set only where the key's partition will not do: a reaped job goes to a partition of its reaper's.
+    partition: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WorkerHeartbeat(Base):
+    """A live worker's heartbeat, by the database's clock. A worker whose heartbeat stopped is dead, and
+    the reaper gives its running jobs their next attempt at once rather than when their leases run out."""
+
+    __tablename__ = "worker_heartbeats"
+
+    worker_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+WORKER_HEARTBEATS: Table = WorkerHeartbeat.__table__  # type: ignore[assignment]

@@ -27,6 +27,8 @@ DEFAULT_WORKER_CONCURRENCY = 8
 DEFAULT_WORKER_READ_AHEAD = 1000
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 15.0
+# A worker whose heartbeat (about one a second) is this old is dead: its running jobs start again at once.
+DEFAULT_WORKER_DEAD_AFTER_S = 4.0
 DEFAULT_DRAIN_GRACE_S = 30.0
 # The progress service: events a client may have waiting before it is told to resume; protocol-level
 # WebSocket pings; how long a socket may sit with no subscription and no message; how long a
@@ -141,6 +143,11 @@ class Settings(BaseSettings):
     lease_s: float = Field(
         default=DEFAULT_LEASE_S, gt=0, description="How long a running job survives its worker's silence."
     )
+    worker_dead_after_s: float = Field(
+        default=DEFAULT_WORKER_DEAD_AFTER_S,
+        gt=0,
+        description="A worker whose heartbeat is this old is dead; its running jobs get their next attempt.",
+    )
     cancel_grace_s: float = Field(
         default=DEFAULT_CANCEL_GRACE_S,
         ge=0,
@@ -201,6 +208,9 @@ class Settings(BaseSettings):
 
     # Embedded stack (`conveyor run`).
     workers: int = Field(default=2, ge=0, description="Worker processes `conveyor run` starts.")
+
+    # For tests only: shifts this process's idea of now, as on a host whose clock is off.
+    clock_skew_s: float = 0.0
 
     log_level: str = "INFO"
     log_json: bool = False

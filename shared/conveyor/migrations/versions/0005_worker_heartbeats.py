@@ -1,0 +1,37 @@
+"""worker heartbeats, and the partition of an outbox row
+
+One row per live worker, its heartbeat by the database's clock about once a second. The reaper gives a
+dead worker's running jobs their next attempt a few seconds after its last heartbeat, instead of when
+their leases run out; the lease stays the backstop for workers that write no heartbeat. The reaper
+sends such a job to a partition it consumes itself (`outbox.partition`), so it need not wait for the
+dead worker's partitions to move to a live worker.
+
+Revision ID: 0005
+Revises: 0004
+Create Date: 2026-12-01
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0005"
+down_revision = "0004"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    op.create_table(
+        "worker_heartbeats",
+        sa.Column("worker_id", sa.String(200), primary_key=True),
+        sa.Column("started_at", sa.DateTime(), nullable=False),
+        sa.Column("heartbeat_at", sa.DateTime(), nullable=False),
+    )
+    with op.batch_alter_table("outbox") as batch:
+        batch.add_column(sa.Column("partition", sa.Integer(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("outbox") as batch:
+        batch.drop_column("partition")
+    op.drop_table("worker_heartbeats")
