@@ -12,7 +12,16 @@ from conveyor.jobstore import load_job
 from conveyor.lifecycle import JobState
 from conveyor.topics import worker_group
 
-from harness import Stack, event_history, eventually, group_members, sleep_job, submit, wait_for_status
+from harness import (
+    Stack,
+    assignments,
+    event_history,
+    eventually,
+    group_members,
+    sleep_job,
+    submit,
+    wait_for_status,
+)
 
 
 async def running_worker_pid(db: Database, job_id: str) -> int | None:
@@ -42,7 +51,7 @@ async def has_progress(client: httpx.AsyncClient, job_id: str) -> bool:
 LEASE_S = 15
 
 
-@pytest.mark.stack_settings(CONVEYOR_LEASE_S=LEASE_S)
+@pytest.mark.stack_settings(CONVEYOR_LEASE_S=LEASE_S, CONVEYOR_LOG_JSON="true")
 async def test_a_job_survives_its_worker_being_killed(stack: Stack, database_url: str) -> None:
     """The next attempt starts once the dead worker's heartbeat is a few seconds old, on a partition of
     the worker that took it over: long before the lease its attempt held could have run out, and without
@@ -84,6 +93,9 @@ async def test_a_job_survives_its_worker_being_killed(stack: Stack, database_url
     restarted_at = next(e.at for e in history if e.status == JobState.RUNNING and e.attempt == 2)
     # By the heartbeat, not the lease: the attempt held its lease well past this moment.
     assert restarted_at < held.lease_expires_at, (restarted_at - killed_at, held.lease_expires_at - killed_at)
+    # And on a partition the survivor held already: Kafka had not moved the dead worker's to it yet.
+    moved = [at for at, _ in assignments(stack, survivor) if killed_at < at < restarted_at]
+    assert moved == [], moved
     print(f"kill -9 to the next attempt running: {(restarted_at - killed_at).total_seconds():.2f} s")
 
 

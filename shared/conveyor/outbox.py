@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from conveyor.background import BackgroundTask, exponential_delay
 from conveyor.broker import BrokerUnavailable, start_producer
+from conveyor.clock import database_now
 from conveyor.database import Database
 from conveyor.models import OutboxMessage, utcnow
 
@@ -233,20 +234,27 @@ class OutboxRelay:
             self._published |= ids
 
     async def _load(self, ids: list[int], sweep: bool) -> list[OutboxRow]:
-        conditions: list[ColumnElement[bool]] = []
-        if ids:
-            conditions.append(OUTBOX.c.id.in_(ids))
-        if sweep:
-            conditions.append(OUTBOX.c.created_at < utcnow() - timedelta(seconds=ORPHAN_AGE_S))
-        if not conditions:
+        if not ids and not sweep:
             return []
-        query = (
-            select(OUTBOX.c.id, OUTBOX.c.topic, OUTBOX.c.key, OUTBOX.c.value, OUTBOX.c.partition)
-            .where(or_(*conditions))
-            .order_by(OUTBOX.c.id)
-            .limit(BATCH_SIZE)
-        )
-        return await self._db.read(lambda connection: [OutboxRow(*row) for row in connection.execute(query)])
+
+        def load(connection: Connection) -> list[OutboxRow]:
+            conditions: list[ColumnElement[bool]] = []
+            if ids:
+                conditions.append(OUTBOX.c.id.in_(ids))
+            if sweep:
+                # By the database's clock, which stamped the rows: a relay whose host runs ahead would
+                # otherwise take other processes' fresh rows for orphans.
+                orphaned_before = database_now(connection) - timedelta(seconds=ORPHAN_AGE_S)
+                conditions.append(OUTBOX.c.created_at < orphaned_before)
+            query = (
+                select(OUTBOX.c.id, OUTBOX.c.topic, OUTBOX.c.key, OUTBOX.c.value, OUTBOX.c.partition)
+                .where(or_(*conditions))
+                .order_by(OUTBOX.c.id)
+                .limit(BATCH_SIZE)
+            )
+            return [OutboxRow(*row) for row in connection.execute(query)]
+
+        return await self._db.read(load)
 
     async def _send(self, rows: list[OutboxRow]) -> None:
         await _acknowledged(await self._enqueue(rows))

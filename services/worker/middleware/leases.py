@@ -123,7 +123,7 @@ class LeaseKeeper:
         # When a round trip to the database last succeeded, and when the last heartbeat that was written
         # was asked for (the event loop's clock).
         self._database_seen_at = 0.0
-        self._beat_at = 0.0
+        self._beat_at: float | None = None  # None: no heartbeat row yet, so reapers go by the leases
 
     @property
     def database_lost(self) -> bool:
@@ -192,7 +192,7 @@ class LeaseKeeper:
         """Stop the attempts whose lease this worker has not renewed for most of its length, and every
         attempt if its heartbeat has been missing for most of the time after which it counts as dead."""
         now = asyncio.get_running_loop().time()
-        heartbeat_silent_s = now - self._beat_at
+        heartbeat_silent_s = 0.0 if self._beat_at is None else now - self._beat_at
         heartbeat_stale = heartbeat_silent_s > self._dead_after_s * GIVE_UP_FRACTION
         for execution in list(self._executor.running.values()):
             if execution.lost.is_set():
