@@ -1,15 +1,13 @@
 """A job's event history, on SQLite and PostgreSQL: written with every announced change, read back in
-order for resumes, and pruned after the job finished."""
+order for resumes (pruning: tests/test_pruning.py)."""
 
 from __future__ import annotations
-
-from datetime import timedelta
 
 from conveyor import changes
 from conveyor.changes import ChangeResult, NewJob
 from conveyor.database import Database
-from conveyor.eventlog import events_between, prune_event_history
-from conveyor.models import Job, JobRecord, utcnow
+from conveyor.eventlog import events_between
+from conveyor.models import JobRecord
 
 from harness import write_now
 
@@ -47,20 +45,3 @@ async def test_every_announced_change_is_in_the_history_in_order(db: Database) -
     async with db.reading() as session:
         assert [e.seq for e in await session.run_sync(events_between, job.id, 2, 4) or []] == [3, 4]
         assert await session.run_sync(events_between, job.id, 5, 5) == []
-
-
-async def test_history_of_jobs_finished_long_ago_is_pruned(db: Database) -> None:
-    old = await finished_job(db)
-    recent = await finished_job(db)
-    async with db.session() as session:
-        stored = await session.get(Job, old.id)
-        assert stored is not None
-        stored.finished_at = utcnow() - timedelta(days=30)
-    async with db.session() as session:
-        deleted = await prune_event_history(session, utcnow() - timedelta(days=7))
-    assert deleted == 5
-    async with db.reading() as session:
-        assert (
-            await session.run_sync(events_between, old.id, 0, old.last_seq) is None
-        )  # pruned: not a partial list
-        assert len(await session.run_sync(events_between, recent.id, 0, recent.last_seq) or []) == 5

@@ -9,15 +9,11 @@ after the job finished (`CONVEYOR_EVENT_HISTORY_S`).
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from sqlalchemy import delete, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import select
 
 from conveyor.events import JobEvent
 from conveyor.jobstore import Reader
-from conveyor.lifecycle import TERMINAL_STATES
-from conveyor.models import Job, JobEventRecord
+from conveyor.models import JobEventRecord
 
 
 def events_between(connection: Reader, job_id: str, after_seq: int, upto_seq: int) -> list[JobEvent] | None:
@@ -35,16 +31,3 @@ def events_between(connection: Reader, job_id: str, after_seq: int, upto_seq: in
     if len(events) != upto_seq - after_seq:
         return None
     return events
-
-
-async def prune_event_history(session: AsyncSession, finished_before: datetime) -> int:
-    """Delete the history of jobs that finished before the given time; returns the rows deleted."""
-    finished = select(Job.id).where(
-        Job.status.in_(sorted(TERMINAL_STATES)), Job.finished_at < finished_before
-    )
-    result = await session.execute(
-        delete(JobEventRecord)
-        .where(JobEventRecord.job_id.in_(finished))
-        .execution_options(synchronize_session=False)
-    )
-    return int(getattr(result, "rowcount", 0) or 0)

@@ -86,6 +86,7 @@ JOB_STATE = Enum(
 
 SCHEDULED = text("status = 'scheduled'")
 RUNNING = text("status = 'running'")
+HAS_FINISHED = text("finished_at IS NOT NULL")
 
 
 class Base(DeclarativeBase):
@@ -129,6 +130,8 @@ class Job(Base):
         # Partial: only the rows the scheduler and the reaper look for (migration 0004 says why).
         Index("ix_jobs_scheduled_run_at", "run_at", sqlite_where=SCHEDULED, postgresql_where=SCHEDULED),
         Index("ix_jobs_running_lease", "lease_expires_at", sqlite_where=RUNNING, postgresql_where=RUNNING),
+        # Partial: retention's oldest finished jobs (migration 0005).
+        Index("ix_jobs_finished_at", "finished_at", sqlite_where=HAS_FINISHED, postgresql_where=HAS_FINISHED),
     )
 
 

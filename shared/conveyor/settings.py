@@ -38,6 +38,8 @@ DEFAULT_PROGRESS_PING_INTERVAL_S = 20.0
 DEFAULT_PROGRESS_PING_TIMEOUT_S = 20.0
 DEFAULT_PROGRESS_IDLE_TIMEOUT_S = 60.0
 DEFAULT_EVENT_HISTORY_S = 7 * 24 * 3600.0
+# How long a finished job is kept (with its events, labels and idempotency key) before it is deleted.
+DEFAULT_JOB_RETENTION_S = 7 * 24 * 3600.0
 # What the gateway suggests a client waits before its first poll of a fresh job.
 DEFAULT_RETRY_AFTER_S = 1
 # How long an `Idempotency-Key` is remembered (the window the API publishes).
@@ -111,6 +113,11 @@ class Settings(BaseSettings):
     # Gateway.
     idempotency_window_s: float = Field(
         default=DEFAULT_IDEMPOTENCY_WINDOW_S, gt=0, description="How long an Idempotency-Key is kept."
+    )
+    job_retention_s: float = Field(
+        default=DEFAULT_JOB_RETENTION_S,
+        gt=0,
+        description="How long a finished job is kept, with its events, labels and key, before it is deleted.",
     )
     tenant_max_queued: int = Field(
         default=DEFAULT_TENANT_MAX_QUEUED, ge=1, description="Jobs a tenant may have waiting to run."
