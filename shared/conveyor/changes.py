@@ -74,6 +74,11 @@ LEASE_EXPIRED = "LeaseExpired"
 TIMED_OUT = "timed_out"
 # The error type recorded on an attempt a draining worker gave back unfinished; it does not count.
 HANDED_BACK = "handed_back"
+# Hand-backs that do not count as attempts; past them, one counts, and the job waits a while first.
+MAX_FREE_HAND_BACKS = 2
+# How long a job handed back more often than that waits before it runs again: long enough for a
+# scale-in under way to be over, so the worker that takes it is one that stays.
+HAND_BACK_WAIT_S = 30.0
 
 
 def new_job_id() -> str:
@@ -230,16 +235,37 @@ def fail_attempt(job: JobRecord, error: dict[str, Any], retry_at: datetime | Non
 
 def hand_back(job: JobRecord, worker_id: str) -> Transition:
     """running -> queued at once, for an attempt a draining worker could not finish. The attempt was
-    not the job's fault, so it does not use up one of its attempts: `max_attempts` grows by one (the
-    attempt number itself must still grow, so a late outcome of this attempt stays fenced off)."""
+    not the job's fault, so the first MAX_FREE_HAND_BACKS do not use up one of its attempts:
+    `max_attempts` grows by one (the attempt number itself must still grow, so a late outcome of this
+    attempt stays fenced off). Past them the attempt counts, and the job waits HAND_BACK_WAIT_S
+    (`scheduled`) before it runs again: under a scale-in that keeps coming, a long job would otherwise
+    restart forever."""
+    hand_backs = job.hand_backs + 1
+    if job.hand_backs < MAX_FREE_HAND_BACKS:
+        error = {
+            "type": HANDED_BACK,
+            "message": f"worker {worker_id} stopped before the attempt finished; it does not count",
+            "attempt": job.attempts,
+        }
+        # While the attempt runs nothing else changes `max_attempts` (only a retry does, of a failed job).
+        fields = {
+            "error": error,
+            "max_attempts": job.max_attempts + 1,
+            "lease_expires_at": None,
+            "hand_backs": hand_backs,
+        }
+        return Transition(job.id, JobState.QUEUED, fields, attempt=job.attempts, source=JobState.RUNNING)
     error = {
         "type": HANDED_BACK,
-        "message": f"worker {worker_id} stopped before the attempt finished; it does not count",
+        "message": (
+            f"worker {worker_id} stopped before the attempt finished; handed back {hand_backs} times, "
+            f"so this attempt counts and the job waits {HAND_BACK_WAIT_S:g} s"
+        ),
         "attempt": job.attempts,
     }
-    # While the attempt runs nothing else changes `max_attempts` (only a retry does, of a failed job).
-    fields = {"error": error, "max_attempts": job.max_attempts + 1, "lease_expires_at": None}
-    return Transition(job.id, JobState.QUEUED, fields, attempt=job.attempts, source=JobState.RUNNING)
+    retry_at = utcnow() + timedelta(seconds=HAND_BACK_WAIT_S)
+    counted = fail_attempt(job, error, retry_at)
+    return replace(counted, values={**counted.values, "hand_backs": hand_backs})
 
 
 def expire_lease(job: JobRecord, dead_after_s: float, partition: int | None = None) -> Transition:

@@ -123,6 +123,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Attempts draining workers handed back unfinished: the first few are free (`changes.hand_back`).
+    hand_backs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant", "created_at"),
@@ -165,6 +167,7 @@ class JobRecord:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    hand_backs: int = 0
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> JobRecord:

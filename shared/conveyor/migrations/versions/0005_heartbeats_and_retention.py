@@ -1,4 +1,4 @@
-"""worker heartbeats, the partition of an outbox row, and an index for retention
+"""worker heartbeats, the partition of an outbox row, an index for retention, counted hand-backs
 
 One row per live worker, its heartbeat by the database's clock about once a second. The reaper gives a
 dead worker's running jobs their next attempt a few seconds after its last heartbeat, instead of when
@@ -8,6 +8,9 @@ dead worker's partitions to move to a live worker.
 
 Finished jobs are deleted after `CONVEYOR_JOB_RETENTION_S`, a batch at a time, oldest first: a partial
 index on `finished_at` (only finished jobs have one) finds each batch without a scan.
+
+`jobs.hand_backs` counts the attempts draining workers handed back unfinished: only the first few are
+free, so a long job under a scale-in that keeps coming cannot restart forever.
 
 Revision ID: 0005
 Revises: 0004
@@ -34,6 +37,8 @@ def upgrade() -> None:
     )
     with op.batch_alter_table("outbox") as batch:
         batch.add_column(sa.Column("partition", sa.Integer(), nullable=True))
+    with op.batch_alter_table("jobs") as batch:
+        batch.add_column(sa.Column("hand_backs", sa.Integer(), nullable=False, server_default="0"))
     op.create_index(
         "ix_jobs_finished_at", "jobs", ["finished_at"], sqlite_where=FINISHED, postgresql_where=FINISHED
     )
@@ -41,6 +46,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_index("ix_jobs_finished_at", "jobs")
+    with op.batch_alter_table("jobs") as batch:
+        batch.drop_column("hand_backs")
     with op.batch_alter_table("outbox") as batch:
         batch.drop_column("partition")
     op.drop_table("worker_heartbeats")
