@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import websockets
 from aiokafka import TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import Connection, func, select
 
 from conveyor.changes import Change, Unit, Written, write_changes
@@ -306,6 +307,22 @@ def assignments(stack: Stack, worker: str) -> list[tuple[datetime, set[TopicPart
 def at(timestamp: str) -> datetime:
     """A log record's (or a job's) timestamp, in UTC."""
     return datetime.fromisoformat(timestamp).astimezone(UTC)
+
+
+async def group_members(bootstrap: str, group: str) -> tuple[str, list[str]]:
+    """The consumer group's state and its members' ids, as the broker's coordinator sees them (the
+    state is `error <code>` while the coordinator cannot tell)."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        (response,) = await admin.describe_consumer_groups([group])
+    finally:
+        await admin.close()
+    (described,) = response.groups
+    error_code, _, state, _, _, members, *_ = described
+    if error_code != 0:  # the coordinator is still loading, say: no state to tell yet
+        return f"error {error_code}", []
+    return state, sorted(member[0] for member in members)
 
 
 async def event_history(db: Database, job_id: str) -> list[JobEvent]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+from datetime import timedelta
 
 import pytest
 from sqlalchemy import Connection, func, insert, select, text
@@ -139,6 +140,26 @@ async def test_last_attempt_failure_is_final(db: Database) -> None:
     assert failed is not None and failed.status == JobState.FAILED and failed.finished_at is not None
     assert failed.error == {"type": "Boom", "message": "no"}
     assert [row.topic for row in written.outbox] == [f"{PREFIX}.events", f"{PREFIX}.dead-letter"]
+
+
+async def test_only_the_first_hand_backs_are_free_then_the_job_waits_and_the_attempt_counts(
+    db: Database,
+) -> None:
+    """A long job under a scale-in that keeps coming: each draining worker hands it back. The first
+    MAX_FREE_HAND_BACKS cost no attempt and queue it at once; the next counts, and the job waits."""
+    current = await job(db, new_job(max_attempts=2))
+    for hand_back in range(1, changes.MAX_FREE_HAND_BACKS + 1):
+        claimed = await job(db, changes.claim(current.id, f"w{hand_back}", lease_s=30))
+        current = await job(db, changes.hand_back(claimed, f"w{hand_back}"))
+        assert (current.status, current.hand_backs) == (JobState.QUEUED, hand_back)
+        assert current.max_attempts == 2 + hand_back, "a free hand-back gives the attempt back"
+    claimed = await job(db, changes.claim(current.id, "w9", lease_s=30))
+    waiting = await job(db, changes.hand_back(claimed, "w9"))
+    assert (waiting.status, waiting.hand_backs) == (JobState.SCHEDULED, changes.MAX_FREE_HAND_BACKS + 1)
+    assert waiting.max_attempts == claimed.max_attempts, "this one counts"
+    assert waiting.run_at is not None and waiting.error is not None
+    assert waiting.run_at - waiting.updated_at >= timedelta(seconds=changes.HAND_BACK_WAIT_S - 1)
+    assert waiting.error["type"] == changes.HANDED_BACK and "counts" in waiting.error["message"]
 
 
 async def test_progress_bumps_the_event_sequence(db: Database) -> None:

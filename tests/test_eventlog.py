@@ -1,15 +1,13 @@
 """A job's event history, on SQLite and PostgreSQL: written with every announced change, read back in
-order for resumes, and pruned after the job finished."""
+order for resumes (pruning: tests/test_pruning.py)."""
 
 from __future__ import annotations
-
-from datetime import timedelta
 
 from conveyor import changes
 from conveyor.changes import ChangeResult, NewJob
 from conveyor.database import Database
-from conveyor.eventlog import events_between, prune_event_history
-from conveyor.models import Job, JobRecord, utcnow
+from conveyor.eventlog import events_between
+from conveyor.models import JobRecord
 
 from harness import write_now
 
@@ -55,21 +53,3 @@ async def test_another_tenants_history_reads_as_pruned_not_as_its_events(db: Dat
     async with db.reading() as session:
         assert await session.run_sync(events_between, job.id, 0, job.last_seq, tenant="other") is None
         assert await session.run_sync(events_between, job.id, 0, job.last_seq, tenant="t") is not None
-
-
-async def test_history_of_jobs_finished_long_ago_is_pruned(db: Database) -> None:
-    old = await finished_job(db)
-    recent = await finished_job(db)
-    async with db.session() as session:
-        stored = await session.get(Job, old.id)
-        assert stored is not None
-        stored.finished_at = utcnow() - timedelta(days=30)
-    async with db.session() as session:
-        deleted = await prune_event_history(session, utcnow() - timedelta(days=7))
-    assert deleted == 5
-    async with db.reading() as session:
-        assert (
-            await session.run_sync(events_between, old.id, 0, old.last_seq, tenant="t") is None
-        )  # pruned: not a partial list
-        kept = await session.run_sync(events_between, recent.id, 0, recent.last_seq, tenant="t")
-        assert len(kept or []) == 5

@@ -7,7 +7,7 @@ from sqlalchemy.exc import IntegrityError
 
 from conveyor.changes import IdempotencyClaim, NewJob, Outcome
 from conveyor.database import Database
-from conveyor.idempotency import fingerprint, parse_key, prune_keys
+from conveyor.idempotency import fingerprint, parse_key
 from conveyor.models import IdempotencyKey, utcnow
 
 from harness import write_now
@@ -62,14 +62,3 @@ async def test_an_expired_key_is_not_found_and_can_be_used_again(db: Database) -
     [[kept]] = (await write_now(db, PREFIX, keyed("t", "live", fingerprint(2)))).results
     assert fresh.written and fresh.job is not None and old.job is not None and fresh.job.id != old.job.id
     assert kept.outcome is Outcome.KEY_REUSED and live.written, "a live key keeps its first body"
-
-
-async def test_pruning_deletes_expired_keys_only(db: Database) -> None:
-    for n in range(3):
-        await write_now(db, PREFIX, keyed("t", f"expired-{n}", fingerprint(n), window_s=0.0))
-    await write_now(db, PREFIX, keyed("t", "live", fingerprint(9)))
-    async with db.session() as session:
-        assert await prune_keys(session) == 3
-    async with db.session() as session:
-        assert await prune_keys(session) == 0
-        assert await session.get(IdempotencyKey, ("t", "live")) is not None

@@ -25,7 +25,7 @@ async def test_rows_wait_while_kafka_is_unreachable_and_flow_once_it_answers(
     db = Database(database_url)
     await db.migrate()
     messages = [
-        (events_topic(prefix), "job-1", Progress(percent=n, message=str(n)).model_dump_json().encode())
+        (events_topic(prefix), "job-1", Progress(percent=n, message=str(n)).model_dump_json().encode(), None)
         for n in range(5)
     ]
     rows = await db.write(lambda connection: stage_messages(connection, messages))

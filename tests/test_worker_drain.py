@@ -4,14 +4,17 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
+import subprocess
 
 import pytest
 
-from conveyor.changes import HANDED_BACK
+from conveyor.changes import HANDED_BACK, MAX_FREE_HAND_BACKS
 from conveyor.database import Database
 from conveyor.events import JobEvent
 from conveyor.jobstore import load_job
+from conveyor.settings import DEFAULT_MAX_ATTEMPTS
 
 from harness import Stack, event_history, eventually, sleep_job, submit, wait_for_status, worker_events
 
@@ -93,3 +96,45 @@ async def test_sigterm_finishes_what_it_can_and_hands_back_the_rest_at_once(
     # left, so the new worker read only the new messages: none of the old ones to skip.
     assert worker_events(stack, "lease.expired", worker="worker-2") == []
     assert worker_events(stack, "job.skipped", worker="worker-2") == []
+
+
+def exited(process: subprocess.Popen[bytes]) -> bool:
+    return process.poll() is not None
+
+
+async def test_a_job_handed_back_by_drain_after_drain_stops_getting_free_attempts(
+    stack: Stack, database_url: str
+) -> None:
+    """Scale-in after scale-in: every worker that takes the long job is stopped while it runs. The first
+    hand-backs are free and immediate; the one past MAX_FREE_HAND_BACKS counts, and the job waits."""
+    db = Database(database_url)
+    worker = "worker-1"
+    try:
+        async with stack.client() as client:
+            job_id = (await submit(client, sleep_job(120)))["id"]
+            for hand_back in range(1, MAX_FREE_HAND_BACKS + 2):
+
+                async def running_its_attempt(attempt: int = hand_back) -> bool:
+                    job = (await client.get(f"/v1/jobs/{job_id}")).json()
+                    return bool(job["status"] == "running" and job["attempts"] == attempt)
+
+                await eventually(running_its_attempt, JOB_TIMEOUT_S, f"attempt {hand_back} to run")
+                process = stack.processes[worker]
+                process.send_signal(signal.SIGTERM)
+                await eventually(
+                    functools.partial(exited, process), DRAIN_GRACE_S + STOP_SLACK_S, f"{worker} to exit"
+                )
+                if hand_back <= MAX_FREE_HAND_BACKS:
+                    worker = f"worker-{hand_back + 1}"
+                    stack.start(worker, "worker")
+            final = (await client.get(f"/v1/jobs/{job_id}")).json()
+        async with db.reading() as session:
+            record = await session.run_sync(load_job, job_id)
+    finally:
+        await db.close()
+
+    assert final["status"] == "scheduled", final
+    assert final["error"]["type"] == HANDED_BACK
+    assert record is not None and record.hand_backs == MAX_FREE_HAND_BACKS + 1
+    # Free hand-backs gave their attempts back; the last one did not.
+    assert record.max_attempts == DEFAULT_MAX_ATTEMPTS + MAX_FREE_HAND_BACKS

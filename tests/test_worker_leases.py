@@ -111,6 +111,29 @@ async def test_a_lease_unrenewed_for_most_of_its_length_is_given_up() -> None:
     assert job.committer.outcomes == []
 
 
+async def test_every_attempt_is_given_up_when_the_heartbeat_goes_unwritten_for_most_of_dead_after() -> None:
+    job = Running(stubborn=True, worker_dead_after_s=0.4)
+    await job.start()
+    job.keeper.give_up_stale_leases()
+    assert job.executor.holds("job-1", 1), "no heartbeat yet: the reapers go by the lease, still fresh"
+    await job.keeper.beat()
+    with capture_logs() as logs:
+        await until(lambda: (job.keeper.give_up_stale_leases(), job.task.done())[1])  # type: ignore[union-attr]
+    [given_up] = [record for record in logs if record["event"] == "lease.given_up"]
+    assert given_up["reason"] == "heartbeat"
+    assert given_up["silent_s"] >= 0.3, "three quarters of CONVEYOR_WORKER_DEAD_AFTER_S"
+    assert job.committer.outcomes == []
+
+
+async def test_the_reaper_sends_a_job_it_takes_over_to_a_partition_of_its_own() -> None:
+    job = Running(worker_dead_after_s=4.0)
+    job.keeper.partition_for = lambda topic, job_id: 2 if topic.endswith(".jobs.p3") else None
+    job.db.expired = [job_record(id="job-9", attempts=1, priority=3, worker_id="gone")]
+    await job.keeper.reap()
+    [change] = job.committer.outcomes
+    assert (change.partition, change.abandoned_after_s) == (2, 4.0)
+
+
 async def test_the_database_is_lost_after_a_long_silence_and_found_by_the_reaper() -> None:
     job = Running(lease_s=0.1)
     assert job.keeper.database_lost, "nothing has been heard from it yet"

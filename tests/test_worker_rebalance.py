@@ -41,6 +41,7 @@ from harness import (
     assignments,
     event_history,
     eventually,
+    group_members,
     sleep_job,
     worker_events,
     write_now,
@@ -213,20 +214,6 @@ def all_job_partitions(prefix: str) -> set[TopicPartition]:
         for priority in PRIORITIES
         for partition in range(PARTITIONS)
     }
-
-
-async def group_members(bootstrap: str, group: str) -> tuple[str, list[str]]:
-    """The consumer group's state and its members' ids, as the broker's coordinator sees them."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
-    await admin.start()
-    try:
-        (response,) = await admin.describe_consumer_groups([group])
-    finally:
-        await admin.close()
-    (described,) = response.groups
-    error_code, _, state, _, _, members, *_ = described
-    assert error_code == 0, described
-    return state, sorted(member[0] for member in members)
 
 
 async def committed_offset(bootstrap: str, group: str, tp: TopicPartition) -> int:

@@ -13,10 +13,9 @@ from conveyor.committer import Committer
 from conveyor.database import Database
 from conveyor.handlers import load_handler_modules
 from conveyor.health import health_router
-from conveyor.idempotency import prune_keys
 from conveyor.outbox import OutboxRelay
 from conveyor.problems import install_problem_handlers
-from conveyor.pruning import Pruner
+from conveyor.pruning import Pruner, keep_for, prune_finished_jobs, prune_keys
 from conveyor.settings import Settings
 from conveyor.topics_setup import TopicKeeper
 from services.gateway import jobs
@@ -35,8 +34,12 @@ def create_app(settings: Settings) -> FastAPI:
         await relay.start()
         committer = Committer(db, relay, settings.topic_prefix)
         await committer.start()
-        key_pruner = Pruner(db, "idempotency-keys", prune_keys)
-        await key_pruner.start()
+        pruners = [
+            Pruner(db, "idempotency-keys", prune_keys),
+            Pruner(db, "finished-jobs", keep_for(prune_finished_jobs, settings.job_retention_s)),
+        ]
+        for pruner in pruners:
+            await pruner.start()
         state = GatewayState(
             settings=settings,
             db=db,
@@ -49,7 +52,8 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             yield
         finally:
-            await key_pruner.stop()
+            for pruner in pruners:
+                await pruner.stop()
             await committer.stop()
             await relay.stop()
             await topics.stop()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
 
 from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi.responses import Response
@@ -13,11 +12,9 @@ from fastapi.responses import Response
 from conveyor import collector
 from conveyor.auth import Authenticator, parse_bootstrap_keys
 from conveyor.database import Database
-from conveyor.eventlog import prune_event_history
 from conveyor.health import health_router
-from conveyor.models import utcnow
 from conveyor.problems import install_problem_handlers
-from conveyor.pruning import Pruner
+from conveyor.pruning import Pruner, keep_for, prune_event_history
 from conveyor.settings import Settings
 from conveyor.topics_setup import TopicKeeper
 from services.progress import sockets, sse
@@ -35,8 +32,7 @@ def create_app(settings: Settings) -> FastAPI:
         await topics.ready.wait()
         hub = EventHub(settings.kafka_bootstrap, settings.topic_prefix)
         await hub.start()
-        keep = timedelta(seconds=settings.event_history_s)
-        pruner = Pruner(db, "event-history", lambda session: prune_event_history(session, utcnow() - keep))
+        pruner = Pruner(db, "event-history", keep_for(prune_event_history, settings.event_history_s))
         await pruner.start()
         authenticator = Authenticator(db, parse_bootstrap_keys(settings.api_keys))
         app.state.progress = ProgressState(settings, db, hub, authenticator)

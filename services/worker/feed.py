@@ -9,6 +9,7 @@ so its partitions go to workers that can claim their jobs, and joins again once 
 from __future__ import annotations
 
 import asyncio
+import zlib
 
 import structlog
 from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
@@ -106,6 +107,14 @@ class JobFeed:
             self._in_group = True
             log.info("worker.rejoined_group")
         return self._in_group
+
+    def partition_for(self, topic: str, job_id: str) -> int | None:
+        """A partition of `topic` this worker consumes, for a job it takes over from a dead worker (the
+        same one for the same job); None if it has none (the job's key then picks one)."""
+        if not self._in_group:
+            return None
+        owned = sorted(tp.partition for tp in self._consumer.assignment() if tp.topic == topic)
+        return owned[zlib.crc32(job_id.encode()) % len(owned)] if owned else None
 
     def forget(self, partitions: set[TopicPartition]) -> None:
         """Drop what this worker read from partitions it no longer owns: their records will be read, and

@@ -73,10 +73,11 @@ class Worker:
         await topics.ready.wait()
         await context.relay.start()
         await context.committer.start()
-        self.leases.start()
+        await self.leases.start()
         self.scheduler.start()
         feed = JobFeed(context.settings, self.intake)
         await feed.start()
+        self.leases.partition_for = feed.partition_for
         collector.started()
         log.info("worker.started", worker_id=context.worker_id, concurrency=self.concurrency)
         try:

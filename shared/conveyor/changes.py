@@ -25,7 +25,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
@@ -36,6 +36,7 @@ from sqlalchemy import (
     Update,
     bindparam,
     delete,
+    exists,
     func,
     insert,
     or_,
@@ -45,19 +46,21 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
+from conveyor.clock import database_now
 from conveyor.events import dead_letter_for, event_json, job_message_json
 from conveyor.jsoncodec import dumps
 from conveyor.lifecycle import WAITING_STATES, IllegalTransition, JobState, sources_of
 from conveyor.models import (
     JOB_COLUMNS,
     JOBS,
+    WORKER_HEARTBEATS,
     IdempotencyKey,
     JobEventRecord,
     JobLabel,
     JobRecord,
     utcnow,
 )
-from conveyor.outbox import OutboxRow, stage_messages
+from conveyor.outbox import Message, OutboxRow, stage_messages
 from conveyor.topics import dead_letter_topic, events_topic, job_key, job_topic
 
 LABELS: Table = JobLabel.__table__  # type: ignore[assignment]
@@ -71,6 +74,11 @@ LEASE_EXPIRED = "LeaseExpired"
 TIMED_OUT = "timed_out"
 # The error type recorded on an attempt a draining worker gave back unfinished; it does not count.
 HANDED_BACK = "handed_back"
+# Hand-backs that do not count as attempts; past them, one counts, and the job waits a while first.
+MAX_FREE_HAND_BACKS = 2
+# How long a job handed back more often than that waits before it runs again: long enough for a
+# scale-in under way to be over, so the worker that takes it is one that stays.
+HAND_BACK_WAIT_S = 30.0
 
 
 def new_job_id() -> str:
@@ -130,6 +138,12 @@ class Transition:
     tenant: str | None = None
     # For a transition to a waiting state: refuse it if the tenant already has this many waiting.
     max_queued: int | None = None
+    # With it, only an abandoned attempt (`attempt_abandoned`): its worker's heartbeat is older than
+    # this, or its lease ran out. The reaper's check, made again in the update itself, so that a renewal
+    # or a heartbeat committed since the reaper looked keeps the attempt.
+    abandoned_after_s: float | None = None
+    # For a job queued again: the partition of its job message, if not its key's (see `expire_lease`).
+    partition: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -221,26 +235,62 @@ def fail_attempt(job: JobRecord, error: dict[str, Any], retry_at: datetime | Non
 
 def hand_back(job: JobRecord, worker_id: str) -> Transition:
     """running -> queued at once, for an attempt a draining worker could not finish. The attempt was
-    not the job's fault, so it does not use up one of its attempts: `max_attempts` grows by one (the
-    attempt number itself must still grow, so a late outcome of this attempt stays fenced off)."""
+    not the job's fault, so the first MAX_FREE_HAND_BACKS do not use up one of its attempts:
+    `max_attempts` grows by one (the attempt number itself must still grow, so a late outcome of this
+    attempt stays fenced off). Past them the attempt counts, and the job waits HAND_BACK_WAIT_S
+    (`scheduled`) before it runs again: under a scale-in that keeps coming, a long job would otherwise
+    restart forever."""
+    hand_backs = job.hand_backs + 1
+    if job.hand_backs < MAX_FREE_HAND_BACKS:
+        error = {
+            "type": HANDED_BACK,
+            "message": f"worker {worker_id} stopped before the attempt finished; it does not count",
+            "attempt": job.attempts,
+        }
+        # While the attempt runs nothing else changes `max_attempts` (only a retry does, of a failed job).
+        fields = {
+            "error": error,
+            "max_attempts": job.max_attempts + 1,
+            "lease_expires_at": None,
+            "hand_backs": hand_backs,
+        }
+        return Transition(job.id, JobState.QUEUED, fields, attempt=job.attempts, source=JobState.RUNNING)
     error = {
         "type": HANDED_BACK,
-        "message": f"worker {worker_id} stopped before the attempt finished; it does not count",
+        "message": (
+            f"worker {worker_id} stopped before the attempt finished; handed back {hand_backs} times, "
+            f"so this attempt counts and the job waits {HAND_BACK_WAIT_S:g} s"
+        ),
         "attempt": job.attempts,
     }
-    # While the attempt runs nothing else changes `max_attempts` (only a retry does, of a failed job).
-    fields = {"error": error, "max_attempts": job.max_attempts + 1, "lease_expires_at": None}
-    return Transition(job.id, JobState.QUEUED, fields, attempt=job.attempts, source=JobState.RUNNING)
+    retry_at = utcnow() + timedelta(seconds=HAND_BACK_WAIT_S)
+    counted = fail_attempt(job, error, retry_at)
+    return replace(counted, values={**counted.values, "hand_backs": hand_backs})
 
 
-def expire_lease(job: JobRecord) -> Transition:
-    """The reaper's change for a running job whose worker stopped renewing its lease."""
+def expire_lease(job: JobRecord, dead_after_s: float, partition: int | None = None) -> Transition:
+    """The reaper's change for a running job whose worker is dead: its heartbeat is older than
+    `dead_after_s`, or its lease ran out. It applies only if that is still so when it is written.
+    Queued again, the job's message goes to `partition` (one the reaper consumes), not to its key's,
+    which the dead worker may still hold in the consumer group until Kafka's session timeout."""
     error = {
         "type": LEASE_EXPIRED,
-        "message": f"worker {job.worker_id} stopped renewing its lease",
+        "message": f"worker {job.worker_id} stopped: no heartbeat and no lease renewal",
         "attempt": job.attempts,
     }
-    return fail_attempt(job, error)
+    return replace(fail_attempt(job, error), abandoned_after_s=dead_after_s, partition=partition)
+
+
+def attempt_abandoned(
+    now: datetime | ColumnElement[Any], dead_before: datetime | ColumnElement[Any]
+) -> ColumnElement[bool]:
+    """A running job's attempt that nobody runs any more, by the database's clock `now`: its worker's
+    heartbeat is from before `dead_before`, or its lease has run out. A worker that keeps no heartbeat
+    (one from before heartbeats) is judged by its lease alone."""
+    heartbeat_stopped = exists().where(
+        WORKER_HEARTBEATS.c.worker_id == JOBS.c.worker_id, WORKER_HEARTBEATS.c.heartbeat_at < dead_before
+    )
+    return or_(JOBS.c.lease_expires_at < now, heartbeat_stopped)
 
 
 def cancel(job_id: str, tenant: str | None = None) -> Transition:
@@ -313,7 +363,8 @@ def write_changes(
     outbox rows to hand to the relay once the transaction has committed. `counts` is what the process
     remembers of its tenants' waiting jobs (see `WaitingCounts`); without it, every limit checked is
     counted in the database."""
-    batch = _Batch(connection, prefix, utcnow(), counts)
+    # The database's clock: leases, key expiry and the outbox rows' age are compared by other processes.
+    batch = _Batch(connection, prefix, database_now(connection), counts)
     results: list[list[ChangeResult | None]] = [[None] * len(unit.changes) for unit in units]
     new_jobs = [
         (u, c, change)
@@ -394,25 +445,29 @@ class _Batch:
         self.now = now
         self.counts = counts
         self.events: list[dict[str, Any]] = []
-        self.staged: list[tuple[str, str, bytes]] = []  # (topic, key, value) for the outbox
+        self.staged: list[Message] = []  # (topic, key, value, partition) for the outbox
         # Jobs waiting to run, per tenant whose limit a change of this batch checks.
         self.waiting: Counter[str] = Counter()
 
     # --- announcing ---
 
-    def announce(self, job: JobRecord, kind: Literal["state", "progress"]) -> None:
+    def announce(
+        self, job: JobRecord, kind: Literal["state", "progress"], partition: int | None = None
+    ) -> None:
         """The event of the job's latest change into its history and the outbox; and after a state
-        change, its job message if it is queued again, or its dead letter if it failed for good."""
+        change, its job message if it is queued again (to `partition`, if given), or its dead letter if
+        it failed for good."""
         body = event_json(job, kind)
         self.events.append({"job_id": job.id, "seq": job.last_seq, "body": body.decode()})
-        self.staged.append((events_topic(self.prefix), job.id, body))
+        self.staged.append((events_topic(self.prefix), job.id, body, None))
         if kind != "state":
             return
         if job.status == JobState.QUEUED:
-            self.staged.append((job_topic(self.prefix, job.priority), job_key(job.id), job_message_json(job)))
+            topic = job_topic(self.prefix, job.priority)
+            self.staged.append((topic, job_key(job.id), job_message_json(job), partition))
         elif job.status == JobState.FAILED:
             letter = dumps(dead_letter_for(job).model_dump(mode="json"))
-            self.staged.append((dead_letter_topic(self.prefix), job.id, letter))
+            self.staged.append((dead_letter_topic(self.prefix), job.id, letter, None))
 
     def flush(self) -> list[OutboxRow]:
         """Write the batch's events to the jobs' histories and its messages to the outbox."""
@@ -668,13 +723,15 @@ class _Batch:
             "b_attempt": change.attempt,
             "b_tenant": change.tenant,
         }
+        if change.abandoned_after_s is not None:
+            parameters["b_dead_before"] = self.now - timedelta(seconds=change.abandoned_after_s)
         parameters.update({f"set_{name}": value for name, value in change.values.items()})
         row = self.connection.execute(statement, parameters).first()
         if row is None:
             return self._refused(change)
         if change.tenant is not None and change.target in WAITING_STATES:
             self.added_waiting(change.tenant, 1)
-        return self._announced(JobRecord(*row), "state")
+        return self._announced(JobRecord(*row), "state", change.partition)
 
     def progress(self, change: ProgressReport) -> ChangeResult:
         parameters = {
@@ -687,10 +744,12 @@ class _Batch:
         row = self.connection.execute(PROGRESS, parameters).first()
         return self._announced(None if row is None else JobRecord(*row), "progress")
 
-    def _announced(self, job: JobRecord | None, kind: Literal["state", "progress"]) -> ChangeResult:
+    def _announced(
+        self, job: JobRecord | None, kind: Literal["state", "progress"], partition: int | None = None
+    ) -> ChangeResult:
         if job is None:
             return ChangeResult(Outcome.STALE)
-        self.announce(job, kind)
+        self.announce(job, kind, partition)
         return ChangeResult(Outcome.WRITTEN, job)
 
     def _refused(self, change: Transition) -> ChangeResult:
@@ -760,6 +819,7 @@ def _transition_statement(change: Transition) -> Update:
         change.source,
         change.attempt is not None,
         change.tenant is not None,
+        change.abandoned_after_s is not None,
         *sorted(change.values),
     )
     statement = _TRANSITIONS.get(shape)
@@ -776,6 +836,8 @@ def _transition_statement(change: Transition) -> Update:
             conditions.append(JOBS.c.attempts == bindparam("b_attempt"))
         if change.tenant is not None:
             conditions.append(JOBS.c.tenant == bindparam("b_tenant"))
+        if change.abandoned_after_s is not None:
+            conditions.append(attempt_abandoned(bindparam("b_now"), bindparam("b_dead_before")))
         columns = {name: bindparam(f"set_{name}", type_=JOBS.c[name].type) for name in change.values}
         statement = (
             update(JOBS)

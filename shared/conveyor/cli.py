@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from conveyor.clock import skew_process_clock
 from conveyor.logs import configure_logging
 from conveyor.settings import Settings, load_settings
 from conveyor.stopping import StopRequested, ignore_stop_signals, raise_on_stop_signals, wait_for_stop
@@ -35,6 +36,7 @@ T = TypeVar("T")
 def _settings() -> Settings:
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_json)
+    skew_process_clock(settings.clock_skew_s)
     return settings
 
 

@@ -9,14 +9,10 @@ after the job finished (`CONVEYOR_EVENT_HISTORY_S`).
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from sqlalchemy import delete, exists, select
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy import exists, select
 
 from conveyor.events import JobEvent
 from conveyor.jobstore import Reader
-from conveyor.lifecycle import TERMINAL_STATES
 from conveyor.models import Job, JobEventRecord
 
 
@@ -43,16 +39,3 @@ def events_between(
     if len(events) != upto_seq - after_seq:
         return None
     return events
-
-
-async def prune_event_history(session: AsyncSession, finished_before: datetime) -> int:
-    """Delete the history of jobs that finished before the given time; returns the rows deleted."""
-    finished = select(Job.id).where(
-        Job.status.in_(sorted(TERMINAL_STATES)), Job.finished_at < finished_before
-    )
-    result = await session.execute(
-        delete(JobEventRecord)
-        .where(JobEventRecord.job_id.in_(finished))
-        .execution_options(synchronize_session=False)
-    )
-    return int(getattr(result, "rowcount", 0) or 0)

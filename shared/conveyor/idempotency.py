@@ -13,10 +13,6 @@ import hashlib
 import json
 from typing import Any
 
-from sqlalchemy import delete
-from sqlalchemy.ext.asyncio import AsyncSession
-
-from conveyor.models import IdempotencyKey, utcnow
 from conveyor.schemas import MAX_IDEMPOTENCY_KEY_LENGTH
 
 MAX_KEY_LENGTH = MAX_IDEMPOTENCY_KEY_LENGTH
@@ -37,9 +33,3 @@ def parse_key(header: str) -> str | None:
     if not key or len(key) > MAX_KEY_LENGTH or not all(" " <= char <= "~" for char in key):
         return None
     return key
-
-
-async def prune_keys(session: AsyncSession) -> int:
-    """Delete every expired key; returns how many."""
-    result = await session.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at <= utcnow()))
-    return int(getattr(result, "rowcount", 0) or 0)

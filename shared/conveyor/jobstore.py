@@ -16,9 +16,10 @@ from datetime import datetime, timedelta
 from sqlalchemy import Connection, and_, exists, func, or_, select, update
 from sqlalchemy.orm import Session
 
-from conveyor.changes import LEASE_EXPIRED
+from conveyor.changes import LEASE_EXPIRED, attempt_abandoned
+from conveyor.clock import database_now
 from conveyor.lifecycle import TERMINAL_STATES, WAITING_STATES, JobState
-from conveyor.models import JOB_COLUMNS, JOBS, RUNNING, SCHEDULED, JobLabel, JobRecord, utcnow
+from conveyor.models import JOB_COLUMNS, JOBS, RUNNING, SCHEDULED, WORKER_HEARTBEATS, JobLabel, JobRecord
 
 # A `Connection`, or an ORM `Session` (as `AsyncSession.run_sync` hands one): both run Core queries.
 Reader = Connection | Session
@@ -124,23 +125,25 @@ def canceled_jobs(connection: Reader, job_ids: Collection[str]) -> set[str]:
     return set(connection.execute(query).scalars().all())
 
 
-def due_jobs(connection: Reader, limit: int) -> list[JobRecord]:
-    """Scheduled jobs whose `run_at` has come, the earliest first."""
+def due_jobs(connection: Connection, limit: int) -> list[JobRecord]:
+    """Scheduled jobs whose `run_at` has come by the database's clock, the earliest first."""
     query = (
         select(*JOB_COLUMNS)
         # The partial index's own condition, as text: it is certain to match it, whatever the driver.
-        .where(SCHEDULED, JOBS.c.run_at <= utcnow())
+        .where(SCHEDULED, JOBS.c.run_at <= database_now(connection))
         .order_by(JOBS.c.run_at)
         .limit(limit)
     )
     return _jobs(connection, query)
 
 
-def expired_leases(connection: Reader, limit: int) -> list[JobRecord]:
-    """Running jobs whose worker stopped renewing its lease: it died or lost the database."""
+def abandoned_jobs(connection: Connection, limit: int, dead_after_s: float) -> list[JobRecord]:
+    """Running jobs whose attempt nobody runs any more: its worker's heartbeat is older than
+    `dead_after_s`, or (for a worker that keeps none) its lease ran out. By the database's clock."""
+    now = database_now(connection)
     query = (
         select(*JOB_COLUMNS)
-        .where(RUNNING, JOBS.c.lease_expires_at < utcnow())
+        .where(RUNNING, attempt_abandoned(now, now - timedelta(seconds=dead_after_s)))
         .order_by(JOBS.c.lease_expires_at)
         .limit(limit)
     )
@@ -159,10 +162,34 @@ def renew_leases(
     rows = connection.execute(
         update(JOBS)
         .where(held_by_attempt, JOBS.c.status == JobState.RUNNING, JOBS.c.worker_id == worker_id)
-        .values(lease_expires_at=utcnow() + timedelta(seconds=lease_s))
+        .values(lease_expires_at=database_now(connection) + timedelta(seconds=lease_s))
         .returning(JOBS.c.id)
     )
     return set(rows.scalars().all())
+
+
+def beat(connection: Connection, worker_id: str) -> None:
+    """Record that this worker is alive, now by the database's clock (its row made on the first beat)."""
+    now = database_now(connection)
+    written = connection.execute(
+        update(WORKER_HEARTBEATS).where(WORKER_HEARTBEATS.c.worker_id == worker_id).values(heartbeat_at=now)
+    )
+    if written.rowcount == 0:
+        connection.execute(
+            WORKER_HEARTBEATS.insert().values(worker_id=worker_id, started_at=now, heartbeat_at=now)
+        )
+
+
+def forget_worker(connection: Connection, worker_id: str) -> None:
+    """A worker that stops cleanly takes its heartbeat away: what it still held was handed back."""
+    connection.execute(WORKER_HEARTBEATS.delete().where(WORKER_HEARTBEATS.c.worker_id == worker_id))
+
+
+def forget_dead_workers(connection: Connection, older_than_s: float) -> int:
+    """Delete the heartbeats of workers dead this long: their jobs were reaped long before."""
+    cutoff = database_now(connection) - timedelta(seconds=older_than_s)
+    deleted = connection.execute(WORKER_HEARTBEATS.delete().where(WORKER_HEARTBEATS.c.heartbeat_at < cutoff))
+    return int(deleted.rowcount or 0)
 
 
 def lost_attempts(connection: Reader, worker_id: str, attempts: dict[str, int]) -> set[str]:

@@ -23,11 +23,9 @@ from sqlalchemy import (
 from sqlalchemy.engine import Dialect, Row
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+# Re-exported: the modules that stamp rows know the process's clock from here.
+from conveyor.clock import utcnow as utcnow
 from conveyor.lifecycle import JobState
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class UTCDateTime(TypeDecorator[datetime]):
@@ -88,6 +86,7 @@ JOB_STATE = Enum(
 
 SCHEDULED = text("status = 'scheduled'")
 RUNNING = text("status = 'running'")
+HAS_FINISHED = text("finished_at IS NOT NULL")
 
 
 class Base(DeclarativeBase):
@@ -124,6 +123,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # Attempts draining workers handed back unfinished: the first few are free (`changes.hand_back`).
+    hand_backs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant", "created_at"),
@@ -131,6 +132,8 @@ class Job(Base):
         # Partial: only the rows the scheduler and the reaper look for (migration 0004 says why).
         Index("ix_jobs_scheduled_run_at", "run_at", sqlite_where=SCHEDULED, postgresql_where=SCHEDULED),
         Index("ix_jobs_running_lease", "lease_expires_at", sqlite_where=RUNNING, postgresql_where=RUNNING),
+        # Partial: retention's oldest finished jobs (migration 0005).
+        Index("ix_jobs_finished_at", "finished_at", sqlite_where=HAS_FINISHED, postgresql_where=HAS_FINISHED),
     )
 
 
@@ -164,6 +167,7 @@ class JobRecord:
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    hand_backs: int = 0
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> JobRecord:
@@ -242,4 +246,20 @@ class OutboxMessage(Base):
     topic: Mapped[str] = mapped_column(String(249))
     key: Mapped[str] = mapped_column(String(200))
     value: Mapped[bytes] = mapped_column(LargeBinary)
+    # Set only where the key's partition will not do: a reaped job goes to a partition of its reaper's.
+    partition: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+class WorkerHeartbeat(Base):
+    """A live worker's heartbeat, by the database's clock. A worker whose heartbeat stopped is dead, and
+    the reaper gives its running jobs their next attempt at once rather than when their leases run out."""
+
+    __tablename__ = "worker_heartbeats"
+
+    worker_id: Mapped[str] = mapped_column(String(200), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime)
+
+
+WORKER_HEARTBEATS: Table = WorkerHeartbeat.__table__  # type: ignore[assignment]

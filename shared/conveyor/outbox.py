@@ -23,6 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from conveyor.background import BackgroundTask, exponential_delay
 from conveyor.broker import BrokerUnavailable, start_producer
+from conveyor.clock import database_now
 from conveyor.database import Database
 from conveyor.models import OutboxMessage, utcnow
 
@@ -61,20 +62,26 @@ class OutboxRow:
     topic: str
     key: str
     value: bytes
+    # The partition to publish to; None lets the key choose it (Kafka's default partitioner).
+    partition: int | None = None
+
+
+# A message to stage: topic, key, value, and the partition if it is not the key's.
+Message = tuple[str, str, bytes, int | None]
 
 
 def stage_messages(
-    connection: Connection, messages: Sequence[tuple[str, str, bytes]], now: datetime | None = None
+    connection: Connection, messages: Sequence[Message], now: datetime | None = None
 ) -> list[OutboxRow]:
-    """Add `(topic, key, value)` messages to the outbox, in the caller's transaction, in order."""
+    """Add `(topic, key, value, partition)` messages to the outbox, in the caller's transaction, in order."""
     if not messages:
         return []
     created_at = now or utcnow()
     returned = connection.execute(
         insert(OUTBOX).returning(OUTBOX.c.id),
         [
-            {"topic": topic, "key": key, "value": value, "created_at": created_at}
-            for topic, key, value in messages
+            {"topic": topic, "key": key, "value": value, "partition": partition, "created_at": created_at}
+            for topic, key, value, partition in messages
         ],
     )
     # One multi-row INSERT: the rows take their ids in the order of their values, ascending (SQLite's
@@ -227,20 +234,27 @@ class OutboxRelay:
             self._published |= ids
 
     async def _load(self, ids: list[int], sweep: bool) -> list[OutboxRow]:
-        conditions: list[ColumnElement[bool]] = []
-        if ids:
-            conditions.append(OUTBOX.c.id.in_(ids))
-        if sweep:
-            conditions.append(OUTBOX.c.created_at < utcnow() - timedelta(seconds=ORPHAN_AGE_S))
-        if not conditions:
+        if not ids and not sweep:
             return []
-        query = (
-            select(OUTBOX.c.id, OUTBOX.c.topic, OUTBOX.c.key, OUTBOX.c.value)
-            .where(or_(*conditions))
-            .order_by(OUTBOX.c.id)
-            .limit(BATCH_SIZE)
-        )
-        return await self._db.read(lambda connection: [OutboxRow(*row) for row in connection.execute(query)])
+
+        def load(connection: Connection) -> list[OutboxRow]:
+            conditions: list[ColumnElement[bool]] = []
+            if ids:
+                conditions.append(OUTBOX.c.id.in_(ids))
+            if sweep:
+                # By the database's clock, which stamped the rows: a relay whose host runs ahead would
+                # otherwise take other processes' fresh rows for orphans.
+                orphaned_before = database_now(connection) - timedelta(seconds=ORPHAN_AGE_S)
+                conditions.append(OUTBOX.c.created_at < orphaned_before)
+            query = (
+                select(OUTBOX.c.id, OUTBOX.c.topic, OUTBOX.c.key, OUTBOX.c.value, OUTBOX.c.partition)
+                .where(or_(*conditions))
+                .order_by(OUTBOX.c.id)
+                .limit(BATCH_SIZE)
+            )
+            return [OutboxRow(*row) for row in connection.execute(query)]
+
+        return await self._db.read(load)
 
     async def _send(self, rows: list[OutboxRow]) -> None:
         await _acknowledged(await self._enqueue(rows))
@@ -250,7 +264,12 @@ class OutboxRelay:
         if self._producer is None:
             self._producer = await start_producer(self._bootstrap)
         # One producer, idempotent: messages with the same key reach Kafka in the order queued here.
-        return [await self._producer.send(row.topic, key=row.key.encode(), value=row.value) for row in rows]
+        return [
+            await self._producer.send(
+                row.topic, key=row.key.encode(), value=row.value, partition=row.partition
+            )
+            for row in rows
+        ]
 
     async def _delete(self, ids: list[int]) -> None:
         def delete_rows(connection: Connection) -> None:

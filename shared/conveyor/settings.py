@@ -27,6 +27,8 @@ DEFAULT_WORKER_CONCURRENCY = 8
 DEFAULT_WORKER_READ_AHEAD = 1000
 DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 15.0
+# A worker whose heartbeat (about one a second) is this old is dead: its running jobs start again at once.
+DEFAULT_WORKER_DEAD_AFTER_S = 4.0
 DEFAULT_DRAIN_GRACE_S = 30.0
 # The progress service: events a client may have waiting before it is told to resume; protocol-level
 # WebSocket pings; how long a socket may sit with no subscription and no message; how long a
@@ -46,6 +48,8 @@ DEFAULT_PROGRESS_MESSAGE_RATE = 20.0
 DEFAULT_PROGRESS_MESSAGE_BURST = 50
 DEFAULT_PROGRESS_TENANT_MAX_SOCKETS = 5000
 DEFAULT_PROGRESS_TENANT_MAX_STREAMS = 1000
+# How long a finished job is kept (with its events, labels and idempotency key) before it is deleted.
+DEFAULT_JOB_RETENTION_S = 7 * 24 * 3600.0
 # What the gateway suggests a client waits before its first poll of a fresh job.
 DEFAULT_RETRY_AFTER_S = 1
 # How long an `Idempotency-Key` is remembered (the window the API publishes).
@@ -120,6 +124,11 @@ class Settings(BaseSettings):
     idempotency_window_s: float = Field(
         default=DEFAULT_IDEMPOTENCY_WINDOW_S, gt=0, description="How long an Idempotency-Key is kept."
     )
+    job_retention_s: float = Field(
+        default=DEFAULT_JOB_RETENTION_S,
+        gt=0,
+        description="How long a finished job is kept, with its events, labels and key, before it is deleted.",
+    )
     tenant_max_queued: int = Field(
         default=DEFAULT_TENANT_MAX_QUEUED, ge=1, description="Jobs a tenant may have waiting to run."
     )
@@ -150,6 +159,11 @@ class Settings(BaseSettings):
     default_max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1)
     lease_s: float = Field(
         default=DEFAULT_LEASE_S, gt=0, description="How long a running job survives its worker's silence."
+    )
+    worker_dead_after_s: float = Field(
+        default=DEFAULT_WORKER_DEAD_AFTER_S,
+        gt=0,
+        description="A worker whose heartbeat is this old is dead; its running jobs get their next attempt.",
     )
     cancel_grace_s: float = Field(
         default=DEFAULT_CANCEL_GRACE_S,
@@ -239,6 +253,9 @@ class Settings(BaseSettings):
 
     # Embedded stack (`conveyor run`).
     workers: int = Field(default=2, ge=0, description="Worker processes `conveyor run` starts.")
+
+    # For tests only: shifts this process's idea of now, as on a host whose clock is off.
+    clock_skew_s: float = 0.0
 
     log_level: str = "INFO"
     log_json: bool = False

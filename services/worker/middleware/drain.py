@@ -14,9 +14,12 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from conveyor import changes
+from conveyor import changes, committer, outbox, processes
+from conveyor.broker import CONSUMER_STOP_TIMEOUT_S
 from conveyor.changes import Change
+from conveyor.database import SQLITE_BUSY_TIMEOUT_MS
 from services.worker.attempt import Ending, Execution, HandlerTask, interrupt
+from services.worker.feed import COMMIT_TIMEOUT_S
 from services.worker.middleware import Middleware
 
 if TYPE_CHECKING:
@@ -27,6 +30,24 @@ log = structlog.get_logger(__name__)
 # After the drain's grace, how long handing back the jobs still running may take: interrupting a
 # handler (its cleanup gets attempt.INTERRUPT_WAIT_S) and one write each.
 HAND_BACK_TIMEOUT_S = 15.0
+# What stopping does after the drain, one step after another, each bounded: commit the offsets, leave
+# the consumer group, write what the committer holds, publish what the relay holds and close its
+# producer, stop the process pool (and kill what ignores it). Forgetting the heartbeat is one write.
+SHUTDOWN_STEPS_S = (
+    COMMIT_TIMEOUT_S,
+    CONSUMER_STOP_TIMEOUT_S,
+    committer.STOP_TIMEOUT_S,
+    outbox.STOP_TIMEOUT_S * 2,
+    processes.SHUTDOWN_WAIT_S + processes.KILL_WAIT_S,
+    SQLITE_BUSY_TIMEOUT_MS / 1000,
+)
+
+
+def worst_case_shutdown_s(drain_grace_s: float) -> float:
+    """The longest a worker takes from SIGTERM to exit, every step at its bound (a slow database and a
+    slow Kafka at once): a pod's termination grace must be at least this, or the worker is killed
+    before it has handed its jobs back and they wait for the reaper instead."""
+    return drain_grace_s + HAND_BACK_TIMEOUT_S + sum(SHUTDOWN_STEPS_S)
 
 
 class Drain(Middleware):
