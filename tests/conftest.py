@@ -19,7 +19,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from conveyor.database import Database
-from conveyor.embedded.kafka import KafkaCluster, free_port_block
+from conveyor.embedded.kafka import PORTS_PER_NODE, KafkaCluster, free_port_block
 
 from harness import KEY_A, KEY_B, TENANT_A, TENANT_B, Stack, free_port
 from postgres_server import PostgresServer
@@ -174,6 +174,43 @@ def private_kafka(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaClu
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def three_brokers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KafkaCluster]:
+    """A cluster of three brokers of the module's own, for tests that kill one."""
+    cluster = KafkaCluster(
+        tmp_path_factory.mktemp("three-brokers"),
+        nodes=3,
+        base_port=free_port_block(3 * PORTS_PER_NODE),
+        cache_dir=CACHE_DIR,
+    )
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+async def three_broker_stack(
+    three_brokers: KafkaCluster, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[Stack]:
+    """A fresh deployment on `three_brokers` (SQLite), its topics replicated three times: what a
+    broker failover tests (the database does not take part in it)."""
+    three_brokers.start()  # in case an earlier test left a node stopped; a no-op when all run
+    database_url = await new_database_url("sqlite", tmp_path, request)
+    env = {
+        **deployment_env(three_brokers.bootstrap_servers, database_url, tmp_path),
+        "CONVEYOR_REPLICATION_FACTOR": "3",
+        "CONVEYOR_TENANT_SUBMIT_RATE": "100000",
+        "CONVEYOR_TENANT_SUBMIT_BURST": "100000",
+    }
+    async with running_stack(env, tmp_path) as running:
+        try:
+            yield running
+        finally:
+            three_brokers.start()
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""Faults on a running stack: a crash storm of workers under load. Every accepted job ends `succeeded`,
-and no two attempts of one job ever run at the same time."""
+"""Faults on a running stack: a crash storm of workers under load, and the busiest of three brokers
+killed under load. Every accepted job ends `succeeded`, no job's state goes backwards, and no two
+attempts of one job ever run at the same time."""
 
 from __future__ import annotations
 
@@ -8,17 +9,22 @@ import itertools
 import os
 import random
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
+from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import Connection, func, select
 from tracked_handlers import attempts_run
 
 from conveyor.database import Database
-from conveyor.lifecycle import JobState
-from conveyor.models import JOBS
+from conveyor.embedded.kafka import KafkaCluster
+from conveyor.events import JobEvent
+from conveyor.lifecycle import JobState, can_transition
+from conveyor.models import JOBS, JobEventRecord
+from conveyor.topics import job_topics
 
-from harness import Stack, eventually
+from harness import Stack, collect_events, eventually, sleep_job, submit
 
 STORM_JOBS = 2000
 STORM_JOB_SECONDS = 0.2
@@ -28,6 +34,7 @@ STORM_KILL_EVERY_S = 5.0
 STORM_FINISH_S = 300
 SUBMIT_BATCH = 500
 TESTS_DIR = str(Path(__file__).parent)
+EVENTS = JobEventRecord.__table__
 
 pytestmark = pytest.mark.stack_settings(
     # The workers import `tracked_handlers` from this folder.
@@ -97,3 +104,131 @@ async def test_a_crash_storm_loses_no_job_and_never_runs_one_twice_at_once(
                 overlaps.append((earlier, later))
     assert overlaps == []
     assert any(len(attempts) > 1 for attempts in runs.values()), "no kill landed mid-job"
+
+
+# --- broker failover -------------------------------------------------------------------------------
+
+FAILOVER_JOBS = 2000
+FAILOVER_BATCH = 50
+# Submissions spread over about 20 s: the broker is down for most of the load.
+FAILOVER_BATCH_EVERY_S = 0.5
+KILL_AFTER_S = 4.0
+BROKER_DOWN_S = 12.0
+FAILOVER_FINISH_S = 300
+WATCHED_JOBS = 5
+
+
+async def leader_of_most_job_partitions(bootstrap: str, prefix: str) -> int:
+    """The node id of the broker that leads the most partitions of the job topics."""
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        described = await admin.describe_topics(job_topics(prefix))
+    finally:
+        await admin.close()
+    leaders = Counter(partition["leader"] for topic in described for partition in topic["partitions"])
+    node, _ = leaders.most_common(1)[0]
+    return int(node)
+
+
+def legal_histories(events: dict[str, list[JobEvent]]) -> list[str]:
+    """The jobs whose history has a gap in its sequence or a state change the lifecycle forbids."""
+    bad = []
+    for job_id, history in events.items():
+        states = [event.status for event in history if event.type == "state"]
+        numbered = [event.seq for event in history] == list(range(1, len(history) + 1))
+        legal = all(
+            can_transition(earlier, later)
+            for earlier, later in itertools.pairwise(states)
+            if earlier != later
+        )
+        if not (numbered and legal and states[0] == JobState.QUEUED):
+            bad.append(job_id)
+    return bad
+
+
+async def histories(db: Database, job_ids: list[str]) -> dict[str, list[JobEvent]]:
+    def read(connection: Connection) -> dict[str, list[JobEvent]]:
+        query = select(EVENTS.c.job_id, EVENTS.c.body).order_by(EVENTS.c.job_id, EVENTS.c.seq)
+        found: dict[str, list[JobEvent]] = {}
+        for job_id, body in connection.execute(query):
+            found.setdefault(job_id, []).append(JobEvent.from_json(body.encode()))
+        return found
+
+    found = await db.read(read)
+    return {job_id: found.get(job_id, []) for job_id in job_ids}
+
+
+@pytest.mark.parametrize("three_broker_stack", [2, 3], indirect=True, ids=["rf2", "rf3"])
+async def test_killing_the_busiest_broker_under_load_loses_no_job_and_live_streams_go_on(
+    three_broker_stack: Stack, three_brokers: KafkaCluster
+) -> None:
+    """Three brokers, the topics replicated twice or three times: the broker leading the most job
+    partitions is killed -9 during 2,000 submissions and started again 12 s later. Jobs keep finishing
+    while it is down (one broker down is tolerated at either replication factor)."""
+    stack = three_broker_stack
+    env = stack.env
+    refused: Counter[int] = Counter()
+    stack.start("worker-2", "worker")
+    async with stack.client() as client:
+        watched = [
+            (await submit(client, sleep_job(KILL_AFTER_S + BROKER_DOWN_S)))["id"] for _ in range(WATCHED_JOBS)
+        ]
+        streams = [asyncio.create_task(collect_events(stack, job_id)) for job_id in watched]
+        ids: list[str] = []
+
+        async def submit_load() -> None:
+            body = {"type": "demo.noop"}
+            while len(ids) < FAILOVER_JOBS:
+                response = await client.post("/v1/jobs/batch", json={"jobs": [body] * FAILOVER_BATCH})
+                if response.status_code == 202:
+                    ids.extend(job["id"] for job in response.json()["items"])
+                else:
+                    refused[response.status_code] += 1
+                await asyncio.sleep(FAILOVER_BATCH_EVERY_S)
+
+        load = asyncio.create_task(submit_load())
+        await asyncio.sleep(KILL_AFTER_S)
+        victim = await leader_of_most_job_partitions(
+            three_brokers.bootstrap_servers, env["CONVEYOR_TOPIC_PREFIX"]
+        )
+        killed_at = time.time()
+        await asyncio.to_thread(three_brokers.stop_node, victim, kill=True)
+        await asyncio.sleep(BROKER_DOWN_S)
+        restarted_at = time.time()
+        await asyncio.to_thread(three_brokers.start_node, victim)
+        await load
+        streamed = await asyncio.gather(*streams)
+
+    db = Database(env["CONVEYOR_DATABASE_URL"])
+    try:
+
+        async def all_succeeded() -> bool:
+            return (await statuses(db)).get(JobState.SUCCEEDED, 0) == FAILOVER_JOBS + WATCHED_JOBS
+
+        await eventually(all_succeeded, FAILOVER_FINISH_S, "every job to succeed")
+        assert await statuses(db) == {JobState.SUCCEEDED: FAILOVER_JOBS + WATCHED_JOBS}
+        assert legal_histories(await histories(db, ids + watched)) == []
+        finished = await finish_times(db)
+    finally:
+        await db.close()
+
+    assert refused == Counter(), refused
+    for messages, close_code in streamed:
+        assert close_code == 1000
+        assert messages[-1]["status"] == "succeeded", messages[-1]
+        seqs = [message["seq"] for message in messages[1:]]
+        assert seqs == sorted(set(seqs)), "the stream neither skipped back nor repeated"
+    while_down = [at for at in finished if killed_at < at < restarted_at]
+    assert while_down, "no job finished while the broker was down"
+    during = [at for at in finished if killed_at - 1 < at < restarted_at]
+    pause = max(later - earlier for earlier, later in itertools.pairwise(during))
+    print(f"broker {victim} down: {len(while_down)} jobs finished meanwhile; longest pause {pause:.2f} s")
+
+
+async def finish_times(db: Database) -> list[float]:
+    def read(connection: Connection) -> list[float]:
+        query = select(JOBS.c.finished_at).where(JOBS.c.finished_at.is_not(None)).order_by(JOBS.c.finished_at)
+        return [at.timestamp() for at in connection.execute(query).scalars()]
+
+    return await db.read(read)
