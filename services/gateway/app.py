@@ -20,6 +20,7 @@ from conveyor.pruning import Pruner
 from conveyor.settings import Settings
 from conveyor.topics_setup import TopicKeeper
 from services.gateway import jobs
+from services.gateway.bodylimit import BodyLimit
 from services.gateway.state import GatewayState
 
 
@@ -62,6 +63,8 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    # Outermost but for Starlette's error handler: bodies are limited before routing, auth or parsing.
+    app.add_middleware(BodyLimit)
     app.include_router(jobs.router)
 
     def dependencies(request: Request) -> tuple[Database, Settings]:

@@ -37,6 +37,7 @@ from conveyor.schemas import (
 )
 from conveyor.settings import DEFAULT_RETRY_AFTER_S, TenantLimits
 from conveyor.topics import HIGHEST_PRIORITY, LOWEST_PRIORITY
+from services.gateway.bodylimit import MAX_BATCH_BODY_BYTES
 from services.gateway.limits import queue_full, too_large_for_burst
 from services.gateway.listing import (
     DEFAULT_PAGE_SIZE,
@@ -48,12 +49,7 @@ from services.gateway.listing import (
 )
 from services.gateway.security import require_principal
 from services.gateway.state import GatewayState, gateway_state
-from services.gateway.submission import (
-    MAX_BATCH_BODY_BYTES,
-    Submission,
-    read_batch,
-    read_submission,
-)
+from services.gateway.submission import Submission, read_batch, read_submission
 
 # `?wait=` holds a status request at most this long, checking the job this often meanwhile.
 MAX_WAIT_S = 60.0
