@@ -32,8 +32,8 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.1
 
-TENANT_A, KEY_A = "tenant-a", "key-a-0123456789"
-TENANT_B, KEY_B = "tenant-b", "key-b-0123456789"
+TENANT_A, KEY_A = "tenant-a", "key-a-0123456789abcdefghij"
+TENANT_B, KEY_B = "tenant-b", "key-b-0123456789abcdefghij"
 PROBLEM_JSON = "application/problem+json"
 # How a worker logs a partition: `topic[partition]`.
 PARTITION_NAME = re.compile(r"^(?P<topic>.+)\[(?P<partition>\d+)\]$")

@@ -2,27 +2,41 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from conveyor.auth import (
+    ALL_SCOPES,
     Authenticator,
     Forbidden,
+    InvalidBootstrapKeys,
     Principal,
     Unauthenticated,
     create_api_key,
+    hash_key,
     parse_bootstrap_keys,
     resolve_principal,
     revoke_api_key,
 )
 from conveyor.database import Database
 
+LONG_KEY = "boot-key-0123456789abcdef"
+OTHER_KEY = "other-key-0123456789abcdef"
+THIRD_KEY = "third-key-0123456789abcdef"
+# A service refuses bad keys before it connects to anything: this is ample.
+STARTUP_REFUSAL_TIMEOUT_S = 30
+
 
 async def test_a_key_resolves_to_its_tenant_and_scopes(db: Database) -> None:
     async with db.session() as session:
         stored = await create_api_key(session, "reader", frozenset({"read"}))
-    authenticator = Authenticator(db, parse_bootstrap_keys("boot:boot-key"), cache_s=0)
+    authenticator = Authenticator(db, parse_bootstrap_keys(f"boot:{LONG_KEY}"), cache_s=0)
 
-    booted = await resolve_principal(authenticator, "boot-key", scope="submit")
+    booted = await resolve_principal(authenticator, LONG_KEY, scope="submit")
     assert booted == Principal("boot", frozenset({"submit", "read", "cancel"}))
     assert await resolve_principal(authenticator, stored.secret, scope="read") == Principal(
         "reader", frozenset({"read"})
@@ -50,3 +64,51 @@ async def test_a_missing_unknown_revoked_or_unscoped_key_is_refused(db: Database
         await revoke_api_key(session, secret=stored.secret)
     with pytest.raises(Unauthenticated):
         await resolve_principal(authenticator, stored.secret, scope="read")
+
+
+def test_bootstrap_keys_may_name_their_scopes() -> None:
+    keys = parse_bootstrap_keys(f"ops:{LONG_KEY}, reader:{OTHER_KEY}:read, feeder:{THIRD_KEY}:submit+read")
+    assert keys[hash_key(LONG_KEY)] == Principal("ops", ALL_SCOPES)  # no scopes named: all of them
+    assert keys[hash_key(OTHER_KEY)] == Principal("reader", frozenset({"read"}))
+    assert keys[hash_key(THIRD_KEY)] == Principal("feeder", frozenset({"submit", "read"}))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "acme:short-key-1234567",  # 23 characters
+        f"acme:{LONG_KEY}:submit+delete",
+        f"acme:{LONG_KEY}:",  # a trailing colon names no scope: refused rather than read as all of them
+        f":{LONG_KEY}",
+        "acme",
+    ],
+)
+def test_malformed_or_short_bootstrap_keys_are_refused_without_showing_the_key(spec: str) -> None:
+    with pytest.raises(InvalidBootstrapKeys) as refused:
+        parse_bootstrap_keys(f"ok:{OTHER_KEY},{spec}")
+    message = str(refused.value)
+    assert "CONVEYOR_API_KEYS entry 2" in message
+    for secret in ("short-key-1234567", LONG_KEY, OTHER_KEY):
+        assert secret not in message
+
+
+def test_a_service_will_not_start_on_a_short_bootstrap_key(tmp_path: Path) -> None:
+    short = "a-short-secret-key"
+    env = {
+        **os.environ,
+        "CONVEYOR_API_KEYS": f"acme:{short}",
+        "CONVEYOR_KAFKA_BOOTSTRAP": "127.0.0.1:9",  # never reached: the keys are checked first
+        "CONVEYOR_DATA_DIR": str(tmp_path),
+    }
+    for command in ("gateway", "progress"):
+        done = subprocess.run(
+            [sys.executable, "-m", "conveyor", command],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=STARTUP_REFUSAL_TIMEOUT_S,
+        )
+        output = done.stdout + done.stderr
+        assert done.returncode == 2, output
+        assert "CONVEYOR_API_KEYS" in output and "at least 24" in output
+        assert short not in output

@@ -18,6 +18,11 @@ from conveyor.models import ApiKey, utcnow
 
 ALL_SCOPES = frozenset({"submit", "read", "cancel"})
 KEY_PREFIX = "cvk_"
+# A bootstrap key shorter than this is refused at startup: a guessable key is a tenant's for anyone.
+MIN_BOOTSTRAP_KEY_LENGTH = 24
+BOOTSTRAP_KEYS_SETTING = "CONVEYOR_API_KEYS"
+# Between a bootstrap key's scopes: `tenant:key:submit+read`.
+SCOPE_SEPARATOR = "+"
 # How long a key's principal (or its absence) is remembered: a key created or revoked takes effect
 # within this long, and a busy client costs one lookup a second instead of one per request.
 PRINCIPAL_CACHE_S = 1.0
@@ -39,18 +44,44 @@ def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+class InvalidBootstrapKeys(ValueError):
+    """CONVEYOR_API_KEYS is malformed. The message names the entry by position and tenant, never the key."""
+
+
 def parse_bootstrap_keys(spec: str) -> dict[str, Principal]:
-    """`tenant:key,tenant:key` -> {hash of key: principal with every scope}."""
+    """`tenant:key,tenant:key:submit+read` -> {hash of key: principal}: the scopes named, else every
+    scope. A key must be at least MIN_BOOTSTRAP_KEY_LENGTH characters (and holds no `:` or `,`)."""
     keys: dict[str, Principal] = {}
-    for item in spec.split(","):
+    for n, item in enumerate(spec.split(","), start=1):
         item = item.strip()
         if not item:
             continue
-        tenant, sep, key = item.partition(":")
-        if not sep or not tenant.strip() or not key.strip():
-            raise ValueError(f"CONVEYOR_API_KEYS entries are tenant:key, got {item!r}")
-        keys[hash_key(key.strip())] = Principal(tenant.strip(), ALL_SCOPES)
+        tenant, _, rest = (part.strip() for part in item.partition(":"))
+        key, scoped, scopes = (part.strip() for part in rest.partition(":"))
+        where = f"{BOOTSTRAP_KEYS_SETTING} entry {n}" + (f" (tenant {tenant!r})" if tenant else "")
+        if not tenant or not key:
+            raise InvalidBootstrapKeys(f"{where}: entries are tenant:key or tenant:key:scope+scope")
+        if len(key) < MIN_BOOTSTRAP_KEY_LENGTH:
+            raise InvalidBootstrapKeys(
+                f"{where}: the key has {len(key)} characters; at least {MIN_BOOTSTRAP_KEY_LENGTH}"
+            )
+        if scoped and not scopes:
+            raise InvalidBootstrapKeys(f"{where}: name scopes after the second `:`, or leave it out for all")
+        keys[hash_key(key)] = Principal(tenant, bootstrap_scopes(scopes, where))
     return keys
+
+
+def bootstrap_scopes(spec: str, where: str) -> frozenset[str]:
+    """`submit+read` -> those scopes; nothing named -> every scope (as before scopes could be named)."""
+    if not spec:
+        return ALL_SCOPES
+    scopes = frozenset(scope.strip() for scope in spec.split(SCOPE_SEPARATOR))
+    unknown = scopes - ALL_SCOPES
+    if unknown:
+        # Not named: with a `:` in a key by mistake, the "scope" would be part of the key.
+        known = SCOPE_SEPARATOR.join(sorted(ALL_SCOPES))
+        raise InvalidBootstrapKeys(f"{where}: {len(unknown)} unknown scope(s); the scopes are {known}")
+    return scopes
 
 
 def bearer_token(authorization: str | None) -> str | None:
