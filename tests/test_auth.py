@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
+from sqlalchemy import Engine, event
 
 from conveyor.auth import (
     ALL_SCOPES,
+    PRINCIPAL_CACHE_S,
     Authenticator,
     Forbidden,
     InvalidBootstrapKeys,
@@ -112,3 +119,54 @@ def test_a_service_will_not_start_on_a_short_bootstrap_key(tmp_path: Path) -> No
         assert done.returncode == 2, output
         assert "CONVEYOR_API_KEYS" in output and "at least 24" in output
         assert short not in output
+
+
+@contextmanager
+def key_queries() -> Iterator[list[str]]:
+    """The statements every engine of this process sends that read the stored keys, while open."""
+    statements: list[str] = []
+
+    def on_statement(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "api_keys" in statement:
+            statements.append(statement)
+
+    event.listen(Engine, "before_cursor_execute", on_statement)
+    try:
+        yield statements
+    finally:
+        event.remove(Engine, "before_cursor_execute", on_statement)
+
+
+# Long enough for the copy of the stored keys to go stale (and be read again) twice.
+FLOOD_S = 2.5 * PRINCIPAL_CACHE_S
+FLOOD_WIDTH = 200
+
+
+async def test_a_flood_of_unknown_keys_costs_a_query_a_second_at_most(db: Database) -> None:
+    async with db.session() as session:
+        stored = await create_api_key(session, "reader", frozenset({"read"}))
+    authenticator = Authenticator(db, {})
+
+    async def refused(token: str) -> bool:
+        try:
+            await resolve_principal(authenticator, token, scope="read")
+        except Unauthenticated:
+            return True
+        return False
+
+    with key_queries() as queries:
+        started = time.monotonic()
+        rounds = 0
+        while time.monotonic() - started < FLOOD_S:
+            made_up = [f"cvk_made-up-{rounds}-{n}" for n in range(FLOOD_WIDTH)]
+            same = ["cvk_the-same-wrong-key"] * FLOOD_WIDTH
+            answers = await asyncio.gather(*(refused(token) for token in made_up + same))
+            assert all(answers)
+            assert (await resolve_principal(authenticator, stored.secret)).tenant == "reader"
+            rounds += 1
+            await asyncio.sleep(0.05)  # paces the flood over FLOOD_S; nothing waits on a race
+        elapsed = time.monotonic() - started
+    assert rounds * FLOOD_WIDTH * 2 > 1000
+    assert 1 <= len(queries) <= elapsed / PRINCIPAL_CACHE_S + 1, (
+        f"{len(queries)} key queries in {elapsed:.1f} s"
+    )

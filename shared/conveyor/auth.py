@@ -3,9 +3,10 @@ resolver every transport (HTTP, WebSocket, SSE) asks who a presented key belongs
 
 from __future__ import annotations
 
-import functools
+import asyncio
 import hashlib
 import hmac
+import math
 import secrets
 import time
 from dataclasses import dataclass
@@ -23,11 +24,10 @@ MIN_BOOTSTRAP_KEY_LENGTH = 24
 BOOTSTRAP_KEYS_SETTING = "CONVEYOR_API_KEYS"
 # Between a bootstrap key's scopes: `tenant:key:submit+read`.
 SCOPE_SEPARATOR = "+"
-# How long a key's principal (or its absence) is remembered: a key created or revoked takes effect
-# within this long, and a busy client costs one lookup a second instead of one per request.
+# How long a process trusts its copy of the stored keys: a key created or revoked in the database
+# takes effect within this long, and the keys cost one query this often at most, however many
+# requests (with real or made-up keys) arrive meanwhile.
 PRINCIPAL_CACHE_S = 1.0
-# Remembered keys at most; past it the memory starts again (a flood of made-up keys must not grow it).
-PRINCIPAL_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -93,16 +93,22 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
-def stored_principal(connection: Connection, digest: str) -> Principal | None:
-    """The principal of the live key stored with this hash, if any."""
-    query = select(ApiKey.tenant, ApiKey.scopes).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-    row = connection.execute(query).first()
-    return None if row is None else Principal(row.tenant, frozenset(row.scopes.split(",")))
+def live_keys(connection: Connection) -> dict[str, Principal]:
+    """Every stored key that is not revoked: {hash of key: principal}."""
+    query = select(ApiKey.key_hash, ApiKey.tenant, ApiKey.scopes).where(ApiKey.revoked_at.is_(None))
+    return {
+        row.key_hash: Principal(row.tenant, frozenset(row.scopes.split(",")))
+        for row in connection.execute(query)
+    }
 
 
 class Authenticator:
-    """Who an API key belongs to: a bootstrap key (CONVEYOR_API_KEYS) or a key stored in the database,
-    each lookup remembered for PRINCIPAL_CACHE_S."""
+    """Who an API key belongs to: a bootstrap key (CONVEYOR_API_KEYS) or a key stored in the database.
+
+    The stored keys are read whole, at most once per PRINCIPAL_CACHE_S and only when a request needs
+    them, by one request while the others wait for its answer. A lookup per presented key, even one
+    remembered for a while, would let a flood of made-up keys cost a query each; a copy of the (few)
+    live keys answers every key, known or not, from memory."""
 
     def __init__(
         self, db: Database, bootstrap_keys: dict[str, Principal], cache_s: float = PRINCIPAL_CACHE_S
@@ -110,7 +116,9 @@ class Authenticator:
         self._db = db
         self._bootstrap_keys = bootstrap_keys
         self._cache_s = cache_s
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._stored: dict[str, Principal] = {}
+        self._read_at = -math.inf
+        self._reading = asyncio.Lock()
 
     async def principal(self, token: str) -> Principal | None:
         """The key's principal; None for an unknown or revoked key."""
@@ -118,15 +126,23 @@ class Authenticator:
         for known, principal in self._bootstrap_keys.items():
             if hmac.compare_digest(known, digest):
                 return principal
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        found = await self._db.read(functools.partial(stored_principal, digest=digest))
-        if len(self._cache) >= PRINCIPAL_CACHE_SIZE:
-            self._cache.clear()
-        self._cache[digest] = (now + self._cache_s, found)
-        return found
+        stored = await self._stored_keys()
+        return stored.get(digest)
+
+    async def _stored_keys(self) -> dict[str, Principal]:
+        if self._fresh():
+            return self._stored
+        if self._reading.locked() and self._read_at > -math.inf:
+            return self._stored  # being read again: the copy of a moment ago answers meanwhile
+        async with self._reading:
+            if not self._fresh():  # else another request read them while this one waited
+                started = time.monotonic()
+                self._stored = await self._db.read(live_keys)
+                self._read_at = started
+        return self._stored
+
+    def _fresh(self) -> bool:
+        return time.monotonic() - self._read_at < self._cache_s
 
 
 class Unauthenticated(Exception):
