@@ -71,5 +71,9 @@ def create_app(settings: Settings) -> FastAPI:
         state: GatewayState = request.app.state.gateway
         return state.db, state.settings
 
-    app.include_router(health_router(dependencies))
+    def authenticator(request: Request) -> Authenticator:
+        state: GatewayState = request.app.state.gateway
+        return state.authenticator
+
+    app.include_router(health_router(dependencies, authenticator))
     return app

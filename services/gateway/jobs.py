@@ -528,9 +528,9 @@ def default_attempts(state: GatewayState, type_name: str) -> int:
 
 @router.get("/job-types", response_model=list[JobTypeInfo], responses=problems())
 async def list_job_types(request: Request) -> list[JobTypeInfo]:
-    """The registered job types and the JSON Schema of their payloads."""
+    """The registered job types and the JSON Schema of their payloads. Needs the `read` scope."""
     state = gateway_state(request)
-    await require_principal(request, state)
+    await require_principal(request, state, "read")
     return [
         JobTypeInfo(name=t.name, description=t.description, payload_schema=t.payload_schema())
         for t in (state.registry.get(name) for name in state.registry.names())

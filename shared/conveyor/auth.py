@@ -3,18 +3,17 @@ resolver every transport (HTTP, WebSocket, SSE) asks who a presented key belongs
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import hashlib
 import hmac
-import math
 import secrets
-import time
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.database import Database
+from conveyor.memo import Remembered
 from conveyor.models import ApiKey, utcnow
 
 ALL_SCOPES = frozenset({"submit", "read", "cancel"})
@@ -106,19 +105,15 @@ class Authenticator:
     """Who an API key belongs to: a bootstrap key (CONVEYOR_API_KEYS) or a key stored in the database.
 
     The stored keys are read whole, at most once per PRINCIPAL_CACHE_S and only when a request needs
-    them, by one request while the others wait for its answer. A lookup per presented key, even one
-    remembered for a while, would let a flood of made-up keys cost a query each; a copy of the (few)
-    live keys answers every key, known or not, from memory."""
+    them (`conveyor.memo`). A lookup per presented key, even one remembered for a while, would let a
+    flood of made-up keys cost a query each; a copy of the (few) live keys answers every key, known or
+    not, from memory."""
 
     def __init__(
         self, db: Database, bootstrap_keys: dict[str, Principal], cache_s: float = PRINCIPAL_CACHE_S
     ):
-        self._db = db
         self._bootstrap_keys = bootstrap_keys
-        self._cache_s = cache_s
-        self._stored: dict[str, Principal] = {}
-        self._read_at = -math.inf
-        self._reading = asyncio.Lock()
+        self._stored = Remembered(functools.partial(db.read, live_keys), cache_s)
 
     async def principal(self, token: str) -> Principal | None:
         """The key's principal; None for an unknown or revoked key."""
@@ -126,23 +121,8 @@ class Authenticator:
         for known, principal in self._bootstrap_keys.items():
             if hmac.compare_digest(known, digest):
                 return principal
-        stored = await self._stored_keys()
+        stored = await self._stored.get()
         return stored.get(digest)
-
-    async def _stored_keys(self) -> dict[str, Principal]:
-        if self._fresh():
-            return self._stored
-        if self._reading.locked() and self._read_at > -math.inf:
-            return self._stored  # being read again: the copy of a moment ago answers meanwhile
-        async with self._reading:
-            if not self._fresh():  # else another request read them while this one waited
-                started = time.monotonic()
-                self._stored = await self._db.read(live_keys)
-                self._read_at = started
-        return self._stored
-
-    def _fresh(self) -> bool:
-        return time.monotonic() - self._read_at < self._cache_s
 
 
 class Unauthenticated(Exception):
