@@ -10,7 +10,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from conveyor import changes
@@ -20,6 +20,7 @@ from conveyor.jobstore import get_job, is_job_id, list_jobs
 from conveyor.jsoncodec import FastJSONResponse
 from conveyor.lifecycle import JobState
 from conveyor.models import JobRecord, utcnow
+from conveyor.pages import encoded_within, page_response
 from conveyor.problems import PROBLEM_JSON, Problem, invalid_field, invalid_request, job_not_found
 from conveyor.schemas import (
     MAX_BATCH_JOBS,
@@ -327,8 +328,9 @@ async def list_tenant_jobs(
     created_before: datetime | None = Query(default=None, description="Created before this time."),
     limit: int = Query(default=DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
     cursor: str | None = Query(default=None, max_length=500, description="`next_cursor` of the last page."),
-) -> JSONResponse:
-    """The tenant's jobs, newest first, filtered, a page at a time."""
+) -> Response:
+    """The tenant's jobs, newest first, filtered, a page at a time: up to `limit` jobs, fewer when
+    they would take more than CONVEYOR_MAX_PAGE_BYTES (then `next_cursor` goes on from the last shown)."""
     state = gateway_state(request)
     principal = await require_principal(request, state, "read")
     for name, moment in (("created_after", created_after), ("created_before", created_before)):
@@ -339,17 +341,18 @@ async def list_tenant_jobs(
     jobs = await state.db.read(
         functools.partial(list_jobs, tenant=principal.tenant, where=where, limit=limit + 1, before=before)
     )
-    more = len(jobs) > limit
-    jobs = jobs[:limit]
-    next_cursor = encode_cursor(jobs[-1]) if more else None
-    page = {
-        "items": [resource_document(job, state.settings.progress_url) for job in jobs],
+    documents = (resource_document(job, state.settings.progress_url) for job in jobs[:limit])
+    items = encoded_within(documents, state.settings.max_page_bytes)
+    # More after this page: a job past `limit`, or jobs the page had no room for (max_page_bytes).
+    more = len(jobs) > len(items)
+    next_cursor = encode_cursor(jobs[len(items) - 1]) if more else None
+    fields = {
         "next_cursor": next_cursor,
         "next": next_page_url(request.url.path, request.query_params.multi_items(), next_cursor)
         if next_cursor
         else None,
     }
-    return FastJSONResponse(page)
+    return page_response(fields, "items", items)
 
 
 @router.get(

@@ -36,6 +36,9 @@ DEFAULT_PROGRESS_PING_INTERVAL_S = 20.0
 DEFAULT_PROGRESS_PING_TIMEOUT_S = 20.0
 DEFAULT_PROGRESS_IDLE_TIMEOUT_S = 60.0
 DEFAULT_EVENT_HISTORY_S = 7 * 24 * 3600.0
+# The JSON of one page of a listing (the jobs, a job's event history) at most; past it the page ends
+# early and says where the rest begins (`conveyor.pages`).
+DEFAULT_MAX_PAGE_BYTES = 4 * 1024 * 1024
 # What the gateway suggests a client waits before its first poll of a fresh job.
 DEFAULT_RETRY_AFTER_S = 1
 # How long an `Idempotency-Key` is remembered (the window the API publishes).
@@ -118,6 +121,11 @@ class Settings(BaseSettings):
     )
     tenant_submit_burst: int = Field(
         default=DEFAULT_TENANT_SUBMIT_BURST, ge=1, description="Submissions a tenant may make at once."
+    )
+    max_page_bytes: int = Field(
+        default=DEFAULT_MAX_PAGE_BYTES,
+        ge=1024,
+        description="Bytes of items one page of the job list or of an event history holds at most.",
     )
     tenant_limits: dict[str, TenantLimits] = Field(
         default_factory=dict,
