@@ -22,6 +22,7 @@ from conveyor.topics_setup import TopicKeeper
 from services.gateway import jobs
 from services.gateway.bodylimit import BodyLimit
 from services.gateway.state import GatewayState
+from services.gateway.waiting import StateNotifier, Waits
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -44,12 +45,14 @@ def create_app(settings: Settings) -> FastAPI:
             registry=load_handler_modules(settings.handler_modules),
             committer=committer,
             authenticator=Authenticator(db, parse_bootstrap_keys(settings.api_keys)),
+            waits=Waits(db, StateNotifier(settings.kafka_bootstrap, settings.topic_prefix)),
         )
         app.state.gateway = state
         collector.started()
         try:
             yield
         finally:
+            await state.waits.stop()
             await key_pruner.stop()
             await committer.stop()
             await relay.stop()

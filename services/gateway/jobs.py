@@ -3,7 +3,6 @@ the job types."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import math
 from datetime import datetime
@@ -52,9 +51,8 @@ from services.gateway.security import require_principal
 from services.gateway.state import GatewayState, gateway_state
 from services.gateway.submission import Submission, read_batch, read_submission
 
-# `?wait=` holds a status request at most this long, checking the job this often meanwhile.
+# `?wait=` holds a status request at most this long.
 MAX_WAIT_S = 60.0
-WAIT_POLL_S = 0.25
 PriorityLevel = Annotated[int, Field(ge=HIGHEST_PRIORITY, le=LOWEST_PRIORITY)]
 # No NUL: PostgreSQL refuses it in text, so it would fail the query rather than match nothing.
 TypeName = Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")]
@@ -378,24 +376,18 @@ async def read_job(
     principal = await require_principal(request, state, "read")
     job = await _tenant_job(state, principal.tenant, job_id)
     if wait > 0 and not job.status.is_terminal:
-        job = await _wait_for_change(request, state, principal.tenant, job, wait)
+        # Served from the events topic, not by polling the database (services.gateway.waiting).
+        max_waiting = state.settings.tenant_max_waiting
+        disconnected = functools.partial(_disconnected, request)
+        job = await state.waits.until_changed(job, principal.tenant, wait, max_waiting, disconnected)
     headers = {} if job.status.is_terminal else {"Retry-After": str(retry_after_s(job))}
     return FastJSONResponse(resource_document(job, state.settings.progress_url), headers=headers)
 
 
-async def _wait_for_change(
-    request: Request, state: GatewayState, tenant: str, job: JobRecord, wait_s: float
-) -> JobRecord:
-    """The job once its status differs from `job`'s, or as it is when `wait_s` runs out."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    latest = job
-    while loop.time() < deadline:
-        await asyncio.sleep(min(WAIT_POLL_S, max(0.0, deadline - loop.time())))
-        latest = await _tenant_job(state, tenant, job.id)
-        if latest.status != job.status or await request.is_disconnected():
-            break
-    return latest
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (a GET's body is read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.get(

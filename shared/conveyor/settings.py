@@ -48,6 +48,8 @@ DEFAULT_TENANT_MAX_QUEUED = 10_000
 DEFAULT_TENANT_SUBMIT_RATE = 100.0
 # A burst as large as the largest batch (`POST /v1/jobs/batch`), so a default tenant can send one.
 DEFAULT_TENANT_SUBMIT_BURST = 1000
+# Requests one tenant may have waiting at once on a gateway (`GET /v1/jobs/<id>?wait=`).
+DEFAULT_TENANT_MAX_WAITING = 100
 # How long a canceled job's handler may take to notice `ctx.cancelled` before its task is cancelled.
 DEFAULT_CANCEL_GRACE_S = 10.0
 # Retries wait a random time ("full jitter") up to min(cap, base * 2 ** (attempt - 1)).
@@ -126,6 +128,11 @@ class Settings(BaseSettings):
         default=DEFAULT_MAX_PAGE_BYTES,
         ge=1024,
         description="Bytes of items one page of the job list or of an event history holds at most.",
+    )
+    tenant_max_waiting: int = Field(
+        default=DEFAULT_TENANT_MAX_WAITING,
+        ge=1,
+        description="Requests a tenant may have waiting at once (`?wait=`) on each gateway.",
     )
     tenant_limits: dict[str, TenantLimits] = Field(
         default_factory=dict,
