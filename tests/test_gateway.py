@@ -6,12 +6,13 @@ import asyncio
 import re
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
 from fastapi import FastAPI
 
-from conveyor import health
+from conveyor import health, sqlstats
 from conveyor.auth import PRINCIPAL_CACHE_S, hash_key
 from conveyor.database import Database
 from conveyor.health import READINESS_CACHE_S
@@ -24,8 +25,12 @@ from harness import (
     Stack,
     assert_problem,
     cli,
+    counted_gateway,
     eventually,
     run_cli,
+    select_rate,
+    selects,
+    selects_since,
     wait_alive,
     wait_for_status,
 )
@@ -207,6 +212,36 @@ async def refused_within(client: httpx.AsyncClient, within_s: float) -> float:
 # A revoked key is refused once the gateway's memory of its lookup runs out (conveyor.auth), plus a
 # request's time on a loaded machine.
 REVOKED_WITHIN_S = PRINCIPAL_CACHE_S + 1.0
+
+
+FLOOD_REQUESTS = 600
+FLOOD_CONCURRENCY = 30
+
+
+async def test_a_flood_of_bad_keys_gets_401_and_costs_a_query_a_second_at_most(
+    module_stack: Stack, tmp_path: Path
+) -> None:
+    stats_dir = tmp_path / "sqlstats"
+    counted = await counted_gateway(module_stack, "gateway-auth-counted", stats_dir)
+    idle = await select_rate(stats_dir)
+    started, before = time.monotonic(), selects(stats_dir)
+    limit = asyncio.Semaphore(FLOOD_CONCURRENCY)
+    async with httpx.AsyncClient(base_url=counted, timeout=30) as client:
+
+        async def attempt(n: int) -> int:
+            # Half of them the same wrong key, half each a key of their own.
+            key = f"cvk_made-up-{n}" if n % 2 else "cvk_the-same-wrong-key"
+            async with limit:
+                response = await client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+            return response.status_code
+
+        statuses = await asyncio.gather(*(attempt(n) for n in range(FLOOD_REQUESTS)))
+    elapsed = time.monotonic() - started
+    after = await selects_since(stats_dir, time.time())
+    assert set(statuses) == {401}
+    extra = after - before - idle * (elapsed + sqlstats.WRITE_INTERVAL_S)
+    allowed = elapsed / PRINCIPAL_CACHE_S + 2
+    assert extra <= allowed, f"{FLOOD_REQUESTS} bad keys cost {extra:.0f} queries in {elapsed:.1f} s"
 
 
 async def test_keys_revoked_with_the_cli_get_401_within_a_second(module_stack: Stack) -> None:

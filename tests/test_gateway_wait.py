@@ -4,47 +4,39 @@ tenant; answered as soon as the job changes state."""
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 
-from harness import KEY_A, Stack, assert_problem, eventually, sleep_job, submit, wait_for_status
+from harness import (
+    KEY_A,
+    Stack,
+    assert_problem,
+    counted_gateway,
+    eventually,
+    select_rate,
+    selects,
+    sleep_job,
+    submit,
+    wait_for_status,
+)
 
 WAITERS = 40
-# How long each window of counted statements lasts.
-WINDOW_S = 2.0
 # Reads a second that K waiters may add, whatever K: a watch's read per status change and per fallback.
 MAX_EXTRA_READS_PER_S = 3.0
 # An answer must follow the job's end by less than this (the fallback read comes every 5 s).
 ANSWERED_WITHIN_S = 1.5
 
 
-def selects(stats_dir: Path) -> int:
-    """The SELECTs the counted gateway has sent so far (conveyor.sqlstats writes them twice a second)."""
-    (path,) = stats_dir.glob("gateway-*.json")
-    counts: dict[str, int] = json.loads(path.read_text())["counts"]
-    return counts.get("statements.select", 0)
-
-
-async def select_rate(stats_dir: Path) -> float:
-    """SELECTs a second over a window of WINDOW_S (a measurement, not a wait for something to happen)."""
-    started, before = time.monotonic(), selects(stats_dir)
-    await asyncio.sleep(WINDOW_S)
-    return (selects(stats_dir) - before) / (time.monotonic() - started)
-
-
 async def test_waiters_on_one_job_cost_no_reads_each_are_capped_and_answered_at_once(
     stack: Stack, tmp_path: Path
 ) -> None:
     stats_dir = tmp_path / "sqlstats"
-    counted = stack.start_gateway(
-        "gateway-counted", CONVEYOR_SQL_STATS_DIR=str(stats_dir), CONVEYOR_TENANT_MAX_WAITING=str(WAITERS)
+    counted = await counted_gateway(
+        stack, "gateway-counted", stats_dir, CONVEYOR_TENANT_MAX_WAITING=str(WAITERS)
     )
-    await stack.wait_ready(counted)
-    await eventually(lambda: list(stats_dir.glob("gateway-*.json")), 10, "the gateway's SQL counts")
     async with stack.client() as client:
         # Progress twice a second while it runs: events that change no status wake no waiter.
         job = await submit(client, sleep_job(10, steps=20))
