@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,6 +24,7 @@ from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 from sqlalchemy import Connection, func, select
 
+from conveyor import sqlstats
 from conveyor.changes import Change, Unit, Written, write_changes
 from conveyor.database import Database
 from conveyor.eventlog import events_between
@@ -33,8 +35,8 @@ READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.1
 
-TENANT_A, KEY_A = "tenant-a", "key-a-0123456789"
-TENANT_B, KEY_B = "tenant-b", "key-b-0123456789"
+TENANT_A, KEY_A = "tenant-a", "key-a-0123456789abcdefghij"
+TENANT_B, KEY_B = "tenant-b", "key-b-0123456789abcdefghij"
 PROBLEM_JSON = "application/problem+json"
 # How a worker logs a partition: `topic[partition]`.
 PARTITION_NAME = re.compile(r"^(?P<topic>.+)\[(?P<partition>\d+)\]$")
@@ -336,6 +338,47 @@ async def event_history(db: Database, job_id: str) -> list[JobEvent]:
         return events
 
     return await db.read(read)
+
+
+def stats_file(stats_dir: Path) -> Path:
+    """The counts file of the one gateway started with CONVEYOR_SQL_STATS_DIR=`stats_dir`."""
+    (path,) = stats_dir.glob("gateway-*.json")
+    return path
+
+
+def selects(stats_dir: Path) -> int:
+    """The SELECTs that gateway has sent so far (conveyor.sqlstats writes them twice a second)."""
+    path = stats_file(stats_dir)
+    counts: dict[str, int] = json.loads(path.read_text())["counts"]
+    return counts.get("statements.select", 0)
+
+
+async def selects_since(stats_dir: Path, moment: float) -> int:
+    """The gateway's SELECTs once its counts file was written a full interval after `moment` (a
+    `time.time()`), so that it counts every statement sent before that moment."""
+    path = stats_file(stats_dir)
+    later = moment + sqlstats.WRITE_INTERVAL_S
+    await eventually(lambda: path.stat().st_mtime > later, 10, "the SQL counts to be written again")
+    return selects(stats_dir)
+
+
+# How long a window of counted statements lasts.
+SQL_WINDOW_S = 2.0
+
+
+async def select_rate(stats_dir: Path) -> float:
+    """That gateway's SELECTs a second over SQL_WINDOW_S (a measurement, not a wait for an event)."""
+    started, before = time.monotonic(), selects(stats_dir)
+    await asyncio.sleep(SQL_WINDOW_S)
+    return (selects(stats_dir) - before) / (time.monotonic() - started)
+
+
+async def counted_gateway(stack: Stack, name: str, stats_dir: Path, **env: str) -> str:
+    """Another gateway that counts its SQL into `stats_dir`, ready and counting; its URL."""
+    url = stack.start_gateway(name, CONVEYOR_SQL_STATS_DIR=str(stats_dir), **env)
+    await stack.wait_ready(url)
+    await eventually(lambda: list(stats_dir.glob("gateway-*.json")), 10, f"{name}'s SQL counts")
+    return url
 
 
 async def outbox_size(db: Database) -> int:

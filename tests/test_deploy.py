@@ -23,6 +23,7 @@ import pytest
 import typer
 import yaml
 
+from conveyor.auth import InvalidBootstrapKeys, parse_bootstrap_keys
 from conveyor.cli import app
 from conveyor.health import health_router
 from conveyor.settings import Settings
@@ -42,6 +43,13 @@ HTTP_PORT_SETTING = {("gateway",): "gateway_port", ("progress",): "progress_port
 # Kubernetes' default when a pod spec sets no terminationGracePeriodSeconds.
 K8S_DEFAULT_GRACE_S = 30
 ONE_SHOT_RESTART_POLICIES = {"no", "on-failure"}
+# Compose interpolation: `${NAME}`, `${NAME:-default}`, `${NAME-default}`, `${NAME:?error}`, `${NAME?error}`.
+COMPOSE_VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}")
+# The compose variables that hold secrets: they must be given, never defaulted.
+COMPOSE_SECRETS = {"CONVEYOR_API_KEYS", "POSTGRES_PASSWORD"}
+# Where compose publishes a port when the operator says nothing: this machine only.
+COMPOSE_BIND_VARIABLE = "CONVEYOR_BIND"
+LOOPBACK = "127.0.0.1"
 
 Doc = dict[str, Any]
 
@@ -425,6 +433,32 @@ def test_compose_http_services_publish_and_check_their_port() -> None:
             assert (int(url_port), path) in {(port, p) for p in health_paths()}, (name, url_port, path)
 
 
+def compose_variables() -> list[re.Match[str]]:
+    return list(COMPOSE_VARIABLE.finditer(COMPOSE_FILE.read_text(encoding="utf-8")))
+
+
+def test_compose_requires_its_secrets() -> None:
+    """A secret compose is not given is an error at `docker compose up`, never a known default."""
+    uses = [use for use in compose_variables() if use["name"] in COMPOSE_SECRETS]
+    assert {use["name"] for use in uses} == COMPOSE_SECRETS, f"{COMPOSE_FILE} does not use {COMPOSE_SECRETS}"
+    for use in uses:
+        assert use["op"] in {":?", "?"} and use["arg"].strip(), (
+            f"{use[0]} must be `${{{use['name']}:?message}}`"
+        )
+
+
+def test_compose_publishes_on_loopback_unless_told() -> None:
+    for name, service in compose_services().items():
+        for mapping in service.get("ports", []):
+            assert isinstance(mapping, str), f"{name}: use the short port syntax with a host address"
+            host = mapping.rsplit(":", 2)[0] if mapping.count(":") >= 2 else ""
+            default = COMPOSE_VARIABLE.fullmatch(host)
+            if default is not None:
+                assert default["name"] == COMPOSE_BIND_VARIABLE and default["op"] == ":-", (name, mapping)
+                host = default["arg"]
+            assert host == LOOPBACK, f"{name} publishes {mapping!r} beyond this machine by default"
+
+
 def test_compose_worker_has_time_for_its_worst_case_shutdown() -> None:
     workers = [name for name, command in compose_commands().items() if command == ("worker",)]
     assert workers
@@ -453,6 +487,16 @@ def test_k8s_config_names_are_settings() -> None:
         if names:
             assert_settings_names(names, f"container {container['name']}")
         k8s_env(container)  # every envFrom source exists
+
+
+def test_k8s_secret_holds_no_working_key() -> None:
+    """The example Secret's bootstrap keys are refused at startup: applying it as it is gives no tenant
+    a key anyone can read in this repository."""
+    for secret in k8s_objects("Secret"):
+        keys = secret_values(secret).get("CONVEYOR_API_KEYS")
+        if keys is not None:
+            with pytest.raises(InvalidBootstrapKeys):
+                parse_bootstrap_keys(keys)
 
 
 def test_k8s_commands_are_cli_commands() -> None:

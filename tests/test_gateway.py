@@ -4,12 +4,36 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
+import uuid
+from pathlib import Path
 
 import httpx
+import pytest
+from fastapi import FastAPI
 
+from conveyor import health, sqlstats
 from conveyor.auth import PRINCIPAL_CACHE_S, hash_key
+from conveyor.database import Database
+from conveyor.health import READINESS_CACHE_S
+from conveyor.readiness import check_readiness
+from conveyor.settings import Settings
 
-from harness import KEY_B, Stack, assert_problem, cli, run_cli, wait_alive, wait_for_status
+from harness import (
+    KEY_A,
+    KEY_B,
+    Stack,
+    assert_problem,
+    cli,
+    counted_gateway,
+    eventually,
+    run_cli,
+    select_rate,
+    selects,
+    selects_since,
+    wait_alive,
+    wait_for_status,
+)
 
 UNAUTHORIZED: list[dict[str, str]] = [
     {},
@@ -102,7 +126,9 @@ async def test_health_and_readiness(module_stack: Stack) -> None:
             assert (await client.get(f"{base}/healthz")).json() == {"status": "ok"}
             ready = await client.get(f"{base}/readyz")
             assert ready.status_code == 200
-            assert ready.json()["checks"] == {"database": "ok", "kafka": "ok"}
+            assert ready.json() == {"status": "ready"}  # no details without a key
+            detailed = await client.get(f"{base}/readyz", headers={"Authorization": f"Bearer {KEY_A}"})
+            assert detailed.json()["checks"] == {"database": "ok", "kafka": "ok"}
 
 
 async def test_readiness_fails_when_kafka_is_unreachable(module_stack: Stack) -> None:
@@ -110,9 +136,54 @@ async def test_readiness_fails_when_kafka_is_unreachable(module_stack: Stack) ->
     await wait_alive(base, 60)
     async with httpx.AsyncClient(base_url=base) as client:
         ready = await client.get("/readyz")
+        detailed = await client.get("/readyz", headers={"Authorization": f"Bearer {KEY_A}"})
+        wrong_key = await client.get("/readyz", headers={"Authorization": "Bearer not-a-key"})
     assert ready.status_code == 503
-    assert ready.json()["checks"]["database"] == "ok"
-    assert ready.json()["checks"]["kafka"].startswith("unreachable")
+    assert ready.json() == {"status": "not ready"}  # what is wrong is no business of anonymous callers
+    assert wrong_key.json() == {"status": "not ready"}
+    assert detailed.status_code == 503
+    assert detailed.json()["checks"]["database"] == "ok"
+    assert detailed.json()["checks"]["kafka"].startswith("unreachable")
+    assert "readiness.not_ready" in module_stack.log("gateway-no-kafka")
+
+
+async def test_readiness_is_worked_out_once_a_second_at_most(
+    db: Database, kafka_bootstrap: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every fresh answer opens a Kafka admin connection: a probe storm must not open one per request."""
+    worked_out: list[float] = []
+
+    async def counted(*args: str | Database) -> dict[str, str]:
+        worked_out.append(time.monotonic())
+        return await check_readiness(*args)  # type: ignore[arg-type]  # the real check, counted
+
+    monkeypatch.setattr(health, "check_readiness", counted)
+    settings = Settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:10]}")
+    app = FastAPI()
+    app.include_router(health.health_router(lambda _request: (db, settings)))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
+        started = time.monotonic()
+        answers = await asyncio.gather(*(client.get("/readyz") for _ in range(50)))
+        answers += [await client.get("/readyz") for _ in range(50)]
+        elapsed = time.monotonic() - started
+        assert {answer.status_code for answer in answers} == {503}  # this prefix has no topics
+        assert len(worked_out) <= elapsed / READINESS_CACHE_S + 1, (
+            f"{len(worked_out)} checks in {elapsed:.1f}s"
+        )
+
+        async def worked_out_again() -> bool:
+            await client.get("/readyz")
+            return len(worked_out) > 1
+
+        await eventually(worked_out_again, 5 * READINESS_CACHE_S, "a stale readiness answer to be renewed")
+
+
+async def test_job_types_need_the_read_scope(module_stack: Stack) -> None:
+    submit_only = await run_cli(module_stack, "keys", "create", "--tenant", "tenant-d", "--scopes", "submit")
+    async with module_stack.client(submit_only) as client:
+        body = assert_problem(await client.get("/v1/job-types"), 403)
+    assert "read" in str(body["detail"])
 
 
 async def test_keys_created_with_the_cli_authenticate_with_their_scopes(module_stack: Stack) -> None:
@@ -141,6 +212,36 @@ async def refused_within(client: httpx.AsyncClient, within_s: float) -> float:
 # A revoked key is refused once the gateway's memory of its lookup runs out (conveyor.auth), plus a
 # request's time on a loaded machine.
 REVOKED_WITHIN_S = PRINCIPAL_CACHE_S + 1.0
+
+
+FLOOD_REQUESTS = 600
+FLOOD_CONCURRENCY = 30
+
+
+async def test_a_flood_of_bad_keys_gets_401_and_costs_a_query_a_second_at_most(
+    module_stack: Stack, tmp_path: Path
+) -> None:
+    stats_dir = tmp_path / "sqlstats"
+    counted = await counted_gateway(module_stack, "gateway-auth-counted", stats_dir)
+    idle = await select_rate(stats_dir)
+    started, before = time.monotonic(), selects(stats_dir)
+    limit = asyncio.Semaphore(FLOOD_CONCURRENCY)
+    async with httpx.AsyncClient(base_url=counted, timeout=30) as client:
+
+        async def attempt(n: int) -> int:
+            # Half of them the same wrong key, half each a key of their own.
+            key = f"cvk_made-up-{n}" if n % 2 else "cvk_the-same-wrong-key"
+            async with limit:
+                response = await client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"})
+            return response.status_code
+
+        statuses = await asyncio.gather(*(attempt(n) for n in range(FLOOD_REQUESTS)))
+    elapsed = time.monotonic() - started
+    after = await selects_since(stats_dir, time.time())
+    assert set(statuses) == {401}
+    extra = after - before - idle * (elapsed + sqlstats.WRITE_INTERVAL_S)
+    allowed = elapsed / PRINCIPAL_CACHE_S + 2
+    assert extra <= allowed, f"{FLOOD_REQUESTS} bad keys cost {extra:.0f} queries in {elapsed:.1f} s"
 
 
 async def test_keys_revoked_with_the_cli_get_401_within_a_second(module_stack: Stack) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 
 from conveyor.schemas import SUBMISSION_EXAMPLES
+from services.gateway.listing import MAX_FILTER_VALUES
 
 from harness import (
     KEY_A,
@@ -284,6 +285,12 @@ async def test_list_filters_and_pages_newest_first(module_stack: Stack) -> None:
             {"created_before": "2026-01-01T00:00:00"},
         ):
             assert_problem(await client.get("/v1/jobs", params=params), 422)
+        # Each filter parameter takes at most MAX_FILTER_VALUES values; the 422 names the parameter.
+        assert (await client.get("/v1/jobs", params={"type": ["t"] * MAX_FILTER_VALUES})).status_code == 200
+        for name, value in (("label", "k=v"), ("type", "demo.echo"), ("status", "queued"), ("priority", "1")):
+            refused = await client.get("/v1/jobs", params={name: [value] * (MAX_FILTER_VALUES + 1)})
+            body = assert_problem(refused, 422)
+            assert body["errors"] == [{"field": name, "message": body["errors"][0]["message"]}]  # type: ignore[index]
         for job in created:
             await client.post(job["links"]["cancel"])
 

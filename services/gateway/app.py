@@ -19,7 +19,9 @@ from conveyor.pruning import Pruner, keep_for, prune_finished_jobs, prune_keys
 from conveyor.settings import Settings
 from conveyor.topics_setup import TopicKeeper
 from services.gateway import jobs
+from services.gateway.bodylimit import BodyLimit
 from services.gateway.state import GatewayState
+from services.gateway.waiting import StateNotifier, Waits
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -46,12 +48,14 @@ def create_app(settings: Settings) -> FastAPI:
             registry=load_handler_modules(settings.handler_modules),
             committer=committer,
             authenticator=Authenticator(db, parse_bootstrap_keys(settings.api_keys)),
+            waits=Waits(db, StateNotifier(settings.kafka_bootstrap, settings.topic_prefix)),
         )
         app.state.gateway = state
         collector.started()
         try:
             yield
         finally:
+            await state.waits.stop()
             for pruner in pruners:
                 await pruner.stop()
             await committer.stop()
@@ -66,11 +70,17 @@ def create_app(settings: Settings) -> FastAPI:
         lifespan=lifespan,
     )
     install_problem_handlers(app)
+    # Outermost but for Starlette's error handler: bodies are limited before routing, auth or parsing.
+    app.add_middleware(BodyLimit)
     app.include_router(jobs.router)
 
     def dependencies(request: Request) -> tuple[Database, Settings]:
         state: GatewayState = request.app.state.gateway
         return state.db, state.settings
 
-    app.include_router(health_router(dependencies))
+    def authenticator(request: Request) -> Authenticator:
+        state: GatewayState = request.app.state.gateway
+        return state.authenticator
+
+    app.include_router(health_router(dependencies, authenticator))
     return app

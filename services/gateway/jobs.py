@@ -3,14 +3,13 @@ the job types."""
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import math
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import Field
 
 from conveyor import changes
@@ -20,6 +19,7 @@ from conveyor.jobstore import get_job, is_job_id, list_jobs
 from conveyor.jsoncodec import FastJSONResponse
 from conveyor.lifecycle import JobState
 from conveyor.models import JobRecord, utcnow
+from conveyor.pages import encoded_within, page_response
 from conveyor.problems import PROBLEM_JSON, Problem, invalid_field, invalid_request, job_not_found
 from conveyor.schemas import (
     MAX_BATCH_JOBS,
@@ -37,6 +37,7 @@ from conveyor.schemas import (
 )
 from conveyor.settings import DEFAULT_RETRY_AFTER_S, TenantLimits
 from conveyor.topics import HIGHEST_PRIORITY, LOWEST_PRIORITY
+from services.gateway.bodylimit import MAX_BATCH_BODY_BYTES
 from services.gateway.limits import queue_full, too_large_for_burst
 from services.gateway.listing import (
     DEFAULT_PAGE_SIZE,
@@ -48,16 +49,10 @@ from services.gateway.listing import (
 )
 from services.gateway.security import require_principal
 from services.gateway.state import GatewayState, gateway_state
-from services.gateway.submission import (
-    MAX_BATCH_BODY_BYTES,
-    Submission,
-    read_batch,
-    read_submission,
-)
+from services.gateway.submission import Submission, read_batch, read_submission
 
-# `?wait=` holds a status request at most this long, checking the job this often meanwhile.
+# `?wait=` holds a status request at most this long.
 MAX_WAIT_S = 60.0
-WAIT_POLL_S = 0.25
 PriorityLevel = Annotated[int, Field(ge=HIGHEST_PRIORITY, le=LOWEST_PRIORITY)]
 # No NUL: PostgreSQL refuses it in text, so it would fail the query rather than match nothing.
 TypeName = Annotated[str, Field(max_length=200, pattern=r"^[^\x00]*$")]
@@ -331,8 +326,9 @@ async def list_tenant_jobs(
     created_before: datetime | None = Query(default=None, description="Created before this time."),
     limit: int = Query(default=DEFAULT_PAGE_SIZE, ge=1, le=MAX_PAGE_SIZE),
     cursor: str | None = Query(default=None, max_length=500, description="`next_cursor` of the last page."),
-) -> JSONResponse:
-    """The tenant's jobs, newest first, filtered, a page at a time."""
+) -> Response:
+    """The tenant's jobs, newest first, filtered, a page at a time: up to `limit` jobs, fewer when
+    they would take more than CONVEYOR_MAX_PAGE_BYTES (then `next_cursor` goes on from the last shown)."""
     state = gateway_state(request)
     principal = await require_principal(request, state, "read")
     for name, moment in (("created_after", created_after), ("created_before", created_before)):
@@ -343,17 +339,18 @@ async def list_tenant_jobs(
     jobs = await state.db.read(
         functools.partial(list_jobs, tenant=principal.tenant, where=where, limit=limit + 1, before=before)
     )
-    more = len(jobs) > limit
-    jobs = jobs[:limit]
-    next_cursor = encode_cursor(jobs[-1]) if more else None
-    page = {
-        "items": [resource_document(job, state.settings.progress_url) for job in jobs],
+    documents = (resource_document(job, state.settings.progress_url) for job in jobs[:limit])
+    items = encoded_within(documents, state.settings.max_page_bytes)
+    # More after this page: a job past `limit`, or jobs the page had no room for (max_page_bytes).
+    more = len(jobs) > len(items)
+    next_cursor = encode_cursor(jobs[len(items) - 1]) if more else None
+    fields = {
         "next_cursor": next_cursor,
         "next": next_page_url(request.url.path, request.query_params.multi_items(), next_cursor)
         if next_cursor
         else None,
     }
-    return FastJSONResponse(page)
+    return page_response(fields, "items", items)
 
 
 @router.get(
@@ -379,24 +376,18 @@ async def read_job(
     principal = await require_principal(request, state, "read")
     job = await _tenant_job(state, principal.tenant, job_id)
     if wait > 0 and not job.status.is_terminal:
-        job = await _wait_for_change(request, state, principal.tenant, job, wait)
+        # Served from the events topic, not by polling the database (services.gateway.waiting).
+        max_waiting = state.settings.tenant_max_waiting
+        disconnected = functools.partial(_disconnected, request)
+        job = await state.waits.until_changed(job, principal.tenant, wait, max_waiting, disconnected)
     headers = {} if job.status.is_terminal else {"Retry-After": str(retry_after_s(job))}
     return FastJSONResponse(resource_document(job, state.settings.progress_url), headers=headers)
 
 
-async def _wait_for_change(
-    request: Request, state: GatewayState, tenant: str, job: JobRecord, wait_s: float
-) -> JobRecord:
-    """The job once its status differs from `job`'s, or as it is when `wait_s` runs out."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + wait_s
-    latest = job
-    while loop.time() < deadline:
-        await asyncio.sleep(min(WAIT_POLL_S, max(0.0, deadline - loop.time())))
-        latest = await _tenant_job(state, tenant, job.id)
-        if latest.status != job.status or await request.is_disconnected():
-            break
-    return latest
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone (a GET's body is read: the next message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.get(
@@ -532,9 +523,9 @@ def default_attempts(state: GatewayState, type_name: str) -> int:
 
 @router.get("/job-types", response_model=list[JobTypeInfo], responses=problems())
 async def list_job_types(request: Request) -> list[JobTypeInfo]:
-    """The registered job types and the JSON Schema of their payloads."""
+    """The registered job types and the JSON Schema of their payloads. Needs the `read` scope."""
     state = gateway_state(request)
-    await require_principal(request, state)
+    await require_principal(request, state, "read")
     return [
         JobTypeInfo(name=t.name, description=t.description, payload_schema=t.payload_schema())
         for t in (state.registry.get(name) for name in state.registry.names())

@@ -20,6 +20,9 @@ from conveyor.problems import invalid_field
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 200
+# Values one filter parameter may repeat (`?label=a=1&label=b=2...`): each is a condition of the
+# query, and a request of thousands of them would cost the database far more than it is worth.
+MAX_FILTER_VALUES = 20
 
 
 def encode_cursor(job: JobView) -> str:
@@ -58,6 +61,9 @@ def job_filter(
     created_after: datetime | None,
     created_before: datetime | None,
 ) -> JobFilter:
+    for name, values in (("status", statuses), ("type", types), ("priority", priorities), ("label", labels)):
+        if len(values) > MAX_FILTER_VALUES:
+            raise invalid_field(name, f"at most {MAX_FILTER_VALUES} values, got {len(values)}")
     return JobFilter(
         statuses=statuses,
         types=types,

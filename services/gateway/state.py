@@ -1,4 +1,5 @@
-"""What the gateway's request handlers share: settings, database, registry, committer, authenticator."""
+"""What the gateway's request handlers share: settings, database, registry, committer, authenticator,
+the requests waiting on jobs (`?wait=`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from conveyor.database import Database
 from conveyor.handlers import Registry
 from conveyor.settings import Settings
 from services.gateway.limits import SubmissionLimiter
+from services.gateway.waiting import Waits
 
 
 @dataclass
@@ -21,6 +23,7 @@ class GatewayState:
     registry: Registry
     committer: Committer
     authenticator: Authenticator
+    waits: Waits
     limiter: SubmissionLimiter = field(default_factory=SubmissionLimiter)
 
 

@@ -1,5 +1,6 @@
-"""Reading a submission: the body (JSON, within the size limit), the request model, the job type, the
-payload against the type's model, and the schedule. Each step raises a problem naming the field."""
+"""Reading a submission: the body (JSON; its size is limited before it is read, by
+`services.gateway.bodylimit`), the request model, the job type, the payload against the type's model,
+and the schedule. Each step raises a problem naming the field."""
 
 from __future__ import annotations
 
@@ -24,9 +25,6 @@ from conveyor.problems import (
 )
 from conveyor.schemas import MAX_BATCH_JOBS, MAX_SCHEDULE_AHEAD_S, BatchItem, JobSubmission
 
-MAX_BODY_BYTES = 1024 * 1024
-# A batch of up to 1,000 jobs may carry up to this much.
-MAX_BATCH_BODY_BYTES = 16 * 1024 * 1024
 JSON_TYPES = ("application/json",)
 # Deeper JSON than this is refused: real payloads are far shallower, and serializing it again (to the
 # database, to Kafka) would recurse past Python's limit.
@@ -59,7 +57,7 @@ async def read_submission(request: Request, registry: Registry) -> tuple[Any, Su
 async def read_batch(request: Request, registry: Registry) -> list[tuple[Any, Submission]]:
     """Each job of a batch, with its raw JSON (for its idempotency fingerprint), all checked. Every
     item and field at fault is named in one 422 (`jobs[3].type`); nothing is accepted if one is."""
-    body = await read_json_body(request, MAX_BATCH_BODY_BYTES)
+    body = await read_json_body(request)
     try:
         envelope = BatchEnvelope.model_validate(body)
     except ValidationError as exc:
@@ -101,7 +99,7 @@ def checked_submission(request: JobSubmission, registry: Registry, at: Location 
     return Submission(request, job_type, payload, scheduled_time(request, at))
 
 
-async def read_json_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> Any:
+async def read_json_body(request: Request) -> Any:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in JSON_TYPES and not content_type.endswith("+json"):
         raise Problem(
@@ -110,13 +108,7 @@ async def read_json_body(request: Request, max_bytes: int = MAX_BODY_BYTES) -> A
             "send the job as `Content-Type: application/json`",
             slug="unsupported-media-type",
         )
-    body = bytearray()
-    async for chunk in request.stream():
-        body.extend(chunk)
-        if len(body) > max_bytes:
-            raise Problem(
-                413, "Content too large", f"the body exceeds {max_bytes} bytes", slug="body-too-large"
-            )
+    body = await request.body()  # within the route's limit: the BodyLimit middleware saw to it
     try:
         document = json.loads(body, parse_constant=_refuse_constant, parse_float=_finite_float)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -76,5 +76,9 @@ def create_app(settings: Settings) -> FastAPI:
         state: ProgressState = request.app.state.progress
         return state.db, state.settings
 
-    app.include_router(health_router(dependencies))
+    def authenticator(request: Request) -> Authenticator:
+        state: ProgressState = request.app.state.progress
+        return state.authenticator
+
+    app.include_router(health_router(dependencies, authenticator))
     return app

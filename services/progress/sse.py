@@ -18,13 +18,14 @@ import json
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.types import Receive, Scope, Send
 
 from conveyor.auth import Forbidden, Principal, Unauthenticated, resolve_principal
 from conveyor.eventlog import events_between
 from conveyor.jobstore import get_job
+from conveyor.pages import encoded_within, page_response
 from conveyor.problems import (
     Problem,
     forbidden,
@@ -79,12 +80,11 @@ async def job_events(
         )
         if events is None:
             raise Problem(410, "Gone", "this part of the job's history was pruned", slug="history-pruned")
-        body = {
-            "job_id": job_id,
-            "last_seq": job.last_seq,
-            "events": [event.model_dump(mode="json") for event in events],
-        }
-        return JSONResponse(body)
+        # Fewer events than asked for when they would pass CONVEYOR_MAX_PAGE_BYTES: the client goes on
+        # after the last one it got, as after any page that ends before `last_seq`.
+        documents = (event.model_dump(mode="json") for event in events)
+        encoded = encoded_within(documents, state.settings.max_page_bytes)
+        return page_response({"job_id": job_id, "last_seq": job.last_seq}, "events", encoded)
     if finished:
         return Response(status_code=204)
     tenant = principal.tenant

@@ -7,22 +7,26 @@ import functools
 import hashlib
 import hmac
 import secrets
-import time
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from conveyor.database import Database
+from conveyor.memo import Remembered
 from conveyor.models import ApiKey, utcnow
 
 ALL_SCOPES = frozenset({"submit", "read", "cancel"})
 KEY_PREFIX = "cvk_"
-# How long a key's principal (or its absence) is remembered: a key created or revoked takes effect
-# within this long, and a busy client costs one lookup a second instead of one per request.
+# A bootstrap key shorter than this is refused at startup: a guessable key is a tenant's for anyone.
+MIN_BOOTSTRAP_KEY_LENGTH = 24
+BOOTSTRAP_KEYS_SETTING = "CONVEYOR_API_KEYS"
+# Between a bootstrap key's scopes: `tenant:key:submit+read`.
+SCOPE_SEPARATOR = "+"
+# How long a process trusts its copy of the stored keys: a key created or revoked in the database
+# takes effect within this long, and the keys cost one query this often at most, however many
+# requests (with real or made-up keys) arrive meanwhile.
 PRINCIPAL_CACHE_S = 1.0
-# Remembered keys at most; past it the memory starts again (a flood of made-up keys must not grow it).
-PRINCIPAL_CACHE_SIZE = 10_000
 
 
 @dataclass(frozen=True)
@@ -39,18 +43,44 @@ def generate_key() -> str:
     return KEY_PREFIX + secrets.token_urlsafe(32)
 
 
+class InvalidBootstrapKeys(ValueError):
+    """CONVEYOR_API_KEYS is malformed. The message names the entry by position and tenant, never the key."""
+
+
 def parse_bootstrap_keys(spec: str) -> dict[str, Principal]:
-    """`tenant:key,tenant:key` -> {hash of key: principal with every scope}."""
+    """`tenant:key,tenant:key:submit+read` -> {hash of key: principal}: the scopes named, else every
+    scope. A key must be at least MIN_BOOTSTRAP_KEY_LENGTH characters (and holds no `:` or `,`)."""
     keys: dict[str, Principal] = {}
-    for item in spec.split(","):
+    for n, item in enumerate(spec.split(","), start=1):
         item = item.strip()
         if not item:
             continue
-        tenant, sep, key = item.partition(":")
-        if not sep or not tenant.strip() or not key.strip():
-            raise ValueError(f"CONVEYOR_API_KEYS entries are tenant:key, got {item!r}")
-        keys[hash_key(key.strip())] = Principal(tenant.strip(), ALL_SCOPES)
+        tenant, _, rest = (part.strip() for part in item.partition(":"))
+        key, scoped, scopes = (part.strip() for part in rest.partition(":"))
+        where = f"{BOOTSTRAP_KEYS_SETTING} entry {n}" + (f" (tenant {tenant!r})" if tenant else "")
+        if not tenant or not key:
+            raise InvalidBootstrapKeys(f"{where}: entries are tenant:key or tenant:key:scope+scope")
+        if len(key) < MIN_BOOTSTRAP_KEY_LENGTH:
+            raise InvalidBootstrapKeys(
+                f"{where}: the key has {len(key)} characters; at least {MIN_BOOTSTRAP_KEY_LENGTH}"
+            )
+        if scoped and not scopes:
+            raise InvalidBootstrapKeys(f"{where}: name scopes after the second `:`, or leave it out for all")
+        keys[hash_key(key)] = Principal(tenant, bootstrap_scopes(scopes, where))
     return keys
+
+
+def bootstrap_scopes(spec: str, where: str) -> frozenset[str]:
+    """`submit+read` -> those scopes; nothing named -> every scope (as before scopes could be named)."""
+    if not spec:
+        return ALL_SCOPES
+    scopes = frozenset(scope.strip() for scope in spec.split(SCOPE_SEPARATOR))
+    unknown = scopes - ALL_SCOPES
+    if unknown:
+        # Not named: with a `:` in a key by mistake, the "scope" would be part of the key.
+        known = SCOPE_SEPARATOR.join(sorted(ALL_SCOPES))
+        raise InvalidBootstrapKeys(f"{where}: {len(unknown)} unknown scope(s); the scopes are {known}")
+    return scopes
 
 
 def bearer_token(authorization: str | None) -> str | None:
@@ -62,24 +92,28 @@ def bearer_token(authorization: str | None) -> str | None:
     return token.strip()
 
 
-def stored_principal(connection: Connection, digest: str) -> Principal | None:
-    """The principal of the live key stored with this hash, if any."""
-    query = select(ApiKey.tenant, ApiKey.scopes).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-    row = connection.execute(query).first()
-    return None if row is None else Principal(row.tenant, frozenset(row.scopes.split(",")))
+def live_keys(connection: Connection) -> dict[str, Principal]:
+    """Every stored key that is not revoked: {hash of key: principal}."""
+    query = select(ApiKey.key_hash, ApiKey.tenant, ApiKey.scopes).where(ApiKey.revoked_at.is_(None))
+    return {
+        row.key_hash: Principal(row.tenant, frozenset(row.scopes.split(",")))
+        for row in connection.execute(query)
+    }
 
 
 class Authenticator:
-    """Who an API key belongs to: a bootstrap key (CONVEYOR_API_KEYS) or a key stored in the database,
-    each lookup remembered for PRINCIPAL_CACHE_S."""
+    """Who an API key belongs to: a bootstrap key (CONVEYOR_API_KEYS) or a key stored in the database.
+
+    The stored keys are read whole, at most once per PRINCIPAL_CACHE_S and only when a request needs
+    them (`conveyor.memo`). A lookup per presented key, even one remembered for a while, would let a
+    flood of made-up keys cost a query each; a copy of the (few) live keys answers every key, known or
+    not, from memory."""
 
     def __init__(
         self, db: Database, bootstrap_keys: dict[str, Principal], cache_s: float = PRINCIPAL_CACHE_S
     ):
-        self._db = db
         self._bootstrap_keys = bootstrap_keys
-        self._cache_s = cache_s
-        self._cache: dict[str, tuple[float, Principal | None]] = {}
+        self._stored = Remembered(functools.partial(db.read, live_keys), cache_s)
 
     async def principal(self, token: str) -> Principal | None:
         """The key's principal; None for an unknown or revoked key."""
@@ -87,15 +121,8 @@ class Authenticator:
         for known, principal in self._bootstrap_keys.items():
             if hmac.compare_digest(known, digest):
                 return principal
-        now = time.monotonic()
-        cached = self._cache.get(digest)
-        if cached is not None and cached[0] > now:
-            return cached[1]
-        found = await self._db.read(functools.partial(stored_principal, digest=digest))
-        if len(self._cache) >= PRINCIPAL_CACHE_SIZE:
-            self._cache.clear()
-        self._cache[digest] = (now + self._cache_s, found)
-        return found
+        stored = await self._stored.get()
+        return stored.get(digest)
 
 
 class Unauthenticated(Exception):

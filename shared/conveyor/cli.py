@@ -40,6 +40,17 @@ def _settings() -> Settings:
     return settings
 
 
+def _require_valid_keys(settings: Settings) -> None:
+    """Refuse to start a service on malformed or short bootstrap keys; the message never shows a key."""
+    from conveyor.auth import InvalidBootstrapKeys, parse_bootstrap_keys
+
+    try:
+        parse_bootstrap_keys(settings.api_keys)
+    except InvalidBootstrapKeys as exc:
+        console.print(f"[red]{escape(str(exc))}[/red]", soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
 def _require_bootstrap(settings: Settings) -> None:
     if not settings.kafka_bootstrap:
         console.print(
@@ -53,7 +64,9 @@ def run() -> None:
     """Set up and run the whole embedded stack in the foreground: Kafka, gateway, workers, progress."""
     from conveyor.stack import run_stack
 
-    sys.exit(run_stack(_settings()))
+    settings = _settings()
+    _require_valid_keys(settings)
+    sys.exit(run_stack(settings))
 
 
 @app.command()
@@ -63,6 +76,7 @@ def gateway() -> None:
 
     settings = _settings()
     _require_bootstrap(settings)
+    _require_valid_keys(settings)
     serve(settings)
 
 
@@ -83,6 +97,7 @@ def progress() -> None:
 
     settings = _settings()
     _require_bootstrap(settings)
+    _require_valid_keys(settings)
     serve(settings)
 
 

@@ -2,18 +2,35 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 
+from conveyor.auth import Authenticator, bearer_token
 from conveyor.database import Database
+from conveyor.memo import Remembered
 from conveyor.readiness import check_readiness
 from conveyor.settings import Settings
 
+log = structlog.get_logger(__name__)
 
-def health_router(dependencies: Callable[[Request], tuple[Database, Settings]]) -> APIRouter:
+# How long a readiness answer is reused: probes and load balancers may ask many times a second, and a
+# fresh answer costs a database round trip and a new Kafka admin connection.
+READINESS_CACHE_S = 1.0
+
+
+def health_router(
+    dependencies: Callable[[Request], tuple[Database, Settings]],
+    authenticator: Callable[[Request], Authenticator] | None = None,
+) -> APIRouter:
+    """`/healthz` and `/readyz`. Readiness says ready or not to anyone; what is wrong (a missing topic,
+    an unreachable dependency) only to a caller with a valid key (`authenticator`), and in the log."""
     router = APIRouter()
+    readiness: list[Remembered[dict[str, str]]] = []  # made on the first request, which has the database
 
     @router.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -23,11 +40,33 @@ def health_router(dependencies: Callable[[Request], tuple[Database, Settings]]) 
     @router.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
         """200 once the database and Kafka answer and the topics exist; 503 otherwise."""
-        db, settings = dependencies(request)
-        checks = await check_readiness(db, settings.kafka_bootstrap, settings.topic_prefix)
+        if not readiness:
+            db, settings = dependencies(request)
+            readiness.append(Remembered(functools.partial(_checked, db, settings), READINESS_CACHE_S))
+        checks = await readiness[0].get()
         ready = all(value == "ok" for value in checks.values())
-        return JSONResponse(
-            {"status": "ready" if ready else "not ready", "checks": checks}, status_code=200 if ready else 503
-        )
+        body: dict[str, object] = {"status": "ready" if ready else "not ready"}
+        if authenticator is not None and await _authenticated(request, authenticator(request)):
+            body["checks"] = checks
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     return router
+
+
+async def _checked(db: Database, settings: Settings) -> dict[str, str]:
+    checks = await check_readiness(db, settings.kafka_bootstrap, settings.topic_prefix)
+    if any(value != "ok" for value in checks.values()):
+        log.warning("readiness.not_ready", checks=checks)
+    return checks
+
+
+async def _authenticated(request: Request, authenticator: Authenticator) -> bool:
+    """Whether the request carries a valid key (any scope). Never an error: readiness must answer
+    even when the database that holds the keys does not."""
+    token = bearer_token(request.headers.get("authorization"))
+    if not token:
+        return False
+    try:
+        return await authenticator.principal(token) is not None
+    except (SQLAlchemyError, OSError):
+        return False

@@ -50,6 +50,9 @@ DEFAULT_PROGRESS_TENANT_MAX_SOCKETS = 5000
 DEFAULT_PROGRESS_TENANT_MAX_STREAMS = 1000
 # How long a finished job is kept (with its events, labels and idempotency key) before it is deleted.
 DEFAULT_JOB_RETENTION_S = 7 * 24 * 3600.0
+# The JSON of one page of a listing (the jobs, a job's event history) at most; past it the page ends
+# early and says where the rest begins (`conveyor.pages`).
+DEFAULT_MAX_PAGE_BYTES = 4 * 1024 * 1024
 # What the gateway suggests a client waits before its first poll of a fresh job.
 DEFAULT_RETRY_AFTER_S = 1
 # How long an `Idempotency-Key` is remembered (the window the API publishes).
@@ -59,6 +62,8 @@ DEFAULT_TENANT_MAX_QUEUED = 10_000
 DEFAULT_TENANT_SUBMIT_RATE = 100.0
 # A burst as large as the largest batch (`POST /v1/jobs/batch`), so a default tenant can send one.
 DEFAULT_TENANT_SUBMIT_BURST = 1000
+# Requests one tenant may have waiting at once on a gateway (`GET /v1/jobs/<id>?wait=`).
+DEFAULT_TENANT_MAX_WAITING = 100
 # How long a canceled job's handler may take to notice `ctx.cancelled` before its task is cancelled.
 DEFAULT_CANCEL_GRACE_S = 10.0
 # Retries wait a random time ("full jitter") up to min(cap, base * 2 ** (attempt - 1)).
@@ -137,6 +142,16 @@ class Settings(BaseSettings):
     )
     tenant_submit_burst: int = Field(
         default=DEFAULT_TENANT_SUBMIT_BURST, ge=1, description="Submissions a tenant may make at once."
+    )
+    max_page_bytes: int = Field(
+        default=DEFAULT_MAX_PAGE_BYTES,
+        ge=1024,
+        description="Bytes of items one page of the job list or of an event history holds at most.",
+    )
+    tenant_max_waiting: int = Field(
+        default=DEFAULT_TENANT_MAX_WAITING,
+        ge=1,
+        description="Requests a tenant may have waiting at once (`?wait=`) on each gateway.",
     )
     tenant_limits: dict[str, TenantLimits] = Field(
         default_factory=dict,

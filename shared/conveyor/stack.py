@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -22,6 +23,9 @@ from conveyor.stopping import STOP_SIGNALS, StopRequested, ignore_stop_signals, 
 from conveyor.supervisor import ServiceSpec, Supervisor
 
 DEV_TENANT = "dev"
+DEV_KEY_FILE = "dev-api-key"
+# The development key's file: its owner's alone.
+DEV_KEY_MODE = 0o600
 TOPICS_TIMEOUT_S = 60.0
 
 # soft_wrap: never break the printed commands, so they can be copied whole.
@@ -30,12 +34,18 @@ console = Console(soft_wrap=True)
 
 def dev_api_key(data_dir: Path) -> str:
     """The development key, made once and kept in the data folder so it survives restarts."""
-    path = data_dir / "dev-api-key"
+    path = data_dir / DEV_KEY_FILE
     if path.exists():
         return path.read_text().strip()
     key = generate_key()
-    path.write_text(key + "\n")
-    path.chmod(0o600)
+    try:
+        # Created with its mode, never readable by others (written first and chmod'ed after, it would
+        # be for a moment). O_EXCL: of two runs starting at once, one writes the key, the other reads it.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, DEV_KEY_MODE)
+    except FileExistsError:
+        return path.read_text().strip()
+    with os.fdopen(descriptor, "w") as file:
+        file.write(key + "\n")
     return key
 
 
