@@ -26,7 +26,16 @@ from conveyor.database import Database
 from conveyor.embedded.kafka import KafkaCluster
 from conveyor.models import Job
 
-from harness import PROBLEM_JSON, Stack, eventually, outbox_size, submit, wait_alive, wait_for_status
+from harness import (
+    PROBLEM_JSON,
+    Stack,
+    eventually,
+    outbox_size,
+    sleep_job,
+    submit,
+    wait_alive,
+    wait_for_status,
+)
 
 # Outbox rows count as orphans after 10 s (conveyor.outbox.ORPHAN_AGE_S); then any live relay sweeps them.
 ORPHAN_SWEEP_WITHIN_S = 60
@@ -124,6 +133,38 @@ async def test_jobs_accepted_while_kafka_is_down_run_once_it_is_back(
 
         after = [await submit_echo(client, {"after": n}) for n in range(2)]
         await all_succeed(client, after, 60)
+
+
+# A worker cut off from Kafka this long (longer than a consumer's session) must lose nothing.
+KAFKA_OUTAGE_S = 30.0
+
+
+async def test_a_worker_cut_off_from_kafka_for_30_s_records_its_outcomes_and_resumes(
+    private_kafka: KafkaCluster, private_kafka_stack: Stack, database_url: str
+) -> None:
+    """The jobs running when Kafka goes away finish and are recorded in the database meanwhile (their
+    events wait in the outbox); the worker then takes new jobs once Kafka is back."""
+    async with private_kafka_stack.client() as client:
+        running = [(await submit(client, sleep_job(6)))["id"] for _ in range(3)]
+        for job_id in running:
+            await wait_for_status(client, job_id, {"running"}, 60)
+        await asyncio.to_thread(private_kafka.stop)
+        outage_started = asyncio.get_running_loop().time()
+
+        async def recorded() -> bool:
+            jobs = {job.id: job for job in await stored_jobs(database_url)}
+            return all(jobs[job_id].status == "succeeded" for job_id in running)
+
+        await eventually(recorded, KAFKA_OUTAGE_S, "the running jobs' outcomes while Kafka is down")
+        assert await outbox_size_at(database_url) > 0, "their events wait for Kafka"
+        remaining_s = KAFKA_OUTAGE_S - (asyncio.get_running_loop().time() - outage_started)
+        await asyncio.sleep(max(0.0, remaining_s))
+        await asyncio.to_thread(private_kafka.start)
+
+        after = [await submit_echo(client, {"after": n}) for n in range(3)]
+        await all_succeed(client, after, KAFKA_RECOVERY_WITHIN_S)
+        finals = [(await client.get(f"/v1/jobs/{job_id}")).json() for job_id in running]
+    assert [(job["status"], job["attempts"]) for job in finals] == [("succeeded", 1)] * len(running)
 
 
 async def test_every_service_stops_promptly_while_kafka_is_down_and_a_drained_job_is_kept(
