@@ -30,6 +30,7 @@ from conveyor.database import Database
 from conveyor.eventlog import events_between
 from conveyor.events import JobEvent
 from conveyor.models import JOBS, OutboxMessage
+from conveyor.topics import worker_group
 
 READY_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 30.0
@@ -327,6 +328,17 @@ async def group_members(bootstrap: str, group: str) -> tuple[str, list[str]]:
     return state, sorted(member[0] for member in members)
 
 
+async def workers_in_the_group(stack: Stack, count: int) -> None:
+    """Wait until the workers' consumer group is stable with `count` members: each holds partitions."""
+    group = worker_group(stack.env["CONVEYOR_TOPIC_PREFIX"])
+
+    async def stable() -> bool:
+        state, members = await group_members(stack.env["CONVEYOR_KAFKA_BOOTSTRAP"], group)
+        return state == "Stable" and len(members) == count
+
+    await eventually(stable, 60, f"{count} workers to hold partitions")
+
+
 async def event_history(db: Database, job_id: str) -> list[JobEvent]:
     """The job's whole event history, oldest first (the job exists, and its history has no gaps)."""
 
@@ -373,12 +385,14 @@ async def select_rate(stats_dir: Path) -> float:
     return (selects(stats_dir) - before) / (time.monotonic() - started)
 
 
-async def counted_gateway(stack: Stack, name: str, stats_dir: Path, **env: str) -> str:
-    """Another gateway that counts its SQL into `stats_dir`, ready and counting; its URL."""
+async def counted_gateway(stack: Stack, name: str, directory: Path, **env: str) -> tuple[str, Path]:
+    """Another gateway that counts its SQL into a folder under `directory`, ready and counting; its
+    URL, and the folder (for `selects` and `select_rate`)."""
+    stats_dir = directory / f"sqlstats-{name}"
     url = stack.start_gateway(name, CONVEYOR_SQL_STATS_DIR=str(stats_dir), **env)
     await stack.wait_ready(url)
     await eventually(lambda: list(stats_dir.glob("gateway-*.json")), 10, f"{name}'s SQL counts")
-    return url
+    return url, stats_dir
 
 
 async def outbox_size(db: Database) -> int:

@@ -7,6 +7,7 @@ import re
 import time
 import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import pytest
@@ -160,7 +161,8 @@ async def test_readiness_is_worked_out_once_a_second_at_most(
     monkeypatch.setattr(health, "check_readiness", counted)
     settings = Settings(kafka_bootstrap=kafka_bootstrap, topic_prefix=f"t{uuid.uuid4().hex[:10]}")
     app = FastAPI()
-    app.include_router(health.health_router(lambda _request: (db, settings)))
+    state = SimpleNamespace(db=db, settings=settings, authenticator=None)
+    app.include_router(health.health_router(lambda _request: state))
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
         started = time.monotonic()
@@ -221,8 +223,7 @@ FLOOD_CONCURRENCY = 30
 async def test_a_flood_of_bad_keys_gets_401_and_costs_a_query_a_second_at_most(
     module_stack: Stack, tmp_path: Path
 ) -> None:
-    stats_dir = tmp_path / "sqlstats"
-    counted = await counted_gateway(module_stack, "gateway-auth-counted", stats_dir)
+    counted, stats_dir = await counted_gateway(module_stack, "gateway-auth-counted", tmp_path)
     idle = await select_rate(stats_dir)
     started, before = time.monotonic(), selects(stats_dir)
     limit = asyncio.Semaphore(FLOOD_CONCURRENCY)

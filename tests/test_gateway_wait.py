@@ -33,9 +33,8 @@ ANSWERED_WITHIN_S = 1.5
 async def test_waiters_on_one_job_cost_no_reads_each_are_capped_and_answered_at_once(
     stack: Stack, tmp_path: Path
 ) -> None:
-    stats_dir = tmp_path / "sqlstats"
-    counted = await counted_gateway(
-        stack, "gateway-counted", stats_dir, CONVEYOR_TENANT_MAX_WAITING=str(WAITERS)
+    counted, stats_dir = await counted_gateway(
+        stack, "gateway-counted", tmp_path, CONVEYOR_TENANT_MAX_WAITING=str(WAITERS)
     )
     async with stack.client() as client:
         # Progress twice a second while it runs: events that change no status wake no waiter.

@@ -10,17 +10,16 @@ import pytest
 from conveyor.database import Database
 from conveyor.jobstore import load_job
 from conveyor.lifecycle import JobState
-from conveyor.topics import worker_group
 
 from harness import (
     Stack,
     assignments,
     event_history,
     eventually,
-    group_members,
     sleep_job,
     submit,
     wait_for_status,
+    workers_in_the_group,
 )
 
 
@@ -30,17 +29,6 @@ async def running_worker_pid(db: Database, job_id: str) -> int | None:
     if job is None or job.status != "running" or job.worker_id is None:
         return None
     return int(job.worker_id.split("-")[-2])  # worker ids are host-pid-random
-
-
-async def both_workers_in_the_group(stack: Stack) -> None:
-    """Wait until the workers' group is stable with two members: each worker holds partitions."""
-    group = worker_group(stack.env["CONVEYOR_TOPIC_PREFIX"])
-
-    async def stable_with_two() -> bool:
-        state, members = await group_members(stack.env["CONVEYOR_KAFKA_BOOTSTRAP"], group)
-        return state == "Stable" and len(members) == 2
-
-    await eventually(stable_with_two, 60, "both workers to hold partitions")
 
 
 async def has_progress(client: httpx.AsyncClient, job_id: str) -> bool:
@@ -59,7 +47,7 @@ async def test_a_job_survives_its_worker_being_killed(stack: Stack, database_url
     stack.start("worker-2", "worker")
     db = Database(database_url)
     try:
-        await both_workers_in_the_group(stack)
+        await workers_in_the_group(stack, 2)
         async with stack.client() as client:
             job = (
                 await client.post(
@@ -108,7 +96,7 @@ async def test_a_worker_whose_clock_runs_ahead_reaps_no_live_attempt(stack: Stac
     """Leases are set and compared by the database's clock: a reaper on a host 30 s ahead takes no job
     from a live worker, and the jobs it runs itself keep their leases too."""
     stack.start("worker-2", "worker", CONVEYOR_CLOCK_SKEW_S=str(SKEW_S))
-    await both_workers_in_the_group(stack)
+    await workers_in_the_group(stack, 2)
     async with stack.client() as client:
         # Longer than two leases, so that each job is renewed while the skewed reaper looks.
         jobs = [await submit(client, sleep_job(7, steps=7)) for _ in range(SKEW_JOBS)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 
 from conveyor import collector
 from conveyor.auth import Authenticator, parse_bootstrap_keys
@@ -20,7 +20,7 @@ from conveyor.settings import Settings
 from conveyor.topics_setup import TopicKeeper
 from services.gateway import jobs
 from services.gateway.bodylimit import BodyLimit
-from services.gateway.state import GatewayState
+from services.gateway.state import GatewayState, gateway_state
 from services.gateway.waiting import StateNotifier, Waits
 
 
@@ -74,13 +74,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit)
     app.include_router(jobs.router)
 
-    def dependencies(request: Request) -> tuple[Database, Settings]:
-        state: GatewayState = request.app.state.gateway
-        return state.db, state.settings
-
-    def authenticator(request: Request) -> Authenticator:
-        state: GatewayState = request.app.state.gateway
-        return state.authenticator
-
-    app.include_router(health_router(dependencies, authenticator))
+    app.include_router(health_router(gateway_state))
     return app

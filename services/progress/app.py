@@ -19,7 +19,7 @@ from conveyor.settings import Settings
 from conveyor.topics_setup import TopicKeeper
 from services.progress import sockets, sse
 from services.progress.hub import EventHub
-from services.progress.state import ProgressState
+from services.progress.state import ProgressState, progress_state
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -72,13 +72,5 @@ def create_app(settings: Settings) -> FastAPI:
         job's recorded events as JSON."""
         return await sse.job_events(request, job_id, after_seq, limit)
 
-    def dependencies(request: Request) -> tuple[Database, Settings]:
-        state: ProgressState = request.app.state.progress
-        return state.db, state.settings
-
-    def authenticator(request: Request) -> Authenticator:
-        state: ProgressState = request.app.state.progress
-        return state.authenticator
-
-    app.include_router(health_router(dependencies, authenticator))
+    app.include_router(health_router(progress_state))
     return app

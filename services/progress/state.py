@@ -29,6 +29,12 @@ class ProgressState:
         self.streams = TenantSlots(self.settings.progress_tenant_max_streams)
 
 
+def progress_state(connection: HTTPConnection) -> ProgressState:
+    """The progress service's state, made by its app's lifespan."""
+    state: ProgressState = connection.app.state.progress
+    return state
+
+
 def presented_token(connection: HTTPConnection) -> str | None:
     """The API key from the `Authorization` header or, for browsers, which cannot set headers on a
     WebSocket or an EventSource, a `token` query parameter."""

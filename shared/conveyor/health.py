@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from typing import Protocol
 
 import structlog
 from fastapi import APIRouter, Request
@@ -23,12 +24,23 @@ log = structlog.get_logger(__name__)
 READINESS_CACHE_S = 1.0
 
 
-def health_router(
-    dependencies: Callable[[Request], tuple[Database, Settings]],
-    authenticator: Callable[[Request], Authenticator] | None = None,
-) -> APIRouter:
+class ServiceState(Protocol):
+    """What readiness needs of a service's state: its database and settings, and its authenticator
+    (None: what is wrong is told to nobody over HTTP, only in the log)."""
+
+    @property
+    def db(self) -> Database: ...
+
+    @property
+    def settings(self) -> Settings: ...
+
+    @property
+    def authenticator(self) -> Authenticator | None: ...
+
+
+def health_router(service_state: Callable[[Request], ServiceState]) -> APIRouter:
     """`/healthz` and `/readyz`. Readiness says ready or not to anyone; what is wrong (a missing topic,
-    an unreachable dependency) only to a caller with a valid key (`authenticator`), and in the log."""
+    an unreachable dependency) only to a caller with a valid key, and in the log."""
     router = APIRouter()
     readiness: list[Remembered[dict[str, str]]] = []  # made on the first request, which has the database
 
@@ -40,13 +52,15 @@ def health_router(
     @router.get("/readyz", include_in_schema=False)
     async def readyz(request: Request) -> JSONResponse:
         """200 once the database and Kafka answer and the topics exist; 503 otherwise."""
+        state = service_state(request)
         if not readiness:
-            db, settings = dependencies(request)
-            readiness.append(Remembered(functools.partial(_checked, db, settings), READINESS_CACHE_S))
+            check = functools.partial(_checked, state.db, state.settings)
+            readiness.append(Remembered(check, READINESS_CACHE_S))
         checks = await readiness[0].get()
         ready = all(value == "ok" for value in checks.values())
         body: dict[str, object] = {"status": "ready" if ready else "not ready"}
-        if authenticator is not None and await _authenticated(request, authenticator(request)):
+        authenticator = state.authenticator
+        if authenticator is not None and await _authenticated(request, authenticator):
             body["checks"] = checks
         return JSONResponse(body, status_code=200 if ready else 503)
 
