@@ -18,6 +18,7 @@ from conveyor.outbox import OutboxRelay
 from conveyor.problems import install_problem_handlers
 from conveyor.pruning import Pruner
 from conveyor.settings import Settings
+from conveyor.sizes import max_message_bytes
 from conveyor.topics_setup import TopicKeeper
 from services.gateway import jobs
 from services.gateway.state import GatewayState
@@ -28,7 +29,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.resolved_database_url)
         await db.migrate()
-        relay = OutboxRelay(db, settings.kafka_bootstrap)
+        relay = OutboxRelay(db, settings.kafka_bootstrap, max_message_bytes(settings))
         # Kafka may be down at start: the gateway still accepts jobs, and the relay publishes later.
         topics = TopicKeeper(settings)
         await topics.start()

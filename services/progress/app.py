@@ -19,6 +19,7 @@ from conveyor.models import utcnow
 from conveyor.problems import install_problem_handlers
 from conveyor.pruning import Pruner
 from conveyor.settings import Settings
+from conveyor.sizes import topic_max_message_bytes
 from conveyor.topics_setup import TopicKeeper
 from services.progress import sockets, sse
 from services.progress.hub import EventHub
@@ -33,7 +34,7 @@ def create_app(settings: Settings) -> FastAPI:
         topics = TopicKeeper(settings)
         await topics.start()
         await topics.ready.wait()
-        hub = EventHub(settings.kafka_bootstrap, settings.topic_prefix)
+        hub = EventHub(settings.kafka_bootstrap, settings.topic_prefix, topic_max_message_bytes(settings))
         await hub.start()
         keep = timedelta(seconds=settings.event_history_s)
         pruner = Pruner(db, "event-history", lambda session: prune_event_history(session, utcnow() - keep))

@@ -4,6 +4,13 @@ relay of any live process sweeps rows that have waited longer than `ORPHAN_AGE_S
 
 Publishing twice is harmless by design: job messages are only hints (a worker claims a job in the
 database, and a job that is no longer queued is skipped), and events carry a per-job `seq`.
+
+A row Kafka refuses for good (too large for the producer or the topic: `REFUSED_ERRORS`) would be
+re-read first forever and hold up every row behind it, so it is set aside: logged
+(`outbox.row_refused`), counted (`conveyor_outbox_rows_refused_total`), replaced on Kafka by a stand-in
+(the same message without its `result` or `payload`, with an `error` that says why: a live client
+still sees the event's `seq` and status, and reads the result from the API) and deleted. Other errors
+(Kafka away, a timeout) are retried: they say nothing about the row.
 """
 
 from __future__ import annotations
@@ -17,14 +24,17 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
+from prometheus_client import Counter
 from sqlalchemy import ColumnElement, Connection, Table, delete, insert, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from conveyor.background import BackgroundTask, exponential_delay
 from conveyor.broker import BrokerUnavailable, start_producer
 from conveyor.database import Database
+from conveyor.jsoncodec import dumps, loads
 from conveyor.models import OutboxMessage, utcnow
+from conveyor.sizes import DEFAULT_MAX_MESSAGE_BYTES
 
 log = structlog.get_logger(__name__)
 
@@ -48,6 +58,22 @@ ACK_TIMEOUT_S = 15.0
 # outbox for the next relay.
 STOP_TIMEOUT_S = 5.0
 PUBLISH_ERRORS = (KafkaError, BrokerUnavailable, OSError, TimeoutError)
+# What Kafka answers about a row itself, and will answer again however often it is sent: the message is
+# larger than the producer's max_request_size (raised by `send`) or the topic's max.message.bytes (the
+# broker's answer). Not every error aiokafka calls non-retriable: KafkaTimeoutError is one, and an
+# authorization or configuration error is about the cluster, not the row; dropping rows for those would
+# lose every message of an outage.
+REFUSED_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError)
+# The `error.type` of a stand-in for a refused message.
+MESSAGE_REFUSED = "message_refused"
+# The fields a stand-in leaves out: the ones that grow with what a tenant or handler sent.
+LARGE_FIELDS = ("result", "payload")
+
+ROWS_REFUSED = Counter(
+    "conveyor_outbox_rows_refused",
+    "Outbox rows Kafka refused for good (too large), set aside so the rows behind them flow.",
+    ["topic"],
+)
 
 
 OUTBOX: Table = OutboxMessage.__table__  # type: ignore[assignment]
@@ -61,6 +87,12 @@ class OutboxRow:
     topic: str
     key: str
     value: bytes
+
+
+# A row Kafka refused, with its answer.
+Refusal = tuple[OutboxRow, KafkaError]
+# A row queued on the producer, with the future of its acknowledgement.
+Queued = tuple[OutboxRow, asyncio.Future[Any]]
 
 
 def stage_messages(
@@ -95,9 +127,12 @@ class OutboxRelay:
     their order. The background sweep also publishes orphans left by dead processes.
     """
 
-    def __init__(self, db: Database, bootstrap: str) -> None:
+    def __init__(
+        self, db: Database, bootstrap: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> None:
         self._db = db
         self._bootstrap = bootstrap
+        self._max_message_bytes = max_message_bytes
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
         self._fresh: list[OutboxRow] = []  # committed, handed over in memory, not yet sent
@@ -175,18 +210,22 @@ class OutboxRelay:
                 self._pending.update(row.id for row in rows)
                 return await self._drain(sweep=False)
             try:
-                acks = await self._enqueue(rows)
+                queued, refused = await self._enqueue(rows)
             except PUBLISH_ERRORS as exc:
                 self._pending.update(row.id for row in rows)
                 await self._failed(exc)
                 return False
         try:
-            await _acknowledged(acks)
+            refused += await _acknowledged(queued)
+            if refused:
+                async with self._lock:
+                    await self._set_aside(refused)
         except PUBLISH_ERRORS as exc:
             self._pending.update(row.id for row in rows)
             async with self._lock:
                 await self._failed(exc)
             return False
+        # Published, or set aside (a refused row's stand-in is published): either way, done with.
         self._published.update(row.id for row in rows)
         self._failures = 0
         return True
@@ -243,14 +282,52 @@ class OutboxRelay:
         return await self._db.read(lambda connection: [OutboxRow(*row) for row in connection.execute(query)])
 
     async def _send(self, rows: list[OutboxRow]) -> None:
-        await _acknowledged(await self._enqueue(rows))
+        """Publish rows; the ones Kafka refuses are set aside. Raises if Kafka fails otherwise."""
+        queued, refused = await self._enqueue(rows)
+        refused += await _acknowledged(queued)
+        await self._set_aside(refused)
 
-    async def _enqueue(self, rows: list[OutboxRow]) -> list[asyncio.Future[Any]]:
-        """Queue rows on the producer in order; the futures resolve when Kafka acknowledges them."""
+    async def _enqueue(self, rows: list[OutboxRow]) -> tuple[list[Queued], list[Refusal]]:
+        """Queue rows on the producer in order, each with the future that resolves when Kafka
+        acknowledges it; and the rows the producer refused at once (over its max_request_size)."""
         if self._producer is None:
-            self._producer = await start_producer(self._bootstrap)
-        # One producer, idempotent: messages with the same key reach Kafka in the order queued here.
-        return [await self._producer.send(row.topic, key=row.key.encode(), value=row.value) for row in rows]
+            self._producer = await start_producer(self._bootstrap, self._max_message_bytes)
+        queued: list[Queued] = []
+        refused: list[Refusal] = []
+        for row in rows:
+            # One producer, idempotent: messages with the same key reach Kafka in the order queued here.
+            try:
+                ack = await self._producer.send(row.topic, key=row.key.encode(), value=row.value)
+            except REFUSED_ERRORS as exc:
+                refused.append((row, exc))
+            else:
+                queued.append((row, ack))
+        return queued, refused
+
+    async def _set_aside(self, refused: list[Refusal]) -> None:
+        """Record the refused rows and publish their stand-ins; the caller deletes the rows. Raises if
+        Kafka fails to take a stand-in: the rows stay, and are refused and set aside again later."""
+        if not refused:
+            return
+        for row, exc in refused:
+            ROWS_REFUSED.labels(topic=row.topic).inc()
+            log.error(
+                "outbox.row_refused",
+                row_id=row.id,
+                topic=row.topic,
+                key=row.key,
+                size=len(row.value),
+                error=str(exc) or type(exc).__name__,
+            )
+        stand_ins = [
+            OutboxRow(row.id, row.topic, row.key, value)
+            for row, exc in refused
+            if (value := stand_in(row.value, exc)) is not None
+        ]
+        queued, again = await self._enqueue(stand_ins)
+        again += await _acknowledged(queued)
+        for row, exc in again:  # cannot happen to a message this small, but never loop on it
+            log.error("outbox.stand_in_refused", row_id=row.id, topic=row.topic, error=str(exc))
 
     async def _delete(self, ids: list[int]) -> None:
         def delete_rows(connection: Connection) -> None:
@@ -266,18 +343,51 @@ class OutboxRelay:
             await asyncio.gather(asyncio.wait_for(producer.stop(), STOP_TIMEOUT_S), return_exceptions=True)
 
 
-async def _acknowledged(acks: list[asyncio.Future[Any]]) -> None:
-    """Wait for Kafka to acknowledge every message, for at most ACK_TIMEOUT_S. The futures are not
-    cancelled on a timeout (they belong to the producer); whatever they end with is discarded."""
-    if not acks:
-        return
+async def _acknowledged(queued: list[Queued]) -> list[Refusal]:
+    """Wait for Kafka to acknowledge every message, for at most ACK_TIMEOUT_S; the rows it refused (too
+    large for the topic). Raises any other error. The futures are not cancelled on a timeout (they
+    belong to the producer); whatever they end with is discarded."""
+    if not queued:
+        return []
+    acks = [ack for _, ack in queued]
     done, pending = await asyncio.wait(acks, timeout=ACK_TIMEOUT_S)
     for ack in pending:
         ack.add_done_callback(_discard_outcome)
-    for ack in done:
-        ack.result()  # raises the send's error, if any
+    refused: list[Refusal] = []
+    for row, ack in queued:
+        if ack not in done:
+            continue
+        try:
+            ack.result()  # raises the send's error, if any
+        except REFUSED_ERRORS as exc:
+            refused.append((row, exc))
     if pending:
         raise TimeoutError(f"Kafka acknowledged {len(done)} of {len(acks)} messages in {ACK_TIMEOUT_S} s")
+    return refused
+
+
+def stand_in(value: bytes, exc: KafkaError) -> bytes | None:
+    """What is published instead of a refused message: the same document without its large fields, and
+    with an `error` that says why (the message's own error, if any, kept as its `cause`). None if the
+    message is not a JSON object (nothing to stand in for)."""
+    try:
+        document = loads(value)
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    left_out = [name for name in LARGE_FIELDS if document.get(name) is not None]
+    for name in left_out:
+        document[name] = None
+    error: dict[str, Any] = {
+        "type": MESSAGE_REFUSED,
+        "message": f"Kafka refused this message ({len(value)} bytes: {type(exc).__name__}); "
+        f"left out: {', '.join(left_out) or 'nothing'}, which the database keeps",
+    }
+    if document.get("error") is not None:
+        error["cause"] = document["error"]
+    document["error"] = error
+    return dumps(document)
 
 
 def _discard_outcome(future: asyncio.Future[Any]) -> None:
