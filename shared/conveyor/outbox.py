@@ -9,8 +9,13 @@ A row Kafka refuses for good (too large for the producer or the topic: `REFUSED_
 re-read first forever and hold up every row behind it, so it is set aside: logged
 (`outbox.row_refused`), counted (`conveyor_outbox_rows_refused_total`), replaced on Kafka by a stand-in
 (the same message without its `result` or `payload`, with an `error` that says why: a live client
-still sees the event's `seq` and status, and reads the result from the API) and deleted. Other errors
-(Kafka away, a timeout) are retried: they say nothing about the row.
+still sees the event's `seq` and status, and reads the result from the API) and deleted. The producer
+refuses at `send` what is over its limit, and the stand-in takes the row's place at once. What only the
+broker refuses (a topic whose `max.message.bytes` is below the producer's limit) is known once the
+acknowledgements come back, when the idempotent producer's sequence on that partition is already
+broken (the messages behind it fail as out of order): the round fails, the producer is replaced, and
+when the rows are sent again the stand-in goes in the refused row's place. Other errors (Kafka away, a
+timeout) are retried: they say nothing about the row.
 """
 
 from __future__ import annotations
@@ -89,8 +94,6 @@ class OutboxRow:
     value: bytes
 
 
-# A row Kafka refused, with its answer.
-Refusal = tuple[OutboxRow, KafkaError]
 # A row queued on the producer, with the future of its acknowledgement.
 Queued = tuple[OutboxRow, asyncio.Future[Any]]
 
@@ -141,6 +144,8 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._loop = BackgroundTask("outbox-relay", self._run)
         self._failures = 0
+        # Rows the broker refused, by id: when they are sent again, their stand-ins go instead.
+        self._refused: dict[int, KafkaError] = {}
 
     async def start(self) -> None:
         self._loop.start()
@@ -172,8 +177,11 @@ class OutboxRelay:
                 # Kafka is failing: retry on a backoff, not at every new row.
                 await asyncio.sleep(self._backoff())
             else:
+                # Not `wait_for`: on Python 3.11 it swallows a cancel that comes as the event is set
+                # (the stop right after a publish), and the relay would then never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=SWEEP_INTERVAL_S)
+                    async with asyncio.timeout(SWEEP_INTERVAL_S):
+                        await self._wake.wait()
             self._wake.clear()
             sweep = loop.time() - last_sweep >= SWEEP_INTERVAL_S
             if sweep:
@@ -210,22 +218,19 @@ class OutboxRelay:
                 self._pending.update(row.id for row in rows)
                 return await self._drain(sweep=False)
             try:
-                queued, refused = await self._enqueue(rows)
+                queued = await self._enqueue(rows)
             except PUBLISH_ERRORS as exc:
                 self._pending.update(row.id for row in rows)
                 await self._failed(exc)
                 return False
         try:
-            refused += await _acknowledged(queued)
-            if refused:
-                async with self._lock:
-                    await self._set_aside(refused)
+            await self._acknowledged(queued)
         except PUBLISH_ERRORS as exc:
             self._pending.update(row.id for row in rows)
             async with self._lock:
                 await self._failed(exc)
             return False
-        # Published, or set aside (a refused row's stand-in is published): either way, done with.
+        # Published, or set aside (its stand-in published in its place): either way, done with.
         self._published.update(row.id for row in rows)
         self._failures = 0
         return True
@@ -283,51 +288,76 @@ class OutboxRelay:
 
     async def _send(self, rows: list[OutboxRow]) -> None:
         """Publish rows; the ones Kafka refuses are set aside. Raises if Kafka fails otherwise."""
-        queued, refused = await self._enqueue(rows)
-        refused += await _acknowledged(queued)
-        await self._set_aside(refused)
+        await self._acknowledged(await self._enqueue(rows))
 
-    async def _enqueue(self, rows: list[OutboxRow]) -> tuple[list[Queued], list[Refusal]]:
+    async def _enqueue(self, rows: list[OutboxRow]) -> list[Queued]:
         """Queue rows on the producer in order, each with the future that resolves when Kafka
-        acknowledges it; and the rows the producer refused at once (over its max_request_size)."""
+        acknowledges it. A row Kafka refused (the producer now, or the broker before) is set aside: its
+        stand-in takes its place, so the messages of its key keep their order."""
+        producer = await self._started_producer()
+        queued: list[Queued] = []
+        for row in rows:
+            refusal = self._refused.pop(row.id, None)
+            if refusal is None:
+                # One producer, idempotent: messages with the same key reach Kafka in the order queued.
+                try:
+                    ack = await producer.send(row.topic, key=row.key.encode(), value=row.value)
+                except REFUSED_ERRORS as exc:
+                    _record_refusal(row, exc)
+                    refusal = exc
+                else:
+                    queued.append((row, ack))
+                    continue
+            if (stand_in_ack := await self._queue_stand_in(producer, row, refusal)) is not None:
+                queued.append((row, stand_in_ack))
+        return queued
+
+    async def _queue_stand_in(
+        self, producer: AIOKafkaProducer, row: OutboxRow, exc: KafkaError
+    ) -> asyncio.Future[Any] | None:
+        """Queue a refused row's stand-in in its place, if it has one."""
+        value = stand_in(row.value, exc)
+        if value is None:
+            return None
+        try:
+            ack: asyncio.Future[Any] = await producer.send(row.topic, key=row.key.encode(), value=value)
+        except REFUSED_ERRORS as again:  # not a message this small; but never loop on it
+            log.error("outbox.stand_in_refused", row_id=row.id, topic=row.topic, error=str(again))
+            return None
+        return ack
+
+    async def _acknowledged(self, queued: list[Queued]) -> None:
+        """Wait for Kafka to acknowledge every message, for at most ACK_TIMEOUT_S; raise the first error.
+        A row the broker refused is remembered, for its stand-in to go instead when it is sent again.
+        The futures are not cancelled on a timeout (they belong to the producer); whatever they end
+        with is discarded."""
+        if not queued:
+            return
+        acks = [ack for _, ack in queued]
+        done, pending = await asyncio.wait(acks, timeout=ACK_TIMEOUT_S)
+        for ack in pending:
+            ack.add_done_callback(_discard_outcome)
+        failure: BaseException | None = None
+        for row, ack in queued:
+            if ack not in done:
+                continue
+            try:
+                ack.result()  # raises the send's error, if any
+            except REFUSED_ERRORS as exc:
+                _record_refusal(row, exc)
+                self._refused[row.id] = exc
+                failure = failure or exc
+            except PUBLISH_ERRORS as exc:
+                failure = failure or exc
+        if pending:
+            raise TimeoutError(f"Kafka acknowledged {len(done)} of {len(acks)} messages in {ACK_TIMEOUT_S} s")
+        if failure is not None:
+            raise failure
+
+    async def _started_producer(self) -> AIOKafkaProducer:
         if self._producer is None:
             self._producer = await start_producer(self._bootstrap, self._max_message_bytes)
-        queued: list[Queued] = []
-        refused: list[Refusal] = []
-        for row in rows:
-            # One producer, idempotent: messages with the same key reach Kafka in the order queued here.
-            try:
-                ack = await self._producer.send(row.topic, key=row.key.encode(), value=row.value)
-            except REFUSED_ERRORS as exc:
-                refused.append((row, exc))
-            else:
-                queued.append((row, ack))
-        return queued, refused
-
-    async def _set_aside(self, refused: list[Refusal]) -> None:
-        """Record the refused rows and publish their stand-ins; the caller deletes the rows. Raises if
-        Kafka fails to take a stand-in: the rows stay, and are refused and set aside again later."""
-        if not refused:
-            return
-        for row, exc in refused:
-            ROWS_REFUSED.labels(topic=row.topic).inc()
-            log.error(
-                "outbox.row_refused",
-                row_id=row.id,
-                topic=row.topic,
-                key=row.key,
-                size=len(row.value),
-                error=str(exc) or type(exc).__name__,
-            )
-        stand_ins = [
-            OutboxRow(row.id, row.topic, row.key, value)
-            for row, exc in refused
-            if (value := stand_in(row.value, exc)) is not None
-        ]
-        queued, again = await self._enqueue(stand_ins)
-        again += await _acknowledged(queued)
-        for row, exc in again:  # cannot happen to a message this small, but never loop on it
-            log.error("outbox.stand_in_refused", row_id=row.id, topic=row.topic, error=str(exc))
+        return self._producer
 
     async def _delete(self, ids: list[int]) -> None:
         def delete_rows(connection: Connection) -> None:
@@ -343,27 +373,16 @@ class OutboxRelay:
             await asyncio.gather(asyncio.wait_for(producer.stop(), STOP_TIMEOUT_S), return_exceptions=True)
 
 
-async def _acknowledged(queued: list[Queued]) -> list[Refusal]:
-    """Wait for Kafka to acknowledge every message, for at most ACK_TIMEOUT_S; the rows it refused (too
-    large for the topic). Raises any other error. The futures are not cancelled on a timeout (they
-    belong to the producer); whatever they end with is discarded."""
-    if not queued:
-        return []
-    acks = [ack for _, ack in queued]
-    done, pending = await asyncio.wait(acks, timeout=ACK_TIMEOUT_S)
-    for ack in pending:
-        ack.add_done_callback(_discard_outcome)
-    refused: list[Refusal] = []
-    for row, ack in queued:
-        if ack not in done:
-            continue
-        try:
-            ack.result()  # raises the send's error, if any
-        except REFUSED_ERRORS as exc:
-            refused.append((row, exc))
-    if pending:
-        raise TimeoutError(f"Kafka acknowledged {len(done)} of {len(acks)} messages in {ACK_TIMEOUT_S} s")
-    return refused
+def _record_refusal(row: OutboxRow, exc: KafkaError) -> None:
+    ROWS_REFUSED.labels(topic=row.topic).inc()
+    log.error(
+        "outbox.row_refused",
+        row_id=row.id,
+        topic=row.topic,
+        key=row.key,
+        size=len(row.value),
+        error=str(exc) or type(exc).__name__,
+    )
 
 
 def stand_in(value: bytes, exc: KafkaError) -> bytes | None:
