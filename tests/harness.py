@@ -237,7 +237,10 @@ async def collect_events(
     close code."""
     url = f"{stack.progress_url}/v1/jobs/{job_id}/events"
     messages = []
-    async with websockets.connect(url, additional_headers={"Authorization": f"Bearer {key}"}) as ws:
+    headers = {"Authorization": f"Bearer {key}"}
+    # No frame limit: an event may carry a result of up to CONVEYOR_MAX_RESULT_BYTES, which may be more
+    # than the 1 MiB websockets takes by default.
+    async with websockets.connect(url, additional_headers=headers, max_size=None) as ws:
         async for raw in ws:
             messages.append(json.loads(raw))
         return messages, ws.close_code

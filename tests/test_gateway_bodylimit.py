@@ -10,10 +10,14 @@ import httpx
 import orjson
 import pytest
 
-from services.gateway.bodylimit import MAX_BATCH_BODY_BYTES, MAX_BODY_BYTES
+from conveyor.settings import Settings
+from conveyor.sizes import max_submission_bytes
+from services.gateway.bodylimit import MAX_BATCH_BODY_BYTES
 
 from harness import Stack, assert_problem
 
+# A submission's body limit under the default settings: a payload at its limit and the rest.
+MAX_BODY_BYTES = max_submission_bytes(Settings())
 JOB_ID = "0b5e3f0e-6c1b-4a63-9d83-6b1c1d1f2a10"
 POST_ROUTES = ["/v1/jobs", "/v1/jobs/batch", f"/v1/jobs/{JOB_ID}/cancel", f"/v1/jobs/{JOB_ID}/retry"]
 HUGE_BYTES = 64 * 1024 * 1024

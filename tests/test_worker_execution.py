@@ -13,7 +13,9 @@ from structlog.testing import capture_logs
 
 from conveyor.changes import HANDED_BACK, TIMED_OUT, Outcome
 from conveyor.handlers import JobContext, JobType
+from conveyor.jsoncodec import dumps, loads
 from conveyor.lifecycle import JobState
+from conveyor.sizes import MAX_PROGRESS_MESSAGE_CHARS, RESULT_TOO_LARGE
 from services.worker import execution
 from services.worker.execution import JobExecutor
 
@@ -81,7 +83,8 @@ async def test_a_returned_handler_completes_the_job_after_its_last_progress() ->
     progress, outcome = committer.applied
     assert (progress.percent, progress.message) == (50, "half")  # type: ignore[union-attr]
     assert outcome.target is JobState.SUCCEEDED  # type: ignore[union-attr]
-    assert outcome.values["result"] == {"n": 1}  # type: ignore[union-attr]
+    # The result comes encoded (measured against CONVEYOR_MAX_RESULT_BYTES), to be stored as it is.
+    assert loads(dumps(outcome.values["result"])) == {"n": 1}  # type: ignore[union-attr]
     assert outcome.attempt == 1  # type: ignore[union-attr]
     assert [record["status"] for record in events(logs, "job.recorded")] == ["succeeded"]
     assert (executor.busy, dict(executor.running), executor.slot_freed.is_set()) == (0, {}, True)
@@ -95,9 +98,45 @@ async def test_a_failed_handler_fails_the_attempt_with_its_error() -> None:
     await executor_for(handler, committer).execute(job_record())
     [outcome] = committer.outcomes
     assert outcome.target is JobState.SCHEDULED  # attempts left: the retry waits out its backoff
-    assert outcome.values["error"]["type"] == "ValueError"
-    assert outcome.values["error"]["message"] == "boom"
-    assert "boom" in outcome.values["error"]["traceback"]
+    # The type and message, for the tenant; the traceback is only in the worker's log.
+    assert outcome.values["error"] == {"type": "ValueError", "message": "boom", "attempt": 1}
+
+
+async def test_a_result_over_the_limit_fails_the_attempt_as_result_too_large() -> None:
+    async def handler(ctx: JobContext, payload: Any) -> str:
+        return "x" * 5000  # 5,002 bytes as JSON
+
+    committer = RecordingCommitter()
+    await executor_for(handler, committer, max_result_bytes=5001).execute(job_record())
+    [outcome] = committer.outcomes
+    assert outcome.target is JobState.SCHEDULED  # an attempt's failure like any other: it may retry
+    assert outcome.values["error"] == {
+        "type": RESULT_TOO_LARGE,
+        "message": "the result is 5002 bytes as JSON, over the limit of 5001 bytes"
+        " (CONVEYOR_MAX_RESULT_BYTES)",
+        "attempt": 1,
+    }
+
+
+async def test_a_result_at_the_limit_succeeds() -> None:
+    async def handler(ctx: JobContext, payload: Any) -> str:
+        return "x" * 5000
+
+    committer = RecordingCommitter()
+    await executor_for(handler, committer, max_result_bytes=5002).execute(job_record())
+    [outcome] = committer.outcomes
+    assert outcome.target is JobState.SUCCEEDED
+
+
+async def test_a_long_progress_message_is_cut_at_its_length() -> None:
+    async def handler(ctx: JobContext, payload: Any) -> None:
+        await ctx.progress(50, "p" * (10 * MAX_PROGRESS_MESSAGE_CHARS))
+
+    committer = RecordingCommitter()
+    await executor_for(handler, committer).execute(job_record())
+    progress = committer.applied[0]
+    assert len(progress.message) == MAX_PROGRESS_MESSAGE_CHARS  # type: ignore[union-attr, arg-type]
+    assert progress.message.endswith("p…")  # type: ignore[union-attr]
 
 
 async def test_a_job_of_an_unknown_type_fails_without_running() -> None:
@@ -190,7 +229,7 @@ async def test_a_handler_that_returns_in_the_drain_is_recorded_as_usual() -> Non
     executor.drain()
     await running
     [outcome] = committer.outcomes
-    assert (outcome.target, outcome.values["result"]) == (JobState.SUCCEEDED, "stopped")
+    assert (outcome.target, loads(dumps(outcome.values["result"]))) == (JobState.SUCCEEDED, "stopped")
 
 
 async def test_a_job_claimed_while_draining_is_handed_back_at_once() -> None:

@@ -6,11 +6,14 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from structlog.testing import capture_logs
+
 from conveyor.handlers import JobType
 from conveyor.lifecycle import JobState
 from conveyor.models import utcnow
 from conveyor.retries import Backoff
-from services.worker.middleware.retries import MAX_TRACEBACK_CHARS, Retries
+from conveyor.sizes import MAX_ERROR_MESSAGE_CHARS, MAX_ERROR_TYPE_CHARS, MAX_TRACEBACK_CHARS
+from services.worker.middleware.retries import Retries
 
 from worker_doubles import execution_of, job_record
 
@@ -28,12 +31,33 @@ async def test_a_failure_with_attempts_left_waits_out_the_backoff() -> None:
     assert change.attempt == 2
     # Full jitter after the second attempt: anywhere in [0, base * 2].
     assert before <= change.values["run_at"] <= utcnow() + timedelta(seconds=4.0)
-    assert change.values["error"] == {
-        "type": "ValueError",
-        "message": "boom",
-        "attempt": 2,
-        "traceback": "ValueError: boom\n",
-    }
+    assert change.values["error"] == {"type": "ValueError", "message": "boom", "attempt": 2}
+
+
+async def test_the_traceback_goes_to_the_workers_log_not_to_the_tenant() -> None:
+    def raise_deep() -> None:
+        raise ValueError("boom")
+
+    try:
+        raise_deep()
+    except ValueError as exc:
+        error = exc
+    with capture_logs() as logs:
+        change = Retries(WORKER_BACKOFF).on_failure(execution_of(job_record()), error)
+    assert change.values["error"] == {"type": "ValueError", "message": "boom", "attempt": 1}
+    [record] = [record for record in logs if record["event"] == "job.attempt_failed"]
+    # The log line carries the exception itself: the renderer writes its traceback (`format_exc_info`).
+    assert record["exc_info"] is error and error.__traceback__ is not None
+
+
+async def test_an_error_message_and_type_are_cut_at_their_lengths() -> None:
+    long_type = type("E" * (2 * MAX_ERROR_TYPE_CHARS), (Exception,), {})
+    change = Retries(WORKER_BACKOFF).on_failure(
+        execution_of(job_record()), long_type("m" * (10 * MAX_ERROR_MESSAGE_CHARS))
+    )
+    error = change.values["error"]
+    assert len(error["message"]) == MAX_ERROR_MESSAGE_CHARS and error["message"].endswith("m…")
+    assert len(error["type"]) == MAX_ERROR_TYPE_CHARS and error["type"].endswith("E…")
 
 
 async def test_the_last_attempt_fails_the_job_for_good() -> None:
@@ -44,12 +68,12 @@ async def test_the_last_attempt_fails_the_job_for_good() -> None:
     assert change.values["finished_at"] is not None
 
 
-async def test_a_long_traceback_keeps_its_end() -> None:
+async def test_an_exposed_long_traceback_keeps_its_end() -> None:
     try:
         raise ValueError("x" * 2 * MAX_TRACEBACK_CHARS + " the end")
     except ValueError as exc:
         error = exc
-    change = Retries(WORKER_BACKOFF).on_failure(execution_of(job_record()), error)
+    change = Retries(WORKER_BACKOFF, expose_tracebacks=True).on_failure(execution_of(job_record()), error)
     traceback = change.values["error"]["traceback"]
     assert len(traceback) == MAX_TRACEBACK_CHARS
     assert traceback.endswith("x the end\n")

@@ -17,6 +17,7 @@ from conveyor.outbox import OutboxRelay
 from conveyor.problems import install_problem_handlers
 from conveyor.pruning import Pruner, keep_for, prune_finished_jobs, prune_keys
 from conveyor.settings import Settings
+from conveyor.sizes import max_message_bytes, max_submission_bytes
 from conveyor.topics_setup import TopicKeeper
 from services.gateway import jobs
 from services.gateway.bodylimit import BodyLimit
@@ -29,7 +30,7 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.resolved_database_url)
         await db.migrate()
-        relay = OutboxRelay(db, settings.kafka_bootstrap)
+        relay = OutboxRelay(db, settings.kafka_bootstrap, max_message_bytes(settings))
         # Kafka may be down at start: the gateway still accepts jobs, and the relay publishes later.
         topics = TopicKeeper(settings)
         await topics.start()
@@ -71,7 +72,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     install_problem_handlers(app)
     # Outermost but for Starlette's error handler: bodies are limited before routing, auth or parsing.
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, default=max_submission_bytes(settings))
     app.include_router(jobs.router)
 
     app.include_router(health_router(gateway_state))

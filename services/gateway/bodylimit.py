@@ -24,12 +24,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.problems import Problem, problem_response
 
-# A job's submission (and every other body) may be this large.
-MAX_BODY_BYTES = 1024 * 1024
 # A batch of up to 1,000 jobs may carry up to this much.
 MAX_BATCH_BODY_BYTES = 16 * 1024 * 1024
 BATCH_PATH = "/v1/jobs/batch"
-# The routes whose bodies may be larger than MAX_BODY_BYTES, by path.
+# The routes whose bodies may be larger than the default (a submission's: `sizes.max_submission_bytes`).
 BODY_LIMITS: Mapping[str, int] = {BATCH_PATH: MAX_BATCH_BODY_BYTES}
 
 
@@ -40,7 +38,7 @@ def body_too_large(limit: int) -> Problem:
 class BodyLimit:
     """Refuse request bodies over `default` bytes (or the path's own limit in `limits`) with a 413."""
 
-    def __init__(self, app: ASGIApp, default: int = MAX_BODY_BYTES, limits: Mapping[str, int] = BODY_LIMITS):
+    def __init__(self, app: ASGIApp, default: int, limits: Mapping[str, int] = BODY_LIMITS):
         self.app = app
         self.default = default
         self.limits = limits

@@ -71,7 +71,7 @@ def problems(*codes: int) -> dict[int | str, dict[str, Any]]:
         403: "The API key lacks the scope",
         404: "No such job for this tenant",
         409: "The job's state does not allow this",
-        413: "The body is over 1 MiB",
+        413: "The body, or the payload, is over its limit (`CONVEYOR_MAX_PAYLOAD_BYTES`)",
         415: "Not JSON",
         422: "Invalid request: the `errors` member names each field at fault",
         429: "Over the tenant's limit; retry after `Retry-After` seconds",
@@ -158,7 +158,8 @@ async def submit_job(request: Request) -> JSONResponse:
         key = parse_key(idempotency_key)
         if key is None:
             raise invalid_field("Idempotency-Key", f"1 to {MAX_KEY_LENGTH} printable ASCII characters")
-    body, submission = await read_submission(request, state.registry)
+    settings = state.settings
+    body, submission = await read_submission(request, state.registry, settings.max_payload_bytes)
     limits = state.settings.limits_for(principal.tenant)
     state.limiter.admit(principal.tenant, limits)
     job = _new_job(state, principal.tenant, submission, limits, key, body)
@@ -255,7 +256,7 @@ async def submit_batch(
     principal = await require_principal(request, state, "submit")
     if "idempotency-key" in request.headers:
         raise invalid_field("Idempotency-Key", "a batch takes an `idempotency_key` per job, not the header")
-    items = await read_batch(request, state.registry)
+    items = await read_batch(request, state.registry, state.settings.max_payload_bytes)
     limits = state.settings.limits_for(principal.tenant)
     if len(items) > limits.submit_burst:
         raise too_large_for_burst(len(items), limits)

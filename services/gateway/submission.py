@@ -1,6 +1,6 @@
 """Reading a submission: the body (JSON; its size is limited before it is read, by
-`services.gateway.bodylimit`), the request model, the job type, the payload against the type's model,
-and the schedule. Each step raises a problem naming the field."""
+`services.gateway.bodylimit`), the request model, the job type, the payload against the type's model
+and its size limit, and the schedule. Each step raises a problem naming the field."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from conveyor.handlers import JobType, Registry, UnknownJobType
+from conveyor.jsoncodec import encoded
 from conveyor.models import utcnow
 from conveyor.problems import (
     Problem,
@@ -48,13 +49,17 @@ class Submission:
         return self.request.idempotency_key if isinstance(self.request, BatchItem) else None
 
 
-async def read_submission(request: Request, registry: Registry) -> tuple[Any, Submission]:
+async def read_submission(
+    request: Request, registry: Registry, max_payload_bytes: int
+) -> tuple[Any, Submission]:
     """The raw JSON body (for the idempotency fingerprint) and the checked submission."""
     body = await read_json_body(request)
-    return body, checked_submission(parse_submission(body), registry)
+    return body, checked_submission(parse_submission(body), registry, max_payload_bytes)
 
 
-async def read_batch(request: Request, registry: Registry) -> list[tuple[Any, Submission]]:
+async def read_batch(
+    request: Request, registry: Registry, max_payload_bytes: int
+) -> list[tuple[Any, Submission]]:
     """Each job of a batch, with its raw JSON (for its idempotency fingerprint), all checked. Every
     item and field at fault is named in one 422 (`jobs[3].type`); nothing is accepted if one is."""
     body = await read_json_body(request)
@@ -68,7 +73,7 @@ async def read_batch(request: Request, registry: Registry) -> list[tuple[Any, Su
         at = ("jobs", n)
         try:
             item = BatchItem.model_validate(raw)
-            items.append((_without_key(raw), checked_submission(item, registry, at)))
+            items.append((_without_key(raw), checked_submission(item, registry, max_payload_bytes, at)))
         except ValidationError as exc:
             errors.extend(field_errors(exc.errors(), prefix=at))
         except Problem as problem:
@@ -92,11 +97,29 @@ def _without_key(item: Any) -> Any:
     return {name: value for name, value in item.items() if name != "idempotency_key"}
 
 
-def checked_submission(request: JobSubmission, registry: Registry, at: Location = ()) -> Submission:
-    """A parsed submission's job type, payload and schedule checked; errors name fields under `at`."""
+def checked_submission(
+    request: JobSubmission, registry: Registry, max_payload_bytes: int, at: Location = ()
+) -> Submission:
+    """A parsed submission's job type, payload and schedule checked; errors name fields under `at`.
+    The payload comes back encoded (`jsoncodec.encoded`): it was measured so, and is stored so."""
     job_type = find_job_type(registry, request.type, at)
-    payload = validate_payload(job_type, request.payload, at)
+    payload = within_limit(validate_payload(job_type, request.payload, at), max_payload_bytes, at)
     return Submission(request, job_type, payload, scheduled_time(request, at))
+
+
+def within_limit(payload: Any, max_bytes: int, at: Location = ()) -> Any:
+    """The payload as JSON, if it is no larger than `max_bytes` (`CONVEYOR_MAX_PAYLOAD_BYTES`). It is
+    measured as it will be stored and sent (a dead letter carries it), so it is encoded here, once."""
+    document, size = encoded(payload)
+    if size > max_bytes:
+        raise Problem(
+            413,
+            "Payload too large",
+            f"the payload is {size} bytes as JSON; at most {max_bytes} are accepted",
+            slug="payload-too-large",
+            errors=[{"field": field_name((*at, "payload")), "message": f"at most {max_bytes} bytes as JSON"}],
+        )
+    return document
 
 
 async def read_json_body(request: Request) -> Any:

@@ -16,6 +16,7 @@ from conveyor.health import health_router
 from conveyor.problems import install_problem_handlers
 from conveyor.pruning import Pruner, keep_for, prune_event_history
 from conveyor.settings import Settings
+from conveyor.sizes import topic_max_message_bytes
 from conveyor.topics_setup import TopicKeeper
 from services.progress import sockets, sse
 from services.progress.hub import EventHub
@@ -30,7 +31,7 @@ def create_app(settings: Settings) -> FastAPI:
         topics = TopicKeeper(settings)
         await topics.start()
         await topics.ready.wait()
-        hub = EventHub(settings.kafka_bootstrap, settings.topic_prefix)
+        hub = EventHub(settings.kafka_bootstrap, settings.topic_prefix, topic_max_message_bytes(settings))
         await hub.start()
         pruner = Pruner(db, "event-history", keep_for(prune_event_history, settings.event_history_s))
         await pruner.start()

@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from conveyor.background import BackgroundTask
 from conveyor.broker import start_events_consumer, stop_consumer
 from conveyor.events import JobEvent
+from conveyor.sizes import DEFAULT_TOPIC_MAX_MESSAGE_BYTES
 
 log = structlog.get_logger(__name__)
 
@@ -42,16 +43,19 @@ class Listener(Protocol):
 
 
 class EventHub:
-    def __init__(self, bootstrap: str, prefix: str) -> None:
+    def __init__(
+        self, bootstrap: str, prefix: str, max_message_bytes: int = DEFAULT_TOPIC_MAX_MESSAGE_BYTES
+    ) -> None:
         self._bootstrap = bootstrap
         self._prefix = prefix
+        self._max_message_bytes = max_message_bytes
         self._consumer: AIOKafkaConsumer | None = None
         self._by_job: dict[str, set[Listener]] = defaultdict(set)
         self._by_tenant: dict[str, set[Listener]] = defaultdict(set)
         self._reader = BackgroundTask("event-hub", self._run)
 
     async def start(self) -> None:
-        self._consumer = await start_events_consumer(self._bootstrap, self._prefix)
+        self._consumer = await start_events_consumer(self._bootstrap, self._prefix, self._max_message_bytes)
         self._reader.start()
 
     async def stop(self) -> None:

@@ -12,6 +12,7 @@ from conveyor.database import Database
 from conveyor.handlers import Registry
 from conveyor.outbox import OutboxRelay
 from conveyor.settings import Settings
+from conveyor.sizes import max_message_bytes
 
 
 def new_worker_id() -> str:
@@ -31,6 +32,6 @@ class WorkerContext:
     @classmethod
     def build(cls, settings: Settings, registry: Registry) -> WorkerContext:
         db = Database(settings.resolved_database_url)
-        relay = OutboxRelay(db, settings.kafka_bootstrap)
+        relay = OutboxRelay(db, settings.kafka_bootstrap, max_message_bytes(settings))
         committer = Committer(db, relay, settings.topic_prefix)
         return cls(settings, db, relay, committer, registry, new_worker_id())

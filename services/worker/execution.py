@@ -32,8 +32,10 @@ from conveyor import changes
 from conveyor.background import exponential_delay
 from conveyor.changes import Change
 from conveyor.handlers import JobContext, run_handler
+from conveyor.jsoncodec import encoded
 from conveyor.models import JobRecord
 from conveyor.retries import Backoff
+from conveyor.sizes import MAX_PROGRESS_MESSAGE_CHARS, ResultTooLarge, truncated
 from services.worker.attempt import Ending, Execution, HandlerTask
 from services.worker.context import WorkerContext
 from services.worker.middleware import Middleware
@@ -60,7 +62,10 @@ class JobExecutor:
         self._registry = context.registry
         self.worker_id = context.worker_id
         self._drain = Drain(context.worker_id)
-        retries = Retries(Backoff(base_s=settings.retry_base_s, cap_s=settings.retry_cap_s))
+        self._max_result_bytes = settings.max_result_bytes
+        retries = Retries(
+            Backoff(base_s=settings.retry_base_s, cap_s=settings.retry_cap_s), settings.expose_tracebacks
+        )
         # In the order their hooks are called; `on_failure` is answered by the first that answers.
         self.middleware: list[Middleware] = [
             self._drain,
@@ -155,7 +160,7 @@ class JobExecutor:
         progress = ProgressWriter(job.id, lambda percent, text: self._report(job, percent, text))
 
         async def report(percent: float | None, text: str | None) -> None:
-            progress.report(percent, text)
+            progress.report(percent, None if text is None else truncated(text, MAX_PROGRESS_MESSAGE_CHARS))
 
         context = JobContext(
             job_id=job.id, tenant=job.tenant, type=job.type, attempt=job.attempts, report=report
@@ -215,8 +220,8 @@ class JobExecutor:
         # The last progress report is written before the outcome, so it never follows the terminal event.
         await execution.progress.flush()
         try:
-            result = to_jsonable_python(_outcome(handler))
-        except Exception as exc:  # the handler's failure, or a result that is not JSON
+            result = within_limit(to_jsonable_python(_outcome(handler)), self._max_result_bytes)
+        except Exception as exc:  # the handler's failure, or a result that is not JSON or too large
             return self._failed(execution, exc)
         return changes.complete(execution.job, result)
 
@@ -257,6 +262,17 @@ class JobExecutor:
         if result.job is None:  # a written transition always comes back with its row
             raise RuntimeError(f"the outcome of job {job_id} was written but returned no row")
         log.debug("job.recorded", job_id=job_id, status=result.job.status, attempt=result.job.attempts)
+
+
+def within_limit(result: Any, max_bytes: int) -> Any:
+    """The result as JSON (`jsoncodec.encoded`: measured, and then stored as it is), or ResultTooLarge
+    if it is over `max_bytes` (`CONVEYOR_MAX_RESULT_BYTES`): its `succeeded` event carries it to Kafka."""
+    if result is None:
+        return None
+    document, size = encoded(result)
+    if size > max_bytes:
+        raise ResultTooLarge(size, max_bytes)
+    return document
 
 
 class HandlerCancelled(Exception):

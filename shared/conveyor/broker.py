@@ -11,6 +11,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRebalanceListen
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import KafkaError
 
+from conveyor.sizes import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TOPIC_MAX_MESSAGE_BYTES
 from conveyor.topics import all_topics, events_topic, job_topics
 
 # Acknowledged by every in-sync replica, idempotent: an accepted write survives a broker's loss
@@ -28,6 +29,8 @@ TOPIC_ALREADY_EXISTS = 36
 # this long (Kafka's default is 1 byte or 500 ms). Fewer fetches under load, for at most 20 ms of delay.
 EVENTS_FETCH_MIN_BYTES = 16 * 1024
 EVENTS_FETCH_MAX_WAIT_MS = 20
+# Kafka's default of the bytes one fetch takes per partition; more when the topics take larger messages.
+KAFKA_PARTITION_FETCH_BYTES = 1024 * 1024
 # Keep a week of events and jobs: long enough to replay a backlog after an outage.
 TOPIC_RETENTION_MS = 7 * 24 * 3600 * 1000
 
@@ -36,18 +39,24 @@ class BrokerUnavailable(Exception):
     """Kafka could not be reached or refused the request."""
 
 
-def create_producer(bootstrap: str) -> AIOKafkaProducer:
+def create_producer(bootstrap: str, max_request_size: int = DEFAULT_MAX_MESSAGE_BYTES) -> AIOKafkaProducer:
+    """The producer of a process's outbox relay. It refuses (MessageSizeTooLargeError, at `send`) a
+    message larger than `max_request_size`, which is below the topics' `max.message.bytes`
+    (`conveyor.sizes`): the broker never sees a message it would refuse."""
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,
         acks=PRODUCER_ACKS,
         enable_idempotence=True,
         linger_ms=PRODUCER_LINGER_MS,
         request_timeout_ms=PRODUCER_REQUEST_TIMEOUT_MS,
+        max_request_size=max_request_size,
     )
 
 
-async def start_producer(bootstrap: str) -> AIOKafkaProducer:
-    producer = create_producer(bootstrap)
+async def start_producer(
+    bootstrap: str, max_request_size: int = DEFAULT_MAX_MESSAGE_BYTES
+) -> AIOKafkaProducer:
+    producer = create_producer(bootstrap, max_request_size)
     try:
         await producer.start()
     except KafkaError as exc:
@@ -76,9 +85,12 @@ def subscribe_to_jobs(consumer: AIOKafkaConsumer, prefix: str, listener: Consume
     consumer.subscribe(job_topics(prefix), listener=listener)
 
 
-async def start_events_consumer(bootstrap: str, prefix: str) -> AIOKafkaConsumer:
+async def start_events_consumer(
+    bootstrap: str, prefix: str, max_message_bytes: int = DEFAULT_TOPIC_MAX_MESSAGE_BYTES
+) -> AIOKafkaConsumer:
     """A consumer of every partition of the events topic, with no group (every reader sees every
-    event), positioned at the topic's end as of now."""
+    event), positioned at the topic's end as of now. It fetches up to `max_message_bytes` (the
+    topics' `max.message.bytes`) per partition: an event at the limit comes in one fetch."""
     consumer = AIOKafkaConsumer(
         bootstrap_servers=bootstrap,
         group_id=None,
@@ -87,6 +99,7 @@ async def start_events_consumer(bootstrap: str, prefix: str) -> AIOKafkaConsumer
         # Fuller fetches under load, at most EVENTS_FETCH_MAX_WAIT_MS later than the first event.
         fetch_min_bytes=EVENTS_FETCH_MIN_BYTES,
         fetch_max_wait_ms=EVENTS_FETCH_MAX_WAIT_MS,
+        max_partition_fetch_bytes=max(max_message_bytes, KAFKA_PARTITION_FETCH_BYTES),
     )
     topic = events_topic(prefix)
     assignment = [TopicPartition(topic, partition) for partition in await topic_partitions(bootstrap, topic)]
@@ -156,14 +169,16 @@ async def ensure_topics(
     partitions: int,
     replication_factor: int,
     events_partitions: int | None = None,
+    max_message_bytes: int = DEFAULT_TOPIC_MAX_MESSAGE_BYTES,
 ) -> list[str]:
     """Create whichever of the project's topics do not exist yet; returns the ones it created. The job
     topics get `partitions`; the events and dead-letter topics `events_partitions` (the same, unless
-    given): their readers read every partition, so more of them only cost the broker."""
+    given): their readers read every partition, so more of them only cost the broker. Every topic
+    takes messages up to `max_message_bytes` (`conveyor.sizes.topic_max_message_bytes`)."""
     missing = await missing_topics(bootstrap, prefix)
     if not missing:
         return []
-    config = {"retention.ms": str(TOPIC_RETENTION_MS)}
+    config = {"retention.ms": str(TOPIC_RETENTION_MS), "max.message.bytes": str(max_message_bytes)}
     if replication_factor > 1:
         # One replica fewer than the factor: writes go on with one broker down, at any factor. At 3 a
         # write acknowledged with acks=all is on two brokers and survives the loss of either; at 2 it

@@ -122,12 +122,18 @@ def migrate() -> None:
 def create_topics() -> None:
     """Create the project's topics (idempotent)."""
     from conveyor.broker import ensure_topics
+    from conveyor.sizes import topic_max_message_bytes
 
     s = _settings()
     _require_bootstrap(s)
     created = asyncio.run(
         ensure_topics(
-            s.kafka_bootstrap, s.topic_prefix, s.partitions, s.replication_factor, s.events_partitions
+            s.kafka_bootstrap,
+            s.topic_prefix,
+            s.partitions,
+            s.replication_factor,
+            s.events_partitions,
+            topic_max_message_bytes(s),
         )
     )
     console.print(f"created: {', '.join(created) or 'nothing, all topics exist'}")

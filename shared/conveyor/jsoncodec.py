@@ -24,6 +24,14 @@ def dumps(value: Any) -> bytes:
         return json.dumps(value, default=_fallback, ensure_ascii=False, separators=(",", ":")).encode()
 
 
+def encoded(value: Any) -> tuple[orjson.Fragment, int]:
+    """`value` as JSON now, and its size in bytes: for a value that must be measured before it is
+    stored (a payload, a result). `dumps` writes the fragment as it is, so the value is encoded once
+    however many times a document holding it is written (the database's column included)."""
+    data = dumps(value)
+    return orjson.Fragment(data), len(data)
+
+
 def dumps_text(value: Any) -> str:
     return dumps(value).decode()
 

@@ -4,6 +4,18 @@ relay of any live process sweeps rows that have waited longer than `ORPHAN_AGE_S
 
 Publishing twice is harmless by design: job messages are only hints (a worker claims a job in the
 database, and a job that is no longer queued is skipped), and events carry a per-job `seq`.
+
+A row Kafka refuses for good (too large for the producer or the topic: `REFUSED_ERRORS`) would be
+re-read first forever and hold up every row behind it, so it is set aside: logged
+(`outbox.row_refused`), counted (`conveyor_outbox_rows_refused_total`), replaced on Kafka by a stand-in
+(the same message without its `result` or `payload`, with an `error` that says why: a live client
+still sees the event's `seq` and status, and reads the result from the API) and deleted. The producer
+refuses at `send` what is over its limit, and the stand-in takes the row's place at once. What only the
+broker refuses (a topic whose `max.message.bytes` is below the producer's limit) is known once the
+acknowledgements come back, when the idempotent producer's sequence on that partition is already
+broken (the messages behind it fail as out of order): the round fails, the producer is replaced, and
+when the rows are sent again the stand-in goes in the refused row's place. Other errors (Kafka away, a
+timeout) are retried: they say nothing about the row.
 """
 
 from __future__ import annotations
@@ -17,7 +29,8 @@ from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
+from prometheus_client import Counter
 from sqlalchemy import ColumnElement, Connection, Table, delete, insert, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -25,7 +38,9 @@ from conveyor.background import BackgroundTask, exponential_delay
 from conveyor.broker import BrokerUnavailable, start_producer
 from conveyor.clock import database_now
 from conveyor.database import Database
+from conveyor.jsoncodec import dumps, loads
 from conveyor.models import OutboxMessage, utcnow
+from conveyor.sizes import DEFAULT_MAX_MESSAGE_BYTES
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +64,22 @@ ACK_TIMEOUT_S = 15.0
 # outbox for the next relay.
 STOP_TIMEOUT_S = 5.0
 PUBLISH_ERRORS = (KafkaError, BrokerUnavailable, OSError, TimeoutError)
+# What Kafka answers about a row itself, and will answer again however often it is sent: the message is
+# larger than the producer's max_request_size (raised by `send`) or the topic's max.message.bytes (the
+# broker's answer). Not every error aiokafka calls non-retriable: KafkaTimeoutError is one, and an
+# authorization or configuration error is about the cluster, not the row; dropping rows for those would
+# lose every message of an outage.
+REFUSED_ERRORS = (MessageSizeTooLargeError, RecordListTooLargeError)
+# The `error.type` of a stand-in for a refused message.
+MESSAGE_REFUSED = "message_refused"
+# The fields a stand-in leaves out: the ones that grow with what a tenant or handler sent.
+LARGE_FIELDS = ("result", "payload")
+
+ROWS_REFUSED = Counter(
+    "conveyor_outbox_rows_refused",
+    "Outbox rows Kafka refused for good (too large), set aside so the rows behind them flow.",
+    ["topic"],
+)
 
 
 OUTBOX: Table = OutboxMessage.__table__  # type: ignore[assignment]
@@ -68,6 +99,10 @@ class OutboxRow:
 
 # A message to stage: topic, key, value, and the partition if it is not the key's.
 Message = tuple[str, str, bytes, int | None]
+
+
+# A row queued on the producer, with the future of its acknowledgement.
+Queued = tuple[OutboxRow, asyncio.Future[Any]]
 
 
 def stage_messages(
@@ -102,9 +137,12 @@ class OutboxRelay:
     their order. The background sweep also publishes orphans left by dead processes.
     """
 
-    def __init__(self, db: Database, bootstrap: str) -> None:
+    def __init__(
+        self, db: Database, bootstrap: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    ) -> None:
         self._db = db
         self._bootstrap = bootstrap
+        self._max_message_bytes = max_message_bytes
         self._producer: AIOKafkaProducer | None = None
         self._lock = asyncio.Lock()
         self._fresh: list[OutboxRow] = []  # committed, handed over in memory, not yet sent
@@ -113,6 +151,8 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._loop = BackgroundTask("outbox-relay", self._run)
         self._failures = 0
+        # Rows the broker refused, by id: when they are sent again, their stand-ins go instead.
+        self._refused: dict[int, KafkaError] = {}
 
     async def start(self) -> None:
         self._loop.start()
@@ -144,8 +184,11 @@ class OutboxRelay:
                 # Kafka is failing: retry on a backoff, not at every new row.
                 await asyncio.sleep(self._backoff())
             else:
+                # Not `wait_for`: on Python 3.11 it swallows a cancel that comes as the event is set
+                # (the stop right after a publish), and the relay would then never stop.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), timeout=SWEEP_INTERVAL_S)
+                    async with asyncio.timeout(SWEEP_INTERVAL_S):
+                        await self._wake.wait()
             self._wake.clear()
             sweep = loop.time() - last_sweep >= SWEEP_INTERVAL_S
             if sweep:
@@ -182,18 +225,19 @@ class OutboxRelay:
                 self._pending.update(row.id for row in rows)
                 return await self._drain(sweep=False)
             try:
-                acks = await self._enqueue(rows)
+                queued = await self._enqueue(rows)
             except PUBLISH_ERRORS as exc:
                 self._pending.update(row.id for row in rows)
                 await self._failed(exc)
                 return False
         try:
-            await _acknowledged(acks)
+            await self._acknowledged(queued)
         except PUBLISH_ERRORS as exc:
             self._pending.update(row.id for row in rows)
             async with self._lock:
                 await self._failed(exc)
             return False
+        # Published, or set aside (its stand-in published in its place): either way, done with.
         self._published.update(row.id for row in rows)
         self._failures = 0
         return True
@@ -257,19 +301,81 @@ class OutboxRelay:
         return await self._db.read(load)
 
     async def _send(self, rows: list[OutboxRow]) -> None:
-        await _acknowledged(await self._enqueue(rows))
+        """Publish rows; the ones Kafka refuses are set aside. Raises if Kafka fails otherwise."""
+        await self._acknowledged(await self._enqueue(rows))
 
-    async def _enqueue(self, rows: list[OutboxRow]) -> list[asyncio.Future[Any]]:
-        """Queue rows on the producer in order; the futures resolve when Kafka acknowledges them."""
-        if self._producer is None:
-            self._producer = await start_producer(self._bootstrap)
-        # One producer, idempotent: messages with the same key reach Kafka in the order queued here.
-        return [
-            await self._producer.send(
-                row.topic, key=row.key.encode(), value=row.value, partition=row.partition
+    async def _enqueue(self, rows: list[OutboxRow]) -> list[Queued]:
+        """Queue rows on the producer in order, each with the future that resolves when Kafka
+        acknowledges it. A row Kafka refused (the producer now, or the broker before) is set aside: its
+        stand-in takes its place, so the messages of its key keep their order."""
+        producer = await self._started_producer()
+        queued: list[Queued] = []
+        for row in rows:
+            refusal = self._refused.pop(row.id, None)
+            if refusal is None:
+                # One producer, idempotent: messages with the same key reach Kafka in the order queued.
+                try:
+                    ack = await producer.send(
+                        row.topic, key=row.key.encode(), value=row.value, partition=row.partition
+                    )
+                except REFUSED_ERRORS as exc:
+                    _record_refusal(row, exc)
+                    refusal = exc
+                else:
+                    queued.append((row, ack))
+                    continue
+            if (stand_in_ack := await self._queue_stand_in(producer, row, refusal)) is not None:
+                queued.append((row, stand_in_ack))
+        return queued
+
+    async def _queue_stand_in(
+        self, producer: AIOKafkaProducer, row: OutboxRow, exc: KafkaError
+    ) -> asyncio.Future[Any] | None:
+        """Queue a refused row's stand-in in its place, if it has one."""
+        value = stand_in(row.value, exc)
+        if value is None:
+            return None
+        try:
+            ack: asyncio.Future[Any] = await producer.send(
+                row.topic, key=row.key.encode(), value=value, partition=row.partition
             )
-            for row in rows
-        ]
+        except REFUSED_ERRORS as again:  # not a message this small; but never loop on it
+            log.error("outbox.stand_in_refused", row_id=row.id, topic=row.topic, error=str(again))
+            return None
+        return ack
+
+    async def _acknowledged(self, queued: list[Queued]) -> None:
+        """Wait for Kafka to acknowledge every message, for at most ACK_TIMEOUT_S; raise the first error.
+        A row the broker refused is remembered, for its stand-in to go instead when it is sent again.
+        The futures are not cancelled on a timeout (they belong to the producer); whatever they end
+        with is discarded."""
+        if not queued:
+            return
+        acks = [ack for _, ack in queued]
+        done, pending = await asyncio.wait(acks, timeout=ACK_TIMEOUT_S)
+        for ack in pending:
+            ack.add_done_callback(_discard_outcome)
+        failure: BaseException | None = None
+        for row, ack in queued:
+            if ack not in done:
+                continue
+            try:
+                ack.result()  # raises the send's error, if any
+            except REFUSED_ERRORS as exc:
+                _record_refusal(row, exc)
+                self._refused[row.id] = exc
+                failure = failure or exc
+            except PUBLISH_ERRORS as exc:
+                failure = failure or exc
+        if pending:
+            raise TimeoutError(f"Kafka acknowledged {len(done)} of {len(acks)} messages in {ACK_TIMEOUT_S} s")
+        if failure is not None:
+            raise failure
+
+    async def _started_producer(self) -> AIOKafkaProducer:
+        if self._producer is None:
+            self._producer = await start_producer(self._bootstrap, self._max_message_bytes)
+        return self._producer
 
     async def _delete(self, ids: list[int]) -> None:
         def delete_rows(connection: Connection) -> None:
@@ -285,18 +391,40 @@ class OutboxRelay:
             await asyncio.gather(asyncio.wait_for(producer.stop(), STOP_TIMEOUT_S), return_exceptions=True)
 
 
-async def _acknowledged(acks: list[asyncio.Future[Any]]) -> None:
-    """Wait for Kafka to acknowledge every message, for at most ACK_TIMEOUT_S. The futures are not
-    cancelled on a timeout (they belong to the producer); whatever they end with is discarded."""
-    if not acks:
-        return
-    done, pending = await asyncio.wait(acks, timeout=ACK_TIMEOUT_S)
-    for ack in pending:
-        ack.add_done_callback(_discard_outcome)
-    for ack in done:
-        ack.result()  # raises the send's error, if any
-    if pending:
-        raise TimeoutError(f"Kafka acknowledged {len(done)} of {len(acks)} messages in {ACK_TIMEOUT_S} s")
+def _record_refusal(row: OutboxRow, exc: KafkaError) -> None:
+    ROWS_REFUSED.labels(topic=row.topic).inc()
+    log.error(
+        "outbox.row_refused",
+        row_id=row.id,
+        topic=row.topic,
+        key=row.key,
+        size=len(row.value),
+        error=str(exc) or type(exc).__name__,
+    )
+
+
+def stand_in(value: bytes, exc: KafkaError) -> bytes | None:
+    """What is published instead of a refused message: the same document without its large fields, and
+    with an `error` that says why (the message's own error, if any, kept as its `cause`). None if the
+    message is not a JSON object (nothing to stand in for)."""
+    try:
+        document = loads(value)
+    except ValueError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    left_out = [name for name in LARGE_FIELDS if document.get(name) is not None]
+    for name in left_out:
+        document[name] = None
+    error: dict[str, Any] = {
+        "type": MESSAGE_REFUSED,
+        "message": f"Kafka refused this message ({len(value)} bytes: {type(exc).__name__}); "
+        f"left out: {', '.join(left_out) or 'nothing'}, which the database keeps",
+    }
+    if document.get("error") is not None:
+        error["cause"] = document["error"]
+    document["error"] = error
+    return dumps(document)
 
 
 def _discard_outcome(future: asyncio.Future[Any]) -> None:

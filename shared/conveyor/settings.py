@@ -74,6 +74,12 @@ DEFAULT_PRIORITY_WEIGHTS = (16, 8, 4, 2, 1)
 # Kafka's own default: a consumer that does not poll for this long is pushed out of its group. The
 # worker polls while its jobs run, so even jobs far longer than this keep their partitions.
 DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
+# The largest payload a job may carry and the largest result a handler may return, encoded as JSON.
+# A dead letter carries the payload and a `succeeded` event the result, so Kafka's message limits
+# (the producer's and the topics') are set from these with room for the rest of the message
+# (`conveyor.sizes`). Half a MiB each keeps every message under Kafka's own 1 MiB default.
+DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024
+DEFAULT_MAX_RESULT_BYTES = 512 * 1024
 
 
 # Tenants whose limits one process remembers at most (then it starts again).
@@ -153,6 +159,9 @@ class Settings(BaseSettings):
         ge=1,
         description="Requests a tenant may have waiting at once (`?wait=`) on each gateway.",
     )
+    max_payload_bytes: int = Field(
+        default=DEFAULT_MAX_PAYLOAD_BYTES, ge=1024, description="Largest payload a job may carry, as JSON."
+    )
     tenant_limits: dict[str, TenantLimits] = Field(
         default_factory=dict,
         description='Per-tenant overrides as JSON: {"acme": {"max_queued": 100, "submit_rate": 5}}.',
@@ -201,6 +210,14 @@ class Settings(BaseSettings):
     priority_weights: Annotated[tuple[int, int, int, int, int], NoDecode] = Field(
         default=DEFAULT_PRIORITY_WEIGHTS,
         description="Shares of a worker's capacity for priorities 1..5 when all are backlogged: 16,8,4,2,1.",
+    )
+    max_result_bytes: int = Field(
+        default=DEFAULT_MAX_RESULT_BYTES, ge=1024, description="Largest result a handler may return, as JSON."
+    )
+    expose_tracebacks: bool = Field(
+        default=False,
+        description="Put a failed attempt's traceback in the job's `error` (development only: it is always"
+        " in the worker's log).",
     )
     kafka_max_poll_interval_ms: int = Field(
         default=DEFAULT_MAX_POLL_INTERVAL_MS,

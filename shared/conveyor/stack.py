@@ -19,6 +19,7 @@ from conveyor.auth import generate_key
 from conveyor.broker import BrokerUnavailable, ensure_topics
 from conveyor.database import Database
 from conveyor.settings import Settings
+from conveyor.sizes import topic_max_message_bytes
 from conveyor.stopping import STOP_SIGNALS, StopRequested, ignore_stop_signals, raise_on_stop_signals
 from conveyor.supervisor import ServiceSpec, Supervisor
 
@@ -119,6 +120,7 @@ async def _prepare(settings: Settings, bootstrap: str) -> None:
                 settings.partitions,
                 settings.replication_factor,
                 settings.events_partitions,
+                topic_max_message_bytes(settings),
             )
             return
         except BrokerUnavailable:

@@ -9,6 +9,7 @@ import structlog
 from conveyor.background import BackgroundTask, retry_every
 from conveyor.broker import BrokerUnavailable, ensure_topics
 from conveyor.settings import Settings
+from conveyor.sizes import topic_max_message_bytes
 
 log = structlog.get_logger(__name__)
 
@@ -34,7 +35,12 @@ class TopicKeeper:
         s = self._settings
         try:
             created = await ensure_topics(
-                s.kafka_bootstrap, s.topic_prefix, s.partitions, s.replication_factor, s.events_partitions
+                s.kafka_bootstrap,
+                s.topic_prefix,
+                s.partitions,
+                s.replication_factor,
+                s.events_partitions,
+                topic_max_message_bytes(s),
             )
         except BrokerUnavailable as exc:
             log.warning("topics.unavailable", error=str(exc))
