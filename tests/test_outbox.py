@@ -96,8 +96,8 @@ async def test_the_sweep_sets_aside_a_row_too_large_for_the_producer_and_the_row
     await db.migrate()
     # Larger than aiokafka's own 1 MiB max_request_size, and than the relay's (DEFAULT_MAX_MESSAGE_BYTES).
     huge = "x" * (DEFAULT_MAX_MESSAGE_BYTES + 512 * 1024)
-    messages = [(topic, "job-1", _event(1)), (topic, "job-1", _event(2, huge))]
-    messages += [(topic, f"job-{n}", _event(n)) for n in range(3, 6)]
+    messages = [(topic, "job-1", _event(1), None), (topic, "job-1", _event(2, huge), None)]
+    messages += [(topic, f"job-{n}", _event(n), None) for n in range(3, 6)]
     # Left behind by a process that died before publishing: the live relay's orphan sweep finds them.
     await db.write(lambda connection: stage_messages(connection, messages))
     refused_before = _refused_count(topic)
@@ -134,8 +134,8 @@ async def test_a_row_the_topic_refuses_is_set_aside_and_the_rows_behind_it_are_p
         await admin.close()
     db = Database(database_url)
     await db.migrate()
-    messages = [(topic, "job-1", _event(1)), (topic, "job-1", _event(2, "y" * 100_000))]
-    messages += [(topic, f"job-{n}", _event(n)) for n in range(3, 6)]
+    messages = [(topic, "job-1", _event(1), None), (topic, "job-1", _event(2, "y" * 100_000), None)]
+    messages += [(topic, f"job-{n}", _event(n), None) for n in range(3, 6)]
     rows = await db.write(lambda connection: stage_messages(connection, messages))
     relay = OutboxRelay(db, kafka_bootstrap)
     await relay.start()
@@ -144,7 +144,9 @@ async def test_a_row_the_topic_refuses_is_set_aside_and_the_rows_behind_it_are_p
         # order); the relay's next round sends the stand-in in the refused row's place, and the rest.
         await relay.publish(rows)
         await eventually(lambda: _empty(db), 30, "the published and the refused rows to be deleted")
-        more = await db.write(lambda connection: stage_messages(connection, [(topic, "job-6", _event(6))]))
+        more = await db.write(
+            lambda connection: stage_messages(connection, [(topic, "job-6", _event(6), None)])
+        )
         assert await relay.publish(more) is True, "the relay goes on publishing"
         await eventually(lambda: _empty(db), 30, "the last row to be deleted")
     finally:
