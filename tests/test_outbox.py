@@ -22,13 +22,19 @@ from conveyor.topics import events_topic
 from harness import eventually, outbox_size
 
 
-async def test_rows_wait_while_kafka_is_unreachable_and_flow_once_it_answers(
-    database_url: str, kafka_bootstrap: str
-) -> None:
+async def topics_and_database(kafka_bootstrap: str, database_url: str) -> tuple[str, Database]:
+    """A topic prefix of the test's own with its topics (one partition each), and the migrated database."""
     prefix = f"t{uuid.uuid4().hex[:10]}"
     await ensure_topics(kafka_bootstrap, prefix, partitions=1, replication_factor=1)
     db = Database(database_url)
     await db.migrate()
+    return prefix, db
+
+
+async def test_rows_wait_while_kafka_is_unreachable_and_flow_once_it_answers(
+    database_url: str, kafka_bootstrap: str
+) -> None:
+    prefix, db = await topics_and_database(kafka_bootstrap, database_url)
     messages = [
         (events_topic(prefix), "job-1", Progress(percent=n, message=str(n)).model_dump_json().encode(), None)
         for n in range(5)
@@ -89,11 +95,8 @@ def _refused_count(topic: str) -> float:
 async def test_the_sweep_sets_aside_a_row_too_large_for_the_producer_and_the_rows_behind_it_flow(
     database_url: str, kafka_bootstrap: str
 ) -> None:
-    prefix = f"t{uuid.uuid4().hex[:10]}"
-    await ensure_topics(kafka_bootstrap, prefix, partitions=1, replication_factor=1)
+    prefix, db = await topics_and_database(kafka_bootstrap, database_url)
     topic = events_topic(prefix)
-    db = Database(database_url)
-    await db.migrate()
     # Larger than aiokafka's own 1 MiB max_request_size, and than the relay's (DEFAULT_MAX_MESSAGE_BYTES).
     huge = "x" * (DEFAULT_MAX_MESSAGE_BYTES + 512 * 1024)
     messages = [(topic, "job-1", _event(1), None), (topic, "job-1", _event(2, huge), None)]

@@ -121,21 +121,11 @@ def migrate() -> None:
 @app.command("topics")
 def create_topics() -> None:
     """Create the project's topics (idempotent)."""
-    from conveyor.broker import ensure_topics
-    from conveyor.sizes import topic_max_message_bytes
+    from conveyor.topics_setup import ensure_deployment_topics
 
     s = _settings()
     _require_bootstrap(s)
-    created = asyncio.run(
-        ensure_topics(
-            s.kafka_bootstrap,
-            s.topic_prefix,
-            s.partitions,
-            s.replication_factor,
-            s.events_partitions,
-            topic_max_message_bytes(s),
-        )
-    )
+    created = asyncio.run(ensure_deployment_topics(s))
     console.print(f"created: {', '.join(created) or 'nothing, all topics exist'}")
 
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from rich.console import Console
 
 from conveyor.auth import generate_key
-from conveyor.broker import BrokerUnavailable, ensure_topics
+from conveyor.broker import BrokerUnavailable
 from conveyor.database import Database
 from conveyor.settings import Settings
-from conveyor.sizes import topic_max_message_bytes
 from conveyor.stopping import STOP_SIGNALS, StopRequested, ignore_stop_signals, raise_on_stop_signals
 from conveyor.supervisor import ServiceSpec, Supervisor
+from conveyor.topics_setup import ensure_deployment_topics
 
 DEV_TENANT = "dev"
 DEV_KEY_FILE = "dev-api-key"
@@ -114,14 +114,7 @@ async def _prepare(settings: Settings, bootstrap: str) -> None:
     deadline = loop.time() + TOPICS_TIMEOUT_S
     while True:
         try:
-            await ensure_topics(
-                bootstrap,
-                settings.topic_prefix,
-                settings.partitions,
-                settings.replication_factor,
-                settings.events_partitions,
-                topic_max_message_bytes(settings),
-            )
+            await ensure_deployment_topics(settings, bootstrap)
             return
         except BrokerUnavailable:
             if loop.time() > deadline:

@@ -16,6 +16,19 @@ log = structlog.get_logger(__name__)
 RETRY_INTERVAL_S = 2.0
 
 
+async def ensure_deployment_topics(settings: Settings, bootstrap: str | None = None) -> list[str]:
+    """Create the deployment's missing topics as its settings describe them (partitions, replication,
+    message limit), on `bootstrap` or the configured brokers; the ones created."""
+    return await ensure_topics(
+        bootstrap or settings.kafka_bootstrap,
+        settings.topic_prefix,
+        settings.partitions,
+        settings.replication_factor,
+        settings.events_partitions,
+        topic_max_message_bytes(settings),
+    )
+
+
 class TopicKeeper:
     """`start()` tries once; if Kafka is unreachable, a background task retries until it succeeds."""
 
@@ -34,14 +47,7 @@ class TopicKeeper:
     async def _try_once(self) -> bool:
         s = self._settings
         try:
-            created = await ensure_topics(
-                s.kafka_bootstrap,
-                s.topic_prefix,
-                s.partitions,
-                s.replication_factor,
-                s.events_partitions,
-                topic_max_message_bytes(s),
-            )
+            created = await ensure_deployment_topics(s)
         except BrokerUnavailable as exc:
             log.warning("topics.unavailable", error=str(exc))
             return False
