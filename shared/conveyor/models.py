@@ -8,7 +8,6 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
-    BigInteger,
     Column,
     DateTime,
     Enum,
@@ -126,10 +125,6 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # Attempts draining workers handed back unfinished: the first few are free (`changes.hand_back`).
     hand_backs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
-    # Where the job's latest job message landed on Kafka, once the broker acknowledged it: what the
-    # worker's sweep for lost messages compares with the group's offsets (`services/worker/strays.py`).
-    message_partition: Mapped[int | None] = mapped_column(Integer, nullable=True)
-    message_offset: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
 
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant", "created_at"),
@@ -173,8 +168,6 @@ class JobRecord:
     started_at: datetime | None
     finished_at: datetime | None
     hand_backs: int = 0
-    message_partition: int | None = None
-    message_offset: int | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> JobRecord:

@@ -31,7 +31,7 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 from prometheus_client import Counter
-from sqlalchemy import ColumnElement, Connection, Table, bindparam, delete, insert, or_, select, update
+from sqlalchemy import ColumnElement, Connection, Table, delete, insert, or_, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from conveyor.background import BackgroundTask, exponential_delay
@@ -39,9 +39,8 @@ from conveyor.broker import BrokerUnavailable, start_producer
 from conveyor.clock import database_now
 from conveyor.database import Database
 from conveyor.jsoncodec import dumps, loads
-from conveyor.models import JOBS, OutboxMessage, utcnow
+from conveyor.models import OutboxMessage, utcnow
 from conveyor.sizes import DEFAULT_MAX_MESSAGE_BYTES
-from conveyor.topics import is_job_topic
 
 log = structlog.get_logger(__name__)
 
@@ -84,12 +83,6 @@ ROWS_REFUSED = Counter(
 
 
 OUTBOX: Table = OutboxMessage.__table__  # type: ignore[assignment]
-# Where a job's latest job message landed (`services/worker/strays.py` reads it).
-RECORD_LANDING = (
-    update(JOBS)
-    .where(JOBS.c.id == bindparam("b_id"))
-    .values(message_partition=bindparam("b_partition"), message_offset=bindparam("b_offset"))
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +153,6 @@ class OutboxRelay:
         self._failures = 0
         # Rows the broker refused, by id: when they are sent again, their stand-ins go instead.
         self._refused: dict[int, KafkaError] = {}
-        # Where job messages landed (partition, offset), by job id, to record with the next delete.
-        self._landed: dict[str, tuple[int, int]] = {}
 
     async def start(self) -> None:
         self._loop.start()
@@ -369,9 +360,7 @@ class OutboxRelay:
             if ack not in done:
                 continue
             try:
-                landed = ack.result()  # raises the send's error, if any
-                if is_job_topic(row.topic):
-                    self._landed[row.key] = (landed.partition, landed.offset)
+                ack.result()  # raises the send's error, if any
             except REFUSED_ERRORS as exc:
                 _record_refusal(row, exc)
                 self._refused[row.id] = exc
@@ -389,26 +378,11 @@ class OutboxRelay:
         return self._producer
 
     async def _delete(self, ids: list[int]) -> None:
-        """Delete published rows, and record where their job messages landed, in one transaction."""
-        landed, self._landed = self._landed, {}
-
         def delete_rows(connection: Connection) -> None:
             for first in range(0, len(ids), DELETE_CHUNK):
                 connection.execute(delete(OUTBOX).where(OUTBOX.c.id.in_(ids[first : first + DELETE_CHUNK])))
-            if landed:
-                # In job id order, as every writer of job rows locks them: no deadlock between processes.
-                positions = [
-                    {"b_id": job_id, "b_partition": partition, "b_offset": offset}
-                    for job_id, (partition, offset) in sorted(landed.items())
-                ]
-                connection.execute(RECORD_LANDING, positions)
 
-        try:
-            await self._db.write(delete_rows)
-        except BaseException:
-            # Not recorded: kept for the next delete (positions acknowledged since then win).
-            self._landed = {**landed, **self._landed}
-            raise
+        await self._db.write(delete_rows)
 
     async def _close_producer(self) -> None:
         if self._producer is not None:

@@ -12,10 +12,6 @@ index on `finished_at` (only finished jobs have one) finds each batch without a 
 `jobs.hand_backs` counts the attempts draining workers handed back unfinished: only the first few are
 free, so a long job under a scale-in that keeps coming cannot restart forever.
 
-`jobs.message_partition` and `jobs.message_offset` say where a job's latest job message landed, as the
-broker acknowledged it: a worker's sweep finds queued jobs whose message was consumed without a claim
-or deleted from the topic, and publishes them again.
-
 Revision ID: 0005
 Revises: 0004
 Create Date: 2026-12-01
@@ -43,8 +39,6 @@ def upgrade() -> None:
         batch.add_column(sa.Column("partition", sa.Integer(), nullable=True))
     with op.batch_alter_table("jobs") as batch:
         batch.add_column(sa.Column("hand_backs", sa.Integer(), nullable=False, server_default="0"))
-        batch.add_column(sa.Column("message_partition", sa.Integer(), nullable=True))
-        batch.add_column(sa.Column("message_offset", sa.BigInteger(), nullable=True))
     op.create_index(
         "ix_jobs_finished_at", "jobs", ["finished_at"], sqlite_where=FINISHED, postgresql_where=FINISHED
     )
@@ -53,8 +47,6 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_index("ix_jobs_finished_at", "jobs")
     with op.batch_alter_table("jobs") as batch:
-        batch.drop_column("message_offset")
-        batch.drop_column("message_partition")
         batch.drop_column("hand_backs")
     with op.batch_alter_table("outbox") as batch:
         batch.drop_column("partition")
