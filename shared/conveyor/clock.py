@@ -7,12 +7,18 @@ worker would otherwise take live leases, and a relay ahead of the others sweep t
 
 from __future__ import annotations
 
+import time
 from datetime import UTC, datetime, timedelta
 
 from sqlalchemy import Connection, func, select
 
-# The database's clock on PostgreSQL: the time its transaction started, the same for every statement of it.
-_DATABASE_NOW = select(func.now())
+# The PostgreSQL server's clock as it reads now (not `now()`, the time its transaction started).
+_DATABASE_CLOCK = select(func.clock_timestamp())
+# How often the offset to the server's clock is measured again: a host whose clock is stepped is
+# followed within this long.
+OFFSET_REFRESH_S = 10.0
+# By database URL: (when it was measured, on the monotonic clock; the offset).
+_offsets: dict[str, tuple[float, timedelta]] = {}
 
 _skew = timedelta(0)
 
@@ -30,9 +36,24 @@ def skew_process_clock(seconds: float) -> None:
 
 
 def database_now(connection: Connection) -> datetime:
-    """Now by the database's clock, read in the caller's transaction. SQLite runs inside the process
-    that opens it, on the one host every process using that file shares, so its clock is the host's."""
+    """Now by the database's clock. SQLite runs inside the process that opens it, on the one host every
+    process using that file shares, so its clock is the host's. PostgreSQL's is this host's clock plus
+    the offset to the server's, measured with a round trip at most every OFFSET_REFRESH_S: the write
+    path asks for the time in every transaction, and a round trip each would cost it more than the
+    offset's error (half a round trip, well under a millisecond) matters to a lease of seconds."""
     if connection.dialect.name == "sqlite":
         return datetime.now(UTC)
-    now: datetime = connection.execute(_DATABASE_NOW).scalar_one()
-    return now.astimezone(UTC) if now.tzinfo is not None else now.replace(tzinfo=UTC)
+    key = str(connection.engine.url)
+    measured = _offsets.get(key)
+    if measured is None or time.monotonic() - measured[0] > OFFSET_REFRESH_S:
+        measured = _offsets[key] = (time.monotonic(), _measure_offset(connection))
+    return datetime.now(UTC) + measured[1]
+
+
+def _measure_offset(connection: Connection) -> timedelta:
+    """The server's clock minus this host's, taken at the middle of the round trip."""
+    sent = datetime.now(UTC)
+    server: datetime = connection.execute(_DATABASE_CLOCK).scalar_one()
+    received = datetime.now(UTC)
+    server = server.astimezone(UTC) if server.tzinfo is not None else server.replace(tzinfo=UTC)
+    return server - (sent + (received - sent) / 2)
