@@ -1,5 +1,5 @@
-"""Pruning, on SQLite and PostgreSQL: finished jobs after their retention (with their events, labels
-and keys), finished jobs' event histories, expired idempotency keys; a batch at a time."""
+"""Pruning, on SQLite and PostgreSQL: finished jobs after their retention (with their events, labels,
+keys and message positions), finished jobs' event histories, expired idempotency keys; a batch at a time."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from conveyor.changes import IdempotencyClaim, NewJob
 from conveyor.clock import database_now
 from conveyor.database import Database
 from conveyor.eventlog import events_between
-from conveyor.models import JOBS, IdempotencyKey, JobEventRecord, JobLabel, JobRecord
+from conveyor.models import JOBS, IdempotencyKey, JobEventRecord, JobLabel, JobMessagePosition, JobRecord
+from conveyor.outbox import record_positions
 from conveyor.pruning import Pruner, keep_for, prune_event_history, prune_finished_jobs, prune_keys
 
 from harness import write_now
@@ -29,8 +30,8 @@ async def written(db: Database, change: changes.Change) -> JobRecord:
 
 
 async def finished_job(db: Database, days_ago: float = 0, key: str | None = None) -> JobRecord:
-    """A job with a label and (if given) an idempotency key, run to `succeeded` (events 1 to 3), its
-    `finished_at` moved `days_ago` into the past."""
+    """A job with a label, a recorded message position and (if given) an idempotency key, run to
+    `succeeded` (events 1 to 3), its `finished_at` moved `days_ago` into the past."""
     idempotency = IdempotencyClaim(key, "f", WEEK_S * 4) if key else None
     job = await written(
         db,
@@ -50,6 +51,7 @@ async def finished_job(db: Database, days_ago: float = 0, key: str | None = None
     def age(connection: Connection) -> None:
         finished_at = database_now(connection) - timedelta(days=days_ago)
         connection.execute(update(JOBS).where(JOBS.c.id == job.id).values(finished_at=finished_at))
+        record_positions(connection, {job.id: (0, 7)})
 
     await db.write(age)
     return done
@@ -70,14 +72,14 @@ async def job_exists(db: Database, job_id: str) -> bool:
     return await db.read(read)
 
 
-async def test_a_job_past_its_retention_goes_with_its_events_labels_and_key(db: Database) -> None:
+async def test_a_job_past_its_retention_goes_with_its_events_labels_key_and_position(db: Database) -> None:
     old = await finished_job(db, days_ago=8, key="old-key")
     recent = await finished_job(db, days_ago=6, key="recent-key")
     waiting = await written(db, NewJob(tenant="t", type="demo.echo", payload={}, priority=3, max_attempts=1))
     deleted = await db.write(lambda connection: prune_finished_jobs(connection, 100, keep_s=WEEK_S))
     assert deleted == 1
     assert not await job_exists(db, old.id)
-    for table in (JobEventRecord, JobLabel, IdempotencyKey):
+    for table in (JobEventRecord, JobLabel, IdempotencyKey, JobMessagePosition):
         assert await count(db, table, old.id) == 0, table
         assert await count(db, table, recent.id) == (3 if table is JobEventRecord else 1), table
     assert await job_exists(db, recent.id) and await job_exists(db, waiting.id)

@@ -1,7 +1,7 @@
 import uuid
 from collections import Counter
 
-from conveyor.topics import all_topics, job_key, job_topics, worker_group
+from conveyor.topics import all_topics, is_job_topic, job_key, job_topics, worker_group
 
 
 def test_a_tenants_jobs_spread_over_every_partition() -> None:
@@ -26,3 +26,8 @@ def test_topic_names_follow_the_prefix() -> None:
     assert job_topics("cv") == [f"cv.jobs.p{n}" for n in range(1, 6)]
     assert set(all_topics("cv")) == {*job_topics("cv"), "cv.events", "cv.dead-letter"}
     assert worker_group("cv") == "cv-workers"
+
+
+def test_job_topics_are_told_from_the_others_whatever_the_prefix() -> None:
+    assert all(is_job_topic(topic) for topic in job_topics("a.b-c"))
+    assert not any(is_job_topic(topic) for topic in ("a.events", "a.dead-letter", "a.jobs.p9", "jobs.p1"))

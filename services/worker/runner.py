@@ -12,8 +12,9 @@ committer has gathered (outcomes, progress). Nothing waits for a Kafka acknowled
 starts as soon as its claim is committed, and its slot is free as soon as its handler ends. How one
 job runs is the executor's (`execution.py`), with its policies (`middleware/`).
 
-Beside the loop, each worker runs a lease keeper (heartbeats, the reaper, and the watch for cancels)
-and a scheduler that queues scheduled jobs once they are due.
+Beside the loop, each worker runs a lease keeper (heartbeats, the reaper, and the watch for cancels),
+a scheduler that queues scheduled jobs once they are due, and a sweep that publishes again the queued
+jobs whose Kafka messages were lost (`strays.py`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from services.worker.middleware.cancellation import CancelWatch
 from services.worker.middleware.drain import drain
 from services.worker.middleware.leases import LeaseKeeper
 from services.worker.scheduling import Scheduler
+from services.worker.strays import StraySweep
 
 log = structlog.get_logger(__name__)
 
@@ -54,6 +56,7 @@ class Worker:
         self.executor = JobExecutor(self.context)
         self.leases = LeaseKeeper(self.context, self.executor, CancelWatch(self.context.db, self.executor))
         self.scheduler = Scheduler(self.context)
+        self.strays = StraySweep(self.context)
         self.intake = Intake(
             settings.topic_prefix,
             settings.priority_weights,
@@ -75,6 +78,7 @@ class Worker:
         await context.committer.start()
         await self.leases.start()
         self.scheduler.start()
+        self.strays.start()
         feed = JobFeed(context.settings, self.intake)
         await feed.start()
         self.leases.partition_for = feed.partition_for
@@ -147,6 +151,7 @@ class Worker:
 
     async def _shutdown(self, feed: JobFeed, topics: TopicKeeper) -> None:
         await self.scheduler.stop()
+        await self.strays.stop()
         await self.leases.stop()
         await feed.stop()
         await self.context.committer.stop()

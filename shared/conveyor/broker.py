@@ -157,6 +157,29 @@ async def missing_topics(bootstrap: str, prefix: str) -> list[str]:
     return [topic for topic in all_topics(prefix) if topic not in existing]
 
 
+async def committed_offsets(
+    bootstrap: str, group: str, partitions: list[TopicPartition]
+) -> dict[TopicPartition, int]:
+    """The group's committed offset of each partition (the next record it reads); -1 where it has none."""
+    async with admin_client(bootstrap) as admin:
+        committed = await admin.list_consumer_group_offsets(group, partitions=partitions)
+    return {tp: committed[tp].offset if tp in committed else -1 for tp in partitions}
+
+
+async def log_start_offsets(bootstrap: str, partitions: list[TopicPartition]) -> dict[TopicPartition, int]:
+    """The first offset each partition still holds: records before it were deleted (retention, a
+    `kafka-delete-records`, a recreated topic)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    try:
+        await consumer.start()
+        offsets: dict[TopicPartition, int] = await consumer.beginning_offsets(partitions)
+    except KafkaError as exc:
+        raise BrokerUnavailable(str(exc)) from exc
+    finally:
+        await stop_consumer(consumer)
+    return offsets
+
+
 def min_insync_replicas(replication_factor: int) -> int:
     """The topics' `min.insync.replicas`: one broker of the replicas may be down without stopping
     writes (2 at a factor of 3, 1 at 2)."""

@@ -156,7 +156,15 @@ class ProgressReport:
     message: str | None
 
 
-Change = NewJob | Claim | Transition | ProgressReport
+@dataclass(frozen=True, slots=True)
+class Republish:
+    """A queued job's job message, published again because the last one was lost (consumed without a
+    claim, or deleted from its topic): no state change and no event, only the message."""
+
+    job_id: str
+
+
+Change = NewJob | Claim | Transition | ProgressReport | Republish
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +211,10 @@ class Written:
 
 def claim(job_id: str, worker_id: str, lease_s: float) -> Claim:
     return Claim(job_id, worker_id, lease_s)
+
+
+def republish(job_id: str) -> Republish:
+    return Republish(job_id)
 
 
 def complete(job: JobRecord, result: Any) -> Transition:
@@ -385,7 +397,7 @@ def write_changes(
     # Existing jobs: first the claims, each unit's consecutive claims one statement (PostgreSQL locks
     # their rows in id order); then the other changes one by one, in job id order (a job's own changes in
     # the order given). Transactions that lock rows in one order cannot deadlock on them.
-    others: list[tuple[str, int, int, int, Transition | ProgressReport]] = []
+    others: list[tuple[str, int, int, int, Transition | ProgressReport | Republish]] = []
     for u, unit in enumerate(units):
         changes = unit.changes
         c = 0
@@ -400,11 +412,16 @@ def write_changes(
                     results[u][c + offset] = result
                 c = end
                 continue
-            if isinstance(change, Transition | ProgressReport):
+            if isinstance(change, Transition | ProgressReport | Republish):
                 others.append((change.job_id, len(others), u, c, change))
             c += 1
     for _, _, u, c, change in sorted(others, key=lambda item: (item[0], item[1])):
-        results[u][c] = batch.transition(change) if isinstance(change, Transition) else batch.progress(change)
+        if isinstance(change, Transition):
+            results[u][c] = batch.transition(change)
+        elif isinstance(change, ProgressReport):
+            results[u][c] = batch.progress(change)
+        else:
+            results[u][c] = batch.republish(change)
     outbox = batch.flush()
     return Written(
         [[result or ChangeResult(Outcome.ABANDONED) for result in unit] for unit in results], outbox
@@ -744,6 +761,16 @@ class _Batch:
         row = self.connection.execute(PROGRESS, parameters).first()
         return self._announced(None if row is None else JobRecord(*row), "progress")
 
+    def republish(self, change: Republish) -> ChangeResult:
+        row = self.connection.execute(REPUBLISH, {"b_job_id": change.job_id, "b_now": self.now}).first()
+        if row is None:
+            return ChangeResult(Outcome.STALE)  # not queued any more: nothing was lost
+        job = JobRecord(*row)
+        self.staged.append(
+            (job_topic(self.prefix, job.priority), job_key(job.id), job_message_json(job), None)
+        )
+        return ChangeResult(Outcome.WRITTEN, job)
+
     def _announced(
         self, job: JobRecord | None, kind: Literal["state", "progress"], partition: int | None = None
     ) -> ChangeResult:
@@ -805,6 +832,14 @@ PROGRESS = (
         last_seq=JOBS.c.last_seq + 1,
         updated_at=bindparam("b_now"),
     )
+    .returning(*JOB_COLUMNS)
+)
+
+# Touches `updated_at` only: a republished job counts as fresh for the sweep's grace again.
+REPUBLISH = (
+    update(JOBS)
+    .where(JOBS.c.id == bindparam("b_job_id"), JOBS.c.status == JobState.QUEUED.value)
+    .values(updated_at=bindparam("b_now"))
     .returning(*JOB_COLUMNS)
 )
 

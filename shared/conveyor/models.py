@@ -8,6 +8,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     DateTime,
     Enum,
@@ -263,3 +264,20 @@ class WorkerHeartbeat(Base):
 
 
 WORKER_HEARTBEATS: Table = WorkerHeartbeat.__table__  # type: ignore[assignment]
+
+
+class JobMessagePosition(Base):
+    """Where a job's latest job message landed on Kafka, as the broker acknowledged it: what the workers'
+    sweep for lost messages compares with the group's offsets (`services/worker/strays.py`).
+
+    A table of its own, written only by the outbox relays: on the `jobs` row, the relay's update would
+    wait on the row locks of the very claims its message has just caused (migration 0006)."""
+
+    __tablename__ = "job_message_positions"
+
+    job_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer)
+    offset: Mapped[int] = mapped_column(BigInteger)
+
+
+JOB_MESSAGE_POSITIONS: Table = JobMessagePosition.__table__  # type: ignore[assignment]

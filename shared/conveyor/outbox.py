@@ -16,6 +16,10 @@ acknowledgements come back, when the idempotent producer's sequence on that part
 broken (the messages behind it fail as out of order): the round fails, the producer is replaced, and
 when the rows are sent again the stand-in goes in the refused row's place. Other errors (Kafka away, a
 timeout) are retried: they say nothing about the row.
+
+Where each job message landed (partition and offset, as acknowledged) is recorded in
+`job_message_positions`, in the transaction that deletes its outbox row, so it costs no transaction
+of its own: the workers' sweep for lost messages reads it (`services/worker/strays.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 from prometheus_client import Counter
-from sqlalchemy import ColumnElement, Connection, Table, delete, insert, or_, select
+from sqlalchemy import ColumnElement, Connection, Insert, Table, delete, insert, or_, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
 from conveyor.background import BackgroundTask, exponential_delay
@@ -39,8 +44,9 @@ from conveyor.broker import BrokerUnavailable, start_producer
 from conveyor.clock import database_now
 from conveyor.database import Database
 from conveyor.jsoncodec import dumps, loads
-from conveyor.models import OutboxMessage, utcnow
+from conveyor.models import JOB_MESSAGE_POSITIONS, OutboxMessage, utcnow
 from conveyor.sizes import DEFAULT_MAX_MESSAGE_BYTES
+from conveyor.topics import is_job_topic
 
 log = structlog.get_logger(__name__)
 
@@ -153,6 +159,8 @@ class OutboxRelay:
         self._failures = 0
         # Rows the broker refused, by id: when they are sent again, their stand-ins go instead.
         self._refused: dict[int, KafkaError] = {}
+        # Where job messages landed (partition, offset), by job id, to record with the next delete.
+        self._landed: dict[str, tuple[int, int]] = {}
 
     async def start(self) -> None:
         self._loop.start()
@@ -360,7 +368,9 @@ class OutboxRelay:
             if ack not in done:
                 continue
             try:
-                ack.result()  # raises the send's error, if any
+                landed = ack.result()  # raises the send's error, if any
+                if is_job_topic(row.topic):
+                    self._landed[row.key] = (landed.partition, landed.offset)
             except REFUSED_ERRORS as exc:
                 _record_refusal(row, exc)
                 self._refused[row.id] = exc
@@ -378,17 +388,47 @@ class OutboxRelay:
         return self._producer
 
     async def _delete(self, ids: list[int]) -> None:
+        """Delete published rows, and record where their job messages landed, in one transaction."""
+        landed, self._landed = self._landed, {}
+
         def delete_rows(connection: Connection) -> None:
             for first in range(0, len(ids), DELETE_CHUNK):
                 connection.execute(delete(OUTBOX).where(OUTBOX.c.id.in_(ids[first : first + DELETE_CHUNK])))
+            if landed:
+                record_positions(connection, landed)
 
-        await self._db.write(delete_rows)
+        try:
+            await self._db.write(delete_rows)
+        except BaseException:
+            # Not recorded: kept for the next delete (positions acknowledged since then win).
+            self._landed = {**landed, **self._landed}
+            raise
 
     async def _close_producer(self) -> None:
         if self._producer is not None:
             producer, self._producer = self._producer, None
             # Stopping flushes what the producer holds, which waits for the broker: bound it.
             await asyncio.gather(asyncio.wait_for(producer.stop(), STOP_TIMEOUT_S), return_exceptions=True)
+
+
+def record_positions(connection: Connection, landed: dict[str, tuple[int, int]]) -> None:
+    """Upsert where each job's latest job message landed, in job id order (as every writer orders the
+    rows it locks: two relays cannot deadlock)."""
+    positions = [
+        {"job_id": job_id, "partition": partition, "offset": offset}
+        for job_id, (partition, offset) in sorted(landed.items())
+    ]
+    connection.execute(_position_upsert(connection.dialect.name), positions)
+
+
+def _position_upsert(dialect_name: str) -> Insert:
+    dialect = postgresql if dialect_name == "postgresql" else sqlite
+    statement = dialect.insert(JOB_MESSAGE_POSITIONS)
+    upsert: Insert = statement.on_conflict_do_update(
+        index_elements=[JOB_MESSAGE_POSITIONS.c.job_id],
+        set_={"partition": statement.excluded.partition, "offset": statement.excluded.offset},
+    )
+    return upsert
 
 
 def _record_refusal(row: OutboxRow, exc: KafkaError) -> None:

@@ -1,6 +1,6 @@
 """Deleting rows once nobody needs them: finished jobs (`CONVEYOR_JOB_RETENTION_S`), with their events,
-labels and idempotency keys; the event history of finished jobs (`CONVEYOR_EVENT_HISTORY_S`); and
-expired idempotency keys.
+labels, idempotency keys and message positions; the event history of finished jobs
+(`CONVEYOR_EVENT_HISTORY_S`); and expired idempotency keys.
 
 Each step deletes at most `PRUNE_BATCH` rows (or jobs) in one short transaction, and the pruner runs
 steps until one finds less than a batch, pausing between them. One unbounded DELETE of a backlog would
@@ -24,7 +24,7 @@ from conveyor.background import BackgroundTask, run_every
 from conveyor.clock import database_now
 from conveyor.database import Database
 from conveyor.lifecycle import TERMINAL_STATES
-from conveyor.models import JOBS, IdempotencyKey, JobEventRecord, JobLabel
+from conveyor.models import JOB_MESSAGE_POSITIONS, JOBS, IdempotencyKey, JobEventRecord, JobLabel
 
 log = structlog.get_logger(__name__)
 
@@ -44,8 +44,9 @@ PruneStep = Callable[[Connection, int], int]
 
 
 def prune_finished_jobs(connection: Connection, limit: int, keep_s: float) -> int:
-    """Delete up to `limit` jobs that finished more than `keep_s` ago, with their events, labels and
-    idempotency keys (a key outliving its job would answer with a job that is gone)."""
+    """Delete up to `limit` jobs that finished more than `keep_s` ago, with their events, labels,
+    idempotency keys (a key outliving its job would answer with a job that is gone) and message
+    positions."""
     finished_before = database_now(connection) - timedelta(seconds=keep_s)
     ids = list(
         connection.execute(
@@ -57,6 +58,7 @@ def prune_finished_jobs(connection: Connection, limit: int, keep_s: float) -> in
     connection.execute(delete(EVENTS).where(EVENTS.c.job_id.in_(ids)))
     connection.execute(delete(LABELS).where(LABELS.c.job_id.in_(ids)))
     connection.execute(delete(KEYS).where(KEYS.c.job_id.in_(ids)))
+    connection.execute(delete(JOB_MESSAGE_POSITIONS).where(JOB_MESSAGE_POSITIONS.c.job_id.in_(ids)))
     connection.execute(delete(JOBS).where(JOBS.c.id.in_(ids)))
     return len(ids)
 

@@ -29,6 +29,8 @@ DEFAULT_MAX_ATTEMPTS = 3
 DEFAULT_LEASE_S = 15.0
 # A worker whose heartbeat (about one a second) is this old is dead: its running jobs start again at once.
 DEFAULT_WORKER_DEAD_AFTER_S = 4.0
+# A job queued this long whose Kafka message was consumed without a claim, or deleted, is published again.
+DEFAULT_STRAY_GRACE_S = 60.0
 DEFAULT_DRAIN_GRACE_S = 30.0
 # The progress service: events a client may have waiting before it is told to resume; protocol-level
 # WebSocket pings; how long a socket may sit with no subscription and no message; how long a
@@ -188,6 +190,12 @@ class Settings(BaseSettings):
         default=DEFAULT_WORKER_DEAD_AFTER_S,
         gt=0,
         description="A worker whose heartbeat is this old is dead; its running jobs get their next attempt.",
+    )
+    stray_grace_s: float = Field(
+        default=DEFAULT_STRAY_GRACE_S,
+        gt=0,
+        description="A job queued this long whose Kafka message is lost (consumed unclaimed, or deleted)"
+        " is published again.",
     )
     cancel_grace_s: float = Field(
         default=DEFAULT_CANCEL_GRACE_S,

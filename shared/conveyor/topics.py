@@ -14,6 +14,12 @@ def job_topic(prefix: str, priority: int) -> str:
     return f"{prefix}.jobs.p{priority}"
 
 
+def is_job_topic(topic: str) -> bool:
+    """Whether `topic` is one of the job topics (`<prefix>.jobs.p1` ... `p5`), of any prefix."""
+    head, _, level = topic.rpartition(".jobs.p")
+    return bool(head) and level.isdigit() and int(level) in PRIORITIES
+
+
 def job_topics(prefix: str) -> list[str]:
     return [job_topic(prefix, priority) for priority in PRIORITIES]
 
