@@ -8,17 +8,19 @@ worker would otherwise take live leases, and a relay ahead of the others sweep t
 from __future__ import annotations
 
 import time
+import weakref
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, Engine, func, select
 
 # The PostgreSQL server's clock as it reads now (not `now()`, the time its transaction started).
 _DATABASE_CLOCK = select(func.clock_timestamp())
 # How often the offset to the server's clock is measured again: a host whose clock is stepped is
 # followed within this long.
 OFFSET_REFRESH_S = 10.0
-# By database URL: (when it was measured, on the monotonic clock; the offset).
-_offsets: dict[str, tuple[float, timedelta]] = {}
+# By engine (one per database a process opens): (when it was measured, on the monotonic clock; the
+# offset). Weak, so an engine disposed of takes its offset with it.
+_offsets: weakref.WeakKeyDictionary[Engine, tuple[float, timedelta]] = weakref.WeakKeyDictionary()
 
 _skew = timedelta(0)
 
@@ -43,10 +45,10 @@ def database_now(connection: Connection) -> datetime:
     offset's error (half a round trip, well under a millisecond) matters to a lease of seconds."""
     if connection.dialect.name == "sqlite":
         return datetime.now(UTC)
-    key = str(connection.engine.url)
-    measured = _offsets.get(key)
+    engine = connection.engine
+    measured = _offsets.get(engine)
     if measured is None or time.monotonic() - measured[0] > OFFSET_REFRESH_S:
-        measured = _offsets[key] = (time.monotonic(), _measure_offset(connection))
+        measured = _offsets[engine] = (time.monotonic(), _measure_offset(connection))
     return datetime.now(UTC) + measured[1]
 
 
