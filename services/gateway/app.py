@@ -19,7 +19,7 @@ from conveyor.pruning import Pruner, keep_for, prune_finished_jobs, prune_keys
 from conveyor.settings import Settings
 from conveyor.sizes import max_message_bytes, max_submission_bytes
 from conveyor.topics_setup import TopicKeeper
-from services.gateway import jobs
+from services.gateway import jobs, stats
 from services.gateway.bodylimit import BodyLimit
 from services.gateway.state import GatewayState, gateway_state
 from services.gateway.waiting import StateNotifier, Waits
@@ -74,6 +74,7 @@ def create_app(settings: Settings) -> FastAPI:
     # Outermost but for Starlette's error handler: bodies are limited before routing, auth or parsing.
     app.add_middleware(BodyLimit, default=max_submission_bytes(settings))
     app.include_router(jobs.router)
+    app.include_router(stats.router)
 
     app.include_router(health_router(gateway_state))
     return app

@@ -1,4 +1,5 @@
-"""The `conveyor` command: run the embedded stack, a single service, Kafka, migrations, API keys."""
+"""The `conveyor` command: run the embedded stack, a single service, Kafka, migrations, API keys; and,
+as a client of a running stack, the commands of `conveyor.client.commands` (submit, watch, ls, top...)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from conveyor.client import commands as client_commands
 from conveyor.clock import skew_process_clock
 from conveyor.logs import configure_logging
 from conveyor.settings import Settings, load_settings
@@ -25,6 +27,7 @@ kafka_app = typer.Typer(
 keys_app = typer.Typer(no_args_is_help=True, help="API keys stored (hashed) in the database.")
 app.add_typer(kafka_app, name="kafka")
 app.add_typer(keys_app, name="keys")
+client_commands.register(app)
 console = Console(stderr=True)
 
 if TYPE_CHECKING:

@@ -244,3 +244,27 @@ def resource_document(job: JobView, events_base_url: str) -> dict[str, Any]:
 
 def job_resource(job: JobView, events_base_url: str) -> JobResource:
     return JobResource.model_validate(resource_document(job, events_base_url))
+
+
+class StatusCounts(BaseModel):
+    scheduled: int
+    queued: int
+    running: int
+
+
+class FinishedCounts(BaseModel):
+    succeeded: int
+    failed: int
+    canceled: int
+
+
+class QueueStatsResource(BaseModel):
+    """`GET /v1/stats`: the tenant's queue at `at`."""
+
+    at: datetime
+    priorities: dict[str, StatusCounts] = Field(description="Unfinished jobs per priority, `1` to `5`.")
+    totals: StatusCounts
+    finished_last_minute: FinishedCounts = Field(description="Jobs that finished in the last 60 s.")
+    oldest_queued_at: datetime | None = Field(
+        description="When the job that has waited longest in `queued` was queued; None if none is."
+    )
