@@ -10,9 +10,12 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +25,9 @@ import httpx
 import websockets
 from aiokafka import TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
-from sqlalchemy import Connection, func, select
+from sqlalchemy import Connection, func, select, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import create_async_engine
 
 from conveyor import sqlstats
 from conveyor.changes import Change, Unit, Written, write_changes
@@ -402,3 +407,45 @@ async def outbox_size(db: Database) -> int:
     """How many messages wait in the outbox, not yet published."""
     async with db.reading() as session:
         return int(await session.scalar(select(func.count()).select_from(OutboxMessage)) or 0)
+
+
+# --- The database refusing ---
+
+
+@asynccontextmanager
+async def database_refusing_writes(
+    kind: str, database_url: str, admin_url: str | None
+) -> AsyncIterator[None]:
+    """PostgreSQL: the database refuses every connection. SQLite: the test holds the write lock, so a
+    writer gives up after its busy timeout."""
+    if kind == "sqlite":
+        path = make_url(database_url).database
+        assert path
+        lock = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
+        try:
+            await asyncio.to_thread(lock.execute, "BEGIN EXCLUSIVE")
+            yield
+        finally:
+            lock.rollback()
+            lock.close()
+        return
+    assert admin_url is not None
+    name = make_url(database_url).database
+    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with admin.connect() as connection:
+            await connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
+            await connection.execute(
+                text(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": name},
+            )
+        try:
+            yield
+        finally:
+            async with admin.connect() as connection:
+                await connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
+    finally:
+        await admin.dispose()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sqlite3
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,9 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select, text
-from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy import select
 
 from conveyor.database import Database
 from conveyor.embedded.kafka import KafkaCluster
@@ -29,6 +26,7 @@ from conveyor.models import Job
 from harness import (
     PROBLEM_JSON,
     Stack,
+    database_refusing_writes,
     eventually,
     outbox_size,
     sleep_job,
@@ -204,45 +202,6 @@ async def test_every_service_stops_promptly_while_kafka_is_down_and_a_drained_jo
 
     done = await eventually(finished, KAFKA_RECOVERY_WITHIN_S, "the handed-back job to run again")
     assert (done.status, done.attempts) == ("succeeded", 2)
-
-
-@asynccontextmanager
-async def database_refusing_writes(
-    kind: str, database_url: str, admin_url: str | None
-) -> AsyncIterator[None]:
-    """PostgreSQL: the database refuses every connection. SQLite: the test holds the write lock, so a
-    writer gives up after its busy timeout."""
-    if kind == "sqlite":
-        path = make_url(database_url).database
-        assert path
-        lock = sqlite3.connect(path, timeout=30, isolation_level=None, check_same_thread=False)
-        try:
-            await asyncio.to_thread(lock.execute, "BEGIN EXCLUSIVE")
-            yield
-        finally:
-            lock.rollback()
-            lock.close()
-        return
-    assert admin_url is not None
-    name = make_url(database_url).database
-    admin = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
-    try:
-        async with admin.connect() as connection:
-            await connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
-            await connection.execute(
-                text(
-                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                    " WHERE datname = :name AND pid <> pg_backend_pid()"
-                ),
-                {"name": name},
-            )
-        try:
-            yield
-        finally:
-            async with admin.connect() as connection:
-                await connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-    finally:
-        await admin.dispose()
 
 
 async def test_a_submission_while_the_database_is_down_gets_503_and_leaves_nothing(
