@@ -104,7 +104,7 @@ def job_table(jobs: Iterable[Job], now: datetime | None = None) -> Table:
     moment = now or datetime.now(UTC)
     table = Table(box=box.SIMPLE_HEAD)
     for header in ("id", "type", "status", "progress", "age"):
-        table.add_column(header, overflow="fold", no_wrap=header == "id")
+        table.add_column(header, overflow="fold", no_wrap=header in ("id", "status", "age"))
     for job in jobs:
         table.add_row(
             job.id, Text(job.type), status_text(job.status), _progress_cell(job), age(job.created_at, moment)
