@@ -161,3 +161,19 @@ async def test_watch_draws_the_progress_bar_to_a_console(module_stack: Stack) ->
     drawn = console.export_text()
     assert "succeeded" in drawn and "100%" in drawn and "step 4 of 4" in drawn
     assert "━" in drawn  # the bar itself
+
+
+async def test_the_example_application_runs(module_stack: Stack) -> None:
+    example = Path(__file__).parent.parent / "examples" / "progress_app.py"
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(example),
+        env={**os.environ, **as_client(module_stack)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(process.communicate(), WITHIN_S)
+    assert process.returncode == 0, err.decode()
+    lines = out.decode().splitlines()
+    assert "chase: succeeded {'slept_s': 4.0, 'steps': 4}" in lines
+    assert any(line.split()[:2] == ["chase", "50%"] for line in lines), lines
