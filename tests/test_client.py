@@ -38,8 +38,10 @@ READ_ONLY_TENANT, READ_ONLY_KEY = "tenant-r", "key-r-0123456789abcdefghij"
 WITHIN_S = 60
 
 
-def client_of(stack: Stack, key: str = KEY_A, **options: object) -> AsyncClient:
-    return AsyncClient(stack.gateway_url, api_key=key, **options)  # type: ignore[arg-type]
+def client_of(
+    stack: Stack, key: str = KEY_A, *, events_url: str | None = None, retry: RetryPolicy | None = None
+) -> AsyncClient:
+    return AsyncClient(stack.gateway_url, api_key=key, events_url=events_url, retry=retry)
 
 
 def marker() -> dict[str, str]:

@@ -16,7 +16,7 @@ from typing import Any, Self
 import httpx
 
 from conveyor.client.config import DEFAULT_TIMEOUT_S, default_key, default_url
-from conveyor.client.errors import ConveyorError, error_for, unreachable
+from conveyor.client.errors import ConveyorError, MethodNotAllowed, NotFound, error_for, unreachable
 from conveyor.client.models import Event, Job, JobPage, JobType, Stats, Submission
 from conveyor.client.retrying import RetryPolicy, retryable
 from conveyor.client.streaming import DEFAULT_RECONNECT_WITHIN_S, job_events
@@ -117,8 +117,25 @@ class AsyncClient:
             body = submission.body()
             body.setdefault("idempotency_key", new_idempotency_key())
             bodies.append(body)
-        response = await self._request("POST", "/v1/jobs/batch", json={"jobs": bodies}, repeatable=True)
+        try:
+            response = await self._request("POST", "/v1/jobs/batch", json={"jobs": bodies}, repeatable=True)
+        except (NotFound, MethodNotAllowed) as exc:
+            if exc.problem.slug:  # a problem of Conveyor's own, not a server without the route
+                raise
+            return await self._submit_each(bodies)
         return [Job.model_validate(item) for item in response.json()["items"]]
+
+    async def _submit_each(self, bodies: builtins.list[dict[str, Any]]) -> builtins.list[Job]:
+        """For a server without the batch endpoint: one submission after another, each with its key
+        (not atomic: a failure leaves the jobs before it submitted, and a rerun replays them)."""
+        jobs = []
+        for body in bodies:
+            key = body.pop("idempotency_key")
+            response = await self._request(
+                "POST", "/v1/jobs", json=body, headers={IDEMPOTENCY_HEADER: key}, repeatable=True
+            )
+            jobs.append(Job.model_validate_json(response.content))
+        return jobs
 
     # --- Reading ---
 

@@ -71,6 +71,10 @@ class NotFound(ConveyorError):
     """404: no such job for this tenant."""
 
 
+class MethodNotAllowed(ConveyorError):
+    """405: the server has no such operation on this path (an older server, say)."""
+
+
 class Conflict(ConveyorError):
     """409: the job's state does not allow this (cancel of a finished job, retry of one not failed)."""
 
@@ -136,6 +140,7 @@ BY_STATUS: dict[int, type[ConveyorError]] = {
     401: Unauthorized,
     403: Forbidden,
     404: NotFound,
+    405: MethodNotAllowed,
     409: Conflict,
     413: ValidationFailed,
     415: ValidationFailed,
