@@ -30,7 +30,7 @@ from conveyor.topics import PRIORITIES, job_topic, worker_group
 log = structlog.get_logger(__name__)
 
 # Often enough for an alert over minutes and for a dashboard; a reading is one aggregate query and
-# three Kafka requests.
+# four Kafka requests.
 BACKLOG_INTERVAL_S = 5.0
 # One reading may take this long at most (Kafka or the database slow); then it counts as failed.
 READING_TIMEOUT_S = 10.0
@@ -108,11 +108,13 @@ class BacklogGauges:
 
     async def _lag(self) -> dict[int, int]:
         consumer, admin = await self._connected()
-        await consumer.topics()  # fresh metadata: partitions added since the last reading
+        topics = [job_topic(self._prefix, priority) for priority in PRIORITIES]
+        # Asked each time: partitions added since the last reading count too.
         partitions = [
-            TopicPartition(topic, partition)
-            for topic in (job_topic(self._prefix, priority) for priority in PRIORITIES)
-            for partition in sorted(consumer.partitions_for_topic(topic) or ())
+            TopicPartition(described["topic"], partition["partition"])
+            for described in await admin.describe_topics(topics)
+            if described["error_code"] == 0
+            for partition in described["partitions"]
         ]
         if not partitions:
             return dict.fromkeys(PRIORITIES, 0)

@@ -104,7 +104,8 @@ class TenantLimits(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+    # hide_input_in_errors: a refused value may be a secret (a token, a database URL with its password).
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(default=Path("data"), description="Where the embedded stack keeps its state.")
     cache_dir: Path = Field(
@@ -342,7 +343,6 @@ class Settings(BaseSettings):
     @field_validator("metrics_token")
     @classmethod
     def _long_enough_token(cls, value: SecretStr) -> SecretStr:
-        # The message never holds the token: the value is a SecretStr, shown masked.
         if value.get_secret_value() and len(value.get_secret_value()) < MIN_METRICS_TOKEN_LENGTH:
             raise ValueError(f"the metrics token must be at least {MIN_METRICS_TOKEN_LENGTH} characters")
         return value
