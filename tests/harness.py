@@ -39,6 +39,23 @@ POLL_INTERVAL_S = 0.1
 TENANT_A, KEY_A = "tenant-a", "key-a-0123456789abcdefghij"
 TENANT_B, KEY_B = "tenant-b", "key-b-0123456789abcdefghij"
 METRICS_TOKEN = "metrics-0123456789abcdefghij"
+# Every series the issue names, as the exposition writes them (a counter's samples end in `_total`).
+METRIC_SERIES = (
+    "conveyor_jobs_submitted_total",
+    "conveyor_jobs_rejected_total",
+    "conveyor_jobs_finished_total",
+    "conveyor_job_queue_wait_seconds",
+    "conveyor_job_run_seconds",
+    "conveyor_job_end_to_end_seconds",
+    "conveyor_worker_slots",
+    "conveyor_consumer_lag_messages",
+    "conveyor_outbox_rows",
+    "conveyor_outbox_oldest_age_seconds",
+    "conveyor_websocket_connections",
+    "conveyor_event_delivery_seconds",
+    "conveyor_http_requests_total",
+    "conveyor_http_request_seconds",
+)
 PROBLEM_JSON = "application/problem+json"
 # How a worker logs a partition: `topic[partition]`.
 PARTITION_NAME = re.compile(r"^(?P<topic>.+)\[(?P<partition>\d+)\]$")

@@ -33,6 +33,7 @@ from conveyor.topics_setup import ensure_deployment_topics
 
 from harness import (
     KEY_A,
+    METRIC_SERIES,
     METRICS_TOKEN,
     Stack,
     assert_problem,
@@ -43,23 +44,6 @@ from harness import (
 )
 
 JOB_TIMEOUT_S = 90
-# Every series the issue names, as the exposition writes them (a counter's samples end in `_total`).
-SERIES = (
-    "conveyor_jobs_submitted_total",
-    "conveyor_jobs_rejected_total",
-    "conveyor_jobs_finished_total",
-    "conveyor_job_queue_wait_seconds",
-    "conveyor_job_run_seconds",
-    "conveyor_job_end_to_end_seconds",
-    "conveyor_worker_slots",
-    "conveyor_consumer_lag_messages",
-    "conveyor_outbox_rows",
-    "conveyor_outbox_oldest_age_seconds",
-    "conveyor_websocket_connections",
-    "conveyor_event_delivery_seconds",
-    "conveyor_http_requests_total",
-    "conveyor_http_request_seconds",
-)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -184,7 +168,7 @@ async def test_every_service_serves_its_series_for_the_metrics_token_only(stack:
     every = names(gateway) | names(progress) | names(worker_samples) | names(backlog)
     assert {
         name
-        for name in SERIES
+        for name in METRIC_SERIES
         if not any(sample == name or sample.startswith(name + "_") for sample in every)
     } == set()
 
