@@ -159,7 +159,9 @@ class Worker:
                 continue
             if pending.published_at is not None:
                 labels = (str(result.job.priority), *series.tenant(result.job.tenant))
-                series.queue_wait.labels(*labels).observe(max(0.0, claimed_at - pending.published_at))
+                series.labelled(series.queue_wait, *labels).observe(
+                    max(0.0, claimed_at - pending.published_at)
+                )
             task = asyncio.create_task(self._run_job(feed, pending, result.job), name=f"job-{result.job.id}")
             self._jobs.add(task)
             task.add_done_callback(self._jobs.discard)

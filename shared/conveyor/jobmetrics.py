@@ -28,9 +28,11 @@ def observe_committed(units: Sequence[Unit], results: Sequence[Sequence[ChangeRe
                 continue
             job = result.job
             if isinstance(change, NewJob):
-                series.submitted.labels(job.type, str(job.priority), *series.tenant(job.tenant)).inc()
+                series.labelled(
+                    series.submitted, job.type, str(job.priority), *series.tenant(job.tenant)
+                ).inc()
             elif isinstance(change, Transition) and (outcome := FINAL_OUTCOMES.get(change.target)):
-                series.finished.labels(job.type, outcome, *series.tenant(job.tenant)).inc()
+                series.labelled(series.finished, job.type, outcome, *series.tenant(job.tenant)).inc()
                 if job.finished_at is not None:
                     seconds = (job.finished_at - job.created_at).total_seconds()
                     series.observe_end_to_end(job.tenant, max(0.0, seconds))

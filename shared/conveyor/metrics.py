@@ -21,9 +21,11 @@ Where each is measured:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
 
 # Jobs run from a few milliseconds (noop jobs) to hours, and may wait as long.
 JOB_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
@@ -32,6 +34,11 @@ HTTP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 # From a worker's event to a client's socket: milliseconds, unless Kafka or the client lags.
 DELIVERY_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 TENANT_LABEL = "tenant"
+# Labelled series remembered per process at most (then forgotten and looked up again): bounded by the
+# job types and priorities, or by the tenants with the tenant label.
+MAX_REMEMBERED_CHILDREN = 10_000
+
+Series = TypeVar("Series", bound=MetricWrapperBase)
 
 # --- the series whose labels never change ---------------------------------------------------------------
 
@@ -84,6 +91,9 @@ class JobSeries:
     queue_wait: Histogram
     run: Histogram
     end_to_end: Histogram
+    # The labelled children already made: `.labels()` takes a lock and builds its key on every call,
+    # which is most of the cost of counting a job.
+    _children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = field(default_factory=dict)
 
     @classmethod
     def build(cls, tenant_label: bool, registry: CollectorRegistry = REGISTRY) -> JobSeries:
@@ -129,13 +139,23 @@ class JobSeries:
         for series in (self.submitted, self.finished, self.queue_wait, self.run, self.end_to_end):
             registry.unregister(series)
 
+    def labelled(self, series: Series, *labels: str) -> Series:
+        """`series.labels(*labels)`, remembered."""
+        key = (id(series), labels)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= MAX_REMEMBERED_CHILDREN:
+                self._children.clear()
+            child = self._children[key] = series.labels(*labels)
+        return child  # type: ignore[return-value]
+
     def tenant(self, tenant: str) -> tuple[str, ...]:
         """The tenant label's value, if the series have one: appended to a series' other labels."""
         return (tenant,) if self.tenant_label else ()
 
     def observe_end_to_end(self, tenant: str, seconds: float) -> None:
         # Without the tenant it has no labels at all, and prometheus-client refuses `.labels()` then.
-        series = self.end_to_end.labels(tenant) if self.tenant_label else self.end_to_end
+        series = self.labelled(self.end_to_end, tenant) if self.tenant_label else self.end_to_end
         series.observe(seconds)
 
 

@@ -50,7 +50,9 @@ class Metrics(Middleware):
         ATTEMPT_DURATION.labels(ending=label).observe(ran_s)
         if ending is not None:  # a handler ran
             series = metrics.jobs()
-            series.run.labels(execution.job.type, *series.tenant(execution.job.tenant)).observe(ran_s)
+            series.labelled(series.run, execution.job.type, *series.tenant(execution.job.tenant)).observe(
+                ran_s
+            )
 
 
 class _Slots(Protocol):
