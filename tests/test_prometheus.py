@@ -27,7 +27,7 @@ JOBS = {"conveyor-gateway", "conveyor-progress", "conveyor-worker"}
 GRAFANA_RATE_INTERVAL = "$__rate_interval"
 RATE_WINDOW = "1m"
 JOB_TIMEOUT_S = 90
-# Scrapes every second (prometheus_server.SCRAPE_INTERVAL): a change shows within a few.
+# Scrapes every 2 s (prometheus_server.SCRAPE_INTERVAL): a change shows within a few.
 SCRAPE_WAIT_S = 60
 
 
