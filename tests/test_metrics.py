@@ -33,6 +33,7 @@ from conveyor.topics_setup import ensure_deployment_topics
 
 from harness import (
     KEY_A,
+    KEY_B,
     METRIC_SERIES,
     METRICS_TOKEN,
     Stack,
@@ -82,6 +83,7 @@ async def socket_of(stack: Stack, job_id: str) -> AsyncIterator[websockets.Clien
         yield ws
 
 
+@pytest.mark.stack_settings(CONVEYOR_TENANT_LIMITS='{"tenant-b": {"max_queued": 1}}')
 async def test_every_service_serves_its_series_for_the_metrics_token_only(stack: Stack) -> None:
     progress_http = stack.progress_url.replace("ws://", "http://")
     worker = stack.worker_metrics_url()
@@ -122,14 +124,25 @@ async def test_every_service_serves_its_series_for_the_metrics_token_only(stack:
         # A scheduled job canceled by its tenant: finished, `canceled`, counted by the gateway.
         later = await submit(client, {**sleep_job(1), "delay_s": 3600})
         assert (await client.post(f"/v1/jobs/{later['id']}/cancel")).status_code == 202
+        # A job that fails its only attempt: finished, `failed` (dead-lettered), counted by the worker.
+        doomed = await submit(client, {"type": "demo.fail", "payload": {"fail_times": 5}, "max_attempts": 1})
+        await wait_for_status(client, doomed["id"], {"failed"}, JOB_TIMEOUT_S)
+    # Over its queue limit, tenant B is refused for `max_queued` (the 429 says which limit).
+    async with stack.client(KEY_B) as client:
+        await submit(client, {**sleep_job(1), "delay_s": 3600})
+        refused = await client.post("/v1/jobs", json={**sleep_job(1), "delay_s": 3600})
+        assert assert_problem(refused, 429)["limit"] == "max_queued"
 
     gateway = await scrape(stack.gateway_url)
-    assert value(gateway, "conveyor_jobs_submitted_total", type="demo.sleep", priority="3") == 2
+    assert value(gateway, "conveyor_jobs_submitted_total", type="demo.sleep", priority="3") == 3
+    assert value(gateway, "conveyor_jobs_submitted_total", type="demo.fail", priority="3") == 1
+    assert value(gateway, "conveyor_jobs_rejected_total", reason="max_queued") == 1
     assert value(gateway, "conveyor_jobs_rejected_total", reason="invalid") == 1
     assert value(gateway, "conveyor_jobs_rejected_total", reason="unauthorized") == 1
     assert value(gateway, "conveyor_jobs_finished_total", type="demo.sleep", outcome="canceled") == 1
     # By route template, never by job id.
-    assert value(gateway, "conveyor_http_requests_total", route="/v1/jobs", status="202") == 2
+    assert value(gateway, "conveyor_http_requests_total", route="/v1/jobs", status="202") == 4
+    assert value(gateway, "conveyor_http_requests_total", route="/v1/jobs", status="429") == 1
     assert value(gateway, "conveyor_http_requests_total", route="/v1/jobs/{job_id}", status="200") >= 2
     assert value(gateway, "conveyor_http_request_seconds_count", route="/v1/jobs/{job_id}/cancel") == 1
     assert not any(job["id"] in dict(labels).get("route", "") for _, labels in gateway)
@@ -139,10 +152,11 @@ async def test_every_service_serves_its_series_for_the_metrics_token_only(stack:
         30,
         "the worker to count the outcome",
     )
-    assert value(worker_samples, "conveyor_job_queue_wait_seconds_count", priority="3") == 1
+    assert value(worker_samples, "conveyor_jobs_finished_total", type="demo.fail", outcome="failed") == 1
+    assert value(worker_samples, "conveyor_job_queue_wait_seconds_count", priority="3") == 2
     assert value(worker_samples, "conveyor_job_run_seconds_count", type="demo.sleep") == 1
     assert value(worker_samples, "conveyor_job_run_seconds_sum", type="demo.sleep") >= 3
-    assert value(worker_samples, "conveyor_job_end_to_end_seconds_count") == 1
+    assert value(worker_samples, "conveyor_job_end_to_end_seconds_count") == 2
     assert value(worker_samples, "conveyor_job_end_to_end_seconds_sum") >= 3
     assert value(worker_samples, "conveyor_worker_slots", state="busy") == 0
 
