@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test setup postgres lint typecheck bench clean
+.PHONY: run test setup postgres prometheus lint typecheck bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,10 @@ run: setup
 postgres:
 	bash scripts/ensure-postgres.sh
 
+## prometheus: Prometheus and promtool from Debian's packages, if missing (the tests run their own server)
+prometheus:
+	bash scripts/ensure-prometheus.sh
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -31,8 +35,9 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
-## test: lint, type-check, then every test against a real Kafka broker, SQLite and PostgreSQL
-test: setup postgres lint typecheck
+## test: lint, type-check, then every test against a real Kafka broker, SQLite and PostgreSQL (and a
+## real Prometheus for the metrics)
+test: setup postgres prometheus lint typecheck
 	$(BIN)/pytest
 
 ## bench: throughput of noop jobs on SQLite, then on PostgreSQL (wrk is installed if missing); then 2000

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from conveyor.database import Database
 from conveyor.embedded.kafka import PORTS_PER_NODE, KafkaCluster, free_port_block
 
-from harness import KEY_A, KEY_B, TENANT_A, TENANT_B, Stack, free_port
+from harness import KEY_A, KEY_B, METRICS_TOKEN, TENANT_A, TENANT_B, Stack, free_port
 from postgres_server import PostgresServer
 
 KAFKA_ENV = "CONVEYOR_TEST_KAFKA_BOOTSTRAP"
@@ -92,6 +92,7 @@ def deployment_env(kafka_bootstrap: str, database_url: str, directory: Path) -> 
         "CONVEYOR_DATA_DIR": str(directory / "data"),
         "CONVEYOR_LEASE_S": str(TEST_LEASE_S),
         "CONVEYOR_DRAIN_GRACE_S": "5",
+        "CONVEYOR_METRICS_TOKEN": METRICS_TOKEN,
     }
 
 

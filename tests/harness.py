@@ -43,6 +43,24 @@ POLL_INTERVAL_S = 0.1
 
 TENANT_A, KEY_A = "tenant-a", "key-a-0123456789abcdefghij"
 TENANT_B, KEY_B = "tenant-b", "key-b-0123456789abcdefghij"
+METRICS_TOKEN = "metrics-0123456789abcdefghij"
+# Every series the issue names, as the exposition writes them (a counter's samples end in `_total`).
+METRIC_SERIES = (
+    "conveyor_jobs_submitted_total",
+    "conveyor_jobs_rejected_total",
+    "conveyor_jobs_finished_total",
+    "conveyor_job_queue_wait_seconds",
+    "conveyor_job_run_seconds",
+    "conveyor_job_end_to_end_seconds",
+    "conveyor_worker_slots",
+    "conveyor_consumer_lag_messages",
+    "conveyor_outbox_rows",
+    "conveyor_outbox_oldest_age_seconds",
+    "conveyor_websocket_connections",
+    "conveyor_event_delivery_seconds",
+    "conveyor_http_requests_total",
+    "conveyor_http_request_seconds",
+)
 PROBLEM_JSON = "application/problem+json"
 # How a worker logs a partition: `topic[partition]`.
 PARTITION_NAME = re.compile(r"^(?P<topic>.+)\[(?P<partition>\d+)\]$")
@@ -84,6 +102,8 @@ class Stack:
     env: dict[str, str]
     log_dir: Path
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    # Each worker's metrics port (`/metrics`, `/healthz`), by its name.
+    metrics_ports: dict[str, int] = field(default_factory=dict)
 
     @property
     def gateway_url(self) -> str:
@@ -94,6 +114,12 @@ class Stack:
         return f"ws://127.0.0.1:{self.env['CONVEYOR_PROGRESS_PORT']}"
 
     def start(self, name: str, command: str | None = None, **env: str) -> subprocess.Popen[bytes]:
+        if (command or name) == "worker":
+            # A port of its own (the default, 8002, would be shared by every test's workers); the same
+            # one again when the same worker is started again.
+            port = self.metrics_ports.get(name) or int(env.get("CONVEYOR_WORKER_METRICS_PORT") or free_port())
+            self.metrics_ports[name] = port
+            env = {"CONVEYOR_WORKER_METRICS_PORT": str(port), **env}
         log = (self.log_dir / f"{name}.log").open("ab")
         process = subprocess.Popen(
             [sys.executable, "-m", "conveyor", command or name],
@@ -158,6 +184,9 @@ class Stack:
         return "\n".join(
             f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in self.log_dir.glob("*.log")
         )
+
+    def worker_metrics_url(self, name: str = "worker-1") -> str:
+        return f"http://127.0.0.1:{self.metrics_ports[name]}"
 
     def client(self, key: str = KEY_A, base_url: str | None = None) -> httpx.AsyncClient:
         """A client of the gateway (or of another one at `base_url`) as `key`'s tenant."""

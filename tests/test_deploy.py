@@ -499,6 +499,16 @@ def test_k8s_secret_holds_no_working_key() -> None:
                 parse_bootstrap_keys(keys)
 
 
+def test_k8s_secret_holds_no_working_metrics_token() -> None:
+    """Nor a metrics token: the placeholder is too short, and the services refuse it."""
+    tokens = [secret_values(secret).get("CONVEYOR_METRICS_TOKEN") for secret in k8s_objects("Secret")]
+    assert [token for token in tokens if token is not None], "no Secret holds CONVEYOR_METRICS_TOKEN"
+    for token in tokens:
+        if token is not None:
+            with pytest.raises(ValueError):
+                Settings(metrics_token=token)
+
+
 def test_k8s_commands_are_cli_commands() -> None:
     commands = {cli_command_path(k8s_argv(container)) for _w, _p, container in conveyor_containers()}
     missing = REQUIRED_COMMANDS - commands

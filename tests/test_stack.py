@@ -11,6 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.embedded.kafka import free_port_block, is_port_free
 
@@ -107,8 +108,15 @@ def run_stack(tmp_path: Path) -> Iterator[RunningStack]:
         "CONVEYOR_PROGRESS_PORT": str(free_port()),
         "CONVEYOR_WORKERS": "2",
         "CONVEYOR_LEASE_S": "3",
+        # Worker n serves its metrics on this plus n - 1.
+        "CONVEYOR_WORKER_METRICS_PORT": str(free_port_block(2)),
     }
-    for name in ("CONVEYOR_KAFKA_BOOTSTRAP", "CONVEYOR_DATABASE_URL", "CONVEYOR_API_KEYS"):
+    for name in (
+        "CONVEYOR_KAFKA_BOOTSTRAP",
+        "CONVEYOR_DATABASE_URL",
+        "CONVEYOR_API_KEYS",
+        "CONVEYOR_METRICS_TOKEN",
+    ):
         env[name] = ""  # the embedded defaults, whatever the caller's environment says
     stack = RunningStack(tmp_path / "data", env)
     yield stack
@@ -136,6 +144,7 @@ async def test_run_supervises_stops_cleanly_and_keeps_jobs(run_stack: RunningSta
             await client.post("/v1/jobs", json={"type": "demo.sleep", "payload": {"seconds": 1, "steps": 2}})
         ).json()
         assert (await wait_for_status(client, job["id"], {"succeeded"}, 60))["result"]["steps"] == 2
+    await _each_worker_serves_its_metrics(run_stack, job_type="demo.sleep")
 
     # The supervisor restarts a service that dies, as compose's restart policy would.
     gateway_pid = next(pid for pid, cmd in names.items() if cmd.endswith("conveyor gateway "))
@@ -162,6 +171,37 @@ async def test_run_supervises_stops_cleanly_and_keeps_jobs(run_stack: RunningSta
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=STOP_S) == 0
     await eventually(lambda: not any(alive(pid) for pid in everything), 30, "every process to be gone")
+
+
+async def _each_worker_serves_its_metrics(run_stack: RunningStack, job_type: str) -> None:
+    """Each worker on its own port, printed in the banner, with /healthz; /metrics for the token that
+    the stack made (its owner's alone), and one of them counted the job."""
+    token_file = run_stack.data_dir / "metrics-token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    token = token_file.read_text().strip()
+    base = int(run_stack.env["CONVEYOR_WORKER_METRICS_PORT"])
+    banner = run_stack.log.read_text()
+    finished = 0.0
+    async with httpx.AsyncClient(timeout=10) as client:
+        for n, port in enumerate((base, base + 1), start=1):
+            url = f"http://127.0.0.1:{port}"
+            assert f"worker-{n} {url}/metrics" in banner
+            assert (await client.get(f"{url}/healthz")).json() == {"status": "ok"}
+            assert (await client.get(f"{url}/metrics")).status_code == 401
+            metrics = await client.get(f"{url}/metrics", headers={"Authorization": f"Bearer {token}"})
+            finished += sum(
+                sample.value
+                for family in text_string_to_metric_families(metrics.text)
+                for sample in family.samples
+                if sample.name == "conveyor_jobs_finished_total"
+                and sample.labels == {"type": job_type, "outcome": "succeeded"}
+            )
+        gateway = await client.get(
+            f"{run_stack.gateway}/metrics", headers={"Authorization": f"Bearer {token}"}
+        )
+        assert gateway.status_code == 200
+    assert token not in banner
+    assert finished == 1
 
 
 @pytest.mark.parametrize("stop_when", ["starting", "serving"])

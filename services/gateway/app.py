@@ -7,12 +7,14 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from conveyor import collector
+from conveyor import collector, metrics
 from conveyor.auth import Authenticator, parse_bootstrap_keys
+from conveyor.backlog import BacklogGauges
 from conveyor.committer import Committer
 from conveyor.database import Database
 from conveyor.handlers import load_handler_modules
 from conveyor.health import health_router
+from conveyor.httpmetrics import HttpMetrics, metrics_router
 from conveyor.outbox import OutboxRelay
 from conveyor.problems import install_problem_handlers
 from conveyor.pruning import Pruner, keep_for, prune_finished_jobs, prune_keys
@@ -26,6 +28,8 @@ from services.gateway.waiting import StateNotifier, Waits
 
 
 def create_app(settings: Settings) -> FastAPI:
+    metrics.configure(settings.metrics_tenant_label)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.resolved_database_url)
@@ -43,6 +47,9 @@ def create_app(settings: Settings) -> FastAPI:
         ]
         for pruner in pruners:
             await pruner.start()
+        # The consumer lag and the outbox gauges, for the whole deployment (see conveyor.backlog).
+        gauges = BacklogGauges(db, settings.kafka_bootstrap, settings.topic_prefix)
+        await gauges.start()
         state = GatewayState(
             settings=settings,
             db=db,
@@ -57,6 +64,7 @@ def create_app(settings: Settings) -> FastAPI:
             yield
         finally:
             await state.waits.stop()
+            await gauges.stop()
             for pruner in pruners:
                 await pruner.stop()
             await committer.stop()
@@ -73,8 +81,11 @@ def create_app(settings: Settings) -> FastAPI:
     install_problem_handlers(app)
     # Outermost but for Starlette's error handler: bodies are limited before routing, auth or parsing.
     app.add_middleware(BodyLimit, default=max_submission_bytes(settings))
+    # Outside the body limit, so its 413s are counted too.
+    app.add_middleware(HttpMetrics)
     app.include_router(jobs.router)
     app.include_router(stats.router)
+    app.include_router(metrics_router(settings.metrics_token))
 
     app.include_router(health_router(gateway_state))
     return app

@@ -9,10 +9,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI, Query, Request, WebSocket
 from fastapi.responses import Response
 
-from conveyor import collector
+from conveyor import collector, metrics
 from conveyor.auth import Authenticator, parse_bootstrap_keys
 from conveyor.database import Database
 from conveyor.health import health_router
+from conveyor.httpmetrics import HttpMetrics, metrics_router
 from conveyor.problems import install_problem_handlers
 from conveyor.pruning import Pruner, keep_for, prune_event_history
 from conveyor.settings import Settings
@@ -24,6 +25,8 @@ from services.progress.state import ProgressState, progress_state
 
 
 def create_app(settings: Settings) -> FastAPI:
+    metrics.configure(settings.metrics_tenant_label)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         db = Database(settings.resolved_database_url)
@@ -48,6 +51,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="Conveyor progress", version="0.1.0", lifespan=lifespan)
     install_problem_handlers(app)
+    app.add_middleware(HttpMetrics)
 
     @app.websocket("/v1/jobs/{job_id}/events")
     async def job_events_socket(websocket: WebSocket, job_id: str) -> None:
@@ -74,4 +78,5 @@ def create_app(settings: Settings) -> FastAPI:
         return await sse.job_events(request, job_id, after_seq, limit)
 
     app.include_router(health_router(progress_state))
+    app.include_router(metrics_router(settings.metrics_token))
     return app

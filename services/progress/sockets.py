@@ -22,6 +22,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
 from conveyor.auth import Forbidden, Principal, Unauthenticated, resolve_principal
+from conveyor.metrics import WEBSOCKET_CONNECTIONS
 from conveyor.tokenbucket import TokenBucket
 from services.progress.channel import Channel, Reply, Subscribe
 from services.progress.protocol import (
@@ -81,17 +82,21 @@ async def serve_events(websocket: WebSocket, state: ProgressState) -> None:
 async def _admitted(websocket: WebSocket, state: ProgressState, serve: Serve) -> None:
     """Accept the socket, authenticate it, and serve it while it holds one of its tenant's sockets."""
     await websocket.accept()
-    principal = await _authenticate(websocket, state)
-    if principal is None:
-        return
-    if not state.sockets.take(principal.tenant):
-        detail = f"at most {state.sockets.limit} sockets per tenant on this instance; close one first"
-        await _send_and_close(websocket, error_message("too_many_sockets", detail), CLOSE_TOO_MANY)
-        return
+    WEBSOCKET_CONNECTIONS.inc()
     try:
-        await serve(principal)
+        principal = await _authenticate(websocket, state)
+        if principal is None:
+            return
+        if not state.sockets.take(principal.tenant):
+            detail = f"at most {state.sockets.limit} sockets per tenant on this instance; close one first"
+            await _send_and_close(websocket, error_message("too_many_sockets", detail), CLOSE_TOO_MANY)
+            return
+        try:
+            await serve(principal)
+        finally:
+            state.sockets.give_back(principal.tenant)
     finally:
-        state.sockets.give_back(principal.tenant)
+        WEBSOCKET_CONNECTIONS.dec()
 
 
 async def _serve_job_events(

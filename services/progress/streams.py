@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import json
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from conveyor.auth import Principal
 from conveyor.eventlog import events_between
 from conveyor.events import JobEvent
 from conveyor.jobstore import active_jobs, get_job
+from conveyor.metrics import EVENT_DELIVERY_SECONDS
 from conveyor.models import JobRecord
 from conveyor.schemas import resource_document
 from services.progress.channel import (
@@ -257,6 +259,9 @@ class EventStream:
             for earlier in missing or ():
                 await self._deliver(earlier, earlier.seq)
         await self._deliver(event, first_seq)
+        # A live event only: those filled in from the history above are late by design. For a WebSocket
+        # the send has written the frame; for an SSE stream it has handed it to the response.
+        EVENT_DELIVERY_SECONDS.observe(max(0.0, time.time() - event.at.timestamp()))
         self._advance(event.job_id, event.seq)
         if event.is_terminal and event.job_id in self._watched:
             return self._finished(event.job_id)

@@ -143,9 +143,9 @@ class JobFeed:
     def _accept_all(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
         for tp, records in batches.items():
             for record in records:
-                self._accept(tp, record.offset, record.value)
+                self._accept(tp, record.offset, record.value, record.timestamp)
 
-    def _accept(self, tp: TopicPartition, offset: int, value: bytes) -> None:
+    def _accept(self, tp: TopicPartition, offset: int, value: bytes, timestamp_ms: int | None = None) -> None:
         self.offsets.started(tp, offset)
         if (tp, offset) in self._held_records:
             # A rebalance took the partition away and gave it back while the job ran, so it was read
@@ -159,7 +159,8 @@ class JobFeed:
             self.offsets.finished(tp, offset)
             return
         self._held_records.add((tp, offset))
-        self.intake.add(Pending(tp, offset, message))
+        published_at = timestamp_ms / 1000 if timestamp_ms is not None and timestamp_ms >= 0 else None
+        self.intake.add(Pending(tp, offset, message, published_at))
 
     def release(self, pending: Pending) -> None:
         """The record's job has reached a recorded state (or was not this worker's to run): its offset

@@ -40,6 +40,9 @@ class Pending:
     tp: TopicPartition
     offset: int
     message: JobMessage
+    # When the message was published (its Kafka timestamp, in seconds since the epoch), for the time its
+    # job waited in the queue (`conveyor_job_queue_wait_seconds`); None if unknown.
+    published_at: float | None = None
 
 
 class _Level:

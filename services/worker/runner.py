@@ -21,10 +21,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import structlog
 
-from conveyor import changes, collector, processes
+from conveyor import changes, collector, metrics, processes
 from conveyor.background import exponential_delay
 from conveyor.handlers import Registry
 from conveyor.models import JobRecord
@@ -34,9 +35,11 @@ from services.worker.context import WorkerContext
 from services.worker.execution import JobExecutor
 from services.worker.feed import JobFeed
 from services.worker.intake import Intake, Pending
+from services.worker.metrics_server import MetricsServer
 from services.worker.middleware.cancellation import CancelWatch
 from services.worker.middleware.drain import drain
 from services.worker.middleware.leases import LeaseKeeper
+from services.worker.middleware.metrics import SLOTS
 from services.worker.scheduling import Scheduler
 from services.worker.strays import StraySweep
 
@@ -52,6 +55,7 @@ CLAIM_RETRY_CAP_S = 30.0
 class Worker:
     def __init__(self, settings: Settings, registry: Registry) -> None:
         processes.configure(settings)  # the pool for `process=True` handlers, started by the first one
+        metrics.configure(settings.metrics_tenant_label)
         self.context = WorkerContext.build(settings, registry)
         self.executor = JobExecutor(self.context)
         self.leases = LeaseKeeper(self.context, self.executor, CancelWatch(self.context.db, self.executor))
@@ -67,8 +71,23 @@ class Worker:
         # The tasks running claimed jobs, each until its outcome is recorded.
         self._jobs: set[asyncio.Task[None]] = set()
         self._claim_failures = 0
+        self.metrics_server = MetricsServer(settings)
+        SLOTS.watch(self)
+
+    @property
+    def busy(self) -> int:
+        """Slots running a handler now."""
+        return self.executor.busy
 
     async def run(self, stop: asyncio.Event) -> None:
+        # First, so that a liveness probe is answered while the worker starts (Kafka may be slow).
+        await self.metrics_server.start()
+        try:
+            await self._run(stop)
+        finally:
+            await self.metrics_server.stop()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         context = self.context
         await context.db.migrate()
         topics = TopicKeeper(context.settings)
@@ -131,11 +150,18 @@ class Worker:
             )
             return
         self._claim_failures = 0
+        claimed_at = time.time()
+        series = metrics.jobs()
         for pending, result in zip(taken, results, strict=True):
             if result.job is None:
                 log.info("job.skipped", job_id=pending.message.job_id, reason="not claimable")
                 feed.release(pending)
                 continue
+            if pending.published_at is not None:
+                labels = (str(result.job.priority), *series.tenant(result.job.tenant))
+                series.labelled(series.queue_wait, *labels).observe(
+                    max(0.0, claimed_at - pending.published_at)
+                )
             task = asyncio.create_task(self._run_job(feed, pending, result.job), name=f"job-{result.job.id}")
             self._jobs.add(task)
             task.add_done_callback(self._jobs.discard)

@@ -24,6 +24,7 @@ from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 from conveyor.background import BackgroundTask
 from conveyor.changes import Change, ChangeResult, Unit, WaitingCounts, Written, write_changes
 from conveyor.database import Database
+from conveyor.jobmetrics import observe_committed
 from conveyor.outbox import OutboxRelay
 
 log = structlog.get_logger(__name__)
@@ -147,6 +148,7 @@ class Committer:
     def _deliver(self, batch: list[_Waiting], written: Written) -> None:
         # Committed: the relay publishes the rows now, and any relay would after a crash.
         self._relay.notify(written.outbox)
+        observe_committed([waiting.unit for waiting in batch], written.results)
         for waiting, results in zip(batch, written.results, strict=True):
             if not waiting.answer.done():
                 waiting.answer.set_result(results)

@@ -28,14 +28,14 @@ import asyncio
 import contextlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
 from prometheus_client import Counter
-from sqlalchemy import ColumnElement, Connection, Insert, Table, delete, insert, or_, select
+from sqlalchemy import ColumnElement, Connection, Insert, Table, delete, func, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -101,6 +101,17 @@ class OutboxRow:
     value: bytes
     # The partition to publish to; None lets the key choose it (Kafka's default partitioner).
     partition: int | None = None
+
+
+def backlog(connection: Connection) -> tuple[int, float]:
+    """How many rows wait in the outbox, and the age of the oldest in seconds (by the database's clock,
+    which stamped them); 0 and 0.0 when it is empty. One aggregate query, for the gauges."""
+    count, oldest = connection.execute(select(func.count(), func.min(OUTBOX.c.created_at))).one()
+    if not count or oldest is None:
+        return 0, 0.0
+    if oldest.tzinfo is None:  # SQLite hands an aggregate back as it is stored, without its zone
+        oldest = oldest.replace(tzinfo=UTC)
+    return int(count), max(0.0, (database_now(connection) - oldest).total_seconds())
 
 
 # A message to stage: topic, key, value, and the partition if it is not the key's.

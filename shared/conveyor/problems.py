@@ -18,6 +18,9 @@ log = structlog.get_logger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
 PROBLEM_TYPE_BASE = "urn:conveyor:problem:"
+# Where the problem a request was answered with is left in its ASGI scope, for the HTTP metrics
+# (`conveyor.httpmetrics`: a 429's `limit` is the reason a submission was refused).
+PROBLEM_SCOPE_KEY = "conveyor.problem"
 # How long a client should wait before retrying while a dependency is down.
 DEPENDENCY_RETRY_AFTER_S = 5
 # SQLSTATE classes (and one code) of PostgreSQL errors that mean "the database cannot serve now", not
@@ -153,6 +156,7 @@ def database_unavailable(exc: DBAPIError) -> bool:
 def install_problem_handlers(app: FastAPI) -> None:
     async def on_problem(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, Problem)
+        request.scope[PROBLEM_SCOPE_KEY] = exc
         return problem_response(exc, request)
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:

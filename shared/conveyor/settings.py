@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_GATEWAY_PORT = 8000
@@ -82,6 +82,11 @@ DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 # (`conveyor.sizes`). Half a MiB each keeps every message under Kafka's own 1 MiB default.
 DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024
 DEFAULT_MAX_RESULT_BYTES = 512 * 1024
+# Each worker serves /metrics and /healthz on this port; under `conveyor run` worker n takes this plus
+# n - 1 (8002, 8003, ...), beside the gateway's 8000 and the progress service's 8001. 0 turns it off.
+DEFAULT_WORKER_METRICS_PORT = 8002
+# The metrics token is a secret like an API key, and as long at least.
+MIN_METRICS_TOKEN_LENGTH = 24
 
 
 # Tenants whose limits one process remembers at most (then it starts again).
@@ -99,7 +104,8 @@ class TenantLimits(BaseModel):
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore")
+    # hide_input_in_errors: a refused value may be a secret (a token, a database URL with its password).
+    model_config = SettingsConfigDict(env_prefix="CONVEYOR_", extra="ignore", hide_input_in_errors=True)
 
     data_dir: Path = Field(default=Path("data"), description="Where the embedded stack keeps its state.")
     cache_dir: Path = Field(
@@ -291,6 +297,23 @@ class Settings(BaseSettings):
         description="How long a finished job's events are kept for clients that resume.",
     )
 
+    # Metrics (`/metrics` on every service; see conveyor.metrics).
+    metrics_token: SecretStr = Field(
+        default=SecretStr(""),
+        description="Bearer token that `/metrics` asks for; unset, nobody can read the metrics.",
+    )
+    metrics_tenant_label: bool = Field(
+        default=False,
+        description="Add a `tenant` label to the job series (one series per tenant: mind the cardinality).",
+    )
+    worker_metrics_port: int = Field(
+        default=DEFAULT_WORKER_METRICS_PORT,
+        ge=0,
+        le=65535,
+        description="Port of a worker's /metrics and /healthz (0: none); `conveyor run` gives worker n"
+        " this plus n - 1.",
+    )
+
     # Embedded stack (`conveyor run`).
     workers: int = Field(default=2, ge=0, description="Worker processes `conveyor run` starts.")
 
@@ -315,6 +338,13 @@ class Settings(BaseSettings):
     def _positive_weights(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if any(weight < 1 for weight in value):
             raise ValueError("every priority weight must be at least 1")
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _long_enough_token(cls, value: SecretStr) -> SecretStr:
+        if value.get_secret_value() and len(value.get_secret_value()) < MIN_METRICS_TOKEN_LENGTH:
+            raise ValueError(f"the metrics token must be at least {MIN_METRICS_TOKEN_LENGTH} characters")
         return value
 
     @cached_property

@@ -25,7 +25,9 @@ from conveyor.topics_setup import ensure_deployment_topics
 
 DEV_TENANT = "dev"
 DEV_KEY_FILE = "dev-api-key"
-# The development key's file: its owner's alone.
+# The token `/metrics` asks for, made once like the key (unless CONVEYOR_METRICS_TOKEN sets one).
+METRICS_TOKEN_FILE = "metrics-token"
+# The development key's file (and the metrics token's): its owner's alone.
 DEV_KEY_MODE = 0o600
 TOPICS_TIMEOUT_S = 60.0
 
@@ -33,9 +35,10 @@ TOPICS_TIMEOUT_S = 60.0
 console = Console(soft_wrap=True)
 
 
-def dev_api_key(data_dir: Path) -> str:
-    """The development key, made once and kept in the data folder so it survives restarts."""
-    path = data_dir / DEV_KEY_FILE
+def dev_api_key(data_dir: Path, name: str = DEV_KEY_FILE) -> str:
+    """The development key (or another secret of the stack's, by file name), made once and kept in the
+    data folder so it survives restarts."""
+    path = data_dir / name
     if path.exists():
         return path.read_text().strip()
     key = generate_key()
@@ -55,6 +58,7 @@ def run_stack(settings: Settings) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     key = dev_api_key(data_dir)
     api_keys = settings.api_keys or f"{DEV_TENANT}:{key}"
+    metrics_token = settings.metrics_token.get_secret_value() or dev_api_key(data_dir, METRICS_TOKEN_FILE)
     # Until the supervisor takes over the signals, a stop request unwinds through `finally`, so a Kafka
     # that is starting (its own process session) is stopped too, never left behind.
     raise_on_stop_signals()
@@ -80,12 +84,11 @@ def run_stack(settings: Settings) -> int:
             "CONVEYOR_API_KEYS": api_keys,
             "CONVEYOR_DATA_DIR": str(data_dir),
             "CONVEYOR_DATABASE_URL": settings.resolved_database_url,
+            "CONVEYOR_METRICS_TOKEN": metrics_token,
         }
         asyncio.run(_prepare(settings, bootstrap))
         specs = [ServiceSpec("gateway", _conveyor("gateway"), env)]
-        specs += [
-            ServiceSpec(f"worker-{n}", _conveyor("worker"), env) for n in range(1, settings.workers + 1)
-        ]
+        specs += [worker_spec(settings, env, n) for n in range(1, settings.workers + 1)]
         specs.append(ServiceSpec("progress", _conveyor("progress"), env))
         _print_banner(settings, bootstrap, key if not settings.api_keys else None)
         asyncio.run(_supervise(specs))
@@ -98,6 +101,18 @@ def run_stack(settings: Settings) -> int:
             cluster.stop()
     console.print("Stopped.")
     return 0
+
+
+def worker_metrics_port(settings: Settings, n: int) -> int:
+    """The metrics port of worker n (1, 2, ...) of the stack: each its own, counting up from the
+    setting's; 0 (no metrics server) if the setting is 0."""
+    return settings.worker_metrics_port + n - 1 if settings.worker_metrics_port else 0
+
+
+def worker_spec(settings: Settings, env: dict[str, str], n: int) -> ServiceSpec:
+    """Worker n of the stack, with its own metrics port."""
+    port = {"CONVEYOR_WORKER_METRICS_PORT": str(worker_metrics_port(settings, n))}
+    return ServiceSpec(f"worker-{n}", _conveyor("worker"), {**env, **port})
 
 
 def _conveyor(command: str) -> list[str]:
@@ -142,6 +157,17 @@ def _print_banner(settings: Settings, bootstrap: str, key: str | None) -> None:
     console.print(f"Progress  ws://{settings.host}:{settings.progress_port}/v1/jobs/<id>/events")
     console.print(f"Kafka     {bootstrap}")
     console.print(f"Database  {settings.resolved_database_url}")
+    progress = f"http://{settings.host}:{settings.progress_port}"
+    workers = ", ".join(
+        f"worker-{n} http://{settings.host}:{port}/metrics"
+        for n in range(1, settings.workers + 1)
+        if (port := worker_metrics_port(settings, n))
+    )
+    console.print(f"Metrics   {gateway}/metrics, {progress}/metrics" + (f", {workers}" if workers else ""))
+    if not settings.metrics_token.get_secret_value():
+        console.print(
+            f"          (Authorization: Bearer <the token in {settings.data_dir}/{METRICS_TOKEN_FILE}>)"
+        )
     if key:
         console.print(
             f"API key   [bold]{key}[/bold]   (tenant {DEV_TENANT!r}; kept in {settings.data_dir}/dev-api-key)"

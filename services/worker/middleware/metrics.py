@@ -1,15 +1,24 @@
-"""Metrics: how many attempts started, how many ended by each ending, and how long they ran.
+"""Metrics: how many attempts started, how many ended by each ending, and how long they ran (by ending,
+and by job type: `conveyor_job_run_seconds`).
 
-They live in prometheus_client's default registry (`prometheus_client.REGISTRY`). Nothing exposes
-them over HTTP yet: a worker has no metrics endpoint, so for now they can only be read in-process.
+They live in prometheus_client's default registry (`prometheus_client.REGISTRY`), which the worker
+serves on its metrics port (`services/worker/metrics_server.py`). The jobs' outcomes are counted where
+they are committed (`conveyor.jobmetrics`), not here: an outcome the database refuses is not one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import weakref
+from collections.abc import Iterable
+from typing import Any, Protocol
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram, Metric
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
+from conveyor import metrics
+from conveyor.metrics import WORKER_SLOTS_NAME
 from services.worker.attempt import Ending, Execution
 from services.worker.middleware import Middleware
 
@@ -39,3 +48,45 @@ class Metrics(Middleware):
         ATTEMPTS_ENDED.labels(ending=label).inc()
         ran_s = asyncio.get_running_loop().time() - execution.began_at
         ATTEMPT_DURATION.labels(ending=label).observe(ran_s)
+        if ending is not None:  # a handler ran
+            series = metrics.jobs()
+            series.labelled(series.run, execution.job.type, *series.tenant(execution.job.tenant)).observe(
+                ran_s
+            )
+
+
+class _Slots(Protocol):
+    """What the slots gauge reads of a worker: how many handlers run, out of how many at most."""
+
+    @property
+    def busy(self) -> int: ...
+
+    @property
+    def concurrency(self) -> int: ...
+
+
+class WorkerSlots(Collector):
+    """`conveyor_worker_slots{state="busy"|"free"}`: read from the workers of this process when scraped,
+    so running a job costs nothing more. (One worker per process but in tests, which may run several.)"""
+
+    def __init__(self) -> None:
+        self._workers: weakref.WeakSet[Any] = weakref.WeakSet()
+
+    def watch(self, worker: _Slots) -> None:
+        self._workers.add(worker)
+
+    def collect(self) -> Iterable[Metric]:
+        busy = sum(worker.busy for worker in self._workers)
+        capacity = sum(worker.concurrency for worker in self._workers)
+        gauge = GaugeMetricFamily(
+            WORKER_SLOTS_NAME,
+            "The worker's job slots, running a handler (busy) or not (free).",
+            labels=["state"],
+        )
+        gauge.add_metric(["busy"], busy)
+        gauge.add_metric(["free"], max(0, capacity - busy))
+        yield gauge
+
+
+SLOTS = WorkerSlots()
+REGISTRY.register(SLOTS)

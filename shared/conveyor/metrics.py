@@ -1,0 +1,178 @@
+"""The Prometheus series every Conveyor process exports, in one place: their names, labels and buckets.
+
+Each process has its own registry (prometheus-client's default one) and serves it on `/metrics`: the
+gateway and the progress service beside their API, each worker on its metrics port
+(`services/worker/metrics_server.py`). Prometheus adds `job` and `instance`; the series carry no
+tenant label unless `CONVEYOR_METRICS_TENANT_LABEL` is set, so their number stays bounded by the job
+types, priorities and routes, however many tenants there are.
+
+Only counters, histograms and gauges that are set in memory are touched on the hot paths; the gauges
+that need a query (consumer lag, the outbox) are read by a periodic task (`conveyor.backlog`), never
+per job or per scrape.
+
+Where each is measured:
+- `jobs_submitted`, `jobs_finished`, `job_end_to_end`: the committer, once the change is committed
+  (`conveyor.jobmetrics`): counted once, by the process that wrote it.
+- `jobs_rejected`, `http_*`: the HTTP middleware (`conveyor.httpmetrics`).
+- `job_queue_wait`, `job_run`, `worker_slots`: the worker.
+- `consumer_lag`, `outbox_*`: the gateway's periodic reading (`conveyor.backlog`).
+- `websocket_connections`, `event_delivery`: the progress service.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.metrics import MetricWrapperBase
+
+# Jobs run from a few milliseconds (noop jobs) to hours, and may wait as long.
+JOB_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
+# An API request takes milliseconds; `?wait=` holds one up to a minute, an SSE stream longer.
+HTTP_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+# From a worker's event to a client's socket: milliseconds, unless Kafka or the client lags.
+DELIVERY_SECONDS_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+TENANT_LABEL = "tenant"
+# Labelled series remembered per process at most (then forgotten and looked up again): bounded by the
+# job types and priorities, or by the tenants with the tenant label.
+MAX_REMEMBERED_CHILDREN = 10_000
+
+Series = TypeVar("Series", bound=MetricWrapperBase)
+
+# --- the series whose labels never change ---------------------------------------------------------------
+
+JOBS_REJECTED = Counter(
+    "conveyor_jobs_rejected",
+    "Submissions (POST /v1/jobs, a batch counts once) the gateway refused, by why.",
+    ["reason"],
+)
+HTTP_REQUESTS = Counter(
+    "conveyor_http_requests", "HTTP requests answered, by route template and status.", ["route", "status"]
+)
+HTTP_REQUEST_SECONDS = Histogram(
+    "conveyor_http_request_seconds",
+    "From a request's arrival to the end of its response, by route template.",
+    ["route"],
+    buckets=HTTP_SECONDS_BUCKETS,
+)
+WORKER_SLOTS_NAME = "conveyor_worker_slots"  # a collector of the worker's (services/worker/slots.py)
+CONSUMER_LAG = Gauge(
+    "conveyor_consumer_lag_messages",
+    "Job messages the workers' group has not committed yet (end offset minus committed), by priority;"
+    " read from Kafka every few seconds.",
+    ["priority"],
+)
+OUTBOX_ROWS = Gauge(
+    "conveyor_outbox_rows", "Messages in the outbox, not yet on Kafka (read every few seconds)."
+)
+OUTBOX_OLDEST_AGE = Gauge(
+    "conveyor_outbox_oldest_age_seconds", "Age of the oldest message in the outbox; 0 when it is empty."
+)
+WEBSOCKET_CONNECTIONS = Gauge("conveyor_websocket_connections", "WebSockets open on this progress service.")
+EVENT_DELIVERY_SECONDS = Histogram(
+    "conveyor_event_delivery_seconds",
+    "From a job event's time (the worker's or gateway's clock) to its write to a client's socket.",
+    buckets=DELIVERY_SECONDS_BUCKETS,
+)
+
+
+# --- the job series, which may carry the tenant -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobSeries:
+    """The series about jobs. Built once per process by `configure`: their label names depend on
+    `CONVEYOR_METRICS_TENANT_LABEL`, and Prometheus fixes a series' labels when it is made."""
+
+    tenant_label: bool
+    submitted: Counter
+    finished: Counter
+    queue_wait: Histogram
+    run: Histogram
+    end_to_end: Histogram
+    # The labelled children already made: `.labels()` takes a lock and builds its key on every call,
+    # which is most of the cost of counting a job.
+    _children: dict[tuple[int, tuple[str, ...]], MetricWrapperBase] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, tenant_label: bool, registry: CollectorRegistry = REGISTRY) -> JobSeries:
+        tenant = [TENANT_LABEL] if tenant_label else []
+        return cls(
+            tenant_label=tenant_label,
+            submitted=Counter(
+                "conveyor_jobs_submitted",
+                "Jobs created (not an idempotent replay), by type and priority.",
+                ["type", "priority", *tenant],
+                registry=registry,
+            ),
+            finished=Counter(
+                "conveyor_jobs_finished",
+                "Jobs that reached a final state, by type and outcome (succeeded, failed, canceled).",
+                ["type", "outcome", *tenant],
+                registry=registry,
+            ),
+            queue_wait=Histogram(
+                "conveyor_job_queue_wait_seconds",
+                "From a job message's publication to the claim of its job, by priority.",
+                ["priority", *tenant],
+                buckets=JOB_SECONDS_BUCKETS,
+                registry=registry,
+            ),
+            run=Histogram(
+                "conveyor_job_run_seconds",
+                "How long an attempt's handler ran, by job type.",
+                ["type", *tenant],
+                buckets=JOB_SECONDS_BUCKETS,
+                registry=registry,
+            ),
+            end_to_end=Histogram(
+                "conveyor_job_end_to_end_seconds",
+                "From a job's creation to its final state (a scheduled job's delay included).",
+                tenant,
+                buckets=JOB_SECONDS_BUCKETS,
+                registry=registry,
+            ),
+        )
+
+    def unregister(self, registry: CollectorRegistry = REGISTRY) -> None:
+        for series in (self.submitted, self.finished, self.queue_wait, self.run, self.end_to_end):
+            registry.unregister(series)
+
+    def labelled(self, series: Series, *labels: str) -> Series:
+        """`series.labels(*labels)`, remembered."""
+        key = (id(series), labels)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) >= MAX_REMEMBERED_CHILDREN:
+                self._children.clear()
+            child = self._children[key] = series.labels(*labels)
+        return child  # type: ignore[return-value]
+
+    def tenant(self, tenant: str) -> tuple[str, ...]:
+        """The tenant label's value, if the series have one: appended to a series' other labels."""
+        return (tenant,) if self.tenant_label else ()
+
+    def observe_end_to_end(self, tenant: str, seconds: float) -> None:
+        # Without the tenant it has no labels at all, and prometheus-client refuses `.labels()` then.
+        series = self.labelled(self.end_to_end, tenant) if self.tenant_label else self.end_to_end
+        series.observe(seconds)
+
+
+_jobs: list[JobSeries] = []
+
+
+def configure(tenant_label: bool) -> JobSeries:
+    """Make the job series with or without the tenant label (once per process; again only if the
+    choice changed, as tests in one process may)."""
+    if _jobs and _jobs[0].tenant_label == tenant_label:
+        return _jobs[0]
+    if _jobs:
+        _jobs.pop().unregister()
+    _jobs.append(JobSeries.build(tenant_label))
+    return _jobs[0]
+
+
+def jobs() -> JobSeries:
+    """The job series of this process (without the tenant label, unless `configure` said otherwise)."""
+    return _jobs[0] if _jobs else configure(tenant_label=False)
