@@ -89,6 +89,11 @@ DEFAULT_MAX_PAYLOAD_BYTES = 512 * 1024
 DEFAULT_MAX_RESULT_BYTES = 512 * 1024
 
 
+# Each worker serves /metrics and /healthz on this port; under `conveyor run` worker n takes this plus
+# n - 1 (8002, 8003, ...), beside the gateway's 8000 and the progress service's 8001. 0 turns it off.
+DEFAULT_WORKER_METRICS_PORT = 8002
+
+
 # Tenants whose limits one process remembers at most (then it starts again).
 LIMITS_CACHE_SIZE = 10_000
 
@@ -294,6 +299,14 @@ class Settings(BaseSettings):
         default=DEFAULT_EVENT_HISTORY_S,
         gt=0,
         description="How long a finished job's events are kept for clients that resume.",
+    )
+
+    worker_metrics_port: int = Field(
+        default=DEFAULT_WORKER_METRICS_PORT,
+        ge=0,
+        le=65535,
+        description="Port of a worker's /metrics and /healthz (0: none); `conveyor run` gives worker n"
+        " this plus n - 1.",
     )
 
     # Embedded stack (`conveyor run`).
