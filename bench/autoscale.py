@@ -32,6 +32,7 @@ from typing import Any
 
 import benchkit as kit
 import httpx
+from sqlalchemy import text
 
 from conveyor.settings import (
     DEFAULT_WORKER_CONCURRENCY,
@@ -48,6 +49,10 @@ BATCH = 1000
 # How often the worker processes are counted: the resolution of the figures.
 SAMPLE_S = 0.25
 POLL_INTERVAL_S = 0.5
+# When each worker (by its id, which holds its pid) started its first job.
+FIRST_STARTS_SQL = text(
+    "SELECT worker_id, min(started_at) FROM jobs WHERE worker_id IS NOT NULL GROUP BY worker_id"
+)
 
 
 @dataclass
@@ -118,6 +123,12 @@ async def submit_backlog(client: httpx.AsyncClient, count: int, seconds: float) 
     return time.perf_counter() - started
 
 
+async def first_starts(db: kit.JobsDatabase) -> list[float]:
+    """When each worker started its first job, earliest first (epoch seconds)."""
+    starts = [kit.epoch_seconds(started) for _, started in await db.fetch(FIRST_STARTS_SQL)]
+    return sorted(at for at in starts if at is not None)
+
+
 async def wait_finished(db: kit.JobsDatabase, count: int, timeout_s: float) -> float | None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -161,6 +172,10 @@ async def run_benchmark(
             "peak_workers": peak,
             "peak_s": since(workers.first_at_least(peak, accepted - submit_s), accepted),
         }
+        starts = await first_starts(db)
+        figures.scale_out["added_worker_first_job_s"] = since(
+            starts[1] if len(starts) > 1 else None, accepted
+        )
         one_worker_s = args.backlog * args.job_seconds / args.worker_concurrency
         figures.backlog.update(done_s=since(done, accepted), one_worker_at_best_s=round(one_worker_s, 1))
         kit.console.print("Backlog done; waiting for the workers to go back to one...")
@@ -186,6 +201,11 @@ def print_figures(fig: Figures) -> None:
             "second worker",
             f"{kit.fmt(out['second_worker_s'])} s",
             "its process running, after the backlog was accepted",
+        ),
+        (
+            "first job on an added worker",
+            f"{kit.fmt(out['added_worker_first_job_s'])} s",
+            "it joined the group, took partitions and started a job",
         ),
         ("peak", f"{out['peak_workers']} workers", f"at {kit.fmt(out['peak_s'])} s"),
         (

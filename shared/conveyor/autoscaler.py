@@ -87,23 +87,29 @@ class Autoscaler:
         try:
             while True:
                 await asyncio.sleep(self._interval_s)
-                outstanding = await self._outstanding()
-                if outstanding is None:
-                    continue
-                current = len(self.workers())
-                decision = decide(self._policy, state, current, outstanding, loop.time())
-                if decision.desired < current and self._retiring:
-                    # One at a time: the next waits until the worker being retired has exited.
-                    decision = Decision(current, "draining", state)
-                state = decision.state
-                self._record(decision, current, outstanding)
-                self._apply(decision.desired, current)
+                try:
+                    state = await self._round(state, loop.time())
+                except Exception:  # a bug must not end the autoscaling for good: the next round tries again
+                    log.exception("autoscaler.round_failed")
         finally:
             for task in self._retiring.values():
                 task.cancel()
             await asyncio.gather(*self._retiring.values(), return_exceptions=True)
             with contextlib.suppress(Exception):
                 await self._lag.stop()
+
+    async def _round(self, state: State, now: float) -> State:
+        outstanding = await self._outstanding()
+        if outstanding is None:
+            return state
+        current = len(self.workers())
+        decision = decide(self._policy, state, current, outstanding, now)
+        if decision.desired < current and self._retiring:
+            # One at a time: the next waits until the worker being retired has exited.
+            decision = Decision(current, "draining", state)
+        self._record(decision, current, outstanding)
+        self._apply(decision.desired, current)
+        return decision.state
 
     async def _connect(self) -> None:
         while True:
