@@ -194,7 +194,7 @@ def _print_banner(settings: Settings, bootstrap: str, key: str | None, policy: P
     if policy.minimum < policy.maximum:
         workers = f"{policy.minimum} to {policy.maximum}, scaled on the job topics' consumer lag"
     else:
-        workers = f"{policy.minimum} (CONVEYOR_WORKERS_MIN = CONVEYOR_WORKERS_MAX: not scaled)"
+        workers = f"{policy.minimum} (pinned: not scaled)"
     console.print(f"Workers   {workers}")
     console.print(f"Kafka     {bootstrap}")
     console.print(f"Database  {settings.resolved_database_url}")
