@@ -4,7 +4,8 @@ session's Kafka broker, SQLite.
 A backlog raises the count of worker processes within seconds; once the work is low, the workers
 drain one at a time back to the minimum, and a job running on a drained worker finishes there (it
 never runs twice); a worker killed with SIGKILL while scaled out is restarted and its job runs again
-elsewhere.
+elsewhere; and idle, with the default idle window, the workers are back to the minimum within two
+minutes.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tracked_handlers import Attempt, attempts_run
 
 from conveyor.database import Database
 from conveyor.models import JOBS
+from conveyor.settings import DEFAULT_WORKERS_IDLE_S
 
 from harness import KEY_A, alive, descendants, eventually
 
@@ -134,7 +136,11 @@ class ScaledStack:
 
 
 @pytest.fixture
-async def scaled_stack(kafka_bootstrap: str, tmp_path: Path) -> AsyncIterator[ScaledStack]:
+async def scaled_stack(
+    kafka_bootstrap: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[ScaledStack]:
+    """`conveyor run` on the session's broker, 1 to MAXIMUM workers; a test's
+    `@pytest.mark.stack_settings(...)` overrides its settings."""
     env = {
         **deployment_env(kafka_bootstrap, f"sqlite+aiosqlite:///{tmp_path / 'conveyor.db'}", tmp_path),
         "CONVEYOR_PARTITIONS": str(PARTITIONS),
@@ -147,6 +153,8 @@ async def scaled_stack(kafka_bootstrap: str, tmp_path: Path) -> AsyncIterator[Sc
         "PYTHONPATH": os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get("PYTHONPATH")])),
         "CONVEYOR_HANDLERS": "conveyor.demo,tracked_handlers",
     }
+    for mark in request.node.iter_markers("stack_settings"):
+        env.update({name: str(value) for name, value in mark.kwargs.items()})
     env.pop("CONVEYOR_WORKERS", None)
     stack = ScaledStack(env, tmp_path)
     stack.start()
@@ -283,7 +291,9 @@ async def test_a_backlog_scales_out_and_low_load_drains_back_to_the_minimum_runn
     assert any(r["reason"] == "scale_in" and r["desired_workers"] == 1 for r in decisions)
 
 
-async def test_a_worker_killed_while_scaled_out_is_restarted_and_its_job_runs_again(
+# The default idle window here: idle, the workers are back to the minimum within the 2 minutes.
+@pytest.mark.stack_settings(CONVEYOR_WORKERS_IDLE_S=DEFAULT_WORKERS_IDLE_S)
+async def test_a_worker_killed_while_scaled_out_is_restarted_and_idle_workers_go_back_to_the_minimum(
     scaled_stack: ScaledStack,
 ) -> None:
     stack = scaled_stack
@@ -308,6 +318,12 @@ async def test_a_worker_killed_while_scaled_out_is_restarted_and_its_job_runs_ag
         await eventually(lambda: finished(stack, [job_id]), 90, f"{job_id} to run again")
         job = (await client.get(f"/v1/jobs/{job_id}")).json()
         await eventually(lambda: finished(stack, jobs), 300, "every job to be done")
+        # Idle now: back to the minimum, one drained worker at a time.
+        idle_since = time.monotonic()
+        await eventually(
+            lambda: len(stack.worker_pids()) == 1, BACK_TO_MINIMUM_WITHIN_S, "back to one worker"
+        )
+        print(f"idle: back to one worker in {time.monotonic() - idle_since:.1f} s")
 
     runs = stack.attempts()[job_id]
     # Attempt 1 died with the worker (or, if it had just ended, was recorded before the kill).
