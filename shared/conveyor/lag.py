@@ -5,8 +5,9 @@ counts the jobs waiting to start and the jobs running: the outstanding work, as 
 sees it too. A partition the group never committed counts from its log start (the workers start
 there: `auto_offset_reset="earliest"`).
 
-One read is one OffsetFetch to the group's coordinator and one ListOffsets per partition leader
-(two for a partition with no committed offset): nothing per job, and nothing on the database.
+One read is a FindCoordinator and an OffsetFetch for the group, and a ListOffsets per partition
+leader (two for partitions with no committed offset): a few requests whatever the backlog, nothing
+per job, and nothing on the database.
 """
 
 from __future__ import annotations
