@@ -41,12 +41,13 @@ test: setup postgres prometheus lint typecheck
 	$(BIN)/pytest
 
 ## bench: throughput of noop jobs on SQLite, then on PostgreSQL (wrk is installed if missing); then 2000
-## progress subscribers (latency, memory); then priorities under saturation
+## progress subscribers (latency, memory); then priorities under saturation; then the autoscaler's reaction
 bench: setup postgres
 	$(BIN)/python bench/throughput.py
 	$(BIN)/python bench/throughput.py --database postgresql
 	$(BIN)/python bench/progress_fanout.py
 	$(BIN)/python bench/priority.py
+	$(BIN)/python bench/autoscale.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

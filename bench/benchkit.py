@@ -319,14 +319,18 @@ class EmbeddedStack:
 
     def __init__(
         self,
-        workers: int,
+        workers: int | None,
         database_url: str | None,
         worker_concurrency: int | None,
         *,
         sql_stats: bool = False,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
-        """`sql_stats`: have every process of the stack count its SQL into `sql_stats_dir`."""
+        """`workers`: how many the supervisor runs (None: as many as its autoscaler wants, within
+        `settings`' CONVEYOR_WORKERS_MIN and _MAX). `sql_stats`: have every process of the stack count
+        its SQL into `sql_stats_dir`. `settings`: more CONVEYOR_ settings of the stack's."""
         self.workers = workers
+        self.settings = dict(settings or {})
         self.database_url = database_url
         self.worker_concurrency = worker_concurrency
         self.root = Path(tempfile.mkdtemp(prefix="conveyor-bench-"))
@@ -368,14 +372,16 @@ class EmbeddedStack:
             CONVEYOR_KAFKA_PORT=str(self.kafka_port),
             CONVEYOR_GATEWAY_PORT=str(self.gateway_port),
             CONVEYOR_PROGRESS_PORT=str(self.progress_port),
-            CONVEYOR_WORKERS=str(self.workers),
             # The benchmarks measure capacity: the per-tenant limits would measure themselves instead.
             CONVEYOR_TENANT_SUBMIT_RATE=str(UNLIMITED),
             CONVEYOR_TENANT_SUBMIT_BURST=str(UNLIMITED),
             CONVEYOR_TENANT_MAX_QUEUED=str(UNLIMITED),
         )
+        if self.workers is not None:
+            env["CONVEYOR_WORKERS"] = str(self.workers)
         if self.worker_concurrency is not None:
             env["CONVEYOR_WORKER_CONCURRENCY"] = str(self.worker_concurrency)
+        env.update(self.settings)
         with self.log_path.open("wb") as log:
             self.process = spawn_conveyor("run", env, log)
 

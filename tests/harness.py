@@ -223,6 +223,43 @@ async def wait_alive(base_url: str, within_s: float = READY_TIMEOUT_S) -> None:
         await eventually(alive, within_s, f"{base_url}/healthz")
 
 
+# --- Processes ---
+
+
+def descendants(pid: int) -> dict[int, str]:
+    """Every process below `pid`, with its command line (read from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        parent = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(parent, []).append(int(entry.name))
+    found: dict[int, str] = {}
+    frontier = [pid]
+    while frontier:
+        for child in children.get(frontier.pop(), []):
+            try:
+                found[child] = (
+                    (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                )
+            except OSError:
+                continue
+            frontier.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
 # --- Jobs over HTTP ---
 
 

@@ -43,6 +43,9 @@ HTTP_PORT_SETTING = {("gateway",): "gateway_port", ("progress",): "progress_port
 # Kubernetes' default when a pod spec sets no terminationGracePeriodSeconds.
 K8S_DEFAULT_GRACE_S = 30
 ONE_SHOT_RESTART_POLICIES = {"no", "on-failure"}
+# KEDA's HPA must wait at least this long on fewer replicas before it removes one: a drained worker
+# costs its running jobs' grace and a rebalance, so a dip in the lag must not cost one.
+MIN_SCALE_IN_WINDOW_S = 60
 # Compose interpolation: `${NAME}`, `${NAME:-default}`, `${NAME-default}`, `${NAME:?error}`, `${NAME?error}`.
 COMPOSE_VARIABLE = re.compile(r"\$\{(?P<name>\w+)(?:(?P<op>:?[-?+])(?P<arg>[^}]*))?\}")
 # The compose variables that hold secrets: they must be given, never defaulted.
@@ -535,6 +538,43 @@ def test_keda_scales_workers_on_the_job_topics_of_their_group() -> None:
         servers = trigger["metadata"]["bootstrapServers"]
         assert service_addresses(servers) == wanted, (servers, env["CONVEYOR_KAFKA_BOOTSTRAP"])
     assert 1 <= spec["minReplicaCount"] <= spec["maxReplicaCount"]
+
+
+def setting(env: dict[str, str], field: str) -> str:
+    """A setting as a container gets it: from its environment, else the default."""
+    return env.get(ENV_PREFIX + field.upper(), str(Settings.model_fields[field].default))
+
+
+def test_keda_lag_threshold_is_the_worker_concurrency() -> None:
+    """The lag counts waiting and running jobs; a threshold of the worker's slots gives every
+    outstanding job a slot (a larger one under-scales long jobs)."""
+    (scaled_object,) = k8s_objects("ScaledObject")
+    workers = {w["metadata"]["name"]: c for w, _p, c in deployments_running(("worker",))}
+    concurrency = int(
+        setting(k8s_env(workers[scaled_object["spec"]["scaleTargetRef"]["name"]]), "worker_concurrency")
+    )
+    thresholds = {int(t["metadata"]["lagThreshold"]) for t in scaled_object["spec"]["triggers"]}
+    assert thresholds == {concurrency}, f"lagThreshold {thresholds} is not the concurrency {concurrency}"
+
+
+def test_keda_scales_in_one_pod_at_a_time_after_a_window() -> None:
+    (scaled_object,) = k8s_objects("ScaledObject")
+    scale_down = scaled_object["spec"]["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]["scaleDown"]
+    assert scale_down["stabilizationWindowSeconds"] >= MIN_SCALE_IN_WINDOW_S
+    policies = scale_down["policies"]
+    assert policies and all(p["type"] == "Pods" and p["value"] == 1 for p in policies), policies
+    assert scale_down.get("selectPolicy", "Max") != "Disabled"
+
+
+def test_k8s_workers_liveness_probe_is_their_healthz() -> None:
+    for workload, _pod_spec, container in deployments_running(("worker",)):
+        name = workload["metadata"]["name"]
+        probe = container.get("livenessProbe", {}).get("httpGet")
+        assert probe and probe["path"] == "/healthz" and probe["path"] in health_paths(), name
+        port = int(setting(k8s_env(container), "worker_metrics_port"))
+        assert resolve_port(container, probe["port"]) == port, (name, probe, port)
+        # A worker serves no traffic: a readiness probe would only take it out of nothing.
+        assert "readinessProbe" not in container, name
 
 
 def test_kustomization_lists_every_manifest() -> None:

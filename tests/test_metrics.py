@@ -19,10 +19,11 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Connection
 
-from conveyor.backlog import BacklogGauges, lag_by_priority
+from conveyor.backlog import BacklogGauges
 from conveyor.broker import create_producer
 from conveyor.database import Database
 from conveyor.httpmetrics import rejection_reason, token_accepted
+from conveyor.lag import job_topic_levels, lag_by_priority
 from conveyor.metrics import JobSeries
 from conveyor.models import utcnow
 from conveyor.outbox import stage_messages
@@ -274,7 +275,7 @@ def test_lag_is_end_minus_committed_or_log_start() -> None:
     }
     start = {TopicPartition(p1, 1): 2, TopicPartition(p3, 0): 0}
     committed = {TopicPartition(p1, 0): 6, TopicPartition(p1, 1): -1}
-    assert lag_by_priority("x", end, start, committed) == {1: 4 + 5, 2: 0, 3: 4, 4: 0, 5: 0}
+    assert lag_by_priority(job_topic_levels("x"), end, start, committed) == {1: 4 + 5, 2: 0, 3: 4, 4: 0, 5: 0}
 
 
 def test_a_refusal_is_named_by_its_limit_or_its_status() -> None:

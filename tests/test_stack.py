@@ -15,44 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.embedded.kafka import free_port_block, is_port_free
 
-from harness import eventually, free_port, wait_for_status
+from harness import alive, descendants, eventually, free_port, wait_for_status
 
 STARTUP_S = 180.0
 STOP_S = 90.0
-
-
-def descendants(pid: int) -> dict[int, str]:
-    """Every process below `pid`, with its command line (read from /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        parent = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(parent, []).append(int(entry.name))
-    found: dict[int, str] = {}
-    frontier = [pid]
-    while frontier:
-        for child in children.get(frontier.pop(), []):
-            try:
-                found[child] = (
-                    (Path("/proc") / str(child) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-                )
-            except OSError:
-                continue
-            frontier.append(child)
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def start_conveyor(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:

@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, PrivateAttr, SecretStr, field_validator
+from pydantic import BaseModel, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_GATEWAY_PORT = 8000
@@ -32,6 +32,11 @@ DEFAULT_WORKER_DEAD_AFTER_S = 4.0
 # A job queued this long whose Kafka message was consumed without a claim, or deleted, is published again.
 DEFAULT_STRAY_GRACE_S = 60.0
 DEFAULT_DRAIN_GRACE_S = 30.0
+# `conveyor run` scales its worker processes between these on the workers' consumer lag
+# (`conveyor.autoscaling`); how long the workers must have had little to do before one is drained.
+DEFAULT_WORKERS_MIN = 1
+DEFAULT_WORKERS_MAX = 4
+DEFAULT_WORKERS_IDLE_S = 60.0
 # The progress service: events a client may have waiting before it is told to resume; protocol-level
 # WebSocket pings; how long a socket may sit with no subscription and no message; how long a
 # finished job's event history is kept for resumes.
@@ -315,7 +320,22 @@ class Settings(BaseSettings):
     )
 
     # Embedded stack (`conveyor run`).
-    workers: int = Field(default=2, ge=0, description="Worker processes `conveyor run` starts.")
+    workers_min: int = Field(
+        default=DEFAULT_WORKERS_MIN, ge=0, description="Fewest worker processes `conveyor run` keeps."
+    )
+    workers_max: int = Field(
+        default=DEFAULT_WORKERS_MAX,
+        ge=0,
+        description="Most worker processes `conveyor run` scales to (at most a job topic's partitions).",
+    )
+    workers: int | None = Field(
+        default=None, ge=0, description="Pins `conveyor run` to this many workers: minimum and maximum both."
+    )
+    workers_idle_s: float = Field(
+        default=DEFAULT_WORKERS_IDLE_S,
+        gt=0,
+        description="How long `conveyor run`'s workers must have had little to do before one is drained.",
+    )
 
     # For tests only: shifts this process's idea of now, as on a host whose clock is off.
     clock_skew_s: float = 0.0
@@ -346,6 +366,19 @@ class Settings(BaseSettings):
         if value.get_secret_value() and len(value.get_secret_value()) < MIN_METRICS_TOKEN_LENGTH:
             raise ValueError(f"the metrics token must be at least {MIN_METRICS_TOKEN_LENGTH} characters")
         return value
+
+    @model_validator(mode="after")
+    def _worker_bounds_in_order(self) -> Settings:
+        if self.workers is None and self.workers_min > self.workers_max:
+            raise ValueError(f"workers_min ({self.workers_min}) is above workers_max ({self.workers_max})")
+        return self
+
+    @property
+    def worker_bounds(self) -> tuple[int, int]:
+        """The fewest and most workers of `conveyor run`: both `workers` when it pins the count."""
+        if self.workers is not None:
+            return self.workers, self.workers
+        return self.workers_min, self.workers_max
 
     @cached_property
     def resolved_database_url(self) -> str:

@@ -1,26 +1,35 @@
 """`conveyor run`: the whole embedded stack in the foreground, each service its own process.
 
 Kafka (unless CONVEYOR_KAFKA_BOOTSTRAP names a cluster), then migrations and topics, then the
-gateway, the workers and the progress service under the supervisor. Ctrl-C or SIGTERM stops them
-all, Kafka last. State lives in the data folder, so a second run keeps the first run's jobs.
+gateway, the workers and the progress service under the supervisor. The workers are scaled between
+CONVEYOR_WORKERS_MIN and CONVEYOR_WORKERS_MAX on their consumer lag (`conveyor.autoscaler`), unless
+the two are equal (or CONVEYOR_WORKERS pins the count). Ctrl-C or SIGTERM stops them all, Kafka
+last. State lives in the data folder, so a second run keeps the first run's jobs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from rich.console import Console
 
 from conveyor.auth import generate_key
-from conveyor.broker import BrokerUnavailable
+from conveyor.autoscaler import Autoscaler, worker_name
+from conveyor.autoscaling import Policy
+from conveyor.background import BackgroundTask
+from conveyor.broker import BrokerUnavailable, topic_partitions
 from conveyor.database import Database
+from conveyor.lag import GroupLag
 from conveyor.settings import Settings
 from conveyor.stopping import STOP_SIGNALS, StopRequested, ignore_stop_signals, raise_on_stop_signals
 from conveyor.supervisor import ServiceSpec, Supervisor
+from conveyor.topics import job_topics
 from conveyor.topics_setup import ensure_deployment_topics
 
 DEV_TENANT = "dev"
@@ -86,12 +95,15 @@ def run_stack(settings: Settings) -> int:
             "CONVEYOR_DATABASE_URL": settings.resolved_database_url,
             "CONVEYOR_METRICS_TOKEN": metrics_token,
         }
-        asyncio.run(_prepare(settings, bootstrap))
+        partitions = asyncio.run(_prepare(settings, bootstrap))
+        policy = worker_policy(settings, partitions)
+        worker = functools.partial(worker_spec, settings, env, _worker_stop_timeout_s(settings))
         specs = [ServiceSpec("gateway", _conveyor("gateway"), env)]
-        specs += [worker_spec(settings, env, n) for n in range(1, settings.workers + 1)]
+        specs += [worker(n) for n in range(1, policy.minimum + 1)]
         specs.append(ServiceSpec("progress", _conveyor("progress"), env))
-        _print_banner(settings, bootstrap, key if not settings.api_keys else None)
-        asyncio.run(_supervise(specs))
+        _print_banner(settings, bootstrap, key if not settings.api_keys else None, policy)
+        lag = GroupLag(bootstrap, settings.topic_prefix) if policy.minimum < policy.maximum else None
+        asyncio.run(_supervise(specs, policy, lag, worker))
     except StopRequested as stop:
         console.print(f"{stop} received while starting.")
     finally:
@@ -109,17 +121,42 @@ def worker_metrics_port(settings: Settings, n: int) -> int:
     return settings.worker_metrics_port + n - 1 if settings.worker_metrics_port else 0
 
 
-def worker_spec(settings: Settings, env: dict[str, str], n: int) -> ServiceSpec:
-    """Worker n of the stack, with its own metrics port."""
-    port = {"CONVEYOR_WORKER_METRICS_PORT": str(worker_metrics_port(settings, n))}
-    return ServiceSpec(f"worker-{n}", _conveyor("worker"), {**env, **port})
-
-
 def _conveyor(command: str) -> list[str]:
     return [sys.executable, "-m", "conveyor", command]
 
 
-async def _prepare(settings: Settings, bootstrap: str) -> None:
+def worker_spec(settings: Settings, env: dict[str, str], stop_timeout_s: float, number: int) -> ServiceSpec:
+    """Worker `number` of the stack (`worker-<number>`), with its own metrics port."""
+    port = {"CONVEYOR_WORKER_METRICS_PORT": str(worker_metrics_port(settings, number))}
+    return ServiceSpec(
+        worker_name(number), _conveyor("worker"), {**env, **port}, stop_timeout_s=stop_timeout_s
+    )
+
+
+def _worker_stop_timeout_s(settings: Settings) -> float:
+    # A worker is stopped by its drain: it gets its worst case before it is killed, never less.
+    from services.worker.middleware.drain import worst_case_shutdown_s
+
+    return worst_case_shutdown_s(settings.drain_grace_s)
+
+
+def worker_policy(settings: Settings, partitions: int) -> Policy:
+    """The autoscaling policy from the settings, its maximum held to the job topics' partitions: a
+    worker beyond them would own no partition of the topic with the fewest."""
+    minimum, maximum = settings.worker_bounds
+    if maximum > partitions:
+        console.print(f"At most {partitions} workers: the job topics have {partitions} partitions.")
+    maximum = min(maximum, partitions)
+    return Policy(
+        minimum=min(minimum, maximum),
+        maximum=maximum,
+        slots_per_worker=settings.worker_concurrency,
+        scale_in_after_s=settings.workers_idle_s,
+    )
+
+
+async def _prepare(settings: Settings, bootstrap: str) -> int:
+    """Migrate the database and create the topics; the partitions of the job topic with the fewest."""
     db = Database(settings.resolved_database_url)
     try:
         await db.migrate()
@@ -130,40 +167,61 @@ async def _prepare(settings: Settings, bootstrap: str) -> None:
     while True:
         try:
             await ensure_deployment_topics(settings, bootstrap)
-            return
+            counts = [
+                len(await topic_partitions(bootstrap, topic)) for topic in job_topics(settings.topic_prefix)
+            ]
+            return min(counts)
         except BrokerUnavailable:
             if loop.time() > deadline:
                 raise
             await asyncio.sleep(1)
 
 
-async def _supervise(specs: list[ServiceSpec]) -> None:
+async def _supervise(
+    specs: list[ServiceSpec], policy: Policy, lag: GroupLag | None, worker: Callable[[int], ServiceSpec]
+) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in STOP_SIGNALS:
         loop.add_signal_handler(signum, stop.set)
+    supervisor = Supervisor(specs)
+    scaling = BackgroundTask("autoscaler", Autoscaler(supervisor, policy, lag, worker).run) if lag else None
     try:
-        await Supervisor(specs).run(stop)
+        if scaling is not None:
+            scaling.start()
+        supervising = asyncio.create_task(supervisor.run(stop))
+        await stop.wait()
+        if scaling is not None:
+            await scaling.stop()  # no worker is added or retired while the supervisor stops them all
+        await supervising
     finally:
         for signum in STOP_SIGNALS:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
 
 
-def _print_banner(settings: Settings, bootstrap: str, key: str | None) -> None:
+def _print_banner(settings: Settings, bootstrap: str, key: str | None, policy: Policy) -> None:
     gateway = f"http://{settings.host}:{settings.gateway_port}"
     console.rule("[bold]Conveyor is running[/bold]")
     console.print(f"Gateway   {gateway}   (API docs: {gateway}/docs)")
     console.print(f"Progress  ws://{settings.host}:{settings.progress_port}/v1/jobs/<id>/events")
+    if policy.minimum < policy.maximum:
+        workers = f"{policy.minimum} to {policy.maximum}, scaled on the job topics' consumer lag"
+    else:
+        workers = f"{policy.minimum} (pinned: not scaled)"
+    console.print(f"Workers   {workers}")
     console.print(f"Kafka     {bootstrap}")
     console.print(f"Database  {settings.resolved_database_url}")
     progress = f"http://{settings.host}:{settings.progress_port}"
-    workers = ", ".join(
+    # Every worker the autoscaler may start: worker n's port is fixed by n.
+    worker_metrics = ", ".join(
         f"worker-{n} http://{settings.host}:{port}/metrics"
-        for n in range(1, settings.workers + 1)
+        for n in range(1, policy.maximum + 1)
         if (port := worker_metrics_port(settings, n))
     )
-    console.print(f"Metrics   {gateway}/metrics, {progress}/metrics" + (f", {workers}" if workers else ""))
+    console.print(
+        f"Metrics   {gateway}/metrics, {progress}/metrics" + (f", {worker_metrics}" if worker_metrics else "")
+    )
     if not settings.metrics_token.get_secret_value():
         console.print(
             f"          (Authorization: Bearer <the token in {settings.data_dir}/{METRICS_TOKEN_FILE}>)"

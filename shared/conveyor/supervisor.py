@@ -1,5 +1,9 @@
 """A small process supervisor for the embedded stack: each service is its own OS process, restarted
-with backoff when it dies, as compose's `restart: unless-stopped` would do in production."""
+with backoff when it dies, as compose's `restart: unless-stopped` would do in production.
+
+Services can be added while it runs (`add`) and retired (`retire`: SIGTERM, then wait for the process
+to exit, up to its spec's `stop_timeout_s`, and never restart it): the autoscaler's two moves.
+"""
 
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ class ServiceSpec:
     name: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
+    # How long SIGTERM may take before the process is killed; a worker's is its worst-case drain.
+    stop_timeout_s: float = STOP_GRACE_S
 
 
 @dataclass
@@ -35,35 +41,76 @@ class _Running:
     spec: ServiceSpec
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
+    watcher: BackgroundTask | None = None
+    # Set when the supervisor stops or the service is retired: its process is not started again.
+    done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class Supervisor:
     def __init__(self, specs: list[ServiceSpec]) -> None:
-        self._services = [_Running(spec) for spec in specs]
+        self._services = {spec.name: _Running(spec) for spec in specs}
         self._stopping = asyncio.Event()
+        self._running = False
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run every service until `stop` is set, then stop them all."""
-        watchers = [
-            BackgroundTask(f"supervise-{service.spec.name}", functools.partial(self._keep_running, service))
-            for service in self._services
-        ]
-        for watcher in watchers:
-            watcher.start()
+        self._running = True
+        for service in list(self._services.values()):
+            self._watch(service)
         await stop.wait()
         self._stopping.set()
-        await asyncio.gather(*(self._terminate(service) for service in self._services))
-        await asyncio.gather(*(watcher.stop() for watcher in watchers))
+        services = list(self._services.values())
+        for service in services:
+            service.done.set()
+        await asyncio.gather(*(self._terminate(service) for service in services))
+        await asyncio.gather(*(service.watcher.stop() for service in services if service.watcher))
+
+    def add(self, spec: ServiceSpec) -> None:
+        """Start one more service (while `run` runs); it is supervised as the others are."""
+        if spec.name in self._services:
+            raise ValueError(f"a service named {spec.name!r} runs already")
+        service = self._services[spec.name] = _Running(spec)
+        if self._stopping.is_set():
+            service.done.set()
+        elif self._running:
+            self._watch(service)
+
+    async def retire(self, name: str) -> int | None:
+        """Stop one service for good: SIGTERM, wait up to its `stop_timeout_s` for it to exit (then kill
+        it), and forget it. Its exit code (None if it was not running)."""
+        service = self._services[name]
+        service.done.set()
+        log.info("supervisor.retiring", service=name, timeout_s=service.spec.stop_timeout_s)
+        await self._terminate(service)
+        if service.watcher is not None:
+            # It ends by itself now (a process it was spawning meanwhile, it stops too).
+            await service.watcher.stop(grace_s=service.spec.stop_timeout_s)
+        self._services.pop(name, None)
+        code = service.process.returncode if service.process is not None else None
+        log.info("supervisor.retired", service=name, code=code)
+        return code
+
+    def names(self) -> list[str]:
+        """The services supervised now, retiring ones included."""
+        return list(self._services)
 
     def pids(self) -> dict[str, int]:
         return {
-            s.spec.name: s.process.pid for s in self._services if s.process and s.process.returncode is None
+            name: s.process.pid
+            for name, s in self._services.items()
+            if s.process and s.process.returncode is None
         }
+
+    def _watch(self, service: _Running) -> None:
+        service.watcher = BackgroundTask(
+            f"supervise-{service.spec.name}", functools.partial(self._keep_running, service)
+        )
+        service.watcher.start()
 
     async def _keep_running(self, service: _Running) -> None:
         loop = asyncio.get_running_loop()
         failures = 0
-        while not self._stopping.is_set():
+        while not service.done.is_set():
             started = loop.time()
             service.process = await asyncio.create_subprocess_exec(
                 *service.spec.argv,
@@ -71,28 +118,30 @@ class Supervisor:
                 # Own session: Ctrl-C reaches the supervisor only, which then stops services in order.
                 start_new_session=True,
             )
-            if self._stopping.is_set():  # stop began while this process was being spawned
+            if service.done.is_set():  # stop or retire began while this process was being spawned
                 await self._terminate(service)
                 return
             log.info("supervisor.started", service=service.spec.name, pid=service.process.pid)
             code = await service.process.wait()
-            if self._stopping.is_set():
+            if service.done.is_set():
                 return
             failures = 0 if loop.time() - started >= HEALTHY_AFTER_S else failures + 1
             delay = exponential_delay(failures, RESTART_BASE_S, RESTART_CAP_S)
             service.restarts += 1
             log.warning("supervisor.exited", service=service.spec.name, code=code, restart_in_s=delay)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+                await asyncio.wait_for(service.done.wait(), timeout=delay)
 
     async def _terminate(self, service: _Running) -> None:
         process = service.process
         if process is None or process.returncode is not None:
             return
-        process.send_signal(signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):  # it exited just now
+            process.send_signal(signal.SIGTERM)
         try:
-            await asyncio.wait_for(process.wait(), timeout=STOP_GRACE_S)
+            await asyncio.wait_for(process.wait(), timeout=service.spec.stop_timeout_s)
         except TimeoutError:
             log.warning("supervisor.kill", service=service.spec.name)
-            process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
             await process.wait()
