@@ -376,6 +376,8 @@ class EmbeddedStack:
             CONVEYOR_TENANT_SUBMIT_RATE=str(UNLIMITED),
             CONVEYOR_TENANT_SUBMIT_BURST=str(UNLIMITED),
             CONVEYOR_TENANT_MAX_QUEUED=str(UNLIMITED),
+            # Nothing scrapes a benchmark's workers, and fixed ports would collide between two runs.
+            CONVEYOR_WORKER_METRICS_PORT="0",
         )
         if self.workers is not None:
             env["CONVEYOR_WORKERS"] = str(self.workers)
@@ -858,6 +860,7 @@ class Workers:
         env = self.stack.env(
             CONVEYOR_KAFKA_BOOTSTRAP=f"{LOCALHOST}:{self.stack.kafka_port}",
             CONVEYOR_WORKER_CONCURRENCY=str(self.concurrency),
+            CONVEYOR_WORKER_METRICS_PORT="0",  # several on one host: one fixed port would not do
             **self.extra_env,
         )
         with self.log_path.open("ab") as log:
