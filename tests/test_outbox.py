@@ -36,7 +36,13 @@ async def test_rows_wait_while_kafka_is_unreachable_and_flow_once_it_answers(
 ) -> None:
     prefix, db = await topics_and_database(kafka_bootstrap, database_url)
     messages = [
-        (events_topic(prefix), "job-1", Progress(percent=n, message=str(n)).model_dump_json().encode(), None)
+        (
+            events_topic(prefix),
+            "job-1",
+            Progress(percent=n, message=str(n)).model_dump_json().encode(),
+            None,
+            None,
+        )
         for n in range(5)
     ]
     rows = await db.write(lambda connection: stage_messages(connection, messages))
@@ -99,8 +105,8 @@ async def test_the_sweep_sets_aside_a_row_too_large_for_the_producer_and_the_row
     topic = events_topic(prefix)
     # Larger than aiokafka's own 1 MiB max_request_size, and than the relay's (DEFAULT_MAX_MESSAGE_BYTES).
     huge = "x" * (DEFAULT_MAX_MESSAGE_BYTES + 512 * 1024)
-    messages = [(topic, "job-1", _event(1), None), (topic, "job-1", _event(2, huge), None)]
-    messages += [(topic, f"job-{n}", _event(n), None) for n in range(3, 6)]
+    messages = [(topic, "job-1", _event(1), None, None), (topic, "job-1", _event(2, huge), None, None)]
+    messages += [(topic, f"job-{n}", _event(n), None, None) for n in range(3, 6)]
     # Left behind by a process that died before publishing: the live relay's orphan sweep finds them.
     await db.write(lambda connection: stage_messages(connection, messages))
     refused_before = _refused_count(topic)
@@ -137,8 +143,11 @@ async def test_a_row_the_topic_refuses_is_set_aside_and_the_rows_behind_it_are_p
         await admin.close()
     db = Database(database_url)
     await db.migrate()
-    messages = [(topic, "job-1", _event(1), None), (topic, "job-1", _event(2, "y" * 100_000), None)]
-    messages += [(topic, f"job-{n}", _event(n), None) for n in range(3, 6)]
+    messages = [
+        (topic, "job-1", _event(1), None, None),
+        (topic, "job-1", _event(2, "y" * 100_000), None, None),
+    ]
+    messages += [(topic, f"job-{n}", _event(n), None, None) for n in range(3, 6)]
     rows = await db.write(lambda connection: stage_messages(connection, messages))
     relay = OutboxRelay(db, kafka_bootstrap)
     await relay.start()
@@ -148,7 +157,7 @@ async def test_a_row_the_topic_refuses_is_set_aside_and_the_rows_behind_it_are_p
         await relay.publish(rows)
         await eventually(lambda: _empty(db), 30, "the published and the refused rows to be deleted")
         more = await db.write(
-            lambda connection: stage_messages(connection, [(topic, "job-6", _event(6), None)])
+            lambda connection: stage_messages(connection, [(topic, "job-6", _event(6), None, None)])
         )
         assert await relay.publish(more) is True, "the relay goes on publishing"
         await eventually(lambda: _empty(db), 30, "the last row to be deleted")

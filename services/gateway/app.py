@@ -18,6 +18,7 @@ from conveyor.httpmetrics import HttpMetrics, metrics_router
 from conveyor.outbox import OutboxRelay
 from conveyor.problems import install_problem_handlers
 from conveyor.pruning import Pruner, keep_for, prune_finished_jobs, prune_keys
+from conveyor.request_spans import http_telemetry
 from conveyor.settings import Settings
 from conveyor.sizes import max_message_bytes, max_submission_bytes
 from conveyor.topics_setup import TopicKeeper
@@ -77,6 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         description="Submit long-running jobs (202 Accepted) and follow them to their result.",
         lifespan=lifespan,
+        telemetry=http_telemetry(),
     )
     install_problem_handlers(app)
     # Outermost but for Starlette's error handler: bodies are limited before routing, auth or parsing.

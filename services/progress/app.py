@@ -16,6 +16,7 @@ from conveyor.health import health_router
 from conveyor.httpmetrics import HttpMetrics, metrics_router
 from conveyor.problems import install_problem_handlers
 from conveyor.pruning import Pruner, keep_for, prune_event_history
+from conveyor.request_spans import http_telemetry
 from conveyor.settings import Settings
 from conveyor.sizes import topic_max_message_bytes
 from conveyor.topics_setup import TopicKeeper
@@ -49,7 +50,7 @@ def create_app(settings: Settings) -> FastAPI:
             await topics.stop()
             await db.close()
 
-    app = FastAPI(title="Conveyor progress", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="Conveyor progress", version="0.1.0", lifespan=lifespan, telemetry=http_telemetry())
     install_problem_handlers(app)
     app.add_middleware(HttpMetrics)
 

@@ -9,6 +9,11 @@ snapshot is certain to reach it; older ones are dropped by their `seq`.
 A listener belongs to one tenant and is offered only that tenant's events, whatever it watches: a
 job id is watched before the database says whose job it is, and that read may come back "not
 yours" after the job's events have arrived. The check is one string comparison per listener.
+
+With tracing on, handing a watched event to its listeners is a `deliver <topic>` span (a consumer
+span) in the trace its message's headers carry: the worker's, or the gateway's. Each connection then
+writes the event to its socket from its own queue; that write is not a span of its own, since a span
+per event and client would cost more than the write.
 """
 
 from __future__ import annotations
@@ -20,8 +25,11 @@ from typing import Protocol
 import structlog
 from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from pydantic import ValidationError
 
+from conveyor import tracing
 from conveyor.background import BackgroundTask
 from conveyor.broker import start_events_consumer, stop_consumer
 from conveyor.events import JobEvent
@@ -84,23 +92,46 @@ class EventHub:
                 log.warning("hub.fetch_failed", error=str(exc))
                 await asyncio.sleep(FETCH_RETRY_S)
                 continue
-            for records in batches.values():
+            for tp, records in batches.items():
                 for record in records:
-                    self.dispatch(record.key, record.value)
+                    self.dispatch(record.key, record.value, record.headers, tp.topic)
 
-    def dispatch(self, key: bytes | None, value: bytes) -> None:
+    def dispatch(
+        self,
+        key: bytes | None,
+        value: bytes,
+        headers: tracing.Headers | None = None,
+        topic: str = "",
+    ) -> None:
         job_id = key.decode() if key else ""
         if job_id not in self._by_job and not self._by_tenant:
             return  # nobody watches this job: skip parsing
+        if not tracing.enabled():
+            self._deliver(job_id, value)
+            return
+        span = tracing.start_child(
+            f"deliver {topic}",
+            tracing.carrier_from_headers(headers),
+            SpanKind.CONSUMER,
+            {"messaging.system": "kafka", "messaging.destination.name": topic, "conveyor.job.id": job_id},
+        )
+        with trace.use_span(span, end_on_exit=True):
+            span.set_attribute("conveyor.listeners", self._deliver(job_id, value))
+
+    def _deliver(self, job_id: str, value: bytes) -> int:
+        """Parse the event and offer it to the listeners watching its job or tenant; how many took it."""
         try:
             event = JobEvent.from_json(value)
         except ValidationError:
             log.error("hub.bad_event", job_id=job_id)
-            return
+            return 0
         listeners = self._by_job.get(event.job_id, set()) | self._by_tenant.get(event.tenant, set())
+        offered = 0
         for listener in listeners:
             if listener.tenant == event.tenant:
                 listener.offer(event)
+                offered += 1
+        return offered
 
 
 def _discard(index: dict[str, set[Listener]], name: str, listener: Listener) -> None:

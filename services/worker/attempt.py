@@ -17,6 +17,7 @@ import structlog
 from conveyor.handlers import JobContext, JobType
 from conveyor.models import JobRecord
 from services.worker.reporting import ProgressWriter
+from services.worker.spans import JobSpans
 
 log = structlog.get_logger(__name__)
 
@@ -60,6 +61,8 @@ class Execution:
     began_at: float = field(default_factory=lambda: asyncio.get_running_loop().time())
     # When the lease was last renewed (the event loop's clock); the claim counts as the first renewal.
     renewed_at: float = field(default_factory=lambda: asyncio.get_running_loop().time())
+    # The job's spans on this worker, when tracing (`spans.py`).
+    spans: JobSpans | None = None
 
     @property
     def job_id(self) -> str:

@@ -22,10 +22,12 @@ interrupted: the executor stops waiting for it, and the thread runs on until the
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
 import structlog
+from opentelemetry import trace
 from pydantic_core import to_jsonable_python
 
 from conveyor import changes
@@ -46,6 +48,7 @@ from services.worker.middleware.metrics import Metrics
 from services.worker.middleware.retries import Retries
 from services.worker.middleware.time_limit import TimeLimit, limit_for
 from services.worker.reporting import ProgressWriter
+from services.worker.spans import JobSpans
 
 log = structlog.get_logger(__name__)
 
@@ -141,9 +144,9 @@ class JobExecutor:
 
     # --- one attempt ------------------------------------------------------------------------------------
 
-    async def execute(self, job: JobRecord) -> None:
-        """Run a claimed job to its recorded outcome."""
-        execution = self._begin(job)
+    async def execute(self, job: JobRecord, spans: JobSpans | None = None) -> None:
+        """Run a claimed job to its recorded outcome (in `spans`, when tracing)."""
+        execution = self._begin(job, spans)
         try:
             self.busy += 1
             try:
@@ -155,9 +158,11 @@ class JobExecutor:
                 await self._record(execution, outcome)
         finally:
             self._running.pop(job.id, None)
+            if spans is not None:
+                spans.end()
 
-    def _begin(self, job: JobRecord) -> Execution:
-        progress = ProgressWriter(job.id, lambda percent, text: self._report(job, percent, text))
+    def _begin(self, job: JobRecord, spans: JobSpans | None) -> Execution:
+        progress = ProgressWriter(job.id, lambda percent, text: self._report(job, percent, text, spans))
 
         async def report(percent: float | None, text: str | None) -> None:
             progress.report(percent, None if text is None else truncated(text, MAX_PROGRESS_MESSAGE_CHARS))
@@ -165,7 +170,7 @@ class JobExecutor:
         context = JobContext(
             job_id=job.id, tenant=job.tenant, type=job.type, attempt=job.attempts, report=report
         )
-        execution = Execution(job, context, progress)
+        execution = Execution(job, context, progress, spans=spans)
         self._running[job.id] = execution
         for policy in self.middleware:
             policy.before_start(execution)
@@ -184,11 +189,16 @@ class JobExecutor:
         log.debug(
             "job.started", job_id=job.id, type=job.type, attempt=job.attempts, timeout_s=execution.timeout_s
         )
-        handler = asyncio.create_task(
-            run_handler(job_type, execution.context, payload), name=f"handler-{job.id}"
-        )
+        spans = execution.spans
+        # The handler's task runs in its span (when tracing), so a handler's own spans nest in it.
+        current = trace.use_span(spans.handler_started(job.type)) if spans else contextlib.nullcontext()
+        with current:
+            handler = asyncio.create_task(
+                run_handler(job_type, execution.context, payload), name=f"handler-{job.id}"
+            )
         handler.add_done_callback(_retrieve_exception)
         outcome: Change | None
+        ending: Ending | None = None
         try:
             ending = await self._wait(handler, execution)
             if ending is Ending.RETURNED:
@@ -198,6 +208,8 @@ class JobExecutor:
         finally:
             if not handler.done():  # this task itself was cancelled: the worker is stopping
                 handler.cancel()
+            if spans is not None:
+                spans.handler_ended(ending.value if ending is not None else "interrupted")
         self._after_attempt(execution, ending)
         return outcome
 
@@ -235,16 +247,31 @@ class JobExecutor:
         for policy in self.middleware:
             policy.after_attempt(execution, ending)
 
-    async def _report(self, job: JobRecord, percent: float | None, text: str | None) -> None:
-        await self._committer.apply([changes.progress(job.id, job.attempts, percent, text)])
+    async def _report(
+        self, job: JobRecord, percent: float | None, text: str | None, spans: JobSpans | None
+    ) -> None:
+        # Reports may come from the handler's thread or process: its span is named, not taken as current.
+        trace_carrier = spans.handler_carrier if spans is not None else None
+        await self._committer.apply(
+            [changes.progress(job.id, job.attempts, percent, text)], trace=trace_carrier
+        )
 
     async def _record(self, execution: Execution, change: Change) -> None:
         """Write the attempt's outcome; while the database does not take it, try again for as long as the
         attempt holds its lease (a lease given up means the reaper will requeue the job instead)."""
+        spans = execution.spans
+        if spans is None:
+            await self._write_outcome(execution, change)
+            return
+        with trace.use_span(spans.record(), end_on_exit=True):
+            await self._write_outcome(execution, change)
+
+    async def _write_outcome(self, execution: Execution, change: Change) -> None:
         job_id = execution.job_id
         failures = 0
         while True:
             try:
+                # In the record span when tracing: the outcome's messages carry its context.
                 [result] = await self._committer.apply([change])
                 break
             except Exception as exc:

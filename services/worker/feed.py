@@ -16,6 +16,7 @@ from aiokafka import ConsumerRebalanceListener, ConsumerRecord, TopicPartition
 from aiokafka.errors import CommitFailedError, KafkaError
 from pydantic import ValidationError
 
+from conveyor import tracing
 from conveyor.broker import create_job_consumer, stop_consumer, subscribe_to_jobs
 from conveyor.events import JobMessage
 from conveyor.settings import Settings
@@ -143,9 +144,16 @@ class JobFeed:
     def _accept_all(self, batches: dict[TopicPartition, list[ConsumerRecord[bytes, bytes]]]) -> None:
         for tp, records in batches.items():
             for record in records:
-                self._accept(tp, record.offset, record.value, record.timestamp)
+                self._accept(tp, record.offset, record.value, record.timestamp, record.headers)
 
-    def _accept(self, tp: TopicPartition, offset: int, value: bytes, timestamp_ms: int | None = None) -> None:
+    def _accept(
+        self,
+        tp: TopicPartition,
+        offset: int,
+        value: bytes,
+        timestamp_ms: int | None = None,
+        headers: tracing.Headers | None = None,
+    ) -> None:
         self.offsets.started(tp, offset)
         if (tp, offset) in self._held_records:
             # A rebalance took the partition away and gave it back while the job ran, so it was read
@@ -160,7 +168,7 @@ class JobFeed:
             return
         self._held_records.add((tp, offset))
         published_at = timestamp_ms / 1000 if timestamp_ms is not None and timestamp_ms >= 0 else None
-        self.intake.add(Pending(tp, offset, message, published_at))
+        self.intake.add(Pending(tp, offset, message, published_at, tracing.carrier_from_headers(headers)))
 
     def release(self, pending: Pending) -> None:
         """The record's job has reached a recorded state (or was not this worker's to run): its offset

@@ -43,6 +43,8 @@ class Pending:
     # When the message was published (its Kafka timestamp, in seconds since the epoch), for the time its
     # job waited in the queue (`conveyor_job_queue_wait_seconds`); None if unknown.
     published_at: float | None = None
+    # The trace context in the message's headers (`conveyor.tracing`: a carrier), if any.
+    trace: str | None = None
 
 
 class _Level:

@@ -7,10 +7,12 @@ import signal
 
 from conveyor.handlers import load_handler_modules
 from conveyor.settings import Settings
+from conveyor.tracing import configure_tracing
 from services.worker.runner import Worker
 
 
 def serve(settings: Settings) -> None:
+    configure_tracing("conveyor-worker")
     asyncio.run(_serve(settings))
 
 

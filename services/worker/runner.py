@@ -24,6 +24,7 @@ import contextlib
 import time
 
 import structlog
+from opentelemetry import trace
 
 from conveyor import changes, collector, metrics, processes
 from conveyor.background import exponential_delay
@@ -41,6 +42,7 @@ from services.worker.middleware.drain import drain
 from services.worker.middleware.leases import LeaseKeeper
 from services.worker.middleware.metrics import SLOTS
 from services.worker.scheduling import Scheduler
+from services.worker.spans import JobSpans
 from services.worker.strays import StraySweep
 
 log = structlog.get_logger(__name__)
@@ -136,10 +138,19 @@ class Worker:
     async def _claim(self, feed: JobFeed, taken: list[Pending]) -> None:
         """Claim the jobs taken for the free slots, in one transaction, and run the ones claimed."""
         worker_id, lease_s = self.context.worker_id, self.context.settings.lease_s
-        claims = [changes.claim(pending.message.job_id, worker_id, lease_s) for pending in taken]
+        spans = [JobSpans.begin(pending, worker_id) for pending in taken]
+        claims = [
+            changes.claim(
+                pending.message.job_id, worker_id, lease_s, job_spans.claim_carrier if job_spans else None
+            )
+            for pending, job_spans in zip(taken, spans, strict=True)
+        ]
         try:
             results = await self.context.committer.apply(claims)
         except Exception as exc:
+            for job_spans in spans:
+                if job_spans is not None:
+                    job_spans.claim_failed(exc)
             # The database did not answer: the jobs wait in the intake, and the claim is tried again.
             self._claim_failures += 1
             log.warning("worker.claim_failed", jobs=len(taken), failures=self._claim_failures, error=str(exc))
@@ -152,7 +163,9 @@ class Worker:
         self._claim_failures = 0
         claimed_at = time.time()
         series = metrics.jobs()
-        for pending, result in zip(taken, results, strict=True):
+        for pending, result, job_spans in zip(taken, results, spans, strict=True):
+            if job_spans is not None:
+                job_spans.claimed(result.job)
             if result.job is None:
                 log.info("job.skipped", job_id=pending.message.job_id, reason="not claimable")
                 feed.release(pending)
@@ -162,14 +175,19 @@ class Worker:
                 series.labelled(series.queue_wait, *labels).observe(
                     max(0.0, claimed_at - pending.published_at)
                 )
-            task = asyncio.create_task(self._run_job(feed, pending, result.job), name=f"job-{result.job.id}")
+            # The job's task runs in its process span (when tracing): its log lines name the trace.
+            current = trace.use_span(job_spans.process) if job_spans else contextlib.nullcontext()
+            with current:
+                task = asyncio.create_task(
+                    self._run_job(feed, pending, result.job, job_spans), name=f"job-{result.job.id}"
+                )
             self._jobs.add(task)
             task.add_done_callback(self._jobs.discard)
 
-    async def _run_job(self, feed: JobFeed, pending: Pending, job: JobRecord) -> None:
+    async def _run_job(self, feed: JobFeed, pending: Pending, job: JobRecord, spans: JobSpans | None) -> None:
         """Run the claimed job to its recorded outcome, then release its record's offset."""
         try:
-            await self.executor.execute(job)
+            await self.executor.execute(job, spans)
         except Exception:
             log.exception("worker.execute_failed", job_id=job.id)
         finally:

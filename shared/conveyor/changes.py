@@ -122,6 +122,9 @@ class Claim:
     job_id: str
     worker_id: str
     lease_s: float
+    # The trace context of the claim (`conveyor.tracing`): a worker claims many jobs at once, each in
+    # its own trace, so a claim carries its own rather than its unit's.
+    trace: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +177,10 @@ class Unit:
 
     changes: Sequence[Change]
     atomic: bool = False
+    # The caller's trace context (`conveyor.tracing`: a carrier), if it traces: the messages its
+    # changes stage carry it, and a new job keeps it as its own. Without one, a change's messages
+    # continue the job's trace (the one it was submitted in).
+    trace: str | None = None
 
 
 class Outcome(enum.Enum):
@@ -209,8 +216,8 @@ class Written:
 # --- the changes of the lifecycle, by name -------------------------------------------------------------
 
 
-def claim(job_id: str, worker_id: str, lease_s: float) -> Claim:
-    return Claim(job_id, worker_id, lease_s)
+def claim(job_id: str, worker_id: str, lease_s: float, trace: str | None = None) -> Claim:
+    return Claim(job_id, worker_id, lease_s, trace)
 
 
 def republish(job_id: str) -> Republish:
@@ -408,7 +415,7 @@ def write_changes(
                 while end < len(changes) and _same_claim(changes[end], change):
                     end += 1
                 claims = [claim for claim in changes[c:end] if isinstance(claim, Claim)]
-                for offset, result in enumerate(batch.claim(claims)):
+                for offset, result in enumerate(batch.claim(claims, unit.trace)):
                     results[u][c + offset] = result
                 c = end
                 continue
@@ -416,10 +423,11 @@ def write_changes(
                 others.append((change.job_id, len(others), u, c, change))
             c += 1
     for _, _, u, c, change in sorted(others, key=lambda item: (item[0], item[1])):
+        trace = units[u].trace
         if isinstance(change, Transition):
-            results[u][c] = batch.transition(change)
+            results[u][c] = batch.transition(change, trace)
         elif isinstance(change, ProgressReport):
-            results[u][c] = batch.progress(change)
+            results[u][c] = batch.progress(change, trace)
         else:
             results[u][c] = batch.republish(change)
     outbox = batch.flush()
@@ -462,29 +470,34 @@ class _Batch:
         self.now = now
         self.counts = counts
         self.events: list[dict[str, Any]] = []
-        self.staged: list[Message] = []  # (topic, key, value, partition) for the outbox
+        self.staged: list[Message] = []  # (topic, key, value, partition, headers) for the outbox
         # Jobs waiting to run, per tenant whose limit a change of this batch checks.
         self.waiting: Counter[str] = Counter()
 
     # --- announcing ---
 
     def announce(
-        self, job: JobRecord, kind: Literal["state", "progress"], partition: int | None = None
+        self,
+        job: JobRecord,
+        kind: Literal["state", "progress"],
+        partition: int | None = None,
+        trace: str | None = None,
     ) -> None:
         """The event of the job's latest change into its history and the outbox; and after a state
         change, its job message if it is queued again (to `partition`, if given), or its dead letter if
-        it failed for good."""
+        it failed for good. The messages carry `trace`, the change's trace context, else the job's."""
+        headers = trace or job.trace_context
         body = event_json(job, kind)
         self.events.append({"job_id": job.id, "seq": job.last_seq, "body": body.decode()})
-        self.staged.append((events_topic(self.prefix), job.id, body, None))
+        self.staged.append((events_topic(self.prefix), job.id, body, None, headers))
         if kind != "state":
             return
         if job.status == JobState.QUEUED:
             topic = job_topic(self.prefix, job.priority)
-            self.staged.append((topic, job_key(job.id), job_message_json(job), partition))
+            self.staged.append((topic, job_key(job.id), job_message_json(job), partition, headers))
         elif job.status == JobState.FAILED:
             letter = dumps(dead_letter_for(job).model_dump(mode="json"))
-            self.staged.append((dead_letter_topic(self.prefix), job.id, letter, None))
+            self.staged.append((dead_letter_topic(self.prefix), job.id, letter, None, headers))
 
     def flush(self) -> list[OutboxRow]:
         """Write the batch's events to the jobs' histories and its messages to the outbox."""
@@ -581,7 +594,7 @@ class _Batch:
             for tenant, count in taken.items():
                 self.added_waiting(tenant, count)
         created = self._remember_keys(units, created, results)
-        self._insert_jobs(created, results)
+        self._insert_jobs(units, created, results)
         for (u, c), (fu, fc) in same_as.items():
             first_result = results[fu][fc]
             if first_result is not None and first_result.outcome is Outcome.WRITTEN:
@@ -670,11 +683,14 @@ class _Batch:
         return kept
 
     def _insert_jobs(
-        self, created: list[tuple[int, int, NewJob]], results: list[list[ChangeResult | None]]
+        self,
+        units: Sequence[Unit],
+        created: list[tuple[int, int, NewJob]],
+        results: list[list[ChangeResult | None]],
     ) -> None:
         if not created:
             return
-        records = [self._record_of(job) for _, _, job in created]
+        records = [self._record_of(job, units[u].trace) for u, _, job in created]
         self.connection.execute(insert(JOBS), [_columns(record) for record in records])
         labels = [
             {"job_id": job.id, "key": key, "value": value}
@@ -687,7 +703,7 @@ class _Batch:
             results[u][c] = ChangeResult(Outcome.WRITTEN, record)
             self.announce(record, "state")
 
-    def _record_of(self, job: NewJob) -> JobRecord:
+    def _record_of(self, job: NewJob, trace: str | None) -> JobRecord:
         scheduled = job.run_at is not None and job.run_at > self.now
         return JobRecord(
             id=job.id,
@@ -712,11 +728,12 @@ class _Batch:
             updated_at=self.now,
             started_at=None,
             finished_at=None,
+            trace_context=trace,
         )
 
     # --- existing jobs ---
 
-    def claim(self, claims: list[Claim]) -> list[ChangeResult]:
+    def claim(self, claims: list[Claim], trace: str | None) -> list[ChangeResult]:
         first = claims[0]
         parameters = {
             "b_job_ids": [claim.job_id for claim in claims],
@@ -726,9 +743,12 @@ class _Batch:
         }
         claimed = {row.id: JobRecord(*row) for row in self.connection.execute(CLAIM, parameters)}
         # pop: the same job twice in one batch is claimed once.
-        return [self._announced(claimed.pop(claim.job_id, None), "state") for claim in claims]
+        return [
+            self._announced(claimed.pop(claim.job_id, None), "state", trace=claim.trace or trace)
+            for claim in claims
+        ]
 
-    def transition(self, change: Transition) -> ChangeResult:
+    def transition(self, change: Transition, trace: str | None = None) -> ChangeResult:
         if change.max_queued is not None and change.tenant is not None and change.target in WAITING_STATES:
             waiting = self.waiting[change.tenant]
             if waiting >= change.max_queued:
@@ -748,9 +768,9 @@ class _Batch:
             return self._refused(change)
         if change.tenant is not None and change.target in WAITING_STATES:
             self.added_waiting(change.tenant, 1)
-        return self._announced(JobRecord(*row), "state", change.partition)
+        return self._announced(JobRecord(*row), "state", change.partition, trace)
 
-    def progress(self, change: ProgressReport) -> ChangeResult:
+    def progress(self, change: ProgressReport, trace: str | None = None) -> ChangeResult:
         parameters = {
             "b_job_id": change.job_id,
             "b_attempt": change.attempt,
@@ -759,24 +779,28 @@ class _Batch:
             "b_now": self.now,
         }
         row = self.connection.execute(PROGRESS, parameters).first()
-        return self._announced(None if row is None else JobRecord(*row), "progress")
+        return self._announced(None if row is None else JobRecord(*row), "progress", trace=trace)
 
     def republish(self, change: Republish) -> ChangeResult:
         row = self.connection.execute(REPUBLISH, {"b_job_id": change.job_id, "b_now": self.now}).first()
         if row is None:
             return ChangeResult(Outcome.STALE)  # not queued any more: nothing was lost
         job = JobRecord(*row)
-        self.staged.append(
-            (job_topic(self.prefix, job.priority), job_key(job.id), job_message_json(job), None)
-        )
+        # The sweep makes no traced call: the message continues the job's own trace.
+        topic, message = job_topic(self.prefix, job.priority), job_message_json(job)
+        self.staged.append((topic, job_key(job.id), message, None, job.trace_context))
         return ChangeResult(Outcome.WRITTEN, job)
 
     def _announced(
-        self, job: JobRecord | None, kind: Literal["state", "progress"], partition: int | None = None
+        self,
+        job: JobRecord | None,
+        kind: Literal["state", "progress"],
+        partition: int | None = None,
+        trace: str | None = None,
     ) -> ChangeResult:
         if job is None:
             return ChangeResult(Outcome.STALE)
-        self.announce(job, kind, partition)
+        self.announce(job, kind, partition, trace)
         return ChangeResult(Outcome.WRITTEN, job)
 
     def _refused(self, change: Transition) -> ChangeResult:

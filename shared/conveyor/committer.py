@@ -9,6 +9,9 @@ only once its batch has committed, and the batch's outbox rows are handed to the
 A batch that the database refuses as a whole for one bad item (a constraint, a value it cannot store)
 is written again unit by unit, so only that item's caller sees the error. A database that is down fails
 every caller of the batch with the error, and none of their changes was written.
+
+The batch is written in the committer's own task, so the caller's trace context (`conveyor.tracing`)
+is taken when it hands its changes over, and travels with its unit to the messages they stage.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import structlog
 from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError
 
+from conveyor import tracing
 from conveyor.background import BackgroundTask
 from conveyor.changes import Change, ChangeResult, Unit, WaitingCounts, Written, write_changes
 from conveyor.database import Database
@@ -74,13 +78,16 @@ class Committer:
         _fail(self._queue, RuntimeError("the committer has stopped"))
         self._queue = []
 
-    async def apply(self, changes: Sequence[Change], *, atomic: bool = False) -> list[ChangeResult]:
+    async def apply(
+        self, changes: Sequence[Change], *, atomic: bool = False, trace: str | None = None
+    ) -> list[ChangeResult]:
         """Write `changes` in the next batch; a result for each, once it has committed. Raises the
-        database's error if the batch could not be written."""
-        return await self.submit(changes, atomic=atomic)
+        database's error if the batch could not be written. Their messages carry `trace` (a carrier),
+        by default the caller's current span's."""
+        return await self.submit(changes, atomic=atomic, trace=trace)
 
     def submit(
-        self, changes: Sequence[Change], *, atomic: bool = False
+        self, changes: Sequence[Change], *, atomic: bool = False, trace: str | None = None
     ) -> asyncio.Future[list[ChangeResult]]:
         """Like `apply`, for a caller that does not wait: the future resolves once it has committed."""
         if not self._loop.running or self._stopping:
@@ -89,7 +96,8 @@ class Committer:
         if not changes:
             answer.set_result([])
             return answer
-        self._queue.append(_Waiting(Unit(tuple(changes), atomic), answer))
+        unit = Unit(tuple(changes), atomic, trace or tracing.current_carrier())
+        self._queue.append(_Waiting(unit, answer))
         self._wake.set()
         return answer
 

@@ -6,6 +6,9 @@ import logging
 import re
 
 import structlog
+from structlog.typing import EventDict, WrappedLogger
+
+from conveyor import tracing
 
 # A query parameter that carries an API key (`?token=`, for browsers, which cannot set headers on a
 # WebSocket or an EventSource): its value never reaches a log line.
@@ -30,6 +33,15 @@ class RedactSecrets(logging.Filter):
         return True
 
 
+def add_trace_ids(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """A line logged inside a span carries its `trace_id` and `span_id`, to find the trace from the log."""
+    ids = tracing.trace_ids()
+    if ids is not None:
+        for name, value in ids.items():
+            event_dict.setdefault(name, value)
+    return event_dict
+
+
 def configure_logging(level: str = "INFO", json: bool = False) -> None:
     # Our own lines (structlog) at `level`; libraries' (standard logging) at INFO at the most verbose:
     # DEBUG is for following jobs (`job.started`, `job.recorded`), not every statement of a driver.
@@ -49,9 +61,12 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
         if json
         else [structlog.dev.ConsoleRenderer(colors=False, exception_formatter=structlog.dev.plain_traceback)]
     )
+    # Only when tracing is on (`conveyor.tracing`): otherwise there is never a span to name.
+    trace_ids: list[structlog.types.Processor] = [add_trace_ids] if tracing.wanted() else []
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            *trace_ids,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso"),
             *renderers,

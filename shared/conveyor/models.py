@@ -126,6 +126,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     # Attempts draining workers handed back unfinished: the first few are free (`changes.hand_back`).
     hand_backs: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The submission's trace context (`conveyor.tracing`: a carrier, JSON), when tracing is on: the
+    # messages of changes that no traced caller made (the scheduler, the reaper) continue its trace.
+    trace_context: Mapped[str | None] = mapped_column(Text, nullable=True)
 
     __table_args__ = (
         Index("ix_jobs_tenant_created", "tenant", "created_at"),
@@ -169,6 +172,7 @@ class JobRecord:
     started_at: datetime | None
     finished_at: datetime | None
     hand_backs: int = 0
+    trace_context: str | None = None
 
     @classmethod
     def from_row(cls, row: Row[Any]) -> JobRecord:
@@ -250,6 +254,9 @@ class OutboxMessage(Base):
     # Set only where the key's partition will not do: a reaped job goes to a partition of its reaper's.
     partition: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    # The trace context of the span that staged the message (`conveyor.tracing`: a carrier, JSON), which
+    # the relay's publish span continues and sends on in the message's headers; None when not tracing.
+    headers: Mapped[str | None] = mapped_column(Text, nullable=True)
 
 
 class WorkerHeartbeat(Base):

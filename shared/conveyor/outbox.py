@@ -20,6 +20,10 @@ timeout) are retried: they say nothing about the row.
 Where each job message landed (partition and offset, as acknowledged) is recorded in
 `job_message_positions`, in the transaction that deletes its outbox row, so it costs no transaction
 of its own: the workers' sweep for lost messages reads it (`services/worker/strays.py`).
+
+With tracing on, each row is published in a `publish <topic>` span (a producer span) under the trace
+context the row was staged with (`headers`), and the message carries the span's context in its Kafka
+headers (W3C `traceparent`), for the worker or the progress service to continue.
 """
 
 from __future__ import annotations
@@ -34,11 +38,13 @@ from typing import Any
 import structlog
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import KafkaError, MessageSizeTooLargeError, RecordListTooLargeError
+from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 from prometheus_client import Counter
 from sqlalchemy import ColumnElement, Connection, Insert, Table, delete, func, insert, or_, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import SQLAlchemyError
 
+from conveyor import tracing
 from conveyor.background import BackgroundTask, exponential_delay
 from conveyor.broker import BrokerUnavailable, start_producer
 from conveyor.clock import database_now
@@ -101,6 +107,8 @@ class OutboxRow:
     value: bytes
     # The partition to publish to; None lets the key choose it (Kafka's default partitioner).
     partition: int | None = None
+    # The trace context it was staged in (`conveyor.tracing`: a carrier), or None.
+    headers: str | None = None
 
 
 def backlog(connection: Connection) -> tuple[int, float]:
@@ -114,8 +122,8 @@ def backlog(connection: Connection) -> tuple[int, float]:
     return int(count), max(0.0, (database_now(connection) - oldest).total_seconds())
 
 
-# A message to stage: topic, key, value, and the partition if it is not the key's.
-Message = tuple[str, str, bytes, int | None]
+# A message to stage: topic, key, value, the partition if it is not the key's, and its trace context.
+Message = tuple[str, str, bytes, int | None, str | None]
 
 
 # A row queued on the producer, with the future of its acknowledgement.
@@ -125,15 +133,23 @@ Queued = tuple[OutboxRow, asyncio.Future[Any]]
 def stage_messages(
     connection: Connection, messages: Sequence[Message], now: datetime | None = None
 ) -> list[OutboxRow]:
-    """Add `(topic, key, value, partition)` messages to the outbox, in the caller's transaction, in order."""
+    """Add `(topic, key, value, partition, headers)` messages to the outbox, in the caller's transaction,
+    in order."""
     if not messages:
         return []
     created_at = now or utcnow()
     returned = connection.execute(
         insert(OUTBOX).returning(OUTBOX.c.id),
         [
-            {"topic": topic, "key": key, "value": value, "partition": partition, "created_at": created_at}
-            for topic, key, value, partition in messages
+            {
+                "topic": topic,
+                "key": key,
+                "value": value,
+                "partition": partition,
+                "headers": headers,
+                "created_at": created_at,
+            }
+            for topic, key, value, partition, headers in messages
         ],
     )
     # One multi-row INSERT: the rows take their ids in the order of their values, ascending (SQLite's
@@ -310,7 +326,14 @@ class OutboxRelay:
                 orphaned_before = database_now(connection) - timedelta(seconds=ORPHAN_AGE_S)
                 conditions.append(OUTBOX.c.created_at < orphaned_before)
             query = (
-                select(OUTBOX.c.id, OUTBOX.c.topic, OUTBOX.c.key, OUTBOX.c.value, OUTBOX.c.partition)
+                select(
+                    OUTBOX.c.id,
+                    OUTBOX.c.topic,
+                    OUTBOX.c.key,
+                    OUTBOX.c.value,
+                    OUTBOX.c.partition,
+                    OUTBOX.c.headers,
+                )
                 .where(or_(*conditions))
                 .order_by(OUTBOX.c.id)
                 .limit(BATCH_SIZE)
@@ -333,14 +356,21 @@ class OutboxRelay:
             refusal = self._refused.pop(row.id, None)
             if refusal is None:
                 # One producer, idempotent: messages with the same key reach Kafka in the order queued.
+                span, headers = _publish_span(row)
                 try:
                     ack = await producer.send(
-                        row.topic, key=row.key.encode(), value=row.value, partition=row.partition
+                        row.topic,
+                        key=row.key.encode(),
+                        value=row.value,
+                        partition=row.partition,
+                        headers=headers,
                     )
                 except REFUSED_ERRORS as exc:
+                    _end_span(span, exc)
                     _record_refusal(row, exc)
                     refusal = exc
                 else:
+                    _end_span_on(ack, span)
                     queued.append((row, ack))
                     continue
             if (stand_in_ack := await self._queue_stand_in(producer, row, refusal)) is not None:
@@ -354,13 +384,16 @@ class OutboxRelay:
         value = stand_in(row.value, exc)
         if value is None:
             return None
+        span, headers = _publish_span(row)
         try:
             ack: asyncio.Future[Any] = await producer.send(
-                row.topic, key=row.key.encode(), value=value, partition=row.partition
+                row.topic, key=row.key.encode(), value=value, partition=row.partition, headers=headers
             )
         except REFUSED_ERRORS as again:  # not a message this small; but never loop on it
+            _end_span(span, again)
             log.error("outbox.stand_in_refused", row_id=row.id, topic=row.topic, error=str(again))
             return None
+        _end_span_on(ack, span)
         return ack
 
     async def _acknowledged(self, queued: list[Queued]) -> None:
@@ -440,6 +473,43 @@ def _position_upsert(dialect_name: str) -> Insert:
         set_={"partition": statement.excluded.partition, "offset": statement.excluded.offset},
     )
     return upsert
+
+
+def _publish_span(row: OutboxRow) -> tuple[Span | None, list[tuple[str, bytes]] | None]:
+    """The span of one row's publish, if this process traces and the row has a trace context, and the
+    headers its message goes with: the span's context, or the row's own when not tracing (passed on, so
+    the trace goes on past a relay that exports nothing). Each send of a row is a span of its own."""
+    if row.headers is None:
+        return None, None
+    if not tracing.enabled():
+        return None, tracing.headers_of(row.headers)
+    span = tracing.start_child(
+        f"publish {row.topic}",
+        row.headers,
+        SpanKind.PRODUCER,
+        {
+            "messaging.system": "kafka",
+            "messaging.operation.type": "send",
+            "messaging.destination.name": row.topic,
+            "messaging.kafka.message.key": row.key,
+        },
+    )
+    return span, tracing.headers_of(tracing.carrier_of(span))
+
+
+def _end_span_on(ack: asyncio.Future[Any], span: Span | None) -> None:
+    """End the publish span once Kafka has answered: acknowledged, or with the error."""
+    if span is not None:
+        ack.add_done_callback(lambda done: _end_span(span, None if done.cancelled() else done.exception()))
+
+
+def _end_span(span: Span | None, error: BaseException | None) -> None:
+    if span is None:
+        return
+    if error is not None:
+        span.record_exception(error)
+        span.set_status(Status(StatusCode.ERROR, type(error).__name__))
+    span.end()
 
 
 def _record_refusal(row: OutboxRow, exc: KafkaError) -> None:
