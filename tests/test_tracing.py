@@ -32,7 +32,7 @@ from conveyor.database import Database
 from conveyor.outbox import OutboxRelay, stage_messages
 from conveyor.topics import events_topic
 
-from harness import KEY_A, Stack, eventually, sleep_job, wait_for_status
+from harness import KEY_A, Stack, eventually, sleep_job, submit, wait_for_status
 
 pytestmark = pytest.mark.stack_settings(CONVEYOR_LOG_LEVEL="DEBUG")
 
@@ -163,21 +163,21 @@ async def test_one_job_is_one_trace_across_the_services(stack: Stack, receiver: 
             if message.get("job_id") == job_id:
                 statuses.append(message["status"])
 
-    submit = await eventually(
+    submission = await eventually(
         lambda: next(
             (s for s in receiver.spans if s.name == "POST /v1/jobs" and s.service == "conveyor-gateway"), None
         ),
         30,
         "the gateway's span of the submission",
     )
-    assert submit.parent_id == "", "the submission starts the trace"
-    assert submit.kind == SpanProto.SPAN_KIND_SERVER
-    assert submit.attributes["http.response.status_code"] == 202
+    assert submission.parent_id == "", "the submission starts the trace"
+    assert submission.kind == SpanProto.SPAN_KIND_SERVER
+    assert submission.attributes["http.response.status_code"] == 202
 
     events = f"publish {events_topic(prefix)}"
 
     def whole_trace() -> list[ReceivedSpan] | None:
-        spans = receiver.in_trace(submit.trace_id)
+        spans = receiver.in_trace(submission.trace_id)
         published = [s for s in spans if s.name == events]
         delivered = [s for s in spans if s.service == "conveyor-progress"]
         # The queued, running, two progress and the succeeded event: each published and delivered.
@@ -187,7 +187,7 @@ async def test_one_job_is_one_trace_across_the_services(stack: Stack, receiver: 
     try:
         spans = await eventually(whole_trace, 30, "every span of the job, up to the progress service")
     except AssertionError:
-        seen = [(span.service, span.name, span.parent_id) for span in receiver.in_trace(submit.trace_id)]
+        seen = [(span.service, span.name, span.parent_id) for span in receiver.in_trace(submission.trace_id)]
         raise AssertionError(f"the trace has only {seen}") from None
     assert {span.service for span in spans} == {"conveyor-gateway", "conveyor-worker", "conveyor-progress"}
     by_id = {span.span_id: span for span in spans}
@@ -196,7 +196,7 @@ async def test_one_job_is_one_trace_across_the_services(stack: Stack, receiver: 
     published = one(spans, "the job message's publish", name=f"publish {job_topic}")
     assert published.service == "conveyor-gateway"
     assert published.kind == SpanProto.SPAN_KIND_PRODUCER
-    assert published.parent_id == submit.span_id
+    assert published.parent_id == submission.span_id
     assert published.attributes["messaging.kafka.message.key"] == job_id
 
     # The worker continues the trace from the message's headers.
@@ -232,7 +232,7 @@ async def test_one_job_is_one_trace_across_the_services(stack: Stack, receiver: 
         line for line in stack.log("worker-1").splitlines() if "job.started" in line and job_id in line
     ]
     assert started, stack.log("worker-1")[-3000:]
-    assert f"trace_id={submit.trace_id}" in started[0]
+    assert f"trace_id={submission.trace_id}" in started[0]
     assert f"span_id={process.span_id}" in started[0]
 
     # A client's own `traceparent` is continued: its job's spans are in the client's trace.
@@ -250,6 +250,38 @@ async def test_one_job_is_one_trace_across_the_services(stack: Stack, receiver: 
 
     spans = await eventually(client_job, 30, "the job's spans in the client's trace")
     assert one(spans, "the submission", name="POST /v1/jobs").parent_id == client_span
+    # A delayed job and a retried one: the scheduler that queues them makes no traced call, so their job
+    # messages continue the job's own trace (its submission's), and the next attempt joins it.
+    async with stack.client() as client:
+        delayed = await submit(client, {**sleep_job(0, steps=1), "delay_s": 1})
+        retried = await submit(client, {"type": "demo.fail", "payload": {"fail_times": 1}})
+        for job in (delayed, retried):
+            await wait_for_status(client, job["id"], "succeeded", 60)
+
+    def attempts_of(job: dict[str, Any], count: int) -> list[ReceivedSpan] | None:
+        processes = [span for span in receiver.spans if span.attributes.get("conveyor.job.id") == job["id"]]
+        processes = [span for span in processes if span.name == f"process {job_topic}"]
+        return (
+            sorted(processes, key=lambda span: span.attributes["conveyor.job.attempt"])
+            if len(processes) == count
+            else None
+        )
+
+    [process] = await eventually(lambda: attempts_of(delayed, 1), 30, "the delayed job's processing")
+    trace = await eventually(lambda: receiver.in_trace(process.trace_id), 30, "the delayed job's trace")
+    by_id = {span.span_id: span for span in trace}
+    queued_by = by_id[process.parent_id]
+    assert (queued_by.name, queued_by.service) == (f"publish {job_topic}", "conveyor-worker")
+    assert by_id[queued_by.parent_id].name == "POST /v1/jobs"
+
+    first, second = await eventually(lambda: attempts_of(retried, 2), 30, "the retried job's two attempts")
+    assert first.trace_id == second.trace_id
+    trace = await eventually(lambda: receiver.in_trace(first.trace_id), 30, "the retried job's trace")
+    by_id = {span.span_id: span for span in trace}
+    handlers = [span for span in trace if span.name == "handler demo.fail"]
+    assert sorted(by_id[span.parent_id].attributes["conveyor.job.attempt"] for span in handlers) == [1, 2]
+    assert by_id[by_id[second.parent_id].parent_id].name == "POST /v1/jobs"
+
     # Probes are not traced.
     assert not [span for span in receiver.spans if "healthz" in span.name or "readyz" in span.name]
 

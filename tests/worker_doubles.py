@@ -60,7 +60,9 @@ class RecordingCommitter:
         self.calls = 0
         self.changed = asyncio.Event()
 
-    async def apply(self, changes: Sequence[Change], *, atomic: bool = False) -> list[ChangeResult]:
+    async def apply(
+        self, changes: Sequence[Change], *, atomic: bool = False, trace: str | None = None
+    ) -> list[ChangeResult]:
         self.calls += 1
         if self.failures:
             self.failures -= 1

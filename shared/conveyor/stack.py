@@ -19,6 +19,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from conveyor import tracing
 from conveyor.auth import generate_key
 from conveyor.autoscaler import Autoscaler, worker_name
 from conveyor.autoscaling import Policy
@@ -226,6 +227,8 @@ def _print_banner(settings: Settings, bootstrap: str, key: str | None, policy: P
         console.print(
             f"          (Authorization: Bearer <the token in {settings.data_dir}/{METRICS_TOKEN_FILE}>)"
         )
+    if (traces := tracing.export_endpoint()) is not None:
+        console.print(f"Traces    {traces} (OTLP/HTTP)")
     if key:
         console.print(
             f"API key   [bold]{key}[/bold]   (tenant {DEV_TENANT!r}; kept in {settings.data_dir}/dev-api-key)"

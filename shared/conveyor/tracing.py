@@ -49,6 +49,15 @@ def wanted(environ: Mapping[str, str] = os.environ) -> bool:
     return any(environ.get(name, "").strip() for name in ENDPOINT_VARIABLES)
 
 
+def export_endpoint(environ: Mapping[str, str] = os.environ) -> str | None:
+    """Where spans go, as the environment says (the OTLP exporter's rule), if tracing is wanted."""
+    if not wanted(environ):
+        return None
+    if traces := environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "").strip():
+        return traces
+    return environ["OTEL_EXPORTER_OTLP_ENDPOINT"].strip().rstrip("/") + "/v1/traces"
+
+
 def configure_tracing(service: str) -> bool:
     """Set up the process's tracer provider if the environment asks for tracing; whether it did.
     `service` (e.g. `conveyor-worker`) is the service name unless `OTEL_SERVICE_NAME` (or
