@@ -8,12 +8,13 @@ decodes each `ExportTraceServiceRequest` with `opentelemetry-proto`), as they wo
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import json
 import threading
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -26,13 +27,14 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
 )
 from opentelemetry.proto.trace.v1.trace_pb2 import Span as SpanProto
 
-from conveyor import tracing
+from conveyor import changes, tracing
 from conveyor.broker import ensure_topics
+from conveyor.changes import NewJob, Unit, write_changes
 from conveyor.database import Database
 from conveyor.outbox import OutboxRelay, stage_messages
 from conveyor.topics import events_topic
 
-from harness import KEY_A, Stack, eventually, sleep_job, submit, wait_for_status
+from harness import KEY_A, Stack, eventually, sleep_job, submit, wait_for_status, write_now
 
 pytestmark = pytest.mark.stack_settings(CONVEYOR_LOG_LEVEL="DEBUG")
 
@@ -314,6 +316,30 @@ async def test_a_relay_that_does_not_trace_passes_the_trace_context_on(
         await relay.stop()
     assert record.headers == (("traceparent", TRACEPARENT.encode()),)
     assert tracing.carrier_from_headers(record.headers) == carrier.replace(" ", "")
+
+
+async def test_changes_carry_their_caller_s_trace_context(db: Database) -> None:
+    """A unit's trace context goes with every message its changes stage, and a new job keeps it; a
+    change made without one (the scheduler, the reaper, the sweep) continues the job's own."""
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    carrier = json.dumps({"traceparent": TRACEPARENT})
+    job = NewJob(tenant="t", type="demo.echo", payload={}, priority=3, max_attempts=1)
+    units = [Unit((job,), trace=carrier)]
+    written = await db.write(functools.partial(write_changes, units=units, prefix=prefix))
+    [[created]] = written.results
+    assert created.job is not None and created.job.trace_context == carrier
+    assert [row.headers for row in written.outbox] == [carrier, carrier]  # its event and its job message
+    # A claim carries its own (each job a worker claims at once is in its own trace).
+    claim_carrier = json.dumps({"traceparent": TRACEPARENT.replace("b7ad6b7169203331", "00f067aa0ba902b7")})
+    claim = await write_now(db, prefix, changes.claim(job.id, "w-1", 15, trace=claim_carrier))
+    [[claimed]] = claim.results
+    assert claimed.job is not None
+    assert [row.headers for row in claim.outbox] == [claim_carrier]
+    failed = await write_now(db, prefix, changes.fail_attempt(claimed.job, {"type": "boom"}))
+    # The event and the dead letter of a change made in no span: the job's trace.
+    assert [row.headers for row in failed.outbox] == [carrier, carrier]
+    untraced = await write_now(db, prefix, replace(job, id=changes.new_job_id()))
+    assert [row.headers for row in untraced.outbox] == [None, None]
 
 
 def test_tracing_is_off_unless_an_endpoint_is_set() -> None:
