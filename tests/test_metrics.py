@@ -244,7 +244,7 @@ async def test_the_backlog_gauges_read_the_outbox_and_kafka(db: Database, kafka_
         written_at = utcnow() - timedelta(seconds=120)
 
         def stage(connection: Connection) -> None:
-            stage_messages(connection, [("t", "k", b"v", None)] * 3, now=written_at)
+            stage_messages(connection, [("t", "k", b"v", None, None)] * 3, now=written_at)
 
         await db.write(stage)
         await gauges.read()
