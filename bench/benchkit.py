@@ -378,6 +378,7 @@ class EmbeddedStack:
             CONVEYOR_TENANT_MAX_QUEUED=str(UNLIMITED),
             # Nothing scrapes a benchmark's workers, and fixed ports would collide between two runs.
             CONVEYOR_WORKER_METRICS_PORT="0",
+            CONVEYOR_RUN_METRICS_PORT="0",
         )
         if self.workers is not None:
             env["CONVEYOR_WORKERS"] = str(self.workers)

@@ -515,3 +515,50 @@ async def database_refusing_writes(
                 await connection.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
     finally:
         await admin.dispose()
+
+
+def start_conveyor(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`python -m conveyor ARGS` in a session of its own (so a test can kill its whole group)."""
+    with log_path.open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "conveyor", *args],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+class ConveyorRun:
+    """A test's `conveyor run` (the embedded stack, as `make run` starts it), its settings in `env`."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.env = env
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def gateway(self) -> str:
+        return f"http://127.0.0.1:{self.env['CONVEYOR_GATEWAY_PORT']}"
+
+    def start(self) -> subprocess.Popen[bytes]:
+        self.process = start_conveyor(["run"], {**os.environ, **self.env}, self.log_path)
+        return self.process
+
+    def check_running(self) -> subprocess.Popen[bytes]:
+        """The process, if it still runs; else fail with the end of its log."""
+        assert self.process is not None
+        if self.process.poll() is not None:
+            raise AssertionError(f"conveyor run exited:\n{self.log_path.read_text()[-4000:]}")
+        return self.process
+
+    async def ready(self) -> bool:
+        """Whether the gateway and the progress service both answer /readyz with 200."""
+        self.check_running()
+        try:
+            async with httpx.AsyncClient() as client:
+                gateway = await client.get(f"{self.gateway}/readyz")
+                progress = await client.get(f"http://127.0.0.1:{self.env['CONVEYOR_PROGRESS_PORT']}/readyz")
+        except httpx.TransportError:
+            return False
+        return gateway.status_code == 200 and progress.status_code == 200

@@ -132,7 +132,8 @@ def test_the_configs_rules_and_dashboard_agree_on_jobs_and_series() -> None:
         config = yaml.safe_load((MONITORING / name).read_text())
         assert config["rule_files"] == ["alerts.yml"]
         jobs = {job["job_name"]: job for job in config["scrape_configs"]}
-        assert set(jobs) == JOBS, name
+        # `conveyor run`'s own job (the autoscaler's gauge) is only where `conveyor run` is.
+        assert set(jobs) - {"conveyor-run"} == JOBS, name
         assert all("credentials_file" in job["authorization"] for job in jobs.values()), name
     queries = dashboard_queries() + [
         rule["expr"] for rule in yaml.safe_load(ALERTS.read_text())["groups"][0]["rules"]

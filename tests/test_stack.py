@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,49 +13,16 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conveyor.embedded.kafka import free_port_block, is_port_free
 
-from harness import alive, descendants, eventually, free_port, wait_for_status
+from harness import ConveyorRun, alive, descendants, eventually, free_port, start_conveyor, wait_for_status
 
 STARTUP_S = 180.0
 STOP_S = 90.0
 
 
-def start_conveyor(args: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as log:
-        return subprocess.Popen(
-            [sys.executable, "-m", "conveyor", *args],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-
-
-class RunningStack:
+class RunningStack(ConveyorRun):
     def __init__(self, data_dir: Path, env: dict[str, str]) -> None:
+        super().__init__(env, data_dir.parent / "run.log")
         self.data_dir = data_dir
-        self.env = env
-        self.log = data_dir.parent / "run.log"
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def gateway(self) -> str:
-        return f"http://127.0.0.1:{self.env['CONVEYOR_GATEWAY_PORT']}"
-
-    def start(self) -> subprocess.Popen[bytes]:
-        self.process = start_conveyor(["run"], {**os.environ, **self.env}, self.log)
-        return self.process
-
-    async def ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"conveyor run exited:\n{self.log.read_text()[-4000:]}")
-        try:
-            async with httpx.AsyncClient() as client:
-                gateway = await client.get(f"{self.gateway}/readyz")
-                progress = await client.get(f"http://127.0.0.1:{self.env['CONVEYOR_PROGRESS_PORT']}/readyz")
-        except httpx.TransportError:
-            return False
-        return gateway.status_code == 200 and progress.status_code == 200
 
     def client(self) -> httpx.AsyncClient:
         key = (self.data_dir / "dev-api-key").read_text().strip()
@@ -76,6 +41,7 @@ def run_stack(tmp_path: Path) -> Iterator[RunningStack]:
         "CONVEYOR_LEASE_S": "3",
         # Worker n serves its metrics on this plus n - 1.
         "CONVEYOR_WORKER_METRICS_PORT": str(free_port_block(2)),
+        "CONVEYOR_RUN_METRICS_PORT": str(free_port()),
     }
     for name in (
         "CONVEYOR_KAFKA_BOOTSTRAP",
@@ -131,7 +97,7 @@ async def test_run_supervises_stops_cleanly_and_keeps_jobs(run_stack: RunningSta
     async with run_stack.client() as client:
         again = (await client.get(f"/v1/jobs/{job['id']}")).json()
     assert again["status"] == "succeeded"
-    assert "Downloading" not in run_stack.log.read_text()
+    assert "Downloading" not in run_stack.log_path.read_text()
     # Ctrl-C in the terminal (SIGINT) stops everything too.
     everything = set(descendants(process.pid)) | set(_kafka_pids(run_stack.data_dir))
     process.send_signal(signal.SIGINT)
@@ -146,7 +112,7 @@ async def _each_worker_serves_its_metrics(run_stack: RunningStack, job_type: str
     assert token_file.stat().st_mode & 0o777 == 0o600
     token = token_file.read_text().strip()
     base = int(run_stack.env["CONVEYOR_WORKER_METRICS_PORT"])
-    banner = run_stack.log.read_text()
+    banner = run_stack.log_path.read_text()
     finished = 0.0
     async with httpx.AsyncClient(timeout=10) as client:
         for n, port in enumerate((base, base + 1), start=1):
@@ -166,8 +132,20 @@ async def _each_worker_serves_its_metrics(run_stack: RunningStack, job_type: str
             f"{run_stack.gateway}/metrics", headers={"Authorization": f"Bearer {token}"}
         )
         assert gateway.status_code == 200
+        # `conveyor run` itself: the workers it wants (two, pinned), for the same token.
+        run_url = f"http://127.0.0.1:{run_stack.env['CONVEYOR_RUN_METRICS_PORT']}"
+        assert f"run {run_url}/metrics" in banner
+        assert (await client.get(f"{run_url}/metrics")).status_code == 401
+        run = await client.get(f"{run_url}/metrics", headers={"Authorization": f"Bearer {token}"})
+        desired = [
+            sample.value
+            for family in text_string_to_metric_families(run.text)
+            for sample in family.samples
+            if sample.name == "conveyor_autoscaler_desired_workers"
+        ]
     assert token not in banner
     assert finished == 1
+    assert desired == [2]
 
 
 @pytest.mark.parametrize("stop_when", ["starting", "serving"])

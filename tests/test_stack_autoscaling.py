@@ -16,10 +16,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,13 +25,14 @@ from typing import Any
 import httpx
 import pytest
 from conftest import deployment_env
+from prometheus_client.parser import text_string_to_metric_families
 from tracked_handlers import Attempt, attempts_run
 
 from conveyor.database import Database
 from conveyor.models import JOBS
 from conveyor.settings import DEFAULT_WORKERS_IDLE_S
 
-from harness import KEY_A, alive, descendants, eventually
+from harness import KEY_A, METRICS_TOKEN, ConveyorRun, alive, descendants, eventually, free_port
 
 TESTS_DIR = str(Path(__file__).resolve().parent)
 STARTUP_S = 120.0
@@ -49,57 +48,38 @@ IDLE_S = 10.0
 WORKER_ARGV = "-m conveyor worker"
 
 
-@dataclass
-class ScaledStack:
-    env: dict[str, str]
-    directory: Path
-    process: subprocess.Popen[bytes] | None = None
-    counts: list[tuple[float, int]] = field(default_factory=list)
-
-    @property
-    def log_path(self) -> Path:
-        return self.directory / "run.log"
+class ScaledStack(ConveyorRun):
+    def __init__(self, env: dict[str, str], directory: Path) -> None:
+        super().__init__(env, directory / "run.log")
+        self.directory = directory
+        self.counts: list[tuple[float, int]] = []
 
     @property
     def tracked_log(self) -> Path:
         return self.directory / "attempts.log"
 
-    @property
-    def gateway(self) -> str:
-        return f"http://127.0.0.1:{self.env['CONVEYOR_GATEWAY_PORT']}"
-
-    def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "conveyor", "run"],
-                env={**os.environ, **self.env},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
     def worker_pids(self) -> list[int]:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"conveyor run exited:\n{self.log_path.read_text()[-4000:]}")
-        return sorted(pid for pid, cmd in descendants(self.process.pid).items() if WORKER_ARGV in cmd)
-
-    async def ready(self) -> bool:
-        assert self.process is not None
-        if self.process.poll() is not None:
-            raise AssertionError(f"conveyor run exited:\n{self.log_path.read_text()[-4000:]}")
-        try:
-            async with httpx.AsyncClient() as client:
-                gateway = await client.get(f"{self.gateway}/readyz")
-                progress = await client.get(f"http://127.0.0.1:{self.env['CONVEYOR_PROGRESS_PORT']}/readyz")
-        except httpx.TransportError:
-            return False
-        return gateway.status_code == 200 and progress.status_code == 200
+        process = self.check_running()
+        return sorted(pid for pid, cmd in descendants(process.pid).items() if WORKER_ARGV in cmd)
 
     def client(self) -> httpx.AsyncClient:
         return httpx.AsyncClient(
             base_url=self.gateway, headers={"Authorization": f"Bearer {KEY_A}"}, timeout=60
         )
+
+    async def desired_workers(self) -> float:
+        """`conveyor_autoscaler_desired_workers`, as `conveyor run` serves it."""
+        url = f"http://127.0.0.1:{self.env['CONVEYOR_RUN_METRICS_PORT']}/metrics"
+        async with httpx.AsyncClient(timeout=10) as client:
+            answer = await client.get(url, headers={"Authorization": f"Bearer {METRICS_TOKEN}"})
+        answer.raise_for_status()
+        [value] = [
+            sample.value
+            for family in text_string_to_metric_families(answer.text)
+            for sample in family.samples
+            if sample.name == "conveyor_autoscaler_desired_workers"
+        ]
+        return value
 
     def records(self, event: str) -> list[dict[str, Any]]:
         """The supervisor's (and every service's) JSON log records of `event`, oldest first."""
@@ -147,6 +127,7 @@ async def scaled_stack(
         "CONVEYOR_WORKERS_MIN": "1",
         "CONVEYOR_WORKERS_MAX": str(MAXIMUM),
         "CONVEYOR_WORKERS_IDLE_S": str(IDLE_S),
+        "CONVEYOR_RUN_METRICS_PORT": str(free_port()),
         "CONVEYOR_DRAIN_GRACE_S": "15",
         "CONVEYOR_LOG_JSON": "true",
         # The workers import `tracked_handlers` from this folder.
@@ -229,6 +210,8 @@ async def test_a_backlog_scales_out_and_low_load_drains_back_to_the_minimum_runn
         submitted_at = time.monotonic()
         await eventually(lambda: len(stack.worker_pids()) >= 2, SCALE_OUT_WITHIN_S, "a second worker")
         scaled_out_in_s = time.monotonic() - submitted_at
+        # Exported too, on `conveyor run`'s own /metrics: the count it wants now.
+        assert await stack.desired_workers() >= 2
         await eventually(lambda: finished(stack, backlog), 300, "the backlog to be done")
         backlog_done = time.monotonic()
         peak = max(count for _, count in stack.counts)

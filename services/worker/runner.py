@@ -29,6 +29,7 @@ from opentelemetry import trace
 from conveyor import changes, collector, metrics, processes
 from conveyor.background import exponential_delay
 from conveyor.handlers import Registry
+from conveyor.metrics_server import MetricsServer
 from conveyor.models import JobRecord
 from conveyor.settings import Settings
 from conveyor.topics_setup import TopicKeeper
@@ -36,7 +37,6 @@ from services.worker.context import WorkerContext
 from services.worker.execution import JobExecutor
 from services.worker.feed import JobFeed
 from services.worker.intake import Intake, Pending
-from services.worker.metrics_server import MetricsServer
 from services.worker.middleware.cancellation import CancelWatch
 from services.worker.middleware.drain import drain
 from services.worker.middleware.leases import LeaseKeeper
@@ -73,7 +73,7 @@ class Worker:
         # The tasks running claimed jobs, each until its outcome is recorded.
         self._jobs: set[asyncio.Task[None]] = set()
         self._claim_failures = 0
-        self.metrics_server = MetricsServer(settings)
+        self.metrics_server = MetricsServer(settings, settings.worker_metrics_port, service="worker")
         SLOTS.watch(self)
 
     @property

@@ -2,7 +2,7 @@
 
 Each process has its own registry (prometheus-client's default one) and serves it on `/metrics`: the
 gateway and the progress service beside their API, each worker on its metrics port
-(`services/worker/metrics_server.py`). Prometheus adds `job` and `instance`; the series carry no
+(`conveyor.metrics_server`). Prometheus adds `job` and `instance`; the series carry no
 tenant label unless `CONVEYOR_METRICS_TENANT_LABEL` is set, so their number stays bounded by the job
 types, priorities and routes, however many tenants there are.
 

@@ -90,6 +90,9 @@ DEFAULT_MAX_RESULT_BYTES = 512 * 1024
 # Each worker serves /metrics and /healthz on this port; under `conveyor run` worker n takes this plus
 # n - 1 (8002, 8003, ...), beside the gateway's 8000 and the progress service's 8001. 0 turns it off.
 DEFAULT_WORKER_METRICS_PORT = 8002
+# `conveyor run` itself (its autoscaler's gauge) serves /metrics and /healthz here: clear of the
+# workers' ports however many there are.
+DEFAULT_RUN_METRICS_PORT = 8090
 # The metrics token is a secret like an API key, and as long at least.
 MIN_METRICS_TOKEN_LENGTH = 24
 
@@ -310,6 +313,12 @@ class Settings(BaseSettings):
     metrics_tenant_label: bool = Field(
         default=False,
         description="Add a `tenant` label to the job series (one series per tenant: mind the cardinality).",
+    )
+    run_metrics_port: int = Field(
+        default=DEFAULT_RUN_METRICS_PORT,
+        ge=0,
+        le=65535,
+        description="Port of `conveyor run`'s own /metrics and /healthz (the autoscaler's gauge); 0: none.",
     )
     worker_metrics_port: int = Field(
         default=DEFAULT_WORKER_METRICS_PORT,

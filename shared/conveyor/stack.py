@@ -17,16 +17,18 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from pydantic import SecretStr
 from rich.console import Console
 
 from conveyor import tracing
 from conveyor.auth import generate_key
-from conveyor.autoscaler import Autoscaler, worker_name
+from conveyor.autoscaler import DESIRED_WORKERS, Autoscaler, worker_name
 from conveyor.autoscaling import Policy
 from conveyor.background import BackgroundTask
 from conveyor.broker import BrokerUnavailable, topic_partitions
 from conveyor.database import Database
 from conveyor.lag import GroupLag
+from conveyor.metrics_server import MetricsServer
 from conveyor.settings import Settings
 from conveyor.stopping import STOP_SIGNALS, StopRequested, ignore_stop_signals, raise_on_stop_signals
 from conveyor.supervisor import ServiceSpec, Supervisor
@@ -104,7 +106,9 @@ def run_stack(settings: Settings) -> int:
         specs.append(ServiceSpec("progress", _conveyor("progress"), env))
         _print_banner(settings, bootstrap, key if not settings.api_keys else None, policy)
         lag = GroupLag(bootstrap, settings.topic_prefix) if policy.minimum < policy.maximum else None
-        asyncio.run(_supervise(specs, policy, lag, worker))
+        # Its own /metrics (the autoscaler's gauge) asks for the token the services were given.
+        own = settings.model_copy(update={"metrics_token": SecretStr(metrics_token)})
+        asyncio.run(_supervise(specs, policy, lag, worker, MetricsServer(own, own.run_metrics_port, "run")))
     except StopRequested as stop:
         console.print(f"{stop} received while starting.")
     finally:
@@ -179,7 +183,11 @@ async def _prepare(settings: Settings, bootstrap: str) -> int:
 
 
 async def _supervise(
-    specs: list[ServiceSpec], policy: Policy, lag: GroupLag | None, worker: Callable[[int], ServiceSpec]
+    specs: list[ServiceSpec],
+    policy: Policy,
+    lag: GroupLag | None,
+    worker: Callable[[int], ServiceSpec],
+    metrics_server: MetricsServer,
 ) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -187,6 +195,8 @@ async def _supervise(
         loop.add_signal_handler(signum, stop.set)
     supervisor = Supervisor(specs)
     scaling = BackgroundTask("autoscaler", Autoscaler(supervisor, policy, lag, worker).run) if lag else None
+    DESIRED_WORKERS.set(policy.minimum)  # a pinned count is the count wanted, with no autoscaler to say so
+    await metrics_server.start()
     try:
         if scaling is not None:
             scaling.start()
@@ -196,6 +206,7 @@ async def _supervise(
             await scaling.stop()  # no worker is added or retired while the supervisor stops them all
         await supervising
     finally:
+        await metrics_server.stop()
         for signum in STOP_SIGNALS:
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signum)
@@ -220,8 +231,11 @@ def _print_banner(settings: Settings, bootstrap: str, key: str | None, policy: P
         for n in range(1, policy.maximum + 1)
         if (port := worker_metrics_port(settings, n))
     )
+    run_metrics = f", run http://{settings.host}:{settings.run_metrics_port}/metrics"
     console.print(
-        f"Metrics   {gateway}/metrics, {progress}/metrics" + (f", {worker_metrics}" if worker_metrics else "")
+        f"Metrics   {gateway}/metrics, {progress}/metrics"
+        + (f", {worker_metrics}" if worker_metrics else "")
+        + (run_metrics if settings.run_metrics_port else "")
     )
     if not settings.metrics_token.get_secret_value():
         console.print(

@@ -2,7 +2,7 @@
 and by job type: `conveyor_job_run_seconds`).
 
 They live in prometheus_client's default registry (`prometheus_client.REGISTRY`), which the worker
-serves on its metrics port (`services/worker/metrics_server.py`). The jobs' outcomes are counted where
+serves on its metrics port (`conveyor.metrics_server`). The jobs' outcomes are counted where
 they are committed (`conveyor.jobmetrics`), not here: an outcome the database refuses is not one.
 """
 

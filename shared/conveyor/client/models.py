@@ -3,27 +3,16 @@ counts. Typed, and lenient about fields a newer server adds (they are kept, not 
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from conveyor.lifecycle import JobState
 
-class JobStatus(enum.StrEnum):
-    SCHEDULED = "scheduled"
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-    @property
-    def is_terminal(self) -> bool:
-        return self in FINISHED
-
-
-FINISHED = frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED})
+# The server's own states (`is_terminal` included): client and server share one lifecycle, under the
+# name a client reads best (`job.status is JobStatus.SUCCEEDED`).
+JobStatus = JobState
 
 
 class _Resource(BaseModel):
