@@ -198,19 +198,20 @@ async def test_a_submitted_job_appears_at_once_and_its_row_moves_to_succeeded(da
 
 async def test_paging_goes_back_in_time(dashboard: Dashboard) -> None:
     async with dashboard.stack.client() as client:
-        first = (await client.post("/v1/jobs/batch", json={"jobs": [{"type": "demo.noop"}] * 30})).json()
-    ids = [job["id"] for job in first["items"]]
+        await client.post("/v1/jobs/batch", json={"jobs": [{"type": "demo.noop"}] * 30})
+        newest = (await client.get("/v1/jobs", params={"limit": 25})).json()
+        before = (await client.get("/v1/jobs", params={"limit": 25, "cursor": newest["next_cursor"]})).json()
     page = dashboard.page
     await dashboard.open()
-    await page.wait_for_selector(dashboard.row(ids[-1]))
-    shown = await page.eval_on_selector_all("#jobs-body tr", "rows => rows.map(r => r.dataset.jobId)")
-    assert len(shown) >= 25
+    rows = "rows => rows.map(r => r.dataset.jobId)"
+    await page.wait_for_function("() => document.querySelectorAll('#jobs-body tr').length >= 25")
+    # The page's rows are the API's pages, in its order (newest first, then by id).
+    assert await page.eval_on_selector_all("#jobs-body tr", rows) == [job["id"] for job in newest["items"]]
     await page.click("#page-older")
-    await page.wait_for_function("ids => !document.querySelector(`tr[data-job-id='${ids[0]}']`)", arg=shown)
-    older = await page.eval_on_selector_all("#jobs-body tr", "rows => rows.map(r => r.dataset.jobId)")
-    assert older and not set(older) & set(shown)
+    await page.wait_for_selector(dashboard.row(before["items"][0]["id"]))
+    assert await page.eval_on_selector_all("#jobs-body tr", rows) == [job["id"] for job in before["items"]]
     await page.click("#page-newer")
-    await page.wait_for_selector(dashboard.row(shown[0]))
+    await page.wait_for_selector(dashboard.row(newest["items"][0]["id"]))
 
 
 async def test_cancel_on_a_running_job_cancels_it(dashboard: Dashboard) -> None:

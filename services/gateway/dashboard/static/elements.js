@@ -16,10 +16,11 @@ export function el(tag, attributes = {}, ...children) {
 }
 
 // A time as the reader's local clock shows it, with the ISO value kept for machines and tooltips.
-export function timeEl(iso) {
+// `clock`: the time of day alone (a timeline's events are close together).
+export function timeEl(iso, { clock = false } = {}) {
   if (!iso) return el("span", { class: "muted" }, "–");
   const moment = new Date(iso);
-  return el("time", { datetime: iso, title: iso }, moment.toLocaleString());
+  return el("time", { datetime: iso, title: iso }, clock ? moment.toLocaleTimeString() : moment.toLocaleString());
 }
 
 export function json(value) {

@@ -85,7 +85,7 @@ export class JobView {
       : [percent === null || percent === undefined ? null : `${Math.round(percent)}%`, event.progress?.message].filter(Boolean).join(" · ");
     this.timeline.append(el("li", { dataset: { seq: String(event.seq), from: String(from), type: event.type, status: event.status } },
       el("span", { class: "seq mono" }, from === event.seq ? `#${event.seq}` : `#${from}–${event.seq}`),
-      timeEl(event.at),
+      timeEl(event.at, { clock: true }),
       el("span", { class: `badge ${event.type === "state" ? event.status : "progress"}` }, event.type),
       el("span", {}, what)));
   }

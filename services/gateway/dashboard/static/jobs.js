@@ -165,19 +165,22 @@ export class JobsView {
     });
   }
 
-  // The rows to show: this page's jobs, and on the newest page every known job as new or newer.
+  // The rows to show: this page's jobs, and on the newest page every known job as new or newer, in
+  // the API's order (newest first, then by id).
   shownIds() {
     if (!this.onFirstPage) return this.pageIds;
     const store = this.app.store;
-    const oldest = this.next && this.pageIds.length ? store.get(this.pageIds.at(-1))?.job.created_at : null;
+    const order = (id) => [store.get(id).job.created_at || "\uffff", id]; // not read yet: newest
+    const newer = (a, b) => a[0] > b[0] || (a[0] === b[0] && a[1] > b[1]);
+    const oldest = this.next && this.pageIds.length ? order(this.pageIds.at(-1)) : null;
     const ids = new Set(this.pageIds);
     for (const [id, { job }] of store.jobs) {
       if (ids.has(id) || !this.matches(job)) continue;
-      if (oldest && job.created_at && job.created_at < oldest) continue;
+      if (oldest && !newer(order(id), oldest)) continue; // on an older page
       ids.add(id);
     }
-    const created = (id) => store.get(id).job.created_at || "\uffff"; // not read yet: newest
-    return [...ids].sort((a, b) => (created(a) < created(b) ? 1 : created(a) > created(b) ? -1 : 0)).slice(0, MAX_LIVE_ROWS);
+    const sorted = [...ids].sort((a, b) => (newer(order(a), order(b)) ? -1 : newer(order(b), order(a)) ? 1 : 0));
+    return sorted.slice(0, MAX_LIVE_ROWS);
   }
 
   changed(id) {

@@ -98,6 +98,11 @@ export class QueuesView {
       bar.append(title);
       svg.append(bar);
     });
+    const baseline = document.createElementNS(SVG, "line");
+    for (const [name, value] of [["x1", 0], ["x2", width], ["y1", height + 0.5], ["y2", height + 0.5]]) {
+      baseline.setAttribute(name, String(value));
+    }
+    svg.append(baseline);
     for (const [x, text, anchor] of [[0, "−15 min", "start"], [width, "now", "end"]]) {
       const label = document.createElementNS(SVG, "text");
       label.setAttribute("x", String(x));
