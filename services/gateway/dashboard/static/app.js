@@ -9,6 +9,10 @@ import { QueuesView } from "./queues.js";
 import { JobStore } from "./store.js";
 
 const KEY_ITEM = "conveyor.api-key";
+// Jobs resumed by id after a reconnect, at most (a socket may follow 1000 by id): the ones views follow
+// first, then the most recently seen. The others come back in the `all` snapshot, in their current state.
+const MAX_RESUMED = 500;
+const TRIM_EVERY_MS = 10000;
 const main = document.getElementById("main");
 const connection = document.getElementById("connection");
 const offline = document.getElementById("offline");
@@ -41,9 +45,13 @@ class Dashboard {
     document.getElementById("nav").hidden = false;
     document.getElementById("sign-out").hidden = false;
     document.getElementById("tenant").textContent = `tenant ${this.me.tenant}`;
-    window.addEventListener("hashchange", () => this.route());
+    window.addEventListener("hashchange", () => {
+      this.route();
+      main.focus(); // a screen reader or keyboard user starts at the new view
+    });
     this.live.start();
     this.route();
+    setInterval(() => this.store.trim(new Set([...this.watchers.keys(), ...(this.view?.shown?.() ?? [])])), TRIM_EVERY_MS);
   }
 
   can(scope) {
@@ -68,8 +76,13 @@ class Dashboard {
   }
 
   resumePoints() {
-    const points = this.store.unfinished();
-    for (const [id, seq] of this.watchers) points[id] = Math.min(seq, points[id] ?? seq);
+    const unfinished = this.store.unfinished();
+    const points = {};
+    for (const [id, seq] of this.watchers) points[id] = Math.min(seq, unfinished[id] ?? seq);
+    for (const id of Object.keys(unfinished).reverse()) {
+      if (Object.keys(points).length >= MAX_RESUMED) break;
+      if (!(id in points)) points[id] = unfinished[id];
+    }
     return points;
   }
 

@@ -8,8 +8,8 @@ const PAGE_SIZE = 25;
 // The most rows the first page grows to as new jobs arrive; older ones are a page further back.
 const MAX_LIVE_ROWS = 200;
 // New jobs' details are read in a batch: a few one by one, more as one page.
-const DETAILS_DELAY_MS = 150;
-const DETAILS_ONE_BY_ONE = 10;
+const DETAILS_DELAY_MS = 250;
+const DETAILS_ONE_BY_ONE = 3;
 const STATUSES = ["scheduled", "queued", "running", "succeeded", "failed", "canceled"];
 
 export class JobsView {
@@ -70,6 +70,10 @@ export class JobsView {
   close() {
     this.unsubscribe?.();
     clearTimeout(this.detailsTimer);
+  }
+
+  shown() {
+    return this.rows.keys();
   }
 
   get onFirstPage() {

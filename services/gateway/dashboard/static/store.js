@@ -2,6 +2,8 @@
 // at. Live events only ever move a job forward (a higher seq); a job read over HTTP fills in fields
 // that events do not carry (type, labels, times) and its state only for a job no event has reached.
 
+// Jobs kept in memory, at most (finished ones are forgotten first, oldest first).
+const MAX_JOBS = 5000;
 const TERMINAL = new Set(["succeeded", "failed", "canceled"]);
 
 export function isTerminal(status) {
@@ -62,6 +64,16 @@ export class JobStore {
     known.job = job;
     this.emit(event.job_id);
     return fresh ? "new" : true;
+  }
+
+  // Forget the oldest finished jobs past MAX_JOBS, but those in `keep` (shown, or followed): a tab left
+  // open on a busy tenant must not grow without end.
+  trim(keep) {
+    if (this.jobs.size <= MAX_JOBS) return;
+    for (const [id, { job }] of this.jobs) {
+      if (this.jobs.size <= MAX_JOBS) break;
+      if (isTerminal(job.status) && !keep.has(id)) this.jobs.delete(id);
+    }
   }
 
   // {id: seq} of the jobs to resume after a reconnect: those not finished when last seen.
