@@ -358,6 +358,9 @@ async def test_after_the_progress_service_restarts_the_page_catches_up_without_a
         title = await other.text_content("#job-problem")
         finished = (await client.post(f"/v1/jobs/{stale['id']}/cancel")).json()["title"]
         assert title and title.startswith(finished), title
+        conflict = dashboard.output / "job-view-409.png"
+        await other.screenshot(path=str(conflict))
+        keep(conflict)
         await other.close()
 
         stack.start("progress")

@@ -35,3 +35,20 @@ export function duration(seconds) {
   if (m < 60) return `${m} min ${s % 60} s`;
   return `${Math.floor(m / 60)} h ${m % 60} min`;
 }
+
+// A progress bar for a job: its percent; full once it succeeded; empty once it ended otherwise; and
+// moving (indeterminate) only while it runs without a percent.
+export function showProgress(bar, job) {
+  const percent = job.progress?.percent;
+  if (percent !== null && percent !== undefined) bar.value = percent;
+  else if (job.status === "succeeded") bar.value = 100;
+  else if (job.status === "running") bar.removeAttribute("value");
+  else bar.value = 0;
+}
+
+// "40% · step 2 of 5", or "" without either.
+export function progressText(progress) {
+  const percent = progress?.percent;
+  return [percent === null || percent === undefined ? null : `${Math.round(percent)}%`, progress?.message]
+    .filter(Boolean).join(" · ");
+}

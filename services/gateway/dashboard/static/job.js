@@ -3,7 +3,7 @@
 // state allow them. A refused action shows its problem's title.
 
 import { Problem } from "./api.js";
-import { el, json, timeEl } from "./elements.js";
+import { el, json, progressText, showProgress, timeEl } from "./elements.js";
 import { isTerminal } from "./store.js";
 
 export class JobView {
@@ -79,10 +79,7 @@ export class JobView {
     const from = event.coalesced_from ?? event.seq;
     this.lastSeq = event.seq;
     this.app.watchers.set(this.id, event.seq);
-    const percent = event.progress?.percent;
-    const what = event.type === "state"
-      ? event.status + (event.error ? `: ${event.error.type}` : "")
-      : [percent === null || percent === undefined ? null : `${Math.round(percent)}%`, event.progress?.message].filter(Boolean).join(" · ");
+    const what = event.type === "state" ? event.status + (event.error ? `: ${event.error.type}` : "") : progressText(event.progress);
     this.timeline.append(el("li", { dataset: { seq: String(event.seq), from: String(from), type: event.type, status: event.status } },
       el("span", { class: "seq mono" }, from === event.seq ? `#${event.seq}` : `#${from}–${event.seq}`),
       timeEl(event.at, { clock: true }),
@@ -96,14 +93,8 @@ export class JobView {
     this.root.dataset.status = job.status;
     this.badge.className = `badge ${job.status}`;
     this.badge.textContent = job.status;
-    const percent = job.progress?.percent;
-    if (percent === null || percent === undefined) {
-      if (job.status === "succeeded") this.bar.value = 100;
-      else this.bar.removeAttribute("value");
-    } else {
-      this.bar.value = percent;
-    }
-    this.progressText.textContent = [percent == null ? null : `${Math.round(percent)}%`, job.progress?.message].filter(Boolean).join(" · ");
+    showProgress(this.bar, job);
+    this.progressText.textContent = progressText(job.progress);
     this.cancelButton.hidden = !(this.app.can("cancel") && job.status && !isTerminal(job.status));
     this.retryButton.hidden = !(this.app.can("submit") && job.status === "failed");
     const rows = [

@@ -2,7 +2,7 @@
 // new jobs appear at the top, and each row's status and progress bar move as events arrive.
 
 import { Problem } from "./api.js";
-import { el, timeEl } from "./elements.js";
+import { el, progressText, showProgress, timeEl } from "./elements.js";
 
 const PAGE_SIZE = 25;
 // The most rows the first page grows to as new jobs arrive; older ones are a page further back.
@@ -229,16 +229,8 @@ export class JobsView {
     row.querySelector(".type").textContent = job.type ?? "…";
     const status = row.querySelector(".status");
     status.replaceChildren(el("span", { class: `badge ${job.status}` }, job.status || "…"));
-    const bar = row.querySelector("progress");
-    if (percent === null || percent === undefined) {
-      if (job.status === "succeeded") bar.value = 100;
-      else bar.removeAttribute("value"); // indeterminate
-    } else {
-      bar.value = percent;
-    }
-    const message = job.progress?.message;
-    row.querySelector(".progress-text").textContent =
-      [percent === null || percent === undefined ? null : `${Math.round(percent)}%`, message].filter(Boolean).join(" · ");
+    showProgress(row.querySelector("progress"), job);
+    row.querySelector(".progress-text").textContent = progressText(job.progress);
     row.querySelector(".labels").replaceChildren(
       ...Object.entries(job.labels || {}).map(([key, value]) => el("span", { class: "label" }, `${key}=${value}`)));
     row.querySelector(".created").replaceChildren(timeEl(job.created_at));
