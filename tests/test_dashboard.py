@@ -12,6 +12,7 @@ import itertools
 import re
 import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -148,6 +149,18 @@ async def test_the_gateway_serves_the_page_and_its_openapi_does_not_show_it(dash
             assert not re.search(r"https?://(?!www\.w3\.org/2000/svg)", body), name
         paths = (await client.get("/openapi.json")).json()["paths"]
         assert not [path for path in paths if path.startswith("/dashboard")]
+        # The page reads a job's JSON history on the progress service: its origin may, no other.
+        progress = dashboard_stack.progress_url.replace("ws://", "http://")
+        for origin, allowed in ((dashboard_stack.gateway_url, True), ("http://elsewhere.example", False)):
+            preflight = await client.options(
+                f"{progress}/v1/jobs/{uuid.uuid4()}/events",
+                headers={
+                    "Origin": origin,
+                    "Access-Control-Request-Method": "GET",
+                    "Access-Control-Request-Headers": "authorization",
+                },
+            )
+            assert (preflight.headers.get("access-control-allow-origin") == origin) is allowed, preflight
         # The dashboard's own reads are authenticated like the API.
         assert (await client.get("/dashboard/me", headers={"Authorization": ""})).status_code == 401
         assert (await client.get("/dashboard/me")).json() == {

@@ -1,10 +1,11 @@
 """The dashboard (`/dashboard`): a live page for operators, served as static files from this package.
 
 The page is plain ES modules (no build step, no CDN: it works offline and behind a firewall) that talk
-to the public API with the key the user signs in with, and to the progress service's `/v1/events`
-WebSocket. Its few reads of its own (who the key is, a job's payload, the finished-per-minute chart)
-are here, authenticated like every API route and kept out of the OpenAPI schema, which the dashboard
-leaves unchanged.
+to the public API with the key the user signs in with, and to the progress service: its `/v1/events`
+WebSocket, and a job's JSON history (which it lets the gateway's origin read: `services.progress.cors`).
+Its few reads of its own (who the key is, a job's payload, the finished-per-minute chart) are here,
+authenticated like every API route and kept out of the OpenAPI schema, which the dashboard leaves
+unchanged.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from services.gateway.state import gateway_state
 
 STATIC_DIR = Path(__file__).parent / "static"
 PREFIX = "/dashboard"
+HTTP_SCHEMES = {"ws": "http", "wss": "https"}
 
 router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
@@ -39,7 +41,7 @@ async def read_config(request: Request) -> JSONResponse:
     """Where the page finds the progress service: it runs on another port (or host) than the gateway.
     Public, like `links.events` on every job: it holds no secret and no tenant's data."""
     settings = gateway_state(request).settings
-    return FastJSONResponse({"events_url": events_url(settings)})
+    return FastJSONResponse({"events_url": events_url(settings), "history_url": history_url(settings)})
 
 
 @router.get("/me")
@@ -74,13 +76,24 @@ def events_url(settings: Settings) -> str:
     return f"{settings.progress_url}/v1/events"
 
 
+def progress_http_url(settings: Settings) -> str:
+    """The progress service's HTTP base (its public URL is the WebSockets' `ws://` or `wss://`)."""
+    url = urlsplit(settings.progress_url)
+    return url._replace(scheme=HTTP_SCHEMES.get(url.scheme, url.scheme)).geturl()
+
+
+def history_url(settings: Settings) -> str:
+    """Where a job's JSON history is: `<this>/<id>/events` (the progress service lets the page read it)."""
+    return f"{progress_http_url(settings)}/v1/jobs"
+
+
 def content_security_policy(settings: Settings) -> str:
     """Only the page's own files run, and it connects only to the gateway and the progress service."""
-    progress = urlsplit(settings.progress_url)
+    sockets, history = urlsplit(settings.progress_url), urlsplit(progress_http_url(settings))
     return "; ".join(
         (
             "default-src 'self'",
-            f"connect-src 'self' {progress.scheme}://{progress.netloc}",
+            f"connect-src 'self' {sockets.scheme}://{sockets.netloc} {history.scheme}://{history.netloc}",
             "img-src 'self' data:",
             "base-uri 'none'",
             "form-action 'none'",

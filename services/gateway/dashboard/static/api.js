@@ -23,7 +23,7 @@ export class Api {
     try {
       response = await fetch(path, { method, headers, body: body === undefined ? undefined : JSON.stringify(body) });
     } catch (error) {
-      throw new Problem(0, { title: "Gateway unreachable", detail: String(error) });
+      throw new Problem(0, { title: "No answer", detail: `${method} ${path}: ${error.message}` });
     }
     const text = await response.text();
     const document = text ? JSON.parse(text) : {};
@@ -40,6 +40,11 @@ export class Api {
   types() { return this.request("GET", "/v1/job-types"); }
   stats() { return this.request("GET", "/v1/stats"); }
   finishedPerMinute() { return this.request("GET", "/dashboard/finished-per-minute"); }
+
+  // One page of a job's recorded events, from the progress service (`historyUrl`, from the config).
+  history(historyUrl, id, afterSeq) {
+    return this.request("GET", `${historyUrl}/${encodeURIComponent(id)}/events?after_seq=${afterSeq}`);
+  }
 
   // One page of jobs, newest first. `filters`: {status, type, labels: ["k=v", …]}.
   list(filters, limit, cursor) {

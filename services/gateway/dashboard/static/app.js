@@ -30,6 +30,7 @@ class Dashboard {
     this.api = api;
     this.me = me;
     this.scopes = new Set(me.scopes);
+    this.config = config;
     this.store = new JobStore();
     this.view = null;
     // Views that follow a job by id, for resumes: id -> the last seq they have.

@@ -1,6 +1,6 @@
-// The job view: the job's resource, payload, result or error, and its event timeline (its history
-// replayed from seq 0 over the socket, then live), with Cancel and Retry when the key and the job's
-// state allow them. A refused action shows its problem's title.
+// The job view: the job's resource, payload, result or error, and its event timeline (its JSON history
+// from the progress service, then live over the socket from the history's last seq), with Cancel and
+// Retry when the key and the job's state allow them. A refused action shows its problem's title.
 
 import { Problem } from "./api.js";
 import { el, json, progressText, showProgress, timeEl } from "./elements.js";
@@ -50,13 +50,36 @@ export class JobView {
     } catch (error) {
       return this.show(error);
     }
-    this.app.live.watch(this.id, 0);
     this.app.api.payload(this.id).then(
       (document) => this.payload.replaceChildren(json(document.payload)),
       (error) => this.show(error));
+    await this.readHistory();
+    if (this.closed) return; // the reader went elsewhere meanwhile
+    // Live from where the history ends: the server replays whatever came in between.
+    this.loadingHistory = false;
+    this.app.watchers.set(this.id, this.lastSeq);
+    this.app.live.watch(this.id, this.lastSeq);
+  }
+
+  // The recorded events, a page at a time. Live events wait meanwhile: the watch that follows resumes
+  // after the last one read, so none is missed or shown twice.
+  async readHistory() {
+    this.loadingHistory = true;
+    try {
+      for (;;) {
+        const page = await this.app.api.history(this.app.config.history_url, this.id, this.lastSeq);
+        for (const event of page.events) this.record(event);
+        if (!page.events.length || this.lastSeq >= page.last_seq) return;
+      }
+    } catch (error) {
+      if (!(error instanceof Problem)) throw error;
+      if (error.status === 410) this.pruned.hidden = false; // pruned: the live events still follow
+      else this.show(error);
+    }
   }
 
   close() {
+    this.closed = true;
     this.unsubscribe?.();
     this.app.watchers.delete(this.id);
     this.app.live.unwatch(this.id);
@@ -72,6 +95,7 @@ export class JobView {
     if (message.job_id !== this.id) return;
     if (message.type === "snapshot" && message.history_pruned) this.pruned.hidden = false;
     if (message.type === "error" && message.error === "unknown_job") this.show(new Problem(404, { title: "Job not found" }));
+    if (this.loadingHistory) return;
     if ((message.type === "state" || message.type === "progress") && message.seq > this.lastSeq) this.record(message);
   }
 
