@@ -74,7 +74,9 @@ export class JobView {
     } catch (error) {
       if (!(error instanceof Problem)) throw error;
       if (error.status === 410) this.pruned.hidden = false; // pruned: the live events still follow
-      else this.show(error);
+      // No answer (the service is down, or the page was opened on an origin it does not answer): the
+      // watch that follows replays the history over the socket instead, from where this stopped.
+      else if (error.status !== 0) this.show(error);
     }
   }
 
