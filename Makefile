@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: run test setup postgres prometheus lint typecheck bench clean
+.PHONY: run test setup postgres prometheus chromium lint typecheck bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ postgres:
 prometheus:
 	bash scripts/ensure-prometheus.sh
 
+## chromium: Debian's Chromium, if missing (the dashboard's tests drive it with Playwright; no download)
+chromium:
+	bash scripts/ensure-chromium.sh
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -36,8 +40,8 @@ typecheck: setup
 	$(BIN)/mypy
 
 ## test: lint, type-check, then every test against a real Kafka broker, SQLite and PostgreSQL (and a
-## real Prometheus for the metrics)
-test: setup postgres prometheus lint typecheck
+## real Prometheus for the metrics, and Debian's Chromium for the dashboard)
+test: setup postgres prometheus chromium lint typecheck
 	$(BIN)/pytest
 
 ## bench: throughput of noop jobs on SQLite, then on PostgreSQL (wrk is installed if missing); then 2000

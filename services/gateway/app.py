@@ -24,6 +24,7 @@ from conveyor.sizes import max_message_bytes, max_submission_bytes
 from conveyor.topics_setup import TopicKeeper
 from services.gateway import jobs, stats
 from services.gateway.bodylimit import BodyLimit
+from services.gateway.dashboard import install_dashboard
 from services.gateway.state import GatewayState, gateway_state
 from services.gateway.waiting import StateNotifier, Waits
 
@@ -90,4 +91,6 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(metrics_router(settings.metrics_token))
 
     app.include_router(health_router(gateway_state))
+    # Last: its files are a mount, matched after every route.
+    install_dashboard(app, settings)
     return app

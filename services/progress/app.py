@@ -21,6 +21,7 @@ from conveyor.settings import Settings
 from conveyor.sizes import topic_max_message_bytes
 from conveyor.topics_setup import TopicKeeper
 from services.progress import sockets, sse
+from services.progress.cors import allow_the_dashboard
 from services.progress.hub import EventHub
 from services.progress.state import ProgressState, progress_state
 
@@ -53,6 +54,8 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="Conveyor progress", version="0.1.0", lifespan=lifespan, telemetry=http_telemetry())
     install_problem_handlers(app)
     app.add_middleware(HttpMetrics)
+    # Outermost: a preflight is answered before anything else looks at it.
+    allow_the_dashboard(app, settings)
 
     @app.websocket("/v1/jobs/{job_id}/events")
     async def job_events_socket(websocket: WebSocket, job_id: str) -> None:

@@ -217,6 +217,8 @@ def _print_banner(settings: Settings, bootstrap: str, key: str | None, policy: P
     console.rule("[bold]Conveyor is running[/bold]")
     console.print(f"Gateway   {gateway}   (API docs: {gateway}/docs)")
     console.print(f"Progress  ws://{settings.host}:{settings.progress_port}/v1/jobs/<id>/events")
+    # The key in the fragment signs the page in; browsers never send a fragment to the server.
+    console.print(f"Dashboard {gateway}/dashboard/" + (f"#key={key}" if key else ""))
     if policy.minimum < policy.maximum:
         workers = f"{policy.minimum} to {policy.maximum}, scaled on the job topics' consumer lag"
     else:
