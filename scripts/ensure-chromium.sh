@@ -26,24 +26,12 @@ if found; then
     exit 0
 fi
 
-[[ "$(id -u)" -eq 0 ]] || die "Chromium is not installed, and installing it needs root: run 'sudo $0'"
-command -v apt-get >/dev/null ||
-    die "Chromium is not installed and there is no apt-get: install a Chromium at $CHROMIUM by other means"
-
-export DEBIAN_FRONTEND=noninteractive
-
-# A fresh image has empty package lists; refresh them only then, so re-runs stay fast.
-if ! apt-cache show chromium >/dev/null 2>&1; then
-    log "apt does not know 'chromium' yet: running apt-get update"
-    apt-get update -q || die "apt-get update failed (no network or no Debian mirror?)"
-fi
-
-# --no-install-recommends: the browser alone, headless is all the tests need (no desktop integration,
-# no extra fonts beyond the package's own dependencies).
-log "installing Debian's chromium package"
-apt-get install -y -q --no-install-recommends \
-    -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold chromium </dev/null ||
-    die "apt-get install chromium failed"
+source "$(dirname "${BASH_SOURCE[0]}")/debian-packages.sh"
+require_apt Chromium "install a Chromium at $CHROMIUM by other means"
+refresh_package_lists_for chromium
+# The browser alone: headless is all the tests need (no desktop integration, no extra fonts beyond the
+# package's own dependencies).
+apt_install chromium
 
 found || die "the chromium package is installed, but $CHROMIUM does not run"
 report

@@ -11,7 +11,6 @@ set -euo pipefail
 
 readonly PG_ROOT=/usr/lib/postgresql
 readonly CREATECLUSTER_CONF=/etc/postgresql-common/createcluster.conf
-readonly POLICY_RC=/usr/sbin/policy-rc.d
 
 log() { printf 'ensure-postgres: %s\n' "$*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -34,55 +33,27 @@ report() {
     printf '%s\n' "$1"
 }
 
-apt_install() {
-    apt-get install -y -q --no-install-recommends \
-        -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold "$@" </dev/null
-}
-
 if dir="$(find_bin_dir)"; then
     report "$dir"
     exit 0
 fi
 
-[[ "$(id -u)" -eq 0 ]] || die "PostgreSQL is not installed, and installing it needs root: run 'sudo $0'"
-command -v apt-get >/dev/null ||
-    die "PostgreSQL is not installed and there is no apt-get: install the PostgreSQL server" \
-        "(initdb, pg_ctl) by other means, or point CONVEYOR_PG_BIN at its bin directory"
-
-export DEBIAN_FRONTEND=noninteractive
-
-# Package postinst scripts start services through invoke-rc.d, which asks policy-rc.d
-# first; exit code 101 means "action forbidden". Without systemd (containers, CI)
-# the init.d script would otherwise really start Debian's cluster on port 5432.
-# Only install the policy when none exists, and remove only what we installed.
-own_policy=0
-cleanup() { if [[ "$own_policy" -eq 1 ]]; then rm -f "$POLICY_RC"; fi; }
-trap cleanup EXIT
-if [[ ! -e "$POLICY_RC" ]]; then
-    printf '#!/bin/sh\n# installed by ensure-postgres.sh for the duration of the install\nexit 101\n' >"$POLICY_RC"
-    chmod 755 "$POLICY_RC"
-    own_policy=1
-fi
-
-# A fresh image has empty package lists; refresh them only then, so re-runs stay fast.
-if ! apt-cache show postgresql >/dev/null 2>&1; then
-    log "apt does not know 'postgresql' yet: running apt-get update"
-    apt-get update -q || die "apt-get update failed (no network or no Debian mirror?)"
-fi
+source "$(dirname "${BASH_SOURCE[0]}")/debian-packages.sh"
+require_apt PostgreSQL "install the PostgreSQL server (initdb, pg_ctl) by other means, or point CONVEYOR_PG_BIN at its bin directory"
+forbid_service_starts  # the init.d script would otherwise really start Debian's cluster on port 5432
+refresh_package_lists_for postgresql
 
 # Install postgresql-common first and switch off its automatic `main` cluster before
 # the server package arrives (the same two steps as the official postgres image):
 # we never use that cluster, and it would only cost disk and a port.
-log "installing Debian's postgresql-common package"
-apt_install postgresql-common || die "apt-get install postgresql-common failed"
+apt_install postgresql-common
 if ! grep -Eqs '^\s*create_main_cluster\s*=\s*false' "$CREATECLUSTER_CONF"; then
     sed -ri 's/^\s*#?\s*(create_main_cluster)\s*=.*$/\1 = false/' "$CREATECLUSTER_CONF" 2>/dev/null || true
     grep -Eqs '^\s*create_main_cluster\s*=\s*false' "$CREATECLUSTER_CONF" ||
         printf 'create_main_cluster = false\n' >>"$CREATECLUSTER_CONF"
 fi
 
-log "installing Debian's postgresql package"
-apt_install postgresql || die "apt-get install postgresql failed"
+apt_install postgresql
 
 dir="$(find_bin_dir)" || die "the postgresql package is installed, but no initdb/pg_ctl is under $PG_ROOT/*/bin"
 report "$dir"
