@@ -140,3 +140,27 @@ def test_the_maximum_is_held_to_the_partitions() -> None:
     assert policy.scale_in_after_s == 7
     # Even a minimum above the partitions: a worker beyond them would own nothing.
     assert worker_policy(Settings(workers=6), partitions=3).minimum == 3
+
+
+# An idle worker told to stop drains at once and exits within a second or two (the real-process tests
+# measure it), and the autoscaler retires the next only once the last has exited: this much each.
+IDLE_RETIREMENT_S = 5.0
+
+
+def test_with_the_defaults_idle_workers_are_back_to_the_minimum_within_two_minutes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The issue's bound, for the default idle window, sample by sample: the real-process tests use a
+    short window, so that a suite need not wait out the 60 s one."""
+    for name in (
+        "CONVEYOR_WORKERS",
+        "CONVEYOR_WORKERS_MIN",
+        "CONVEYOR_WORKERS_MAX",
+        "CONVEYOR_WORKERS_IDLE_S",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    policy = worker_policy(Settings(), partitions=12)
+    decisions = run(policy, policy.maximum, every_second(0, 0, 300))
+    back_at = next(now for now, decision in decisions if decision.desired == policy.minimum)
+    retirements = policy.maximum - policy.minimum
+    assert back_at + retirements * IDLE_RETIREMENT_S <= 120.0

@@ -391,6 +391,12 @@ MAX_POLL_INTERVAL_MS = 3000
 OVERRUN_S = 15.0
 
 
+# What these two test is Kafka's group protocol (polls, commits, rebalances), which the database does
+# not take part in: on SQLite only. A rebalance's claims on PostgreSQL are in the joining-worker test.
+KAFKA_ONLY = pytest.mark.parametrize("database_kind", ["sqlite"], indirect=True)
+
+
+@KAFKA_ONLY
 @pytest.mark.parametrize(
     ("worker_env", "at_capacity"),
     [
@@ -463,6 +469,7 @@ UNFINISHED_S = 12.0
 SHORT_S = 0.5
 
 
+@KAFKA_ONLY
 async def test_a_partition_is_never_committed_past_a_job_still_running(
     stack: Stack, database_url: str
 ) -> None:
