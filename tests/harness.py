@@ -14,7 +14,7 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -562,3 +562,36 @@ class ConveyorRun:
         except httpx.TransportError:
             return False
         return gateway.status_code == 200 and progress.status_code == 200
+
+
+class _StatementSent(Exception):
+    def __init__(self, statement: Any) -> None:
+        self.statement = statement
+
+
+class _StatementCatcher:
+    """Stands in for a connection: takes the first statement a query function sends, and stops it."""
+
+    def execute(self, statement: Any, *args: Any, **kwargs: Any) -> Any:
+        raise _StatementSent(statement)
+
+
+async def query_plan(db: Database, send: Callable[[Connection], object]) -> str:
+    """The database's plan for the first statement `send(connection)` would execute. On PostgreSQL with
+    sequential scans off: on a test's nearly empty table one is cheapest, and what matters is that an
+    index can answer."""
+
+    def plan(connection: Connection) -> str:
+        try:
+            send(_StatementCatcher())  # type: ignore[arg-type]
+        except _StatementSent as sent:
+            statement = sent.statement
+        else:
+            raise AssertionError("the function sent no statement")
+        sql = str(statement.compile(connection, compile_kwargs={"literal_binds": True}))
+        if connection.dialect.name == "postgresql":
+            connection.execute(text("SET LOCAL enable_seqscan = off"))
+            return "\n".join(row[0] for row in connection.execute(text(f"EXPLAIN {sql}")))
+        return "\n".join(row[3] for row in connection.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
+
+    return await db.read(plan)

@@ -7,15 +7,13 @@ import functools
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Connection, text
-
 from conveyor import changes
 from conveyor.changes import NewJob
 from conveyor.database import Database
 from conveyor.models import JobRecord, utcnow
 from conveyor.throughput import CHART_MINUTES, finished_per_minute
 
-from harness import write_now
+from harness import query_plan, write_now
 
 PREFIX = "throughput-test"
 
@@ -52,28 +50,7 @@ async def test_each_minute_counts_the_tenants_jobs_that_finished_in_it(db: Datab
     assert await db.read(functools.partial(finished_per_minute, tenant="nobody", now=utcnow())) == [0] * 15
 
 
-async def test_the_query_reads_the_index_of_finished_jobs(db: Database, database_kind: str) -> None:
-    def plan(connection: Connection) -> str:
-        statements: list[Any] = []
-
-        class Recording:
-            """Records the statement, and answers it with one row of zeros."""
-
-            def execute(self, statement: Any) -> Any:
-                statements.append(statement)
-                return self
-
-            def one(self) -> list[int]:
-                return [0] * CHART_MINUTES
-
-        finished_per_minute(Recording(), "tenant-a", utcnow())  # type: ignore[arg-type]
-        [statement] = statements
-        sql = str(statement.compile(connection, compile_kwargs={"literal_binds": True}))
-        if database_kind == "postgresql":
-            connection.execute(text("SET LOCAL enable_seqscan = off"))
-            return "\n".join(row[0] for row in connection.execute(text(f"EXPLAIN {sql}")))
-        return "\n".join(row[3] for row in connection.execute(text(f"EXPLAIN QUERY PLAN {sql}")))
-
-    described = await db.read(plan)
+async def test_the_query_reads_the_index_of_finished_jobs(db: Database) -> None:
+    described = await query_plan(db, lambda connection: finished_per_minute(connection, "tenant-a", utcnow()))
     assert "ix_jobs_finished_at" in described, described
     assert "SCAN jobs" not in described and "Seq Scan" not in described, described
