@@ -25,6 +25,10 @@ ADMIN_TIMEOUT_MS = 10_000
 # Stopping a consumer talks to the broker (leaving the group); while it is down that could wait forever.
 CONSUMER_STOP_TIMEOUT_S = 5.0
 TOPIC_ALREADY_EXISTS = 36
+# A topic created a moment ago may not be in every broker's metadata yet (a fresh cluster of several
+# is slower to agree): its partitions are asked for again, this often, for at most this long.
+TOPIC_METADATA_WAIT_S = 15.0
+TOPIC_METADATA_RETRY_S = 0.25
 # The progress service's reader of the events topic: the broker answers once it has this much, or after
 # this long (Kafka's default is 1 byte or 500 ms). Fewer fetches under load, for at most 20 ms of delay.
 EVENTS_FETCH_MIN_BYTES = 16 * 1024
@@ -144,11 +148,18 @@ async def admin_client(bootstrap: str) -> AsyncIterator[AIOKafkaAdminClient]:
 
 
 async def topic_partitions(bootstrap: str, topic: str) -> list[int]:
+    """The topic's partitions. A topic the broker does not know (yet) is asked for again for up to
+    TOPIC_METADATA_WAIT_S: every service creates the topics it needs just before it asks."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + TOPIC_METADATA_WAIT_S
     async with admin_client(bootstrap) as admin:
-        described = await admin.describe_topics([topic])
-    if not described or described[0]["error_code"] != 0:
-        raise BrokerUnavailable(f"topic {topic!r} does not exist")
-    return sorted(partition["partition"] for partition in described[0]["partitions"])
+        while True:
+            described = await admin.describe_topics([topic])
+            if described and described[0]["error_code"] == 0 and described[0]["partitions"]:
+                return sorted(partition["partition"] for partition in described[0]["partitions"])
+            if loop.time() >= deadline:
+                raise BrokerUnavailable(f"topic {topic!r} does not exist")
+            await asyncio.sleep(TOPIC_METADATA_RETRY_S)
 
 
 async def missing_topics(bootstrap: str, prefix: str) -> list[str]:
