@@ -170,8 +170,8 @@ async def test_killing_the_busiest_broker_under_load_loses_no_job_and_live_strea
     three_broker_stack: Stack, three_brokers: KafkaCluster
 ) -> None:
     """Three brokers, the topics replicated twice or three times: the broker leading the most job
-    partitions is killed -9 during 2,000 submissions and started again BROKER_DOWN_S later. Jobs keep finishing
-    while it is down (one broker down is tolerated at either replication factor)."""
+    partitions is killed -9 during 2,000 submissions and started again BROKER_DOWN_S later. Jobs keep
+    finishing while it is down (one broker down is tolerated at either replication factor)."""
     stack = three_broker_stack
     env = stack.env
     refused: Counter[int] = Counter()
