@@ -106,26 +106,27 @@ def current_carrier() -> str | None:
     return carrier_of(trace.get_current_span())
 
 
-def context_of(carrier: str | None) -> otel_context.Context | None:
-    """The trace context a carrier holds, to start a child span in; None if there is none."""
+def _fields_of(carrier: str | None) -> dict[str, Any] | None:
+    """The propagators' fields a carrier holds; None for no carrier, or one that is not a JSON object."""
     if carrier is None:
         return None
     try:
         fields = loads(carrier)
     except ValueError:
         return None
-    return propagate.extract(fields) if isinstance(fields, dict) else None
+    return fields if isinstance(fields, dict) else None
+
+
+def context_of(carrier: str | None) -> otel_context.Context | None:
+    """The trace context a carrier holds, to start a child span in; None if there is none."""
+    fields = _fields_of(carrier)
+    return None if fields is None else propagate.extract(fields)
 
 
 def headers_of(carrier: str | None) -> list[tuple[str, bytes]] | None:
     """A carrier as Kafka message headers (`traceparent`, ...); None for no carrier."""
-    if carrier is None:
-        return None
-    try:
-        fields = loads(carrier)
-    except ValueError:
-        return None
-    if not isinstance(fields, dict):
+    fields = _fields_of(carrier)
+    if fields is None:
         return None
     return [(str(name), str(value).encode()) for name, value in fields.items()]
 
