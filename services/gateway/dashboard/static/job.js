@@ -11,6 +11,9 @@ export class JobView {
     this.app = app;
     this.id = id;
     this.lastSeq = 0;
+    // Live events wait until the history is read: one arriving earlier (the tenant-wide subscription
+    // sees every job) would start the timeline past seq 1, and the history read would resume after it.
+    this.loadingHistory = true;
     this.element = this.build();
   }
 
@@ -64,7 +67,6 @@ export class JobView {
   // The recorded events, a page at a time. Live events wait meanwhile: the watch that follows resumes
   // after the last one read, so none is missed or shown twice.
   async readHistory() {
-    this.loadingHistory = true;
     try {
       for (;;) {
         const page = await this.app.api.history(this.app.config.history_url, this.id, this.lastSeq);
