@@ -25,10 +25,10 @@ import websockets
 
 os.environ.setdefault("TESTCONTAINERS_RYUK_DISABLED", "true")
 
-from testcontainers.compose import DockerCompose  # noqa: E402
-from testcontainers.core.container import DockerContainer  # noqa: E402
+from testcontainers.compose import DockerCompose
+from testcontainers.core.container import DockerContainer
 
-from tests.harness import eventually, sleep_job, submit, wait_for_status  # noqa: E402
+from harness import eventually, sleep_job, submit, wait_for_status
 
 REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILES = ["docker-compose.yml", "deploy/compose/host-network.yml"]
@@ -131,7 +131,9 @@ async def stream(cluster: Cluster, job_id: str) -> list[dict[str, Any]]:
     return events
 
 
-async def test_the_cluster_comes_up_healthy_and_runs_a_job(cluster: Cluster, client: httpx.AsyncClient) -> None:
+async def test_the_cluster_comes_up_healthy_and_runs_a_job(
+    cluster: Cluster, client: httpx.AsyncClient
+) -> None:
     containers = {c.Service: c for c in cluster.compose.get_containers(include_all=True)}
     for service in LONG_RUNNING:
         assert containers[service].Health == "healthy", (service, containers[service].Health)
