@@ -34,10 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 COMPOSE_FILES = ["docker-compose.yml", "deploy/compose/host-network.yml"]
 PROJECT = "conveyor-compose-test"
 # Where deploy/compose/host-network.yml puts the services on loopback.
-GATEWAY_URL = "http://127.0.0.1:48000"
-PROGRESS_URL = "ws://127.0.0.1:48001"
-BOOTSTRAP = "127.0.0.1:45092,127.0.0.1:45192,127.0.0.1:45292"
-POSTGRES_PORT = 45432
+GATEWAY_URL = "http://127.0.0.1:28000"
+PROGRESS_URL = "ws://127.0.0.1:28001"
+BOOTSTRAP = "127.0.0.1:24092,127.0.0.1:24192,127.0.0.1:24292"
+POSTGRES_PORT = 25432
 IMAGE = "conveyor:local"
 LONG_RUNNING = ["kafka-1", "kafka-2", "kafka-3", "postgres", "gateway", "progress"]
 # A cold build of the Conveyor image plus a cluster start fit well inside this on our 2-core machines.
@@ -157,7 +157,7 @@ async def test_the_image_runs_as_non_root_under_tini_and_stops_within_its_grace(
     assert docker("exec", gateway, "cat", "/proc/1/comm").strip() == "tini"
 
     # A container of its own (testcontainers' DockerContainer): a gateway on the cluster's database.
-    port = 48100
+    port = 28100
     container = (
         DockerContainer(IMAGE)
         .with_command("gateway")
