@@ -8,7 +8,7 @@ INSTALLED := $(VENV)/.installed
 # broker and PostgreSQL; `--dist loadfile` keeps a module's tests (and its shared stack) in one process.
 TEST_PROCESSES ?= 2
 
-.PHONY: run test setup postgres prometheus chromium lint typecheck bench clean
+.PHONY: run test setup postgres prometheus chromium docker lint typecheck bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ prometheus:
 chromium:
 	bash scripts/ensure-chromium.sh
 
+## docker: a Docker engine with compose v2 (Debian's docker.io and a host-networking dockerd if none
+## answers) and the local images the compose tests run on (tests/test_compose.py)
+docker: setup
+	CONVEYOR_PYTHON=$(BIN)/python bash scripts/ensure-docker.sh
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -44,8 +49,8 @@ typecheck: setup
 	$(BIN)/mypy
 
 ## test: lint, type-check, then every test against a real Kafka broker, SQLite and PostgreSQL (and a
-## real Prometheus for the metrics, and Debian's Chromium for the dashboard)
-test: setup postgres prometheus chromium lint typecheck
+## real Prometheus for the metrics, Debian's Chromium for the dashboard, and Docker for docker-compose.yml)
+test: setup postgres prometheus chromium docker lint typecheck
 	$(BIN)/pytest -n $(TEST_PROCESSES) --dist loadfile
 
 ## bench: throughput of noop jobs on SQLite, then on PostgreSQL (wrk is installed if missing); then 2000

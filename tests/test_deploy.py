@@ -365,7 +365,8 @@ def resolve_port(container: Doc, port: int | str) -> int:
 
 
 def test_dockerfile_runs_the_cli_as_a_non_root_user() -> None:
-    assert dockerfile_exec_form("ENTRYPOINT") == ["conveyor"]
+    # tini as PID 1 forwards SIGTERM to the CLI and reaps its children (tests/test_compose.py runs it).
+    assert dockerfile_exec_form("ENTRYPOINT") == ["tini", "--", "conveyor"]
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["project"]["scripts"]
     assert scripts.get("conveyor") == "conveyor.cli:app", "the image's entrypoint is not the conveyor CLI"
     cli_command_path(dockerfile_exec_form("CMD"))
