@@ -116,6 +116,7 @@ class EventStream:
     ) -> None:
         self._hub = state.hub
         self._db = state.db
+        self._snapshots = state.snapshots
         self._events_url = state.settings.progress_url
         self._principal = principal
         self._channel = channel
@@ -207,7 +208,11 @@ class EventStream:
                 return job, events_between(connection, job_id, after_seq, job.last_seq, tenant=tenant)
             return job, None
 
-        job, replay = await self._db.read(read)
+        if after_seq is None:
+            # A plain snapshot: shared with the other subscribers of this job asking at the same moment.
+            job, replay = await self._snapshots.job(tenant, job_id), None
+        else:
+            job, replay = await self._db.read(read)
         if job is None:
             self._unwatch(job_id)
             self._unknown.add(job_id)
