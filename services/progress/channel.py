@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,12 +70,17 @@ class Channel:
         self._coalescible: dict[str, QueuedEvent] = {}
         self._ready = asyncio.Event()
         self.overflowed = asyncio.Event()
+        # Set by a stream that can write an event at once when nothing is queued before it; True if it
+        # did. A client that keeps up thus never has its events queued, nor coalesced.
+        self.direct: Callable[[JobEvent], bool] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
 
     def offer(self, event: JobEvent) -> None:
         if self.overflowed.is_set():
+            return
+        if self.direct is not None and not self._items and self.direct(event):
             return
         if event.type == "progress":
             queued = self._coalescible.get(event.job_id)

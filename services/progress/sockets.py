@@ -25,6 +25,7 @@ from conveyor.auth import Forbidden, Principal, Unauthenticated, resolve_princip
 from conveyor.metrics import WEBSOCKET_CONNECTIONS
 from conveyor.tokenbucket import TokenBucket
 from services.progress.channel import Channel, Reply, Subscribe
+from services.progress.frames import direct_writer
 from services.progress.protocol import (
     PONG,
     AuthMessage,
@@ -144,7 +145,10 @@ def _stream(
     async def send(message: Outgoing) -> None:
         await websocket.send_text(message.text)
 
-    return EventStream(state, principal, channel, send, single_job=single_job)
+    # Events that come while the socket keeps up go straight to its transport (`frames`).
+    writer = direct_writer(websocket.scope)
+    write_now = writer.write if writer is not None else None
+    return EventStream(state, principal, channel, send, single_job=single_job, write_now=write_now)
 
 
 async def _run(

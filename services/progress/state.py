@@ -12,6 +12,7 @@ from conveyor.database import Database
 from conveyor.settings import Settings
 from services.progress.admission import TenantSlots
 from services.progress.hub import EventHub
+from services.progress.snapshots import SnapshotReads
 
 
 @dataclass
@@ -23,10 +24,13 @@ class ProgressState:
     # The WebSockets and the SSE streams each tenant holds open on this instance.
     sockets: TenantSlots = field(init=False)
     streams: TenantSlots = field(init=False)
+    # One job read for many concurrent subscribers of the same job.
+    snapshots: SnapshotReads = field(init=False)
 
     def __post_init__(self) -> None:
         self.sockets = TenantSlots(self.settings.progress_tenant_max_sockets)
         self.streams = TenantSlots(self.settings.progress_tenant_max_streams)
+        self.snapshots = SnapshotReads(self.db)
 
 
 def progress_state(connection: HTTPConnection) -> ProgressState:

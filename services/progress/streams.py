@@ -112,9 +112,11 @@ class EventStream:
         send: Send,
         *,
         single_job: bool = False,
+        write_now: Callable[[JobEvent], bool] | None = None,
     ) -> None:
         self._hub = state.hub
         self._db = state.db
+        self._snapshots = state.snapshots
         self._events_url = state.settings.progress_url
         self._principal = principal
         self._channel = channel
@@ -127,6 +129,11 @@ class EventStream:
         self._all = False
         # The last seq sent, per job.
         self._cursors: OrderedDict[str, int] = OrderedDict()
+        # Handling an item (awaiting a send or a read): an event offered meanwhile must queue behind it.
+        self._busy = True
+        self._write_now = write_now
+        if write_now is not None:
+            channel.direct = self._offer_direct
 
     @property
     def idle(self) -> bool:
@@ -135,11 +142,28 @@ class EventStream:
     async def run(self) -> StreamEnd:
         try:
             while True:
-                end = await self._handle(await self._channel.get())
+                self._busy = False
+                item = await self._channel.get()
+                self._busy = True
+                end = await self._handle(item)
                 if end is not None:
                     return end
         finally:
+            self._busy = True
+            self._channel.direct = None
             self._leave()
+
+    def _offer_direct(self, event: JobEvent) -> bool:
+        """Write the event at once if it is the next one of a watched job and the stream waits on an
+        empty queue; False leaves it to the queue (a terminal event too: it ends the stream)."""
+        if self._busy or event.is_terminal or self._write_now is None:
+            return False
+        cursor = self._cursors.get(event.job_id)
+        if cursor is None or event.seq != cursor + 1 or not self._write_now(event):
+            return False
+        EVENT_DELIVERY_SECONDS.observe(max(0.0, time.time() - event.at.timestamp()))
+        self._advance(event.job_id, event.seq)
+        return True
 
     async def _handle(self, item: Item) -> StreamEnd | None:
         match item:
@@ -184,7 +208,11 @@ class EventStream:
                 return job, events_between(connection, job_id, after_seq, job.last_seq, tenant=tenant)
             return job, None
 
-        job, replay = await self._db.read(read)
+        if after_seq is None:
+            # A plain snapshot: shared with the other subscribers of this job asking at the same moment.
+            job, replay = await self._snapshots.job(tenant, job_id), None
+        else:
+            job, replay = await self._db.read(read)
         if job is None:
             self._unwatch(job_id)
             self._unknown.add(job_id)

@@ -1,0 +1,98 @@
+"""WebSocket frames written straight to a socket's transport: each event's frame is built once and
+the same bytes go to every subscriber that keeps up, with no await and no copy per subscriber.
+
+A server's frames are not masked (RFC 6455 5.1), so one event's text frame is the same bytes for
+every connection that did not negotiate an extension (permessage-deflate is off by default; a socket
+that negotiated it gets its frames from `websockets`, one by one).
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Mapping
+from typing import Any, cast
+
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.protocol import State
+
+from conveyor.events import JobEvent
+
+# The scope extension through which a connection reaches its own protocol object.
+DIRECT_WRITE_EXTENSION = "conveyor.direct_write"
+# A socket with more than this waiting in its transport's buffer is slow: its events go through its
+# channel's queue, where progress events coalesce, instead of straight to the transport.
+DIRECT_WRITE_MAX_BUFFERED = 16 * 1024
+
+_FIN_TEXT = 0x81
+
+
+def text_frame(payload: bytes) -> bytes:
+    """An unmasked, final text frame."""
+    length = len(payload)
+    if length < 126:
+        header = struct.pack("!BB", _FIN_TEXT, length)
+    elif length < 1 << 16:
+        header = struct.pack("!BBH", _FIN_TEXT, 126, length)
+    else:
+        header = struct.pack("!BBQ", _FIN_TEXT, 127, length)
+    return header + payload
+
+
+class _LastFrame:
+    """The hub hands one event to all its listeners in a row: remembering the last frame built is
+    enough for it to be built once per event."""
+
+    def __init__(self) -> None:
+        self._event: JobEvent | None = None
+        self._frame = b""
+
+    def of(self, event: JobEvent) -> bytes:
+        if event is not self._event:
+            self._frame = text_frame(event.as_json().encode())
+            self._event = event
+        return self._frame
+
+
+_last_frame = _LastFrame()
+
+
+class DirectWriter:
+    """Writes an event's frame to one socket's transport when the socket can take it at once."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: WebSocketsSansIOProtocol) -> None:
+        self._protocol = protocol
+
+    def write(self, event: JobEvent) -> bool:
+        """True if the frame was written; False if the caller must queue the event instead."""
+        protocol = self._protocol
+        if (
+            protocol.close_sent
+            or protocol.disconnected
+            or not protocol.writable.is_set()
+            or protocol.conn.state is not State.OPEN
+            or protocol.conn.extensions
+        ):
+            return False
+        transport = protocol.transport
+        if transport.is_closing() or transport.get_write_buffer_size() > DIRECT_WRITE_MAX_BUFFERED:
+            return False
+        transport.write(_last_frame.of(event))
+        return True
+
+
+def direct_writer(scope: Mapping[str, Any]) -> DirectWriter | None:
+    """The connection's direct writer, when the server is `ProgressWebSocketProtocol`."""
+    protocol = scope.get("extensions", {}).get(DIRECT_WRITE_EXTENSION)
+    return DirectWriter(protocol) if isinstance(protocol, WebSocketsSansIOProtocol) else None
+
+
+class ProgressWebSocketProtocol(WebSocketsSansIOProtocol):
+    """uvicorn's sans-I/O WebSocket protocol, handing the app its own protocol object (through a scope
+    extension) so that events can be written to the transport without an ASGI `send` each."""
+
+    async def run_asgi(self) -> None:
+        extensions = cast(dict[str, Any], self.scope["extensions"])
+        extensions[DIRECT_WRITE_EXTENSION] = self
+        await super().run_asgi()
