@@ -58,6 +58,9 @@ POSTGRES_POOL_SIZE = 10
 # again, at most this many times.
 RETRIED_SQLSTATES = frozenset({"40P01", "40001"})
 POSTGRES_RETRIES = 3
+# Switching a new SQLite file to WAL: tries, and the wait before each retry (times the attempt).
+WAL_SWITCH_ATTEMPTS = 10
+WAL_SWITCH_BACKOFF_S = 0.05
 POSTGRES_MAX_OVERFLOW = 20
 
 
@@ -112,13 +115,32 @@ def _sync_sqlite_engine(url: str, *, busy_timeout_ms: int, pool_size: int, begin
     return engine
 
 
+def _use_wal(cursor: Any) -> None:
+    """Put the database in WAL mode, unless it already is.
+
+    WAL is a property of the file, set by the first connection. Switching needs an exclusive lock, and
+    SQLite answers "database is locked" at once, without its busy handler, when processes that start
+    together (a gateway and its workers) contend for it; so that case is tried again a few times.
+    """
+    for attempt in range(1, WAL_SWITCH_ATTEMPTS + 1):
+        try:
+            cursor.execute("PRAGMA journal_mode")
+            if cursor.fetchone()[0] != "wal":
+                cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except Exception as exc:  # the driver's OperationalError (sqlite3's or aiosqlite's adapter)
+            if "database is locked" not in str(exc) or attempt == WAL_SWITCH_ATTEMPTS:
+                raise
+            time.sleep(WAL_SWITCH_BACKOFF_S * attempt)  # once per connection, at start-up only
+
+
 def _tune_sqlite(engine: Engine, begin: str | None, busy_timeout_ms: int = SQLITE_BUSY_TIMEOUT_MS) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy, not the driver, decide when transactions begin (see on_begin).
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        _use_wal(cursor)
         # FULL: a commit is on disk (the WAL is fsynced) before it returns, so a 202 survives a power
         # loss too. With group commit that is one fsync per batch of jobs, not per job.
         cursor.execute("PRAGMA synchronous=FULL")
