@@ -161,8 +161,7 @@ class EventStream:
         cursor = self._cursors.get(event.job_id)
         if cursor is None or event.seq != cursor + 1 or not self._write_now(event):
             return False
-        EVENT_DELIVERY_SECONDS.observe(max(0.0, time.time() - event.at.timestamp()))
-        self._advance(event.job_id, event.seq)
+        self._sent_live(event)
         return True
 
     async def _handle(self, item: Item) -> StreamEnd | None:
@@ -289,8 +288,7 @@ class EventStream:
         await self._deliver(event, first_seq)
         # A live event only: those filled in from the history above are late by design. For a WebSocket
         # the send has written the frame; for an SSE stream it has handed it to the response.
-        EVENT_DELIVERY_SECONDS.observe(max(0.0, time.time() - event.at.timestamp()))
-        self._advance(event.job_id, event.seq)
+        self._sent_live(event)
         if event.is_terminal and event.job_id in self._watched:
             return self._finished(event.job_id)
         return None
@@ -300,6 +298,11 @@ class EventStream:
 
     async def _deliver(self, event: JobEvent, first_seq: int) -> None:
         await self._send(Outgoing.of_event(event, first_seq))
+
+    def _sent_live(self, event: JobEvent) -> None:
+        """A live event is out (queued path or direct write): its delivery latency, and the job's cursor."""
+        EVENT_DELIVERY_SECONDS.observe(max(0.0, time.time() - event.at.timestamp()))
+        self._advance(event.job_id, event.seq)
 
     def _advance(self, job_id: str, seq: int) -> None:
         self._cursors[job_id] = seq
