@@ -92,6 +92,13 @@ class ProgressWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, handing the app its own protocol object (through a scope
     extension) so that events can be written to the transport without an ASGI `send` each."""
 
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.accept":
+            # The handshake is over, and its request and response (headers and all) are not read
+            # again: a few KiB per socket for as long as it lives.
+            self.request = self.response = None  # type: ignore[assignment]
+
     async def run_asgi(self) -> None:
         extensions = cast(dict[str, Any], self.scope["extensions"])
         extensions[DIRECT_WRITE_EXTENSION] = self
