@@ -304,11 +304,13 @@ class EventStream:
 
     def _sent_live(self, event: JobEvent) -> None:
         """A live event is out (queued path or direct write): its delivery latency, and the job's cursor."""
-        EVENT_DELIVERY_SECONDS.observe(max(0.0, time.time() - event.at.timestamp()))
+        EVENT_DELIVERY_SECONDS.observe(max(0.0, time.time() - event.at_s))
         self._advance(event.job_id, event.seq)
 
     def _advance(self, job_id: str, seq: int) -> None:
         self._cursors[job_id] = seq
+        if not self._all:
+            return  # only the watched jobs are tracked, at most MAX_SUBSCRIPTIONS: none to forget
         self._cursors.move_to_end(job_id)
         while len(self._cursors) > MAX_TRACKED_JOBS:
             oldest = next(job for job in self._cursors if job not in self._watched)
