@@ -29,14 +29,14 @@ class CountedReads:
         self._read = db.read
         self.count = 0
         self.hold: asyncio.Event | None = None
-        self.started = asyncio.Event()
+        self.read_once = asyncio.Event()  # a read has been done (its answer maybe held back)
         db.read = self  # type: ignore[method-assign]
 
     async def __call__(self, work: Callable[[Connection], Any]) -> Any:
         self.count += 1
-        self.started.set()
         hold, self.hold = self.hold, None
         result = await self._read(work)
+        self.read_once.set()
         if hold is not None:
             await hold.wait()
         return result
@@ -70,7 +70,7 @@ async def test_an_asker_during_a_read_gets_a_read_that_starts_after_it_asked(db:
     reads.hold = asyncio.Event()
     held = reads.hold
     first = asyncio.create_task(snapshots.job("t", job.id))
-    await asyncio.wait_for(reads.started.wait(), 10)  # the first read is under way, its answer held back
+    await asyncio.wait_for(reads.read_once.wait(), 10)  # the first read is done, its answer held back
     [[claimed]] = (await write_now(db, PREFIX, changes.claim(job.id, "w1", lease_s=30))).results
     assert claimed.written
     second = asyncio.create_task(snapshots.job("t", job.id))
@@ -113,3 +113,22 @@ async def test_an_asker_that_goes_away_does_not_cancel_the_read_of_the_others(db
         await leaving
     answer = await staying
     assert answer is not None and answer.id == job.id
+
+
+async def test_resumes_share_one_read_each_with_the_events_after_its_own_seq(db: Database) -> None:
+    job = await new_job(db, "t")
+    [[claimed]] = (await write_now(db, PREFIX, changes.claim(job.id, "w1", lease_s=30))).results
+    assert claimed.written
+    for done in (1, 2):
+        [[reported]] = (await write_now(db, PREFIX, changes.progress(job.id, 1, 50.0 * done, "half"))).results
+        assert reported.written
+    other = await new_job(db, "u")
+    reads = CountedReads(db)
+    snapshots = SnapshotReads(db)
+    asked = [("t", job.id, 1), ("t", job.id, 1), ("t", job.id, 3), ("t", job.id, 4), ("t", other.id, 0)]
+    answers = await asyncio.gather(*(snapshots.resume(*key) for key in asked))
+    assert reads.count == 1
+    replays = [[event.seq for event in events] if events is not None else None for _, events in answers]
+    assert replays == [[2, 3, 4], [2, 3, 4], [4], None, None]  # 4 is the last seq: nothing to replay
+    assert all(found is not None and found.last_seq == 4 for found, _ in answers[:4])
+    assert answers[4] == (None, None)  # another tenant's job: no job, no history

@@ -17,12 +17,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection
-
 from conveyor.auth import Principal
 from conveyor.eventlog import events_between
 from conveyor.events import JobEvent
-from conveyor.jobstore import active_jobs, get_job
+from conveyor.jobstore import active_jobs
 from conveyor.metrics import EVENT_DELIVERY_SECONDS
 from conveyor.models import JobRecord
 from conveyor.schemas import resource_document
@@ -203,18 +201,11 @@ class EventStream:
         self._hub.watch_job(job_id, self._channel)
         self._watched.add(job_id)
         tenant = self._principal.tenant
-
-        def read(connection: Connection) -> tuple[JobRecord | None, list[JobEvent] | None]:
-            job = get_job(connection, tenant, job_id)
-            if job is not None and after_seq is not None and 0 <= after_seq < job.last_seq:
-                return job, events_between(connection, job_id, after_seq, job.last_seq, tenant=tenant)
-            return job, None
-
+        # Shared with the other subscribers asking at the same moment (`snapshots`).
         if after_seq is None:
-            # A plain snapshot: shared with the other subscribers of this job asking at the same moment.
             job, replay = await self._snapshots.job(tenant, job_id), None
         else:
-            job, replay = await self._db.read(read)
+            job, replay = await self._snapshots.resume(tenant, job_id, after_seq)
         if job is None:
             self._unwatch(job_id)
             self._unknown.add(job_id)
