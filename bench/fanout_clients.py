@@ -202,9 +202,9 @@ async def open_socket(sub: Subscriber, plan: dict[str, Any], after_seq: int | No
     )
     sub.deflate = sub.socket.deflate
     try:
-        greeting = asyncio.shield(sub.greeting)
+        greeting = sub.greeting
         either: list[asyncio.Future[Any]] = [greeting, sub.socket.closed]
-        done, _ = await asyncio.wait(either, timeout=GREETING_TIMEOUT_S)
+        done, _ = await asyncio.wait(either, timeout=GREETING_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
         if greeting not in done:
             code = sub.socket.close_code
             raise RuntimeError(

@@ -985,7 +985,8 @@ async def run_benchmark(
                     f"Reconnect storm: every client drops all its sockets now ({storm_at(args):g} s in)"
                 )
                 clients.broadcast("storm")
-                deadline_s -= storm_at(args)
+                # Resuming may outlast the jobs: as long as connecting everyone may take, on top.
+                deadline_s += connect_phase_timeout(args.subscribers) - storm_at(args)
             results = await clients.gather("done", deadline_s)
             if None in results:
                 kit.console.print(

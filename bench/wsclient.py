@@ -23,9 +23,10 @@ import struct
 import time
 import zlib
 from collections.abc import Callable, Mapping
+from typing import cast
 
 # RFC 6455 4.2.2: the server's Sec-WebSocket-Accept is the base64 SHA-1 of the key and this GUID.
-ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC11B65"
+ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 HEADERS_END = b"\r\n\r\n"
 MAX_HEADERS_BYTES = 16 * 1024
 OP_CONTINUATION, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -106,9 +107,9 @@ class LeanWebSocket(asyncio.Protocol):
     # --- asyncio.Protocol ---------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
-        transport.write(self._request)
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
+        self._transport.write(self._request)
 
     def data_received(self, data: bytes) -> None:
         self._buffer += data
