@@ -112,6 +112,15 @@ class LeanWebSocket(asyncio.Protocol):
         self._transport.write(self._request)
 
     def data_received(self, data: bytes) -> None:
+        # The common case, one whole text frame of an event per read: no buffering at all.
+        if self._upgraded and not self._buffer and len(data) > 4 and data[0] == FIN | OP_TEXT:
+            length = data[1]
+            if length < 126 and len(data) == 2 + length:
+                self.on_message(data[2:], time.time())
+                return
+            if length == 126 and len(data) == 4 + int.from_bytes(data[2:4]):
+                self.on_message(data[4:], time.time())
+                return
         self._buffer += data
         if not self._upgraded and not self._read_handshake():
             return
