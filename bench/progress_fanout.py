@@ -8,7 +8,8 @@ job k makes ``job-seconds / interval + k`` reports, so the jobs' paces differ sl
 reports drift apart rather than all arriving at once (``--aligned``: every job every ``--interval``
 seconds, all together, the worst case). ``--subscribers`` WebSocket subscribers are spread round-robin
 over the jobs, all on the one progress service, from ``--clients`` client processes (asyncio, uvloop
-when it is installed), so that one Python client process is not the bottleneck.
+when it is installed, and the lean WebSocket client of ``wsclient.py``: the clients share the cores
+with the service they measure, so each message costs them about a microsecond of Python).
 
 - The started stack runs with no workers at first, so the jobs stay queued while the subscribers
   connect: each gets its snapshot (``queued``) and waits. Once all are connected, the benchmark starts
@@ -18,19 +19,28 @@ when it is installed), so that one Python client process is not the bottleneck.
   and only the events recorded after every subscriber connected count for latency.
 - Connect time: per subscriber, from opening the socket to receiving the snapshot; and the wall time
   until all N are connected.
-- Memory per connection: the progress service's RSS (``VmRSS`` in ``/proc/<pid>/status``) once all N
-  are connected, minus its RSS just before, divided by N. The process is found among the started
-  stack's children by its command line (``-m conveyor progress``); for ``--url``, it is the local
-  process listening on the progress port (``/proc/net/tcp``), or ``--progress-pid``.
+- Memory per connection: the progress service's RSS (``VmRSS`` in ``/proc/<pid>/status``, summed over
+  its processes) once all N are connected, minus its RSS just before, divided by N. Its processes are
+  those under the started stack whose command line runs ``-m conveyor progress``, with all their
+  descendants (a service running several processes on one port); for ``--url``, the local processes
+  listening on the progress port (``/proc/net/tcp``) or ``--progress-pid``, with their descendants.
 - Delivery latency, per delivered event: the client's receipt time (``time.time()`` when the message
   is read) minus the event's ``at`` (when the worker recorded it). Same machine, same clock.
 - Delivered vs expected, per subscriber: it should get every ``seq`` after its snapshot's, up to the
   job's last ``seq`` (read from a fresh snapshot after the run). Gaps are reported, split by whether
   the event after the gap was marked ``coalesced_from`` (merged by the server while queued).
+- ``--reconnect-storm``: ``--storm-at`` seconds into the delivery phase every client process drops all
+  its open sockets at once (SO_LINGER 0, then a transport abort: a TCP RST, as when a server or a
+  network path dies) and each subscriber resumes on a new socket with ``?after_seq=<the last seq it
+  got>``. The accounting above spans both sockets of a subscriber; the replayed events are left out of
+  the latency. See ``storm_figures`` for what "re-admitted" and "caught up" mean.
+- ``--slow-clients N``: N subscribers read slowly on purpose (a 4 KiB receive buffer, reading paused
+  2 s out of every 2.05 s); coalesced events are counted for them and for the others apart.
 
     python bench/progress_fanout.py [--subscribers 2000] [--jobs 20] [--clients 2] [--job-seconds 30]
                                     [--url URL --key KEY [--progress-url WS_URL] [--progress-pid PID]]
-                                    [--json PATH]
+                                    [--reconnect-storm [--storm-at S] [--storm-concurrency N]]
+                                    [--slow-clients N] [--json PATH]
 """
 
 from __future__ import annotations
