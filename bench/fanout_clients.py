@@ -41,9 +41,10 @@ MESSAGE_CACHE_MAX = 50_000
 # (the server may still count its old socket against the tenant's limit, or refuse at its backlog).
 RESUME_ATTEMPTS = 5
 RESUME_BACKOFF_S = 0.25
-# A slow subscriber (`--slow-clients`): a small receive buffer, and reading paused most of the time.
+# A slow subscriber (`--slow-clients`): a small receive buffer, and reading paused most of the time
+# (`--slow-pause` seconds, then SLOW_READ_S of reading). The server sees it as slow only once its
+# kernel buffers and the server's own limit of unsent bytes are full: tens of KiB.
 SLOW_RCVBUF_BYTES = 4096
-SLOW_PAUSE_S = 2.0
 SLOW_READ_S = 0.05
 
 
@@ -266,11 +267,11 @@ async def resume(sub: Subscriber, plan: dict[str, Any], gate: asyncio.Semaphore)
     return False
 
 
-async def read_slowly(socket: wsclient.LeanWebSocket) -> None:
-    """A slow reader on purpose: reading paused for SLOW_PAUSE_S, then on for SLOW_READ_S, until closed."""
+async def read_slowly(socket: wsclient.LeanWebSocket, pause_s: float) -> None:
+    """A slow reader on purpose: reading paused for `pause_s`, then on for SLOW_READ_S, until closed."""
     while not socket.closed.done():
         socket.pause_reading()
-        await asyncio.wait({socket.closed}, timeout=SLOW_PAUSE_S)
+        await asyncio.wait({socket.closed}, timeout=pause_s)
         socket.resume_reading()
         await asyncio.wait({socket.closed}, timeout=SLOW_READ_S)
 
@@ -282,7 +283,7 @@ async def watch(
     while True:
         socket = sub.socket
         assert socket is not None
-        slow = asyncio.create_task(read_slowly(socket)) if sub.slow else None
+        slow = asyncio.create_task(read_slowly(socket, plan["slow_pause_s"])) if sub.slow else None
         await socket.closed
         if slow is not None:
             slow.cancel()

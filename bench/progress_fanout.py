@@ -35,7 +35,8 @@ with the service they measure, so each message costs them about a microsecond of
   got>``. The accounting above spans both sockets of a subscriber; the replayed events are left out of
   the latency. See ``storm_figures`` for what "re-admitted" and "caught up" mean.
 - ``--slow-clients N``: N subscribers read slowly on purpose (a 4 KiB receive buffer, reading paused
-  2 s out of every 2.05 s); coalesced events are counted for them and for the others apart.
+  ``--slow-pause`` seconds at a time, then on for 50 ms); coalesced events are counted for them and for
+  the others apart.
 
     python bench/progress_fanout.py [--subscribers 2000] [--jobs 20] [--clients 2] [--job-seconds 30]
                                     [--url URL --key KEY [--progress-url WS_URL] [--progress-pid PID]]
@@ -86,6 +87,7 @@ DEFAULT_INTERVAL_S = 0.5
 DEFAULT_CONNECT_CONCURRENCY = 100
 DEFAULT_LEAD_S = 60.0
 DEFAULT_WAIT_TIMEOUT_S = 120.0
+DEFAULT_SLOW_PAUSE_S = 8.0
 WARMUP_CONNECTIONS = 10
 # Seconds to let the progress service settle before reading its RSS (after the warm-up, after connecting).
 RSS_SETTLE_S = 2.0
@@ -263,6 +265,7 @@ def delivery_figures(
     latencies: list[float] = []
     progress_latencies: list[float] = []
     state_latencies: list[float] = []
+    slow_latencies: list[float] = []  # of the subscribers slow on purpose: apart, they would be the tail
     before_window = 0
     first_at, last_received = math.inf, -math.inf
     # Per event (job, seq): its `at`, and the first and last receipt among its subscribers.
@@ -301,6 +304,8 @@ def delivery_figures(
             last = max(last, seq)
             if replay_from is not None and n >= replay_from and seq <= replay_upto:
                 replayed += 1
+            elif sub.get("slow"):
+                slow_latencies.append(received - at)
             elif at >= window_start:
                 latencies.append(received - at)
                 (state_latencies if is_state else progress_latencies).append(received - at)
@@ -328,6 +333,7 @@ def delivery_figures(
         "coalesced_events_slow": coalesced_events["slow"],
         "slow_subscribers": sum(bool(sub.get("slow")) for sub in subs),
         "replayed_after_resume": replayed,
+        "slow_latency_ms": ms(slow_latencies),
         "duplicates": duplicates,
         "out_of_order": out_of_order,
         "not_newer_than_snapshot": stale,
@@ -656,6 +662,11 @@ def print_delivery(fig: dict[str, Any]) -> None:
                     kit.fmt(fig["coalesced_events_slow"]),
                     f"({fig['slow_subscribers']:,} made slow on purpose: --slow-clients)",
                 ),
+                (
+                    "  slow subscribers' latency p50 / p99",
+                    f"{kit.fmt(fig['slow_latency_ms']['p50'])} / {kit.fmt(fig['slow_latency_ms']['p99'])}",
+                    "ms (left out of the latency figures below)",
+                ),
             ]
             if fig["slow_subscribers"]
             else []
@@ -892,6 +903,7 @@ def client_plans(
             "deflate": not args.no_deflate,
             "connect_concurrency": per_client,
             "storm_concurrency": max(1, math.ceil(storm / clients)),
+            "slow_pause_s": args.slow_pause,
         }
         for n in range(clients)
     ]
@@ -1125,6 +1137,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "with --reconnect-storm: resumes in flight, over all client processes (0: --connect-concurrency)",
     )
     kit.add_option(parser, "--slow-clients", 0, "subscribers that read slowly on purpose")
+    kit.add_option(
+        parser, "--slow-pause", DEFAULT_SLOW_PAUSE_S, "seconds a slow subscriber stops reading, each time"
+    )
     kit.add_database_option(parser)
     kit.add_stack_options(
         parser,
@@ -1144,6 +1159,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.lead if args.url else 0
     ):
         parser.error("--storm-at must fall within the jobs' run")
+    if args.slow_pause <= 0:
+        parser.error("--slow-pause must be positive")
     if args.storm_concurrency < 0 or not 0 <= args.slow_clients <= args.subscribers:
         parser.error("--storm-concurrency must be at least 0, --slow-clients between 0 and --subscribers")
     steps = round(args.job_seconds / args.interval) + (round(args.lead / args.interval) if args.url else 0)
@@ -1192,6 +1209,7 @@ def settings_of(args: argparse.Namespace, url: str, progress_url: str | None, no
         if args.reconnect_storm
         else None,
         "slow_clients": args.slow_clients,
+        "slow_pause_s": args.slow_pause,
         "tenant_max_sockets": None if external else tenant_max_sockets(args.subscribers),
         "deflate": not args.no_deflate,
         "connect_concurrency": args.connect_concurrency,
