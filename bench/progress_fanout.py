@@ -387,12 +387,13 @@ def storm_figures(subs: Sequence[dict[str, Any]], storms: Sequence[dict[str, Any
     every event its job had recorded (`at`) before the drop; the time is that of the receipt of the first
     event at or past that seq on the new socket, or of `resumed` when it had them all before the drop.
     Repeats and gaps across the drop: events on the new socket at or below the last seq it had, and seqs
-    skipped between that seq and the first event on the new socket."""
+    skipped between that seq and the first event on the new socket. The times leave out the subscribers
+    slow on purpose (they catch up late by design); their repeats and gaps count."""
     timelines = seq_timelines(subs)
     admitted: list[float] = []
     caught_up: list[float] = []
     errors: Counter[str] = Counter()
-    dropped = pruned = retried = never_caught_up = repeats = gaps = replayed = 0
+    dropped = pruned = retried = never_caught_up = repeats = gaps = replayed = slow = 0
     for sub in subs:
         drop_at, index = sub.get("drop_at"), sub.get("drop_index")
         if drop_at is None or index is None:
@@ -406,15 +407,18 @@ def storm_figures(subs: Sequence[dict[str, Any]], storms: Sequence[dict[str, Any
         if admitted_at is None:
             errors[sub["resume_error"] or "?"] += 1
             continue
-        admitted.append(admitted_at - drop_at)
         had = sub["seq_at_drop"]
-        target = max(had, seq_at(timelines.get(sub["job_id"]), drop_at))
         after = sub["events"][index:]
-        upto = sub["resume_last_seq"] or 0
-        replayed += sum(seq <= upto for seq, *_ in after)
         repeats += sum(seq <= had for seq, *_ in after)
         if after and after[0][0] > had + 1 and after[0][4] is None:
             gaps += after[0][0] - had - 1
+        upto = sub["resume_last_seq"] or 0
+        replayed += sum(seq <= upto for seq, *_ in after)
+        if sub.get("slow"):  # late by design: kept out of the times
+            slow += 1
+            continue
+        admitted.append(admitted_at - drop_at)
+        target = max(had, seq_at(timelines.get(sub["job_id"]), drop_at))
         if had >= target:
             caught_up.append(admitted_at - drop_at)
             continue
@@ -430,12 +434,13 @@ def storm_figures(subs: Sequence[dict[str, Any]], storms: Sequence[dict[str, Any
         "drop": "abrupt: SO_LINGER 0 then transport abort (a TCP RST, no closing handshake)",
         "drop_spread_ms": kit.rounded((max(drops) - min(drops)) * MS_PER_S) if drops else None,
         "abort_ms": kit.rounded(max((storm["abort_s"] for storm in storms if storm), default=0.0) * MS_PER_S),
-        "readmitted": len(admitted),
+        "readmitted": len(admitted) + slow,
+        "slow_left_out": slow,
         "not_readmitted": dict(errors),
         "retried": retried,
         "history_pruned": pruned,
         "all_readmitted_s": kit.rounded(all_admitted, 3),
-        "reconnect_rate_per_s": round(len(admitted) / all_admitted, 1) if all_admitted else None,
+        "reconnect_rate_per_s": round((len(admitted) + slow) / all_admitted, 1) if all_admitted else None,
         "readmit_ms": ms(admitted),
         "caught_up": len(caught_up),
         "never_caught_up": never_caught_up,
@@ -748,6 +753,8 @@ def print_storm(fig: dict[str, Any]) -> None:
         ),
         ("resumes retried", kit.fmt(fig["retried"]), "needed more than one attempt"),
     ]
+    if fig["slow_left_out"]:
+        rows.append(("slow subscribers", kit.fmt(fig["slow_left_out"]), "re-admitted, left out of the times"))
     if fig["never_caught_up"]:
         rows.append(("[red]never caught up[/red]", kit.fmt(fig["never_caught_up"]), "subscribers"))
     if fig["history_pruned"]:
@@ -887,10 +894,9 @@ def client_plans(
     args: argparse.Namespace, job_ids: Sequence[str], progress_url: str, key: str
 ) -> list[dict[str, Any]]:
     """Subscribers round-robin over the jobs, then over the client processes. The slow ones
-    (`--slow-clients`) are spread the same way: every k-th subscriber, k = subscribers / slow."""
+    (`--slow-clients N`) are the first N, so they too are spread over the jobs and the processes."""
     assignments = [job_ids[n % len(job_ids)] for n in range(args.subscribers)]
-    every = args.subscribers // args.slow_clients if args.slow_clients else 0
-    slow = {n * every for n in range(args.slow_clients)} if every else set()
+    slow = set(range(args.slow_clients))
     clients = client_count(args)
     per_client = max(1, math.ceil(args.connect_concurrency / clients))
     storm = args.storm_concurrency or args.connect_concurrency
