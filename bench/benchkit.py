@@ -218,12 +218,17 @@ def proc_argv(pid: int) -> list[str]:
 def component(pid: int) -> str:
     """Which part of the stack a process is: kafka, or the `conveyor` command it runs."""
     words = proc_argv(pid)
+    return named_component(words) or (Path(words[0]).name if words else "?")
+
+
+def named_component(words: Sequence[str]) -> str | None:
+    """kafka, or the `conveyor` command of a command line; None for any other command."""
     if words and words[0].endswith("java"):
         return "kafka"
     if "conveyor" in words:
         command = words[words.index("conveyor") + 1 :][:1]
         return command[0] if command else "conveyor"
-    return Path(words[0]).name if words else "?"
+    return None
 
 
 def process_tree(root_pid: int) -> dict[int, float]:
@@ -244,10 +249,29 @@ def process_tree(root_pid: int) -> dict[int, float]:
 
 
 def stack_cpu(root_pid: int) -> dict[str, float]:
-    """CPU seconds per component (run, gateway, worker, progress, kafka) of `root_pid` and its children."""
+    """CPU seconds per component (run, gateway, worker, progress, kafka) of `root_pid` and its children.
+
+    A process with no component of its own (a child that multiprocessing spawned, whose command line is
+    `python -c ...`) counts for its nearest ancestor that has one: a progress service running several
+    processes counts as one `progress`."""
+    cpu = process_tree(root_pid)
+    names: dict[int, str] = {}
+
+    def name_of(pid: int) -> str:
+        if pid not in names:
+            words = proc_argv(pid)
+            name = named_component(words)
+            if name is None:
+                stat = proc_stat(pid)
+                parent = stat[0] if stat is not None else None
+                inherit = parent is not None and parent in cpu and parent != pid
+                name = name_of(parent) if inherit and parent is not None else component(pid)
+            names[pid] = name
+        return names[pid]
+
     totals: dict[str, float] = {}
-    for pid, cpu_s in process_tree(root_pid).items():
-        name = component(pid)
+    for pid, cpu_s in cpu.items():
+        name = name_of(pid)
         totals[name] = totals.get(name, 0.0) + cpu_s
     return totals
 

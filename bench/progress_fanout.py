@@ -8,7 +8,8 @@ job k makes ``job-seconds / interval + k`` reports, so the jobs' paces differ sl
 reports drift apart rather than all arriving at once (``--aligned``: every job every ``--interval``
 seconds, all together, the worst case). ``--subscribers`` WebSocket subscribers are spread round-robin
 over the jobs, all on the one progress service, from ``--clients`` client processes (asyncio, uvloop
-when it is installed), so that one Python client process is not the bottleneck.
+when it is installed, and the lean WebSocket client of ``wsclient.py``: the clients share the cores
+with the service they measure, so each message costs them about a microsecond of Python).
 
 - The started stack runs with no workers at first, so the jobs stay queued while the subscribers
   connect: each gets its snapshot (``queued``) and waits. Once all are connected, the benchmark starts
@@ -18,52 +19,60 @@ when it is installed), so that one Python client process is not the bottleneck.
   and only the events recorded after every subscriber connected count for latency.
 - Connect time: per subscriber, from opening the socket to receiving the snapshot; and the wall time
   until all N are connected.
-- Memory per connection: the progress service's RSS (``VmRSS`` in ``/proc/<pid>/status``) once all N
-  are connected, minus its RSS just before, divided by N. The process is found among the started
-  stack's children by its command line (``-m conveyor progress``); for ``--url``, it is the local
-  process listening on the progress port (``/proc/net/tcp``), or ``--progress-pid``.
+- Memory per connection: the progress service's RSS (``VmRSS`` in ``/proc/<pid>/status``, summed over
+  its processes) once all N are connected, minus its RSS just before, divided by N. Its processes are
+  those under the started stack whose command line runs ``-m conveyor progress``, with all their
+  descendants (a service running several processes on one port); for ``--url``, the local processes
+  listening on the progress port (``/proc/net/tcp``) or ``--progress-pid``, with their descendants.
 - Delivery latency, per delivered event: the client's receipt time (``time.time()`` when the message
   is read) minus the event's ``at`` (when the worker recorded it). Same machine, same clock.
 - Delivered vs expected, per subscriber: it should get every ``seq`` after its snapshot's, up to the
   job's last ``seq`` (read from a fresh snapshot after the run). Gaps are reported, split by whether
   the event after the gap was marked ``coalesced_from`` (merged by the server while queued).
+- ``--reconnect-storm``: ``--storm-at`` seconds into the delivery phase every client process drops all
+  its open sockets at once (SO_LINGER 0, then a transport abort: a TCP RST, as when a server or a
+  network path dies) and each subscriber resumes on a new socket with ``?after_seq=<the last seq it
+  got>``. The accounting above spans both sockets of a subscriber; the replayed events are left out of
+  the latency. See ``storm_figures`` for what "re-admitted" and "caught up" mean.
+- ``--slow-clients N``: N subscribers read slowly on purpose (a 4 KiB receive buffer, reading paused
+  ``--slow-pause`` seconds at a time, then on for 50 ms); coalesced events are counted for them and for
+  the others apart.
 
     python bench/progress_fanout.py [--subscribers 2000] [--jobs 20] [--clients 2] [--job-seconds 30]
                                     [--url URL --key KEY [--progress-url WS_URL] [--progress-pid PID]]
-                                    [--json PATH]
+                                    [--reconnect-storm [--storm-at S] [--storm-concurrency N]]
+                                    [--slow-clients N] [--json PATH]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import contextlib
 import json
 import math
-import multiprocessing
 import os
 import re
-import resource
-import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from multiprocessing.connection import Connection, wait
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import benchkit as kit
 import httpx
+from fanout_clients import Clients, raise_nofile_limit
 from rich import box
 from rich.table import Table
-from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from conveyor.settings import DEFAULT_WORKER_CONCURRENCY
+from conveyor.settings import DEFAULT_PROGRESS_TENANT_MAX_SOCKETS, DEFAULT_WORKER_CONCURRENCY
 
 JOB_TYPE = "demo.sleep"
 MAX_STEPS = 1000  # demo.sleep's limit
@@ -78,6 +87,7 @@ DEFAULT_INTERVAL_S = 0.5
 DEFAULT_CONNECT_CONCURRENCY = 100
 DEFAULT_LEAD_S = 60.0
 DEFAULT_WAIT_TIMEOUT_S = 120.0
+DEFAULT_SLOW_PAUSE_S = 8.0
 WARMUP_CONNECTIONS = 10
 # Seconds to let the progress service settle before reading its RSS (after the warm-up, after connecting).
 RSS_SETTLE_S = 2.0
@@ -86,6 +96,12 @@ SNAPSHOT_TIMEOUT_S = 30.0
 CLOSE_TIMEOUT_S = 5.0
 CLIENT_START_TIMEOUT_S = 60.0
 CONNECT_PHASE_TIMEOUT_S = 600.0
+# The connect phase's deadline grows with the subscribers, as if they connected at this rate at worst.
+MIN_CONNECT_RATE = 50.0
+# The started stack lets the bench's one tenant hold this many sockets per subscriber (the progress
+# service's default, 5,000, is below --subscribers 10000): twice, because in a reconnect storm the
+# server may still count a dropped socket when its resume arrives.
+TENANT_SOCKETS_PER_SUBSCRIBER = 2
 CLOSE_NORMAL = 1000
 MS_PER_S = 1000
 # Stack log lines worth reporting: structlog's console renderer writes `[warning  ]`, `[error    ]`...
@@ -94,15 +110,6 @@ LOG_SAMPLES = 12
 
 
 # --- small helpers -----------------------------------------------------------------------------------
-
-
-def raise_nofile_limit() -> int:
-    """Raise the soft limit of open files to the hard limit (one socket per subscriber); returns it."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        return hard
-    return soft
 
 
 def proc_cpu_s(pid: int) -> float | None:
@@ -131,21 +138,43 @@ def is_progress_service(argv: Sequence[str]) -> bool:
 
 
 def find_progress_pids(root_pid: int) -> list[int]:
-    """Descendants of `root_pid` running `python -m conveyor progress`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or not is_progress_service(kit.proc_argv(int(entry.name))):
-            continue
-        ancestor = proc_parent(int(entry.name))
+    """The progress service's processes under `root_pid`: each running `python -m conveyor progress`,
+    and every descendant of one (the children of a service running several processes on one port, as
+    multiprocessing spawns them, whatever their command line)."""
+    parents = live_parents()
+    under_root: set[int] = set()
+    for pid in parents:
+        ancestor: int | None = pid
         while ancestor is not None and ancestor > 1 and ancestor != root_pid:
-            ancestor = proc_parent(ancestor)
+            ancestor = parents.get(ancestor)
         if ancestor == root_pid:
-            found.append(int(entry.name))
-    return sorted(found)
+            under_root.add(pid)
+    marked = {pid for pid in under_root if is_progress_service(kit.proc_argv(pid))}
+    return sorted(with_descendants(marked, parents))
 
 
-def listening_pid(port: int) -> int | None:
-    """The process holding a listening TCP socket on `port` (from /proc/net/tcp*, then /proc/*/fd)."""
+def live_parents() -> dict[int, int]:
+    """Every live process's parent pid, by pid."""
+    parents = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (parent := proc_parent(int(entry.name))) is not None:
+            parents[int(entry.name)] = parent
+    return parents
+
+
+def with_descendants(pids: set[int], parents: dict[int, int]) -> set[int]:
+    found = set(pids)
+    grew = True
+    while grew:
+        children = {pid for pid, parent in parents.items() if parent in found} - found
+        found |= children
+        grew = bool(children)
+    return found
+
+
+def listening_pids(port: int) -> list[int]:
+    """The processes holding a listening TCP socket on `port` (from /proc/net/tcp*, then /proc/*/fd):
+    several, when they share the port with SO_REUSEPORT or inherited one socket."""
     sockets = set()
     for table_path in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -157,16 +186,33 @@ def listening_pid(port: int) -> int | None:
             if fields[3] == TCP_LISTEN and int(fields[1].rsplit(":", 1)[1], 16) == port:
                 sockets.add(f"socket:[{fields[9]}]")
     if not sockets:
-        return None
+        return []
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         with contextlib.suppress(OSError):
-            for fd in (entry / "fd").iterdir():
-                with contextlib.suppress(OSError):
-                    if os.readlink(fd) in sockets:
-                        return int(entry.name)
+            if any(os.readlink(fd) in sockets for fd in (entry / "fd").iterdir()):
+                found.append(int(entry.name))
+    return sorted(found)
+
+
+def open_files_limit(pid: int) -> int | None:
+    """The soft `Max open files` of a process (/proc/<pid>/limits): it caps the sockets it can hold."""
+    try:
+        for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+            if line.startswith("Max open files"):
+                soft = line.split()[3]
+                return None if soft == "unlimited" else int(soft)
+    except (OSError, ValueError, IndexError):
+        return None
     return None
+
+
+def summed_kib(pids: Sequence[int], name: str) -> int | None:
+    """A /proc status field summed over processes; None if none of them is alive."""
+    values = [value for pid in pids if (value := proc_status_kib(pid, name)) is not None]
+    return sum(values) if values else None
 
 
 def ts(text: str) -> float:
@@ -176,261 +222,6 @@ def ts(text: str) -> float:
 def ms(values: Sequence[float]) -> dict[str, float | None]:
     """p50/p90/p99/max of seconds, in milliseconds."""
     return kit.quantiles(values, MS_PER_S)
-
-
-# --- the client processes ----------------------------------------------------------------------------
-#
-# Each client process holds its share of the subscribers. It talks to the benchmark over a pipe, in
-# plain tuples and dicts: ("ready") once imported; it waits for "go", connects every subscriber, sends
-# ("connected", stats); then it reads events until every subscription ended or "stop" arrives, and
-# sends ("done", results).
-
-
-@dataclass
-class Subscriber:
-    job_id: str
-    ws: ClientConnection | None = None
-    connect_s: float | None = None
-    error: str | None = None
-    snapshot_seq: int | None = None
-    snapshot_status: str | None = None
-    # (seq, at, received, is a state event, coalesced_from or None), in arrival order.
-    events: list[tuple[int, float, float, bool, int | None]] = field(default_factory=list)
-    other: Counter[str] = field(default_factory=Counter)
-    close_code: int | None = None
-    close_reason: str = ""
-    terminal: bool = False
-    open_at_stop: bool = False
-    deflate: bool = False
-
-    def result(self) -> dict[str, Any]:
-        return {
-            "job_id": self.job_id,
-            "connect_s": self.connect_s,
-            "error": self.error,
-            "snapshot_seq": self.snapshot_seq,
-            "snapshot_status": self.snapshot_status,
-            "events": self.events,
-            "other": dict(self.other),
-            "close_code": self.close_code,
-            "close_reason": self.close_reason,
-            "terminal": self.terminal,
-            "open_at_stop": self.open_at_stop,
-            "deflate": self.deflate,
-        }
-
-
-def error_kind(exc: BaseException) -> str:
-    if isinstance(exc, InvalidStatus):
-        return f"HTTP {exc.response.status_code}"
-    if isinstance(exc, ConnectionClosed):
-        code = exc.rcvd.code if exc.rcvd is not None else None
-        return f"closed {code} before the snapshot"
-    if isinstance(exc, OSError) and exc.errno is not None:
-        return f"{type(exc).__name__} ({os.strerror(exc.errno)})"
-    return type(exc).__name__
-
-
-async def watch(
-    sub: Subscriber, plan: dict[str, Any], gate: asyncio.Semaphore, attempted: Callable[[], None]
-) -> None:
-    """One subscriber: connect, read the snapshot, then every event until the socket closes."""
-    url = f"{plan['progress_url']}/v1/jobs/{sub.job_id}/events"
-    try:
-        async with gate:
-            started = time.perf_counter()
-            try:
-                sub.ws = await connect(
-                    url,
-                    additional_headers={"Authorization": f"Bearer {plan['key']}"},
-                    compression="deflate" if plan["deflate"] else None,
-                    proxy=None,
-                    open_timeout=CONNECT_TIMEOUT_S,
-                    # The server pings; client pings would only add load to the thing measured.
-                    ping_interval=None,
-                    close_timeout=CLOSE_TIMEOUT_S,
-                )
-                first = json.loads(await asyncio.wait_for(sub.ws.recv(), SNAPSHOT_TIMEOUT_S))
-            except Exception as exc:
-                sub.error = error_kind(exc)
-                if sub.ws is not None:
-                    await sub.ws.close()
-                return
-            sub.connect_s = time.perf_counter() - started
-            extensions = (
-                sub.ws.response.headers.get("Sec-WebSocket-Extensions", "") if sub.ws.response else ""
-            )
-            sub.deflate = "permessage-deflate" in extensions
-            if first.get("type") != "snapshot":
-                sub.error = f"first message was {first.get('type')!r}, not a snapshot"
-                await sub.ws.close()
-                return
-            sub.snapshot_seq = int(first["seq"])
-            sub.snapshot_status = first.get("job", {}).get("status")
-    finally:
-        attempted()
-    ws = sub.ws
-    assert ws is not None
-    try:
-        async for message in ws:
-            received = time.time()
-            event = json.loads(message)
-            kind = event.get("type")
-            if kind not in ("state", "progress"):
-                sub.other[str(kind)] += 1
-                continue
-            terminal = kind == "state" and event.get("status") in kit.TERMINAL
-            coalesced = event.get("coalesced_from")
-            sub.events.append(
-                (
-                    int(event["seq"]),
-                    ts(event["at"]),
-                    received,
-                    kind == "state",
-                    None if coalesced is None else int(coalesced),
-                )
-            )
-            sub.terminal = sub.terminal or terminal
-    except ConnectionClosed:
-        pass  # the close code is read below
-    except Exception as exc:
-        sub.error = f"while reading: {error_kind(exc)}"
-    sub.close_code = ws.close_code
-    sub.close_reason = ws.close_reason or ""
-
-
-async def run_client(plan: dict[str, Any], conn: Connection) -> None:
-    loop = asyncio.get_running_loop()
-    inbox: asyncio.Queue[str] = asyncio.Queue()
-
-    def on_message() -> None:
-        try:
-            inbox.put_nowait(conn.recv())
-        except (EOFError, OSError):  # the benchmark went away
-            loop.remove_reader(conn.fileno())
-            inbox.put_nowait("stop")
-
-    def send(kind: str, body: dict[str, Any]) -> None:
-        # The event loop made the pipe non-blocking for its reader; a big message needs blocking writes.
-        os.set_blocking(conn.fileno(), True)
-        try:
-            conn.send((kind, body))
-        finally:
-            os.set_blocking(conn.fileno(), False)
-
-    loop.add_reader(conn.fileno(), on_message)
-    send("ready", {})
-    if await inbox.get() != "go":
-        return
-    go_at = time.time()
-    subs = [Subscriber(job_id) for job_id in plan["job_ids"]]
-    gate = asyncio.Semaphore(plan["connect_concurrency"])
-    left = len(subs)
-    all_attempted = asyncio.Event()
-
-    def attempted() -> None:
-        nonlocal left
-        left -= 1
-        if left == 0:
-            all_attempted.set()
-
-    tasks = [asyncio.create_task(watch(sub, plan, gate, attempted)) for sub in subs]
-    if subs:
-        await all_attempted.wait()
-    send("connected", {"go_at": go_at, "connected_at": time.time()})
-
-    stop = asyncio.create_task(inbox.get())
-    everyone = asyncio.gather(*tasks)
-    waiters: set[asyncio.Future[Any]] = {stop, everyone}
-    await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    if not everyone.done():
-        for sub, task in zip(subs, tasks, strict=True):
-            if not task.done():
-                sub.open_at_stop = True
-                task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(
-            *(sub.ws.close() for sub in subs if sub.open_at_stop and sub.ws is not None),
-            return_exceptions=True,
-        )
-    stop.cancel()
-    loop.remove_reader(conn.fileno())
-    done_at = time.time()
-    send("done", {"subscribers": [sub.result() for sub in subs], "done_at": done_at})
-
-
-def client_process(plan: dict[str, Any], conn: Connection) -> None:
-    """Entry point of a client process (spawned: a fresh interpreter, no state inherited)."""
-    raise_nofile_limit()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the benchmark stops its clients itself
-    try:
-        import uvloop
-
-        loop_factory: Any = uvloop.new_event_loop
-    except ImportError:
-        loop_factory = None
-    with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(run_client(plan, conn))
-    conn.close()
-
-
-class Clients:
-    """The client processes, seen from the benchmark."""
-
-    def __init__(self, plans: list[dict[str, Any]]) -> None:
-        context = multiprocessing.get_context("spawn")
-        self.conns: list[Connection] = []
-        self.processes: list[multiprocessing.process.BaseProcess] = []
-        for plan in plans:
-            ours, theirs = context.Pipe()
-            process = context.Process(target=client_process, args=(plan, theirs), daemon=True)
-            process.start()
-            theirs.close()
-            self.conns.append(ours)
-            self.processes.append(process)
-
-    @property
-    def pids(self) -> list[int]:
-        return [process.pid for process in self.processes if process.pid is not None]
-
-    def broadcast(self, message: str) -> None:
-        for conn in self.conns:
-            with contextlib.suppress(OSError):
-                conn.send(message)
-
-    async def gather(self, kind: str, timeout_s: float | None) -> list[dict[str, Any] | None]:
-        """Each client's next message, which must be `kind`; None for a client that died or timed out."""
-        return await asyncio.to_thread(self._gather, kind, timeout_s)
-
-    def _gather(self, kind: str, timeout_s: float | None) -> list[dict[str, Any] | None]:
-        answers: dict[int, dict[str, Any] | None] = {}
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        pending = {conn: n for n, conn in enumerate(self.conns)}
-        while pending:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = wait(list(pending.keys()), timeout=remaining)
-            if not ready:
-                break
-            for conn in ready:
-                assert isinstance(conn, Connection)
-                n = pending.pop(conn)
-                try:
-                    got, body = conn.recv()
-                except (EOFError, OSError):
-                    answers[n] = None
-                    continue
-                if got != kind:
-                    raise RuntimeError(f"client {n} sent {got!r}, expected {kind!r}")
-                answers[n] = body
-        return [answers.get(n) for n in range(len(self.conns))]
-
-    def stop(self) -> None:
-        self.broadcast("stop")
-        for process in self.processes:
-            process.join(timeout=CLOSE_TIMEOUT_S * 2)
-            if process.is_alive():
-                process.kill()
-                process.join()
 
 
 # --- figures -----------------------------------------------------------------------------------------
@@ -444,6 +235,7 @@ class Figures(kit.StackFigures):
     closes: dict[str, Any] = field(default_factory=dict)
     jobs: dict[str, Any] = field(default_factory=dict)
     cpu: dict[str, Any] = field(default_factory=dict)
+    storm: dict[str, Any] = field(default_factory=dict)
     logs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -473,12 +265,14 @@ def delivery_figures(
     latencies: list[float] = []
     progress_latencies: list[float] = []
     state_latencies: list[float] = []
+    slow_latencies: list[float] = []  # of the subscribers slow on purpose: apart, they would be the tail
     before_window = 0
     first_at, last_received = math.inf, -math.inf
     # Per event (job, seq): its `at`, and the first and last receipt among its subscribers.
     per_event: dict[tuple[str, int], list[float]] = {}
-    expected = delivered = duplicates = out_of_order = stale = 0
-    gap_coalesced = gap_other = tail_missing = coalesced_events = 0
+    expected = delivered = duplicates = out_of_order = stale = replayed = 0
+    gap_coalesced = gap_other = tail_missing = 0
+    coalesced_events = {"normal": 0, "slow": 0}
     for sub in subs:
         if sub["snapshot_seq"] is None:
             continue
@@ -487,9 +281,12 @@ def delivery_figures(
         final = max(final_seq.get(job_id, 0), max((e[0] for e in sub["events"]), default=0))
         expected += max(0, final - sub["snapshot_seq"])
         seen: set[int] = set()
-        for seq, at, received, is_state, coalesced in sub["events"]:
+        # A resumed socket first replays what the server had at the resume: late by design, not measured.
+        replay_from = sub.get("drop_index")
+        replay_upto = sub.get("resume_last_seq") or 0
+        for n, (seq, at, received, is_state, coalesced) in enumerate(sub["events"]):
             if coalesced is not None:
-                coalesced_events += 1
+                coalesced_events["slow" if sub.get("slow") else "normal"] += 1
             if seq <= sub["snapshot_seq"]:
                 stale += 1
                 continue
@@ -505,7 +302,11 @@ def delivery_figures(
                 else:
                     gap_other += seq - last - 1
             last = max(last, seq)
-            if at >= window_start:
+            if replay_from is not None and n >= replay_from and seq <= replay_upto:
+                replayed += 1
+            elif sub.get("slow"):
+                slow_latencies.append(received - at)
+            elif at >= window_start:
                 latencies.append(received - at)
                 (state_latencies if is_state else progress_latencies).append(received - at)
                 first_at = min(first_at, at)
@@ -527,7 +328,12 @@ def delivery_figures(
         "missing_in_gaps_coalesced": gap_coalesced,
         "missing_in_gaps_other": gap_other,
         "missing_at_end": tail_missing,
-        "coalesced_events": coalesced_events,
+        "coalesced_events": coalesced_events["normal"] + coalesced_events["slow"],
+        "coalesced_events_normal": coalesced_events["normal"],
+        "coalesced_events_slow": coalesced_events["slow"],
+        "slow_subscribers": sum(bool(sub.get("slow")) for sub in subs),
+        "replayed_after_resume": replayed,
+        "slow_latency_ms": ms(slow_latencies),
         "duplicates": duplicates,
         "out_of_order": out_of_order,
         "not_newer_than_snapshot": stale,
@@ -543,6 +349,106 @@ def delivery_figures(
         "state_deliveries": len(state_latencies),
         "first_receipt_ms": ms(first),
         "fanout_spread_ms": ms(spread),
+    }
+
+
+def seq_timelines(subs: Sequence[dict[str, Any]]) -> dict[str, tuple[list[float], list[int]]]:
+    """Per job, its events' `at` in order and the job's highest seq at each: from every subscriber's
+    events (one event has the same `at` for all), so that `seq_at` can tell the job's seq at a moment."""
+    at_of: dict[str, dict[int, float]] = {}
+    for sub in subs:
+        seqs = at_of.setdefault(sub["job_id"], {})
+        for seq, at, *_ in sub["events"]:
+            seqs[seq] = at
+    timelines = {}
+    for job_id, seqs in at_of.items():
+        ats, highest, top = [], [], 0
+        for at, seq in sorted((at, seq) for seq, at in seqs.items()):
+            top = max(top, seq)
+            ats.append(at)
+            highest.append(top)
+        timelines[job_id] = (ats, highest)
+    return timelines
+
+
+def seq_at(timeline: tuple[list[float], list[int]] | None, moment: float) -> int:
+    """The job's highest seq recorded (`at`) at or before `moment`; 0 if none."""
+    if timeline is None:
+        return 0
+    ats, highest = timeline
+    n = bisect.bisect_right(ats, moment)
+    return highest[n - 1] if n else 0
+
+
+def storm_figures(subs: Sequence[dict[str, Any]], storms: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The reconnect storm, over the subscribers whose socket was dropped.
+
+    Re-admitted: the new socket's first message (`resumed`) was received. Caught up: the subscriber has
+    every event its job had recorded (`at`) before the drop; the time is that of the receipt of the first
+    event at or past that seq on the new socket, or of `resumed` when it had them all before the drop.
+    Repeats and gaps across the drop: events on the new socket at or below the last seq it had, and seqs
+    skipped between that seq and the first event on the new socket. The times leave out the subscribers
+    slow on purpose (they catch up late by design); their repeats and gaps count."""
+    timelines = seq_timelines(subs)
+    admitted: list[float] = []
+    caught_up: list[float] = []
+    errors: Counter[str] = Counter()
+    dropped = pruned = retried = never_caught_up = repeats = gaps = replayed = slow = 0
+    for sub in subs:
+        drop_at, index = sub.get("drop_at"), sub.get("drop_index")
+        if drop_at is None or index is None:
+            continue
+        dropped += 1
+        retried += sub["resume_attempts"] > 1
+        pruned += bool(sub["pruned"])
+        admitted_at = sub["resumed_at"] if sub["resumed_at"] is not None else None
+        if admitted_at is None and sub["resume_s"] is not None:
+            admitted_at = drop_at + sub["resume_s"]
+        if admitted_at is None:
+            errors[sub["resume_error"] or "?"] += 1
+            continue
+        had = sub["seq_at_drop"]
+        after = sub["events"][index:]
+        repeats += sum(seq <= had for seq, *_ in after)
+        if after and after[0][0] > had + 1 and after[0][4] is None:
+            gaps += after[0][0] - had - 1
+        upto = sub["resume_last_seq"] or 0
+        replayed += sum(seq <= upto for seq, *_ in after)
+        if sub.get("slow"):  # late by design: kept out of the times
+            slow += 1
+            continue
+        admitted.append(admitted_at - drop_at)
+        target = max(had, seq_at(timelines.get(sub["job_id"]), drop_at))
+        if had >= target:
+            caught_up.append(admitted_at - drop_at)
+            continue
+        reached = next((received for seq, _, received, *_ in after if seq >= target), None)
+        if reached is None:
+            never_caught_up += 1
+        else:
+            caught_up.append(reached - drop_at)
+    drops = [storm["drop_at"] for storm in storms if storm]
+    all_admitted = max(admitted) if admitted else None
+    return {
+        "dropped": dropped,
+        "drop": "abrupt: SO_LINGER 0 then transport abort (a TCP RST, no closing handshake)",
+        "drop_spread_ms": kit.rounded((max(drops) - min(drops)) * MS_PER_S) if drops else None,
+        "abort_ms": kit.rounded(max((storm["abort_s"] for storm in storms if storm), default=0.0) * MS_PER_S),
+        "readmitted": len(admitted) + slow,
+        "slow_left_out": slow,
+        "not_readmitted": dict(errors),
+        "retried": retried,
+        "history_pruned": pruned,
+        "all_readmitted_s": kit.rounded(all_admitted, 3),
+        "reconnect_rate_per_s": round((len(admitted) + slow) / all_admitted, 1) if all_admitted else None,
+        "readmit_ms": ms(admitted),
+        "caught_up": len(caught_up),
+        "never_caught_up": never_caught_up,
+        "all_caught_up_s": kit.rounded(max(caught_up), 3) if caught_up else None,
+        "caught_up_ms": ms(caught_up),
+        "replayed": replayed,
+        "repeats_across_drop": repeats,
+        "gaps_across_drop": gaps,
     }
 
 
@@ -563,6 +469,8 @@ def close_figures(subs: Sequence[dict[str, Any]], lost: int) -> dict[str, Any]:
             read_errors[sub["error"]] += 1
         if sub["open_at_stop"]:
             outcomes["still open at the deadline"] += 1
+        elif sub.get("drop_at") is not None and sub["resume_s"] is None:
+            outcomes["dropped by the storm, never resumed"] += 1
         elif sub["terminal"] and sub["close_code"] == CLOSE_NORMAL:
             outcomes["terminal event, then 1000"] += 1
         elif sub["terminal"]:
@@ -579,36 +487,43 @@ def close_figures(subs: Sequence[dict[str, Any]], lost: int) -> dict[str, Any]:
 
 
 def memory_figures(
-    pid: int | None,
+    pids: Sequence[int],
     how: str,
     before_kib: int | None,
     after_kib: int | None,
     closed_kib: int | None,
     peak_kib: int | None,
     connected: int,
-    pid_after: list[int],
+    pids_after: Sequence[int],
 ) -> dict[str, Any]:
+    """RSS figures summed over the progress service's processes (`pids`, found before connecting)."""
     delta = after_kib - before_kib if after_kib is not None and before_kib is not None else None
+    limits = [limit for pid in pids if (limit := open_files_limit(pid)) is not None]
     return {
-        "pid": pid,
+        "pids": list(pids),
+        "processes": len(pids),
         "found_by": how,
+        "open_files_limit": min(limits) if limits else None,
         "rss_before_kib": before_kib,
         "rss_connected_kib": after_kib,
         "rss_delta_kib": delta,
         "per_connection_kib": round(delta / connected, 1) if delta is not None and connected else None,
         "rss_after_close_kib": closed_kib,
         "peak_rss_kib": peak_kib,
-        "restarted": pid is not None and pid not in pid_after,
+        "restarted": bool(pids) and not set(pids) <= set(pids_after),
+        "processes_after": len(pids_after),
     }
 
 
 def cpu_snapshot(
-    stack_pid: int | None, progress_pid: int | None, workers: Sequence[int], clients: Sequence[int]
+    stack_pid: int | None, progress_pids: Sequence[int], workers: Sequence[int], clients: Sequence[int]
 ) -> dict[str, float]:
+    """CPU seconds so far per component: the started stack's (its progress service with all of its
+    processes), or for --url the progress service's processes, and the benchmark's own processes."""
     totals = kit.stack_cpu(stack_pid) if stack_pid else {}
     totals.pop("run", None)  # the supervisor idles
-    if not stack_pid and progress_pid:
-        totals["progress"] = proc_cpu_s(progress_pid) or 0.0
+    if not stack_pid and progress_pids:
+        totals["progress"] = sum(cpu for pid in progress_pids if (cpu := proc_cpu_s(pid)) is not None)
     for name, pids in (("workers (with start-up)", workers), ("bench clients", clients)):
         used = [proc_cpu_s(pid) for pid in pids]
         if pids:
@@ -645,15 +560,42 @@ def kib(value: int | float | None) -> str:
 def print_header(s: dict[str, Any]) -> None:
     rows = [
         ("gateway", str(s["gateway"]), str(s["origin"])),
-        ("progress", str(s["progress"]), "one instance"),
+        ("progress", str(s["progress"]), "one service (its processes: see Memory)"),
         ("subscribers", kit.fmt(s["subscribers"]), f"{s['subscribers_per_job']} per job"),
         ("jobs", kit.fmt(s["jobs"]), f"{JOB_TYPE}: {s['job_seconds']:g} s, {s['steps_note']}"),
         (
             "client processes",
             str(s["clients"]),
-            f"{s['client_loop']}, deflate {'offered' if s['deflate'] else 'off'}",
+            f"{s['client_loop']}, lean WebSocket client, deflate {'offered' if s['deflate'] else 'off'}",
         ),
         ("connect concurrency", str(s["connect_concurrency"]), "handshakes in flight"),
+        *(
+            [
+                (
+                    "reconnect storm",
+                    f"{s['reconnect_storm']:g} s",
+                    f"into the delivery, every socket dropped; {s['storm_concurrency']} resumes in flight",
+                )
+            ]
+            if s["reconnect_storm"] is not None
+            else []
+        ),
+        *(
+            [("slow subscribers", kit.fmt(s["slow_clients"]), "read slowly on purpose")]
+            if s["slow_clients"]
+            else []
+        ),
+        *(
+            [
+                (
+                    "tenant socket limit",
+                    kit.fmt(s["tenant_max_sockets"]),
+                    "CONVEYOR_PROGRESS_TENANT_MAX_SOCKETS",
+                )
+            ]
+            if s["tenant_max_sockets"]
+            else []
+        ),
         ("workers", str(s["workers"]), str(s["workers_note"])),
         ("database", str(s["database"]), ""),
         kit.machine_row(s, f", open files {s['nofile']}"),
@@ -678,21 +620,25 @@ def print_connect(fig: dict[str, Any]) -> None:
 
 
 def print_memory(fig: dict[str, Any]) -> None:
-    if fig.get("pid") is None:
+    if not fig.get("pids"):
         kit.console.print(
             f"[yellow]Memory: progress service process not found ({fig.get('found_by')}).[/yellow]"
         )
         return
+    pids = fig["pids"]
+    shown = ", ".join(str(pid) for pid in pids[:4]) + (", ..." if len(pids) > 4 else "")
+    summed = " summed over its processes" if len(pids) > 1 else ""
     rows = [
-        ("progress pid", str(fig["pid"]), str(fig["found_by"])),
-        ("RSS before", kib(fig["rss_before_kib"]), "MiB (after a warm-up)"),
+        ("progress processes", str(fig["processes"]), f"pid {shown}; {fig['found_by']}"),
+        ("open files limit", kit.fmt(fig["open_files_limit"]), "soft RLIMIT_NOFILE of the progress service"),
+        ("RSS before", kib(fig["rss_before_kib"]), f"MiB (after a warm-up){summed}"),
         ("RSS all connected", kib(fig["rss_connected_kib"]), "MiB"),
         ("per connection", kit.fmt(fig["per_connection_kib"]), "KiB ((connected - before) / connected)"),
         ("RSS after all closed", kib(fig["rss_after_close_kib"]), "MiB"),
-        ("peak RSS", kib(fig["peak_rss_kib"]), "MiB (VmHWM, since the process started)"),
+        ("peak RSS", kib(fig["peak_rss_kib"]), f"MiB (VmHWM, since the process started){summed}"),
     ]
     if fig["restarted"]:
-        rows.append(("[red]restarted[/red]", "yes", "it exited or restarted during the run"))
+        rows.append(("[red]restarted[/red]", "yes", "a process exited or restarted during the run"))
     kit.console.print(kit.table("Memory of the progress service", rows))
 
 
@@ -713,6 +659,23 @@ def print_delivery(fig: dict[str, Any]) -> None:
         ("  in gaps, unexplained", kit.fmt(fig["missing_in_gaps_other"]), ""),
         ("  at the end", kit.fmt(fig["missing_at_end"]), "(never got there: closed early or deadline)"),
         ("coalesced events", kit.fmt(fig["coalesced_events"]), "carried coalesced_from"),
+        *(
+            [
+                ("  to normal subscribers", kit.fmt(fig["coalesced_events_normal"]), ""),
+                (
+                    "  to slow subscribers",
+                    kit.fmt(fig["coalesced_events_slow"]),
+                    f"({fig['slow_subscribers']:,} made slow on purpose: --slow-clients)",
+                ),
+                (
+                    "  slow subscribers' latency p50 / p99",
+                    f"{kit.fmt(fig['slow_latency_ms']['p50'])} / {kit.fmt(fig['slow_latency_ms']['p99'])}",
+                    "ms (left out of the latency figures below)",
+                ),
+            ]
+            if fig["slow_subscribers"]
+            else []
+        ),
         ("duplicates / out of order", f"{fig['duplicates']} / {fig['out_of_order']}", ""),
         (
             "measured deliveries",
@@ -756,7 +719,49 @@ def print_delivery(fig: dict[str, Any]) -> None:
         )
     if fig["not_newer_than_snapshot"]:
         rows.append(("not newer than snapshot", kit.fmt(fig["not_newer_than_snapshot"]), "events"))
+    if fig["replayed_after_resume"]:
+        rows.append(
+            (
+                "replayed after a resume",
+                kit.fmt(fig["replayed_after_resume"]),
+                "deliveries not measured for latency (see Reconnect storm)",
+            )
+        )
     kit.console.print(kit.table("Delivery", rows))
+
+
+def print_storm(fig: dict[str, Any]) -> None:
+    rows = [
+        ("dropped", kit.fmt(fig["dropped"]), f"sockets, {fig['drop']}"),
+        (
+            "drop spread",
+            kit.fmt(fig["drop_spread_ms"]),
+            f"ms between the client processes' drops; aborting took {kit.fmt(fig['abort_ms'])} ms",
+        ),
+        ("re-admitted", kit.fmt(fig["readmitted"]), "got `resumed` on a new socket with ?after_seq="),
+        ("all re-admitted", kit.fmt(fig["all_readmitted_s"], 2), "s after the drop"),
+        ("reconnect rate", kit.fmt(fig["reconnect_rate_per_s"]), "resumes/s"),
+        *kit.quantile_rows("re-admitted", fig["readmit_ms"], "ms", "drop -> `resumed` received"),
+        ("caught up", kit.fmt(fig["caught_up"]), "had every event recorded before the drop"),
+        ("all caught up", kit.fmt(fig["all_caught_up_s"], 2), "s after the drop"),
+        *kit.quantile_rows("caught up", fig["caught_up_ms"], "ms", "drop -> last missed event received"),
+        ("replayed", kit.fmt(fig["replayed"]), "events sent after `resumed` from the history"),
+        (
+            "repeats / gaps across the drop",
+            f"{fig['repeats_across_drop']} / {fig['gaps_across_drop']}",
+            "events",
+        ),
+        ("resumes retried", kit.fmt(fig["retried"]), "needed more than one attempt"),
+    ]
+    if fig["slow_left_out"]:
+        rows.append(("slow subscribers", kit.fmt(fig["slow_left_out"]), "re-admitted, left out of the times"))
+    if fig["never_caught_up"]:
+        rows.append(("[red]never caught up[/red]", kit.fmt(fig["never_caught_up"]), "subscribers"))
+    if fig["history_pruned"]:
+        rows.append(("[red]history pruned[/red]", kit.fmt(fig["history_pruned"]), "got a snapshot instead"))
+    for kind, n in sorted(fig["not_readmitted"].items()):
+        rows.append(("[red]not re-admitted[/red]", kit.fmt(n), kind))
+    kit.console.print(kit.table("Reconnect storm", rows))
 
 
 def print_closes(fig: dict[str, Any]) -> None:
@@ -781,19 +786,21 @@ def print_jobs(fig: dict[str, Any]) -> None:
 
 
 def print_cpu(fig: dict[str, Any]) -> None:
-    phases = [fig.get("connect", {}), fig.get("delivery", {})]
+    """One column per phase (connecting, delivery; with a storm, delivery before it and from it on)."""
+    phases = list(fig.items())
     out = Table(title="CPU seconds (share of one core)", title_justify="left", box=box.SIMPLE, pad_edge=False)
     out.add_column("")
-    out.add_column(f"connecting ({phases[0].get('wall_s', 0):.1f} s)", justify="right")
-    out.add_column(f"delivery window ({phases[1].get('wall_s', 0):.1f} s)", justify="right")
-    for name in sorted(set(phases[0].get("cpu_s", {})) | set(phases[1].get("cpu_s", {}))):
+    for name, phase in phases:
+        title = "connecting" if name == "connect" else "delivery window" if name == "delivery" else name
+        out.add_column(f"{title} ({phase.get('wall_s', 0):.1f} s)", justify="right")
+    for component in sorted({name for _, phase in phases for name in phase.get("cpu_s", {})}):
         cells = []
-        for phase in phases:
-            used = phase.get("cpu_s", {}).get(name)
+        for _, phase in phases:
+            used = phase.get("cpu_s", {}).get(component)
             wall = phase.get("wall_s") or 0
             share = f" ({used / wall:.0%})" if used is not None and wall else ""
             cells.append("-" if used is None else f"{used:.2f}{share}")
-        out.add_row(name, *cells)
+        out.add_row(component, *cells)
     kit.console.print(out)
 
 
@@ -886,19 +893,43 @@ def job_figures(bodies: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def client_plans(
     args: argparse.Namespace, job_ids: Sequence[str], progress_url: str, key: str
 ) -> list[dict[str, Any]]:
+    """Subscribers round-robin over the jobs, then over the client processes. The slow ones
+    (`--slow-clients N`) are the first N, so they too are spread over the jobs and the processes."""
     assignments = [job_ids[n % len(job_ids)] for n in range(args.subscribers)]
-    clients = min(args.clients, args.subscribers)
+    slow = set(range(args.slow_clients))
+    clients = client_count(args)
     per_client = max(1, math.ceil(args.connect_concurrency / clients))
+    storm = args.storm_concurrency or args.connect_concurrency
     return [
         {
             "job_ids": assignments[n::clients],
+            "slow": [k for k, index in enumerate(range(n, args.subscribers, clients)) if index in slow],
             "progress_url": progress_url,
             "key": key,
             "deflate": not args.no_deflate,
             "connect_concurrency": per_client,
+            "storm_concurrency": max(1, math.ceil(storm / clients)),
+            "slow_pause_s": args.slow_pause,
         }
         for n in range(clients)
     ]
+
+
+def client_count(args: argparse.Namespace) -> int:
+    clients: int = min(args.clients, args.subscribers)
+    return clients
+
+
+def connect_phase_timeout(subscribers: int) -> float:
+    """How long connecting may take in all: generous, and longer for more subscribers (at 50/s at least)."""
+    return max(CONNECT_PHASE_TIMEOUT_S, subscribers / MIN_CONNECT_RATE)
+
+
+def storm_at(args: argparse.Namespace) -> float:
+    """Seconds into the delivery phase at which the storm drops every socket (default: mid-run)."""
+    if args.storm_at is not None:
+        return float(args.storm_at)
+    return float(args.job_seconds / 2)
 
 
 async def run_benchmark(
@@ -911,6 +942,8 @@ async def run_benchmark(
     workers: kit.Workers | None = None
     clients: Clients | None = None
     log_offset = stack.log_path.stat().st_size if stack is not None and stack.log_path.exists() else 0
+    cpu_storm: dict[str, float] | None = None
+    wall_storm = 0.0
     async with httpx.AsyncClient(
         base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=kit.REQUEST_TIMEOUT_S
     ) as http:
@@ -924,13 +957,16 @@ async def run_benchmark(
                 progress_url = jobs[0]["links"]["events"].rsplit("/v1/jobs/", 1)[0]
                 s["progress"] = progress_url
             await wait_progress_ready(progress_url, args.startup_timeout)
-            progress_pid, pid_how = locate_progress(args, stack, progress_url)
-            kit.console.print(f"Progress service: {progress_url}; warm-up: {WARMUP_CONNECTIONS} connections")
+            progress_pids, pid_how = locate_progress(args, stack, progress_url)
+            kit.console.print(
+                f"Progress service: {progress_url}, {len(progress_pids)} processes; "
+                f"warm-up: {WARMUP_CONNECTIONS} connections"
+            )
             warm = [await snapshot_seq(progress_url, key, job_ids[0]) for _ in range(WARMUP_CONNECTIONS)]
             if None in warm:
                 raise RuntimeError(f"{warm.count(None)} of {WARMUP_CONNECTIONS} warm-up connections failed")
             await asyncio.sleep(RSS_SETTLE_S)
-            rss_before = proc_status_kib(progress_pid, "VmRSS") if progress_pid else None
+            rss_before = summed_kib(progress_pids, "VmRSS")
 
             plans = client_plans(args, job_ids, progress_url, key)
             clients = Clients(plans)
@@ -939,26 +975,25 @@ async def run_benchmark(
             kit.console.print(
                 f"Connecting {args.subscribers:,} subscribers from {len(plans)} client processes..."
             )
-            cpu_go = cpu_snapshot(stack_pid, progress_pid, [], clients.pids)
+            cpu_go = cpu_snapshot(stack_pid, progress_pids, [], clients.pids)
             wall_go = time.perf_counter()
             clients.broadcast("go")
-            stages = await clients.gather("connected", CONNECT_PHASE_TIMEOUT_S)
+            connect_timeout = connect_phase_timeout(args.subscribers)
+            stages = await clients.gather("connected", connect_timeout)
             if None in stages:
-                raise RuntimeError(
-                    f"a client process died, or took over {CONNECT_PHASE_TIMEOUT_S:.0f} s to connect"
-                )
-            cpu_connected = cpu_snapshot(stack_pid, progress_pid, [], clients.pids)
+                raise RuntimeError(f"a client process died, or took over {connect_timeout:.0f} s to connect")
+            cpu_connected = cpu_snapshot(stack_pid, progress_pids, [], clients.pids)
             wall_connected = time.perf_counter()
             kit.console.print(
                 f"Every subscriber connected or failed after {wall_connected - wall_go:.1f} s; "
                 f"reading the progress service's RSS in {RSS_SETTLE_S:.0f} s"
             )
             await asyncio.sleep(RSS_SETTLE_S)
-            rss_connected = proc_status_kib(progress_pid, "VmRSS") if progress_pid else None
+            rss_connected = summed_kib(progress_pids, "VmRSS")
 
             window_start = time.time()
             wall_window = time.perf_counter()
-            cpu_window = cpu_snapshot(stack_pid, progress_pid, [], clients.pids)
+            cpu_window = cpu_snapshot(stack_pid, progress_pids, [], clients.pids)
             if stack is not None:
                 workers = kit.Workers(stack, args.workers, max(DEFAULT_WORKER_CONCURRENCY, args.jobs))
                 workers.start()
@@ -968,6 +1003,18 @@ async def run_benchmark(
             else:
                 kit.console.print(f"Measuring; the jobs end in about {args.job_seconds:g} s...")
             deadline_s = lead + args.job_seconds + args.wait_timeout
+            if args.reconnect_storm:
+                await asyncio.sleep(storm_at(args))
+                cpu_storm = cpu_snapshot(
+                    stack_pid, progress_pids, workers.pids if workers else [], clients.pids
+                )
+                wall_storm = time.perf_counter()
+                kit.console.print(
+                    f"Reconnect storm: every client drops all its sockets now ({storm_at(args):g} s in)"
+                )
+                clients.broadcast("storm")
+                # Resuming may outlast the jobs: as long as connecting everyone may take, on top.
+                deadline_s += connect_phase_timeout(args.subscribers) - storm_at(args)
             results = await clients.gather("done", deadline_s)
             if None in results:
                 kit.console.print(
@@ -979,17 +1026,18 @@ async def run_benchmark(
                     mine if mine is not None else again for mine, again in zip(results, late, strict=True)
                 ]
             window_end = max((r["done_at"] for r in results if r is not None), default=time.time())
-            cpu_end = cpu_snapshot(stack_pid, progress_pid, workers.pids if workers else [], clients.pids)
+            cpu_end = cpu_snapshot(stack_pid, progress_pids, workers.pids if workers else [], clients.pids)
             wall_end = time.perf_counter()
             await asyncio.sleep(RSS_SETTLE_S)
-            rss_closed = proc_status_kib(progress_pid, "VmRSS") if progress_pid else None
-            peak = proc_status_kib(progress_pid, "VmHWM") if progress_pid else None
+            rss_closed = summed_kib(progress_pids, "VmRSS")
+            peak = summed_kib(progress_pids, "VmHWM")
             if stack_pid:
                 pids_after = find_progress_pids(stack_pid)
             else:  # still alive, or gone
-                pids_after = [progress_pid] if progress_pid and rss_closed is not None else []
+                pids_after = [pid for pid in progress_pids if proc_status_kib(pid, "VmRSS") is not None]
 
             subs = [sub for result in results if result is not None for sub in result["subscribers"]]
+            storms = [result["storm"] for result in results if result is not None]
             final_seq = {
                 job_id: seq
                 for job_id in job_ids
@@ -1006,7 +1054,7 @@ async def run_benchmark(
     figures.connect = connect_figures(subs, stages, args.subscribers)
     print_connect(figures.connect)
     figures.memory = memory_figures(
-        progress_pid,
+        progress_pids,
         pid_how,
         rss_before,
         rss_connected,
@@ -1018,15 +1066,20 @@ async def run_benchmark(
     print_memory(figures.memory)
     figures.delivery = delivery_figures(subs, final_seq, window_start, window_end)
     print_delivery(figures.delivery)
+    if args.reconnect_storm:
+        figures.storm = storm_figures(subs, storms)
+        print_storm(figures.storm)
     lost = sum(len(plan["job_ids"]) for plan, result in zip(plans, results, strict=True) if result is None)
     figures.closes = close_figures(subs, lost)
     print_closes(figures.closes)
     figures.jobs = job_figures(bodies)
     print_jobs(figures.jobs)
-    figures.cpu = {
-        "connect": cpu_phase(cpu_go, cpu_connected, wall_connected - wall_go),
-        "delivery": cpu_phase(cpu_window, cpu_end, wall_end - wall_window),
-    }
+    figures.cpu = {"connect": cpu_phase(cpu_go, cpu_connected, wall_connected - wall_go)}
+    if cpu_storm is not None:
+        figures.cpu["delivery before the storm"] = cpu_phase(cpu_window, cpu_storm, wall_storm - wall_window)
+        figures.cpu["storm to the end"] = cpu_phase(cpu_storm, cpu_end, wall_end - wall_storm)
+    else:
+        figures.cpu["delivery"] = cpu_phase(cpu_window, cpu_end, wall_end - wall_window)
     print_cpu(figures.cpu)
     if stack is not None:
         figures.logs = {"stack.log": scan_log(stack.log_path, log_offset)}
@@ -1073,6 +1126,26 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="every job reports at the same pace, so all their reports arrive together (the worst case)",
     )
     parser.add_argument("--no-deflate", action="store_true", help="do not offer permessage-deflate")
+    parser.add_argument(
+        "--reconnect-storm",
+        action="store_true",
+        help="drop every socket at once mid-run (a TCP RST) and resume each with ?after_seq=",
+    )
+    parser.add_argument(
+        "--storm-at",
+        type=float,
+        help="with --reconnect-storm: seconds into the delivery phase (default: half of --job-seconds)",
+    )
+    kit.add_option(
+        parser,
+        "--storm-concurrency",
+        0,
+        "with --reconnect-storm: resumes in flight, over all client processes (0: --connect-concurrency)",
+    )
+    kit.add_option(parser, "--slow-clients", 0, "subscribers that read slowly on purpose")
+    kit.add_option(
+        parser, "--slow-pause", DEFAULT_SLOW_PAUSE_S, "seconds a slow subscriber stops reading, each time"
+    )
     kit.add_database_option(parser)
     kit.add_stack_options(
         parser,
@@ -1086,6 +1159,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     kit.check_target(parser, args)
     if (args.progress_url or args.progress_pid) and not args.url:
         parser.error("--progress-url and --progress-pid go with --url")
+    if (args.storm_at is not None or args.storm_concurrency) and not args.reconnect_storm:
+        parser.error("--storm-at and --storm-concurrency go with --reconnect-storm")
+    if args.storm_at is not None and not 0 <= args.storm_at < args.job_seconds + (
+        args.lead if args.url else 0
+    ):
+        parser.error("--storm-at must fall within the jobs' run")
+    if args.slow_pause <= 0:
+        parser.error("--slow-pause must be positive")
+    if args.storm_concurrency < 0 or not 0 <= args.slow_clients <= args.subscribers:
+        parser.error("--storm-concurrency must be at least 0, --slow-clients between 0 and --subscribers")
     steps = round(args.job_seconds / args.interval) + (round(args.lead / args.interval) if args.url else 0)
     steps += 0 if args.aligned else args.jobs - 1
     if steps > MAX_STEPS:
@@ -1124,8 +1207,16 @@ def settings_of(args: argparse.Namespace, url: str, progress_url: str | None, no
         "steps_note": steps_note(args),
         "interval_s": args.interval,
         "lead_s": args.lead if external else 0.0,
-        "clients": min(args.clients, args.subscribers),
+        "clients": client_count(args),
         "client_loop": client_loop,
+        "client_websocket": "wsclient.py (frames parsed by the bench, each distinct payload parsed once)",
+        "reconnect_storm": storm_at(args) if args.reconnect_storm else None,
+        "storm_concurrency": (args.storm_concurrency or args.connect_concurrency)
+        if args.reconnect_storm
+        else None,
+        "slow_clients": args.slow_clients,
+        "slow_pause_s": args.slow_pause,
+        "tenant_max_sockets": None if external else tenant_max_sockets(args.subscribers),
         "deflate": not args.no_deflate,
         "connect_concurrency": args.connect_concurrency,
         "workers": "unknown" if external else args.workers,
@@ -1143,22 +1234,24 @@ def settings_of(args: argparse.Namespace, url: str, progress_url: str | None, no
 
 def locate_progress(
     args: argparse.Namespace, stack: kit.EmbeddedStack | None, progress_url: str
-) -> tuple[int | None, str]:
-    """The progress service's pid, and how it was found."""
+) -> tuple[list[int], str]:
+    """The progress service's processes, and how they were found."""
     if args.progress_pid:
-        return args.progress_pid, "--progress-pid"
+        return sorted(
+            with_descendants({args.progress_pid}, live_parents())
+        ), "--progress-pid and its children"
     if stack is not None and stack.process is not None:
         pids = find_progress_pids(stack.process.pid)
-        if len(pids) == 1:
-            return pids[0], "child of the started stack"
-        return None, f"{len(pids)} `conveyor progress` children of the started stack"
+        if pids:
+            return pids, "`conveyor progress` under the started stack, with its children"
+        return [], "no `conveyor progress` under the started stack"
     parsed = urlsplit(progress_url)
     if parsed.hostname not in LOCAL_HOSTS or parsed.port is None:
-        return None, "not on this machine; give --progress-pid"
-    pid = listening_pid(parsed.port)
-    if pid is None:
-        return None, f"no process here listens on port {parsed.port}; give --progress-pid"
-    return pid, f"listens on port {parsed.port}"
+        return [], "not on this machine; give --progress-pid"
+    listening = listening_pids(parsed.port)
+    if not listening:
+        return [], f"no process here listens on port {parsed.port}; give --progress-pid"
+    return sorted(with_descendants(set(listening), live_parents())), f"listen on port {parsed.port}"
 
 
 def progress_url_of(args: argparse.Namespace, stack: kit.EmbeddedStack | None) -> str | None:
@@ -1173,9 +1266,21 @@ def new_figures(args: argparse.Namespace, url: str, stack: kit.EmbeddedStack | N
     return Figures(settings_of(args, url, progress_url_of(args, stack), nofile))
 
 
+def tenant_max_sockets(subscribers: int) -> int:
+    return max(DEFAULT_PROGRESS_TENANT_MAX_SOCKETS, TENANT_SOCKETS_PER_SUBSCRIBER * subscribers)
+
+
+def new_stack(args: argparse.Namespace) -> kit.EmbeddedStack:
+    """The workers start once every subscriber is connected, hence a stack without them; its one tenant
+    may hold every subscriber's socket (settings in the environment, `CONVEYOR_...`, reach it too)."""
+    limit = str(tenant_max_sockets(args.subscribers))
+    return kit.EmbeddedStack(
+        0, args.database_url, None, settings={"CONVEYOR_PROGRESS_TENANT_MAX_SOCKETS": limit}
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """The workers start once every subscriber is connected, hence a stack without them."""
-    return kit.run_main(parse_args(argv), kit.stack_without_workers, new_figures, print_header, run_benchmark)
+    return kit.run_main(parse_args(argv), new_stack, new_figures, print_header, run_benchmark)
 
 
 if __name__ == "__main__":
