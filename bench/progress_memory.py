@@ -36,6 +36,7 @@ from typing import Any
 import benchkit as kit
 import httpx
 import uvicorn
+import uvloop
 
 CONNECT_CONCURRENCY = 100
 CLOSE_WAIT_S = 30.0
@@ -245,7 +246,7 @@ def run(args: argparse.Namespace) -> int:
         async def main() -> None:
             await asyncio.gather(server.serve(), measure(args, server, app, url, job["id"]))
 
-        asyncio.run(main())
+        uvloop.run(main())  # as uvicorn runs the service
     finally:
         stack.stop()
     return 0
@@ -265,8 +266,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--client"]:
-        import uvloop
-
         uvloop.run(hold_sockets(sys.argv[2], int(sys.argv[3])))
     else:
         sys.exit(run(parse_args()))
