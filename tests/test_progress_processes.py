@@ -240,6 +240,7 @@ async def test_stopping_the_service_stops_every_process(stack: Stack) -> None:
     second = stack.start("progress-again", "progress")
     assert second.wait(timeout=STOP_S) == 3
     assert "progress.port_taken" in stack.log("progress-again")
+    stack.stop("progress-again")
 
     async with sockets_of(stack) as sockets:
         await sockets.on_each(pids, at_least=1)

@@ -44,6 +44,8 @@ log = structlog.get_logger(__name__)
 # killed: within the 20 s `conveyor run` gives the whole progress service.
 CHILD_STOP_TIMEOUT_S = 15.0
 PARENT_OPTION = "--parent-pid"
+# The children's metrics files: their owner's alone.
+METRICS_DIR_MODE = 0o700
 
 
 def child_argv(parent_pid: int) -> list[str]:
@@ -61,7 +63,7 @@ def supervise(settings: Settings, count: int) -> int:
         # Checked here, once: joined by SO_REUSEPORT, the port of a stale instance would be shared with it.
         log.error("progress.port_taken", host=settings.host, port=settings.progress_port)
         return STARTUP_FAILURE
-    metrics_dir = Path(tempfile.mkdtemp(prefix="conveyor-progress-metrics-"))
+    metrics_dir = fresh_metrics_dir(settings.host, settings.progress_port)
     env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
     specs = [
         ServiceSpec(child_name(n), child_argv(os.getpid()), env, stop_timeout_s=CHILD_STOP_TIMEOUT_S)
@@ -74,6 +76,19 @@ def supervise(settings: Settings, count: int) -> int:
         shutil.rmtree(metrics_dir, ignore_errors=True)
     log.info("progress.stopped", count=count)
     return 0
+
+
+def fresh_metrics_dir(host: str, port: int) -> Path:
+    """An empty folder for the children's series, named by the address: the one a SIGKILLed parent
+    left (no `finally` ran) is emptied by the next start on that address, which is free, so no other
+    service uses it. Anywhere else if it cannot be (another user made it)."""
+    path = Path(tempfile.gettempdir()) / f"conveyor-progress-metrics-{os.getuid()}-{host}-{port}"
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        path.mkdir(mode=METRICS_DIR_MODE)
+    except OSError:
+        return Path(tempfile.mkdtemp(prefix="conveyor-progress-metrics-"))
+    return path
 
 
 def _forget_live_gauges(metrics_dir: Path) -> Callable[[str, int], None]:
