@@ -60,8 +60,8 @@ DEFAULT_PROGRESS_TENANT_MAX_STREAMS = 1000
 # The progress service's processes, all on its one port (SO_REUSEPORT), each a whole instance (its own
 # reader of the events topic, database pool and per-tenant caps): 0 is one per CPU the service may use
 # (`conveyor.cpus`), at most MAX_AUTO_PROGRESS_PROCESSES. Delivering events is CPU work in one thread,
-# so one process uses one core; each more costs its memory (~60 MiB), a database pool and a reader of
-# every event, which past a few cores more instances (pods) spread better.
+# so one process uses one core; each more costs its memory (~100 MiB idle), a database pool and a
+# reader of every event, which past a few cores more instances (pods) spread better.
 DEFAULT_PROGRESS_PROCESSES = 0
 MAX_AUTO_PROGRESS_PROCESSES = 4
 MAX_PROGRESS_PROCESSES = 64
