@@ -33,6 +33,7 @@ import structlog
 from prometheus_client.multiprocess import mark_process_dead
 from uvicorn.config import STARTUP_FAILURE
 
+from conveyor.metrics import MULTIPROCESS_DIR_ENV
 from conveyor.serving import port_is_free
 from conveyor.settings import Settings
 from conveyor.stopping import STOP_SIGNALS
@@ -60,11 +61,12 @@ def child_name(number: int) -> str:
 def supervise(settings: Settings, count: int) -> int:
     """Run `count` progress processes on the port until SIGTERM or SIGINT; the exit code."""
     if not port_is_free(settings.host, settings.progress_port):
-        # Checked here, once: joined by SO_REUSEPORT, the port of a stale instance would be shared with it.
+        # Refused as a single process would be: with SO_REUSEPORT the children could join the port of
+        # another service of ours (a stale one) and silently split its clients with it.
         log.error("progress.port_taken", host=settings.host, port=settings.progress_port)
         return STARTUP_FAILURE
     metrics_dir = fresh_metrics_dir(settings.host, settings.progress_port)
-    env = {"PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
+    env = {MULTIPROCESS_DIR_ENV: str(metrics_dir)}
     specs = [
         ServiceSpec(child_name(n), child_argv(os.getpid()), env, stop_timeout_s=CHILD_STOP_TIMEOUT_S)
         for n in range(1, count + 1)
