@@ -33,6 +33,7 @@ MAX_SOCKETS = 40
 RESTART_S = 60.0
 STOP_S = 30.0
 TCP_ESTABLISHED = "01"
+TCP_LISTEN = "0A"
 RECEIVE_TIMEOUT_S = 60
 
 Message = dict[str, Any]
@@ -44,26 +45,47 @@ def children(stack: Stack) -> set[int]:
     return {pid for pid, cmd in descendants(parent).items() if "--parent-pid" in cmd and alive(pid)}
 
 
-def serving_pid(ws: ClientConnection, server_port: int, pids: set[int]) -> int | None:
-    """Which of `pids` holds the server's end of the WebSocket (from /proc: its socket's inode)."""
-    client_port = ws.local_address[1]
-    inode = None
+def tcp_inodes(local_port: int, remote_port: int, state: str) -> set[str]:
+    """The sockets (as their fds read, `socket:[inode]`) of the TCP table with these ports and state."""
+    inodes = set()
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         with contextlib.suppress(OSError):
             for line in Path(table).read_text().splitlines()[1:]:
                 fields = line.split()
                 local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
-                if (local, remote) == (server_port, client_port) and fields[3] == TCP_ESTABLISHED:
-                    inode = f"socket:[{fields[9]}]"
-    if inode is None:
-        return None
+                if (local, remote) == (local_port, remote_port) and fields[3] == state:
+                    inodes.add(f"socket:[{fields[9]}]")
+    return inodes
+
+
+def holder(inodes: set[str], pids: set[int]) -> int | None:
+    """Which of `pids` holds one of the sockets."""
     for pid in pids:
         with contextlib.suppress(OSError):
             for fd in Path(f"/proc/{pid}/fd").iterdir():
                 with contextlib.suppress(OSError):
-                    if os.readlink(fd) == inode:
+                    if os.readlink(fd) in inodes:
                         return pid
     return None
+
+
+def serving_pid(ws: ClientConnection, server_port: int, pids: set[int]) -> int | None:
+    """Which of `pids` holds the server's end of the WebSocket."""
+    return holder(tcp_inodes(server_port, ws.local_address[1], TCP_ESTABLISHED), pids)
+
+
+def listening(stack: Stack) -> set[int]:
+    """The children that listen on the port (a child listens once it has started)."""
+    inodes = tcp_inodes(port_of(stack), 0, TCP_LISTEN)
+    return {pid for pid in children(stack) if holder(inodes, {pid}) is not None}
+
+
+async def both_listening(stack: Stack) -> set[int]:
+    """Both children, once both listen: /readyz answered by one says nothing of the other."""
+    pids: set[int] = await eventually(
+        lambda: len(now := listening(stack)) == CHILDREN and now, RESTART_S, "both children to listen"
+    )
+    return pids
 
 
 async def scrape(stack: Stack) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
@@ -161,7 +183,7 @@ async def sum_of_connections(stack: Stack, expected: int) -> bool:
 
 
 async def test_two_processes_share_the_port_and_metrics_sum_over_them(stack: Stack) -> None:
-    pids = await eventually(lambda: len(children(stack)) == CHILDREN and children(stack), 30, "two children")
+    pids = await both_listening(stack)
     async with sockets_of(stack) as sockets:
         await sockets.on_each(pids, at_least=3)
         assert set(sockets.counts()) == pids
@@ -181,7 +203,7 @@ async def _metrics_requests_at_least(stack: Stack, count: int) -> bool:
 
 
 async def test_a_subscriber_on_either_process_gets_every_event_of_a_job(stack: Stack) -> None:
-    pids = await eventually(lambda: len(children(stack)) == CHILDREN and children(stack), 30, "two children")
+    pids = await both_listening(stack)
     # Delayed, so that every subscriber is there before it runs.
     job_id = await stack.submit_job({**sleep_job(seconds=3, steps=30), "delay_s": 3})
     async with sockets_of(stack) as sockets:
@@ -204,7 +226,7 @@ async def test_a_subscriber_on_either_process_gets_every_event_of_a_job(stack: S
 
 
 async def test_a_killed_process_is_replaced_while_the_other_serves(stack: Stack) -> None:
-    pids = await eventually(lambda: len(children(stack)) == CHILDREN and children(stack), 30, "two children")
+    pids = await both_listening(stack)
     async with sockets_of(stack) as sockets:
         await sockets.on_each(pids, at_least=2)
         victim, survivor = sorted(pids)
@@ -223,19 +245,15 @@ async def test_a_killed_process_is_replaced_while_the_other_serves(stack: Stack)
         assert code == 1000 and messages[-1]["status"] == "succeeded"
         assert_gap_free(messages[1:], after_seq=messages[0]["seq"])
 
-        replaced = await eventually(
-            lambda: len(now := children(stack)) == CHILDREN and victim not in now and now,
-            RESTART_S,
-            "the parent to start another process",
-        )
+        replaced = await both_listening(stack)
+        assert victim not in replaced
         (newcomer,) = replaced - {survivor}
-        await stack.wait_ready(http_of(stack))
         await sockets.on_each({newcomer}, at_least=1)
     assert "supervisor.exited" in stack.log("progress")
 
 
 async def test_stopping_the_service_stops_every_process(stack: Stack) -> None:
-    pids = await eventually(lambda: len(children(stack)) == CHILDREN and children(stack), 30, "two children")
+    pids = await both_listening(stack)
     # A second service on the same port is refused, rather than sharing it with the first.
     second = stack.start("progress-again", "progress")
     assert second.wait(timeout=STOP_S) == 3
@@ -256,6 +274,6 @@ async def test_stopping_the_service_stops_every_process(stack: Stack) -> None:
     # Even SIGKILLed, the parent leaves no child behind.
     stack.start("progress")
     await stack.wait_ready(http_of(stack))
-    pids = await eventually(lambda: len(children(stack)) == CHILDREN and children(stack), 30, "two children")
+    pids = await both_listening(stack)
     stack.kill("progress")
     await eventually(lambda: not any(alive(pid) for pid in pids), 10, "the orphans to be gone")
