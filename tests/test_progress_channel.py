@@ -72,8 +72,8 @@ async def test_a_full_channel_overflows_and_takes_nothing_more() -> None:
     channel = Channel(limit=2, tenant="t")
     channel.offer(event(1, "state", status=JobState.QUEUED))
     channel.request(Reply({"type": "pong"}))
-    assert not channel.overflowed.is_set()
+    assert not channel.overflowed
     channel.offer(event(2, "state"))
-    assert channel.overflowed.is_set()
+    assert channel.overflowed
     channel.offer(event(3, "state"))
     assert len(channel) == 2

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Query, Request, WebSocket
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import Response
 
 from conveyor import collector, metrics
@@ -20,13 +20,15 @@ from conveyor.request_spans import http_telemetry
 from conveyor.settings import Settings
 from conveyor.sizes import topic_max_message_bytes
 from conveyor.topics_setup import TopicKeeper
-from services.progress import sockets, sse
+from services.progress import sse
 from services.progress.cors import allow_the_dashboard
 from services.progress.hub import EventHub
+from services.progress.socket_routes import SocketRoutes
 from services.progress.state import ProgressState, progress_state
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings) -> SocketRoutes:
+    """The HTTP app, with its WebSocket endpoints in front of it (`socket_routes`)."""
     metrics.configure(settings.metrics_tenant_label)
 
     @asynccontextmanager
@@ -57,17 +59,6 @@ def create_app(settings: Settings) -> FastAPI:
     # Outermost: a preflight is answered before anything else looks at it.
     allow_the_dashboard(app, settings)
 
-    @app.websocket("/v1/jobs/{job_id}/events")
-    async def job_events_socket(websocket: WebSocket, job_id: str) -> None:
-        """A snapshot of the job (or, with `?after_seq=N`, the events after N), then each new event,
-        then the terminal event, then close 1000."""
-        await sockets.serve_job_events(websocket, websocket.app.state.progress, job_id)
-
-    @app.websocket("/v1/events")
-    async def events_socket(websocket: WebSocket) -> None:
-        """Many jobs on one socket: `subscribe` / `unsubscribe` by `job_ids`, or `all` of the tenant's."""
-        await sockets.serve_events(websocket, websocket.app.state.progress)
-
     @app.get("/v1/jobs/{job_id}/events", response_model=None)
     async def job_events_http(
         request: Request,
@@ -83,4 +74,4 @@ def create_app(settings: Settings) -> FastAPI:
 
     app.include_router(health_router(progress_state))
     app.include_router(metrics_router(settings.metrics_token))
-    return app
+    return SocketRoutes(app)

@@ -4,7 +4,12 @@ The hub offers events without ever waiting, so a slow client fills its own queue
 While a job's newest queued item is a progress event, the job's next progress event replaces it (the
 newest wins, and it remembers the first `seq` it stands for); state events are never dropped.
 A queue that still reaches its limit marks the channel overflowed: the connection is then closed
-with a code that tells the client to resume from the last `seq` it got.
+with a code that tells the client to resume from the last `seq` it got. `stop()` ends the
+connection's stream from outside (the client went away, it was idle too long): the stream's next
+`get()` returns the reason, ahead of anything queued.
+
+A channel waits on a bare future rather than an `asyncio.Event`: an event holds a deque of its own
+(about 700 bytes), and a progress service holds one channel per socket, thousands of them.
 
 Requests from the client (subscribe, unsubscribe, ping) travel through the same queue, so everything
 the client is sent keeps the order in which it happened.
@@ -50,6 +55,14 @@ class UnsubscribeAll:
 
 
 @dataclass(frozen=True)
+class StreamEnd:
+    """Why a connection's stream ends: the WebSocket close code (and reason) it ends with."""
+
+    code: int
+    reason: str = ""
+
+
+@dataclass(frozen=True)
 class Reply:
     """A message for the client as it is (a pong, an error about its last message)."""
 
@@ -57,7 +70,7 @@ class Reply:
 
 
 Request = Subscribe | Unsubscribe | SubscribeAll | UnsubscribeAll | Reply
-Item = QueuedEvent | Request
+Item = QueuedEvent | Request | StreamEnd
 
 
 class Channel:
@@ -68,8 +81,10 @@ class Channel:
         self._items: deque[Item] = deque()
         # Per job, its newest queued item if that item is a progress event: the one a newer one replaces.
         self._coalescible: dict[str, QueuedEvent] = {}
-        self._ready = asyncio.Event()
-        self.overflowed = asyncio.Event()
+        # The stream's `get()` waiting for an item, if it is waiting.
+        self._waiter: asyncio.Future[None] | None = None
+        self.overflowed = False
+        self._stopped: StreamEnd | None = None
         # Set by a stream that can write an event at once when nothing is queued before it; True if it
         # did. A client that keeps up thus never has its events queued, nor coalesced.
         self.direct: Callable[[JobEvent], bool] | None = None
@@ -78,7 +93,7 @@ class Channel:
         return len(self._items)
 
     def offer(self, event: JobEvent) -> None:
-        if self.overflowed.is_set():
+        if self.overflowed or self._stopped is not None:
             return
         if self.direct is not None and not self._items and self.direct(event):
             return
@@ -99,21 +114,36 @@ class Channel:
     def request(self, request: Request) -> None:
         self._put(request)
 
+    def stop(self, end: StreamEnd) -> None:
+        """End the stream: its next `get()` returns `end` (the first reason given, if several)."""
+        if self._stopped is None:
+            self._stopped = end
+            self._wake()
+
     async def get(self) -> Item:
-        while not self._items:
-            self._ready.clear()
-            await self._ready.wait()
+        while not self._items and self._stopped is None:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if self._stopped is not None:
+            return self._stopped
         item = self._items.popleft()
         if isinstance(item, QueuedEvent) and self._coalescible.get(item.event.job_id) is item:
             del self._coalescible[item.event.job_id]
         return item
 
     def _put(self, item: Item) -> bool:
-        if self.overflowed.is_set():
+        if self.overflowed or self._stopped is not None:
             return False
         if len(self._items) >= self._limit:
-            self.overflowed.set()
+            self.overflowed = True
             return False
         self._items.append(item)
-        self._ready.set()
+        self._wake()
         return True
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)

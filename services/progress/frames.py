@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from typing import Any, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
-from websockets.protocol import State
 
 from conveyor.events import JobEvent
 
@@ -57,40 +56,54 @@ _last_frame = _LastFrame()
 
 
 class DirectWriter:
-    """Writes an event's frame to one socket's transport when the socket can take it at once."""
+    """Writes an event's frame to one socket's transport when the socket can take it at once.
 
-    __slots__ = ("_protocol",)
+    It is called once per event and subscriber, so it tests only what can change after the handshake:
+    whether we sent our close, whether the transport is closing (uvicorn closes it once it has
+    answered the peer's close, or on a protocol error) or lost, and how much it holds unsent. A
+    transport that paused writing holds more than its high-water mark, so the size test covers that.
+    """
+
+    __slots__ = ("_protocol", "_transport")
 
     def __init__(self, protocol: WebSocketsSansIOProtocol) -> None:
         self._protocol = protocol
+        self._transport = protocol.transport
 
     def write(self, event: JobEvent) -> bool:
         """True if the frame was written; False if the caller must queue the event instead."""
         protocol = self._protocol
+        transport = self._transport
         if (
             protocol.close_sent
             or protocol.disconnected
-            or not protocol.writable.is_set()
-            or protocol.conn.state is not State.OPEN
-            or protocol.conn.extensions
+            or transport.is_closing()
+            or transport.get_write_buffer_size() > DIRECT_WRITE_MAX_BUFFERED
         ):
-            return False
-        transport = protocol.transport
-        if transport.is_closing() or transport.get_write_buffer_size() > DIRECT_WRITE_MAX_BUFFERED:
             return False
         transport.write(_last_frame.of(event))
         return True
 
 
 def direct_writer(scope: Mapping[str, Any]) -> DirectWriter | None:
-    """The connection's direct writer, when the server is `ProgressWebSocketProtocol`."""
+    """The accepted connection's direct writer, when the server is `ProgressWebSocketProtocol` and the
+    socket negotiated no extension (a deflated socket's frames differ from everyone else's)."""
     protocol = scope.get("extensions", {}).get(DIRECT_WRITE_EXTENSION)
-    return DirectWriter(protocol) if isinstance(protocol, WebSocketsSansIOProtocol) else None
+    if not isinstance(protocol, WebSocketsSansIOProtocol) or protocol.conn.extensions:
+        return None
+    return DirectWriter(protocol)
 
 
 class ProgressWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, handing the app its own protocol object (through a scope
     extension) so that events can be written to the transport without an ASGI `send` each."""
+
+    async def send(self, message: Any) -> None:
+        await super().send(message)
+        if message["type"] == "websocket.accept":
+            # The handshake is over, and its request and response (headers and all) are not read
+            # again: a few KiB per socket for as long as it lives.
+            self.request = self.response = None  # type: ignore[assignment]
 
     async def run_asgi(self) -> None:
         extensions = cast(dict[str, Any], self.scope["extensions"])

@@ -1,8 +1,9 @@
 """The WebSocket endpoints: one job's events, and one socket for many jobs.
 
-Each connection runs three tasks until the first one ends: its stream (sends what its channel holds),
-its reader (turns client messages into channel requests), and a watchdog (overflow, idleness). The
-hub only ever puts events in the channel, so a client that reads slowly never holds anyone else up.
+Each connection runs its stream (sends what its channel holds) in its own ASGI task and one more
+task, its reader (turns client messages into channel requests); a timer closes it when idle. When
+either ends, the other does. The hub only puts events in the channel or, for a socket that keeps up,
+writes them straight to its transport, so a client that reads slowly never holds anyone else up.
 
 What one client may cost is bounded: uvicorn refuses frames over `CONVEYOR_PROGRESS_WS_MAX_BYTES`
 (1009), a socket has `CONVEYOR_PROGRESS_AUTH_TIMEOUT_S` to present its key, its messages are metered
@@ -24,7 +25,7 @@ from starlette.websockets import WebSocket, WebSocketDisconnect
 from conveyor.auth import Forbidden, Principal, Unauthenticated, resolve_principal
 from conveyor.metrics import WEBSOCKET_CONNECTIONS
 from conveyor.tokenbucket import TokenBucket
-from services.progress.channel import Channel, Reply, Subscribe
+from services.progress.channel import Channel, Reply, StreamEnd, Subscribe
 from services.progress.frames import direct_writer
 from services.progress.protocol import (
     PONG,
@@ -40,21 +41,22 @@ from services.progress.protocol import (
 from services.progress.state import ProgressState, presented_token
 from services.progress.streams import (
     CLOSE_BAD_REQUEST,
-    CLOSE_FELL_BEHIND,
     CLOSE_GOING_AWAY,
     CLOSE_POLICY_VIOLATION,
     CLOSE_TOO_MANY,
     CLOSE_TRY_AGAIN_LATER,
+    FELL_BEHIND,
     EventStream,
     Outgoing,
-    StreamEnd,
     error_message,
 )
 
 log = structlog.get_logger(__name__)
 
 MIN_WATCH_S = 0.1
-FELL_BEHIND = StreamEnd(CLOSE_FELL_BEHIND, "fell behind: reconnect with after_seq")
+IDLE = StreamEnd(CLOSE_GOING_AWAY, "idle")
+# The client closed the socket or the connection dropped: there is nothing left to close.
+CLIENT_GONE = StreamEnd(CLOSE_GOING_AWAY, "client went away")
 DATABASE_DOWN = StreamEnd(CLOSE_TRY_AGAIN_LATER, "database unavailable: reconnect with after_seq")
 TOO_MANY_MESSAGES = StreamEnd(CLOSE_POLICY_VIOLATION, "too_many_messages")
 
@@ -158,20 +160,19 @@ async def _run(
     stream: EventStream,
     on_message: Callable[[str], None],
 ) -> None:
-    loop = asyncio.get_running_loop()
-    last_heard = loop.time()
+    """Run the stream in this task, and the reader in one more: both end when either does."""
+    idle = IdleWatch(state.settings.progress_idle_timeout_s, stream, channel)
     allowance = TokenBucket(state.settings.progress_message_rate, state.settings.progress_message_burst)
 
-    async def read() -> StreamEnd | None:
-        nonlocal last_heard
+    async def read() -> StreamEnd:
         while True:
             message = await websocket.receive()
             if message["type"] == "websocket.disconnect":
-                return None
+                return CLIENT_GONE
             if allowance.take() > 0:
                 log.info("progress.client_too_many_messages")
                 return TOO_MANY_MESSAGES
-            last_heard = loop.time()
+            idle.heard()
             text = message.get("text")
             if text is None:
                 channel.request(Reply(error_message("bad_message", "send JSON text frames")))
@@ -181,52 +182,66 @@ async def _run(
             except BadMessage as exc:
                 channel.request(Reply(exc.message))
 
-    async def watch() -> StreamEnd:
-        idle_timeout = state.settings.progress_idle_timeout_s
-        while True:
-            waited = loop.time() - last_heard
-            if stream.idle and waited >= idle_timeout:
-                return StreamEnd(CLOSE_GOING_AWAY, "idle")
-            # A socket with subscriptions is not idle: look again a whole timeout later, not sooner,
-            # so thousands of quiet sockets cost no wake-ups.
-            wait_s = idle_timeout - waited if stream.idle else idle_timeout
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(channel.overflowed.wait(), timeout=max(MIN_WATCH_S, wait_s))
-                return FELL_BEHIND
+    def reader_done(task: asyncio.Task[StreamEnd]) -> None:
+        # However the reader ends (the client gone, too many messages, an error), the stream ends too.
+        if not task.cancelled():
+            channel.stop(CLIENT_GONE if task.exception() is not None else task.result())
 
-    sender = asyncio.create_task(stream.run())
-    tasks = {sender, asyncio.create_task(read()), asyncio.create_task(watch())}
+    reader = asyncio.create_task(read())
+    reader.add_done_callback(reader_done)
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        end = await _stream_end(stream)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-    end = _end_of(done)
+        idle.cancel()
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+    failure = None if reader.cancelled() else reader.exception()
+    if failure is not None and not isinstance(failure, WebSocketDisconnect):
+        raise failure
     if end is FELL_BEHIND:
         log.info("progress.client_fell_behind", queued=len(channel))
-    if end is not None:
+    if end is not CLIENT_GONE:
         with contextlib.suppress(RuntimeError, WebSocketDisconnect):
             await websocket.close(end.code, end.reason)
 
 
-def _end_of(done: set[asyncio.Task[Any]]) -> StreamEnd | None:
-    """How the connection should close; None if the client went away."""
-    for task in done:
-        if task.cancelled():
-            continue
-        exc = task.exception()
-        if isinstance(exc, SQLAlchemyError | OSError):
-            log.warning("progress.database_unavailable", error=str(exc))
-            return DATABASE_DOWN
-        if isinstance(exc, WebSocketDisconnect):
-            return None
-        if exc is not None:
-            raise exc
-        result = task.result()
-        if isinstance(result, StreamEnd):
-            return result
-    return None
+async def _stream_end(stream: EventStream) -> StreamEnd:
+    """Run the stream to its end: how the connection should close (`CLIENT_GONE`: it is closed)."""
+    try:
+        return await stream.run()
+    except WebSocketDisconnect:
+        return CLIENT_GONE
+    except (SQLAlchemyError, OSError) as exc:
+        log.warning("progress.database_unavailable", error=str(exc))
+        return DATABASE_DOWN
+
+
+class IdleWatch:
+    """Closes a socket that watches nothing and has said nothing for the idle timeout: a timer
+    callback, not a task, and one that a socket with subscriptions sets only once a timeout, so
+    thousands of quiet sockets cost no wake-ups."""
+
+    def __init__(self, timeout_s: float, stream: EventStream, channel: Channel) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._timeout_s = timeout_s
+        self._stream = stream
+        self._channel = channel
+        self._last_heard = self._loop.time()
+        self._timer = self._loop.call_later(timeout_s, self._check)
+
+    def heard(self) -> None:
+        self._last_heard = self._loop.time()
+
+    def cancel(self) -> None:
+        self._timer.cancel()
+
+    def _check(self) -> None:
+        waited = self._loop.time() - self._last_heard
+        if self._stream.idle and waited >= self._timeout_s:
+            self._channel.stop(IDLE)
+            return
+        wait_s = self._timeout_s - waited if self._stream.idle else self._timeout_s
+        self._timer = self._loop.call_later(max(MIN_WATCH_S, wait_s), self._check)
 
 
 async def _authenticate(websocket: WebSocket, state: ProgressState) -> Principal | None:

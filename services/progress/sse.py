@@ -37,7 +37,7 @@ from conveyor.problems import (
 from services.progress.channel import Channel, Subscribe
 from services.progress.protocol import parse_seq
 from services.progress.state import ProgressState, presented_token
-from services.progress.streams import EventStream, Outgoing
+from services.progress.streams import FELL_BEHIND, EventStream, Outgoing
 
 # A comment line this often keeps proxies from closing a quiet stream.
 SSE_PING_S = 15
@@ -119,27 +119,24 @@ async def _stream(
     stream = EventStream(state, principal, channel, outgoing.put, single_job=True)
     channel.request(Subscribe((job_id,), {job_id: after_seq} if after_seq is not None else {}))
     sender = asyncio.create_task(stream.run())
-    overflow = asyncio.create_task(channel.overflowed.wait())
     try:
         while True:
             getter = asyncio.create_task(outgoing.get())
-            await asyncio.wait({getter, sender, overflow}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({getter, sender}, return_when=asyncio.FIRST_COMPLETED)
             if getter.done():
                 yield _sse(getter.result())
                 continue
             getter.cancel()
-            if overflow.done():
-                # The client fell behind; its EventSource reconnects with the last id it got.
-                yield ServerSentEvent(json.dumps({"error": "fell_behind"}), event="error")
-                return
-            sender.result()  # raise what stopped it
+            end = sender.result()  # raise what stopped it
             while not outgoing.empty():
                 yield _sse(outgoing.get_nowait())
+            if end is FELL_BEHIND:
+                # The client fell behind; its EventSource reconnects with the last id it got.
+                yield ServerSentEvent(json.dumps({"error": "fell_behind"}), event="error")
             return
     finally:
-        for task in (sender, overflow):
-            task.cancel()
-        await asyncio.gather(sender, overflow, return_exceptions=True)
+        sender.cancel()
+        await asyncio.gather(sender, return_exceptions=True)
 
 
 def _sse(message: Outgoing) -> ServerSentEvent:

@@ -31,6 +31,7 @@ from services.progress.channel import (
     Item,
     QueuedEvent,
     Reply,
+    StreamEnd,
     Subscribe,
     SubscribeAll,
     Unsubscribe,
@@ -85,10 +86,7 @@ class Outgoing:
 Send = Callable[[Outgoing], Awaitable[None]]
 
 
-@dataclass(frozen=True)
-class StreamEnd:
-    code: int
-    reason: str = ""
+FELL_BEHIND = StreamEnd(CLOSE_FELL_BEHIND, "fell behind: reconnect with after_seq")
 
 
 def error_message(error: str, detail: str, **fields: Any) -> dict[str, Any]:
@@ -102,7 +100,8 @@ def snapshot_message(job: JobRecord, events_url: str) -> dict[str, Any]:
 
 class EventStream:
     """Sends one connection what its channel holds, in order. With `single_job`, the stream ends
-    once that job's terminal event is sent (or the job is unknown); else it runs until cancelled."""
+    once that job's terminal event is sent (or the job is unknown); else it runs until its channel
+    overflows (`FELL_BEHIND`), is stopped, or the stream is cancelled."""
 
     def __init__(
         self,
@@ -145,6 +144,10 @@ class EventStream:
                 self._busy = False
                 item = await self._channel.get()
                 self._busy = True
+                if isinstance(item, StreamEnd):
+                    return item
+                if self._channel.overflowed:
+                    return FELL_BEHIND
                 end = await self._handle(item)
                 if end is not None:
                     return end
@@ -301,11 +304,13 @@ class EventStream:
 
     def _sent_live(self, event: JobEvent) -> None:
         """A live event is out (queued path or direct write): its delivery latency, and the job's cursor."""
-        EVENT_DELIVERY_SECONDS.observe(max(0.0, time.time() - event.at.timestamp()))
+        EVENT_DELIVERY_SECONDS.observe(max(0.0, time.time() - event.at_s))
         self._advance(event.job_id, event.seq)
 
     def _advance(self, job_id: str, seq: int) -> None:
         self._cursors[job_id] = seq
+        if not self._all:
+            return  # only the watched jobs are tracked, at most MAX_SUBSCRIPTIONS: none to forget
         self._cursors.move_to_end(job_id)
         while len(self._cursors) > MAX_TRACKED_JOBS:
             oldest = next(job for job in self._cursors if job not in self._watched)

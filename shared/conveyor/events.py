@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any, Literal
 
@@ -75,6 +76,11 @@ class JobEvent(BaseModel):
         if self._json is None:
             self._json = self.model_dump_json()
         return self._json
+
+    @functools.cached_property
+    def at_s(self) -> float:
+        """`at` in seconds since the epoch: read once per subscriber, computed once per event."""
+        return self.at.timestamp()
 
     @property
     def is_terminal(self) -> bool:

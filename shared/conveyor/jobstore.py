@@ -26,6 +26,10 @@ Reader = Connection | Session
 LABELS = JobLabel.__table__
 
 
+# Ids in one `IN (...)` list: well under SQLite's and PostgreSQL's limits on bound parameters.
+MAX_IDS_PER_QUERY = 500
+
+
 def is_job_id(text: str) -> bool:
     """Whether `text` could be a job id (a UUID in its usual form). Anything else names no job, and
     is never sent to the database: PostgreSQL refuses some strings (a NUL byte) outright."""
@@ -53,6 +57,17 @@ def load_job(connection: Reader, job_id: str) -> JobRecord | None:
     """A job by id alone, for services that act on messages rather than on a tenant's request."""
     jobs = _jobs(connection, select(*JOB_COLUMNS).where(JOBS.c.id == job_id))
     return jobs[0] if jobs else None
+
+
+def tenants_jobs(connection: Reader, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], JobRecord]:
+    """Many jobs in one query, by (tenant, job id): those that exist and are that tenant's."""
+    ids = sorted({job_id for _, job_id in keys if is_job_id(job_id)})
+    found: dict[tuple[str, str], JobRecord] = {}
+    for start in range(0, len(ids), MAX_IDS_PER_QUERY):
+        chunk = ids[start : start + MAX_IDS_PER_QUERY]
+        for job in _jobs(connection, select(*JOB_COLUMNS).where(JOBS.c.id.in_(chunk))):
+            found[(job.tenant, job.id)] = job
+    return {key: found[key] for key in keys if key in found}
 
 
 def active_jobs(connection: Reader, tenant: str, limit: int) -> list[JobRecord]:
