@@ -80,11 +80,15 @@ def supervise(settings: Settings, count: int) -> int:
     return 0
 
 
+def metrics_dir_path(host: str, port: int) -> Path:
+    return Path(tempfile.gettempdir()) / f"conveyor-progress-metrics-{os.getuid()}-{host}-{port}"
+
+
 def fresh_metrics_dir(host: str, port: int) -> Path:
     """An empty folder for the children's series, named by the address: the one a SIGKILLed parent
     left (no `finally` ran) is emptied by the next start on that address, which is free, so no other
     service uses it. Anywhere else if it cannot be (another user made it)."""
-    path = Path(tempfile.gettempdir()) / f"conveyor-progress-metrics-{os.getuid()}-{host}-{port}"
+    path = metrics_dir_path(host, port)
     shutil.rmtree(path, ignore_errors=True)
     try:
         path.mkdir(mode=METRICS_DIR_MODE)
