@@ -93,6 +93,9 @@ def deployment_env(kafka_bootstrap: str, database_url: str, directory: Path) -> 
         "CONVEYOR_LEASE_S": str(TEST_LEASE_S),
         "CONVEYOR_DRAIN_GRACE_S": "5",
         "CONVEYOR_METRICS_TOKEN": METRICS_TOKEN,
+        # One progress process per instance, whatever the machine's cores: the tests of its per-instance
+        # caps and restarts count on it. tests/test_progress_processes.py runs several.
+        "CONVEYOR_PROGRESS_PROCESSES": "1",
     }
 
 

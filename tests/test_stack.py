@@ -38,6 +38,8 @@ def run_stack(tmp_path: Path) -> Iterator[RunningStack]:
         "CONVEYOR_GATEWAY_PORT": str(free_port()),
         "CONVEYOR_PROGRESS_PORT": str(free_port()),
         "CONVEYOR_WORKERS": "2",
+        # The progress service as a parent and two processes on its port, whatever the machine's cores.
+        "CONVEYOR_PROGRESS_PROCESSES": "2",
         "CONVEYOR_LEASE_S": "3",
         # Worker n serves its metrics on this plus n - 1.
         "CONVEYOR_WORKER_METRICS_PORT": str(free_port_block(2)),
@@ -63,12 +65,16 @@ async def test_run_supervises_stops_cleanly_and_keeps_jobs(run_stack: RunningSta
     await eventually(run_stack.ready, STARTUP_S, "the embedded stack to be ready")
     tree = descendants(process.pid)
     names = {pid: cmd for pid, cmd in tree.items() if "-m conveyor " in cmd}
-    assert sorted(cmd.split("-m conveyor ")[1].strip() for cmd in names.values()) == [
+    assert sorted(cmd.split("-m conveyor ")[1].split()[0] for cmd in names.values()) == [
         "gateway",
+        "progress",
+        "progress",
         "progress",
         "worker",
         "worker",
     ]
+    assert sum("--parent-pid" in cmd for cmd in names.values()) == 2
+    assert "(2 processes on the port)" in run_stack.log_path.read_text()
     assert any("kafka.Kafka" in cmd for cmd in tree.values()) or _kafka_pids(run_stack.data_dir)
 
     async with run_stack.client() as client:

@@ -94,14 +94,18 @@ def worker() -> None:
 
 
 @app.command()
-def progress() -> None:
-    """Run the progress service (WebSockets) alone."""
+def progress(
+    parent_pid: Annotated[
+        int | None, typer.Option(hidden=True, help="Serve as a child of this process, on the shared port.")
+    ] = None,
+) -> None:
+    """Run the progress service (WebSockets) alone: CONVEYOR_PROGRESS_PROCESSES processes on its port."""
     from services.progress.main import serve
 
     settings = _settings()
     _require_bootstrap(settings)
     _require_valid_keys(settings)
-    serve(settings)
+    serve(settings, parent_pid)
 
 
 @app.command()

@@ -17,12 +17,12 @@ import time
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Histogram, generate_latest
 from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.auth import bearer_token
-from conveyor.metrics import HTTP_REQUEST_SECONDS, HTTP_REQUESTS, JOBS_REJECTED
+from conveyor.metrics import HTTP_REQUEST_SECONDS, HTTP_REQUESTS, JOBS_REJECTED, exposed_registry
 from conveyor.problems import PROBLEM_SCOPE_KEY, Problem, unauthorized
 
 METRICS_PATH = "/metrics"
@@ -96,14 +96,15 @@ def rejection_reason(status: int, problem: Problem | None) -> str:
 
 
 def metrics_router(token: SecretStr) -> APIRouter:
-    """`GET /metrics`: this process's series in Prometheus' text format, for the bearer of `token`."""
+    """`GET /metrics`: the service's series in Prometheus' text format (this process's, or in
+    multiprocess mode every process's), for the bearer of `token`."""
     router = APIRouter()
 
     @router.get(METRICS_PATH, include_in_schema=False)
     async def metrics(request: Request) -> Response:
         if not token_accepted(request.headers.get("authorization"), token.get_secret_value()):
             raise unauthorized("send the metrics token (CONVEYOR_METRICS_TOKEN) as `Authorization: Bearer`")
-        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(exposed_registry()), media_type=CONTENT_TYPE_LATEST)
 
     return router
 

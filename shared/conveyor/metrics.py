@@ -17,15 +17,25 @@ Where each is measured:
 - `job_queue_wait`, `job_run`, `worker_slots`: the worker.
 - `consumer_lag`, `outbox_*`: the gateway's periodic reading (`conveyor.backlog`).
 - `websocket_connections`, `event_delivery`: the progress service.
+
+The progress service may run several processes on one port (`CONVEYOR_PROGRESS_PROCESSES`), and a
+scrape reaches one of them. Those use prometheus-client's multiprocess mode: each process writes its
+series to a file of its own in the folder named by PROMETHEUS_MULTIPROC_DIR (set by their parent,
+which clears a dead process's live gauges), and `/metrics` answers with the sum over them all
+(`exposed_registry`). A gauge says there how its processes' values add up (`multiprocess_mode`); the
+mode means nothing to a process on its own. Process-level series (`process_*`, `python_gc_*`) are
+not exported then: one process's figures would pass for the service's.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Final, TypeVar
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics import MetricWrapperBase
+from prometheus_client.multiprocess import MultiProcessCollector
 
 # Jobs run from a few milliseconds (noop jobs) to hours, and may wait as long.
 JOB_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800, 3600)
@@ -39,6 +49,9 @@ TENANT_LABEL = "tenant"
 MAX_REMEMBERED_CHILDREN = 10_000
 
 Series = TypeVar("Series", bound=MetricWrapperBase)
+# A gauge read from elsewhere (Kafka, the database) by one process: in multiprocess mode the latest
+# reading, with no `pid` label.
+READING: Final = "mostrecent"
 
 # --- the series whose labels never change ---------------------------------------------------------------
 
@@ -62,14 +75,24 @@ CONSUMER_LAG = Gauge(
     "Job messages the workers' group has not committed yet (end offset minus committed), by priority;"
     " read from Kafka every few seconds.",
     ["priority"],
+    multiprocess_mode=READING,
 )
 OUTBOX_ROWS = Gauge(
-    "conveyor_outbox_rows", "Messages in the outbox, not yet on Kafka (read every few seconds)."
+    "conveyor_outbox_rows",
+    "Messages in the outbox, not yet on Kafka (read every few seconds).",
+    multiprocess_mode=READING,
 )
 OUTBOX_OLDEST_AGE = Gauge(
-    "conveyor_outbox_oldest_age_seconds", "Age of the oldest message in the outbox; 0 when it is empty."
+    "conveyor_outbox_oldest_age_seconds",
+    "Age of the oldest message in the outbox; 0 when it is empty.",
+    multiprocess_mode=READING,
 )
-WEBSOCKET_CONNECTIONS = Gauge("conveyor_websocket_connections", "WebSockets open on this progress service.")
+# Each process's open sockets, summed over the processes alive.
+WEBSOCKET_CONNECTIONS = Gauge(
+    "conveyor_websocket_connections",
+    "WebSockets open on this progress service.",
+    multiprocess_mode="livesum",
+)
 EVENT_DELIVERY_SECONDS = Histogram(
     "conveyor_event_delivery_seconds",
     "From a job event's time (the worker's or gateway's clock) to its write to a client's socket.",
@@ -176,3 +199,20 @@ def configure(tenant_label: bool) -> JobSeries:
 def jobs() -> JobSeries:
     """The job series of this process (without the tenant label, unless `configure` said otherwise)."""
     return _jobs[0] if _jobs else configure(tenant_label=False)
+
+
+# Where the processes of a multiprocess service write their series (prometheus-client's own variable).
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+_exposed: list[CollectorRegistry] = []
+
+
+def exposed_registry() -> CollectorRegistry:
+    """What `/metrics` exports: this process's registry; in multiprocess mode, a registry that sums
+    the series of every process of the service."""
+    if not os.environ.get(MULTIPROCESS_DIR_ENV):
+        return REGISTRY
+    if not _exposed:
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        _exposed.append(registry)
+    return _exposed[0]

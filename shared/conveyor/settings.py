@@ -10,6 +10,8 @@ from typing import Annotated, Any
 from pydantic import BaseModel, Field, PrivateAttr, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from conveyor.cpus import usable_cpus
+
 DEFAULT_GATEWAY_PORT = 8000
 DEFAULT_PROGRESS_PORT = 8001
 DEFAULT_KAFKA_PORT = 19092
@@ -55,6 +57,14 @@ DEFAULT_PROGRESS_MESSAGE_RATE = 20.0
 DEFAULT_PROGRESS_MESSAGE_BURST = 50
 DEFAULT_PROGRESS_TENANT_MAX_SOCKETS = 5000
 DEFAULT_PROGRESS_TENANT_MAX_STREAMS = 1000
+# The progress service's processes, all on its one port (SO_REUSEPORT), each a whole instance (its own
+# reader of the events topic, database pool and per-tenant caps): 0 is one per CPU the service may use
+# (`conveyor.cpus`), at most MAX_AUTO_PROGRESS_PROCESSES. Delivering events is CPU work in one thread,
+# so one process uses one core; each more costs its memory (~100 MiB idle), a database pool and a
+# reader of every event, which past a few cores more instances (pods) spread better.
+DEFAULT_PROGRESS_PROCESSES = 0
+MAX_AUTO_PROGRESS_PROCESSES = 4
+MAX_PROGRESS_PROCESSES = 64
 # How long a finished job is kept (with its events, labels and idempotency key) before it is deleted.
 DEFAULT_JOB_RETENTION_S = 7 * 24 * 3600.0
 # The JSON of one page of a listing (the jobs, a job's event history) at most; past it the page ends
@@ -299,6 +309,13 @@ class Settings(BaseSettings):
         ge=1,
         description="SSE streams one tenant may hold open on one progress instance (then 429).",
     )
+    progress_processes: int = Field(
+        default=DEFAULT_PROGRESS_PROCESSES,
+        ge=0,
+        le=MAX_PROGRESS_PROCESSES,
+        description="Processes of `conveyor progress` sharing its port (SO_REUSEPORT); 0: one per usable"
+        f" CPU, at most {MAX_AUTO_PROGRESS_PROCESSES}.",
+    )
     event_history_s: float = Field(
         default=DEFAULT_EVENT_HISTORY_S,
         gt=0,
@@ -388,6 +405,13 @@ class Settings(BaseSettings):
         if self.workers is not None:
             return self.workers, self.workers
         return self.workers_min, self.workers_max
+
+    @property
+    def progress_process_count(self) -> int:
+        """How many processes `conveyor progress` runs: the setting, or for 0 one per usable CPU."""
+        if self.progress_processes:
+            return self.progress_processes
+        return min(usable_cpus(), MAX_AUTO_PROGRESS_PROCESSES)
 
     @cached_property
     def resolved_database_url(self) -> str:

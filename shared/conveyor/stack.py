@@ -216,7 +216,11 @@ def _print_banner(settings: Settings, bootstrap: str, key: str | None, policy: P
     gateway = f"http://{settings.host}:{settings.gateway_port}"
     console.rule("[bold]Conveyor is running[/bold]")
     console.print(f"Gateway   {gateway}   (API docs: {gateway}/docs)")
-    console.print(f"Progress  ws://{settings.host}:{settings.progress_port}/v1/jobs/<id>/events")
+    processes = settings.progress_process_count
+    console.print(
+        f"Progress  ws://{settings.host}:{settings.progress_port}/v1/jobs/<id>/events"
+        f"   ({processes} process{'es' if processes > 1 else ''} on the port)"
+    )
     # The key in the fragment signs the page in; browsers never send a fragment to the server.
     console.print(f"Dashboard {gateway}/dashboard/" + (f"#key={key}" if key else ""))
     if policy.minimum < policy.maximum:

@@ -12,6 +12,7 @@ import contextlib
 import functools
 import os
 import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import structlog
@@ -46,9 +47,14 @@ class _Running:
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+# Told of each process that exited (its service's name, its pid), before it is started again.
+ExitHook = Callable[[str, int], None]
+
+
 class Supervisor:
-    def __init__(self, specs: list[ServiceSpec]) -> None:
+    def __init__(self, specs: list[ServiceSpec], on_exit: ExitHook | None = None) -> None:
         self._services = {spec.name: _Running(spec) for spec in specs}
+        self._on_exit = on_exit
         self._stopping = asyncio.Event()
         self._running = False
 
@@ -123,6 +129,8 @@ class Supervisor:
                 return
             log.info("supervisor.started", service=service.spec.name, pid=service.process.pid)
             code = await service.process.wait()
+            if self._on_exit is not None:
+                self._on_exit(service.spec.name, service.process.pid)
             if service.done.is_set():
                 return
             failures = 0 if loop.time() - started >= HEALTHY_AFTER_S else failures + 1
