@@ -79,6 +79,9 @@ MAX_STEPS = 1000  # demo.sleep's limit
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1", "0.0.0.0"})
 TCP_LISTEN = "0A"  # the state column of /proc/net/tcp
 
+# One progress process unless told otherwise: the figures are those of one process (issue 19), while the
+# service's own default is one per usable CPU (`CONVEYOR_PROGRESS_PROCESSES=0`).
+DEFAULT_PROGRESS_PROCESSES = 1
 DEFAULT_SUBSCRIBERS = 2000
 DEFAULT_JOBS = 20
 DEFAULT_CLIENTS = 2
@@ -1143,6 +1146,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "with --reconnect-storm: resumes in flight, over all client processes (0: --connect-concurrency)",
     )
     kit.add_option(parser, "--slow-clients", 0, "subscribers that read slowly on purpose")
+    kit.add_option(parser, "--progress-processes", DEFAULT_PROGRESS_PROCESSES, "started progress processes")
     kit.add_option(
         parser, "--slow-pause", DEFAULT_SLOW_PAUSE_S, "seconds a slow subscriber stops reading, each time"
     )
@@ -1217,6 +1221,7 @@ def settings_of(args: argparse.Namespace, url: str, progress_url: str | None, no
         "slow_clients": args.slow_clients,
         "slow_pause_s": args.slow_pause,
         "tenant_max_sockets": None if external else tenant_max_sockets(args.subscribers),
+        "progress_processes": None if external else args.progress_processes,
         "deflate": not args.no_deflate,
         "connect_concurrency": args.connect_concurrency,
         "workers": "unknown" if external else args.workers,
@@ -1274,9 +1279,11 @@ def new_stack(args: argparse.Namespace) -> kit.EmbeddedStack:
     """The workers start once every subscriber is connected, hence a stack without them; its one tenant
     may hold every subscriber's socket (settings in the environment, `CONVEYOR_...`, reach it too)."""
     limit = str(tenant_max_sockets(args.subscribers))
-    return kit.EmbeddedStack(
-        0, args.database_url, None, settings={"CONVEYOR_PROGRESS_TENANT_MAX_SOCKETS": limit}
-    )
+    settings = {
+        "CONVEYOR_PROGRESS_TENANT_MAX_SOCKETS": limit,
+        "CONVEYOR_PROGRESS_PROCESSES": str(args.progress_processes),
+    }
+    return kit.EmbeddedStack(0, args.database_url, None, settings=settings)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
