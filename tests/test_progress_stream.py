@@ -12,7 +12,7 @@ from conveyor import changes
 from conveyor.auth import ALL_SCOPES, Authenticator, Principal
 from conveyor.changes import NewJob
 from conveyor.database import Database
-from conveyor.events import event_json
+from conveyor.events import JobEvent, event_json
 from conveyor.models import JobRecord
 from conveyor.schemas import resource_document
 from conveyor.settings import Settings
@@ -224,3 +224,31 @@ async def test_all_of_a_tenants_jobs_from_a_snapshot_then_new_jobs_from_their_fi
         assert len(client.channel) == 0 and client.nothing_sent()
     finally:
         await client.close()
+
+
+async def test_a_terminal_event_written_directly_ends_a_one_job_stream_after_it_is_out(db: Database) -> None:
+    state = progress_state(db)
+    queued = await new_job(db)
+    channel = Channel(state.settings.progress_client_queue, TENANT.tenant)
+    sent: asyncio.Queue[Outgoing] = asyncio.Queue()
+    direct: list[int] = []
+
+    def write_direct(event: JobEvent) -> bool:
+        direct.append(event.seq)
+        return True
+
+    stream = EventStream(state, TENANT, channel, sent.put, single_job=True, write_now=write_direct)
+    task = asyncio.create_task(stream.run())
+    channel.request(Subscribe((queued.id,)))
+    assert json.loads((await asyncio.wait_for(sent.get(), WAIT_S)).text)["type"] == "snapshot"
+    while stream._busy:  # noqa: ASYNC110 - the stream goes back to waiting on its queue
+        await asyncio.sleep(0.01)
+    running = await written(db, changes.claim(queued.id, "w1", lease_s=30))
+    publish(state, running)
+    done = await written(db, changes.complete(running, {"ok": True}))
+    publish(state, done)  # the terminal event: written at once, and the stream ends after it
+    assert direct == [2, 3]
+    assert await asyncio.wait_for(task, WAIT_S) == StreamEnd(CLOSE_NORMAL)
+    assert sent.empty()  # nothing went through the queue after the snapshot
+    publish(state, done)  # the stream left the hub
+    assert direct == [2, 3]

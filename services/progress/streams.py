@@ -156,13 +156,19 @@ class EventStream:
 
     def _offer_direct(self, event: JobEvent) -> bool:
         """Write the event at once if it is the next one of a watched job and the stream waits on an
-        empty queue; False leaves it to the queue (a terminal event too: it ends the stream)."""
-        if self._busy or event.is_terminal or self._write_now is None:
+        empty queue; False leaves it to the queue. A job's terminal event is written at once too, and
+        its subscription ends here: a one-job stream is then stopped, to close once every subscriber
+        of the event has it (10,000 sockets closing one by one would hold the last ones' events)."""
+        if self._busy or self._write_now is None:
             return False
         cursor = self._cursors.get(event.job_id)
         if cursor is None or event.seq != cursor + 1 or not self._write_now(event):
             return False
         self._sent_live(event)
+        if event.is_terminal and event.job_id in self._watched:
+            end = self._finished(event.job_id)
+            if end is not None:
+                self._channel.stop(end)
         return True
 
     async def _handle(self, item: Item) -> StreamEnd | None:

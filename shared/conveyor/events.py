@@ -82,7 +82,7 @@ class JobEvent(BaseModel):
         """`at` in seconds since the epoch: read once per subscriber, computed once per event."""
         return self.at.timestamp()
 
-    @property
+    @functools.cached_property
     def is_terminal(self) -> bool:
         return self.type == "state" and self.status.is_terminal
 
