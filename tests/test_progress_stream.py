@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from conveyor import changes
@@ -252,3 +253,36 @@ async def test_a_terminal_event_written_directly_ends_a_one_job_stream_after_it_
     assert sent.empty()  # nothing went through the queue after the snapshot
     publish(state, done)  # the stream left the hub
     assert direct == [2, 3]
+
+
+async def test_a_resumes_replay_goes_out_in_one_write_after_its_resumed_message(db: Database) -> None:
+    state = progress_state(db)
+    queued = await new_job(db)
+    running = await written(db, changes.claim(queued.id, "w1", lease_s=30))
+    reported = await written(db, changes.progress(queued.id, 1, 50.0, "half"))
+    channel = Channel(state.settings.progress_client_queue, TENANT.tenant)
+    sent: asyncio.Queue[Outgoing] = asyncio.Queue()
+    replays: list[list[int]] = []
+
+    def write_all(events: Sequence[JobEvent]) -> bool:
+        replays.append([event.seq for event in events])
+        return True
+
+    stream = EventStream(
+        state, TENANT, channel, sent.put, single_job=True, write_now=lambda _: False, write_all=write_all
+    )
+    task = asyncio.create_task(stream.run())
+    try:
+        channel.request(Subscribe((queued.id,), {queued.id: 1}))
+        resumed = json.loads((await asyncio.wait_for(sent.get(), WAIT_S)).text)
+        assert resumed == {
+            "type": "resumed",
+            "job_id": queued.id,
+            "after_seq": 1,
+            "last_seq": reported.last_seq,
+        }
+        assert replays == [[running.last_seq, reported.last_seq]]  # 2 and 3, in one write
+        assert sent.empty()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -9,7 +9,7 @@ that negotiated it gets its frames from `websockets`, one by one).
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
@@ -72,17 +72,28 @@ class DirectWriter:
 
     def write(self, event: JobEvent) -> bool:
         """True if the frame was written; False if the caller must queue the event instead."""
+        if not self._can_write():
+            return False
+        self._transport.write(_last_frame.of(event))
+        return True
+
+    def write_all(self, events: Sequence[JobEvent]) -> bool:
+        """The frames of a resume's replay in one write (one system call, not one ASGI send each);
+        False, with nothing written, if the caller must send them one by one instead."""
+        if not self._can_write():
+            return False
+        self._transport.write(b"".join(text_frame(event.as_json().encode()) for event in events))
+        return True
+
+    def _can_write(self) -> bool:
         protocol = self._protocol
         transport = self._transport
-        if (
+        return not (
             protocol.close_sent
             or protocol.disconnected
             or transport.is_closing()
             or transport.get_write_buffer_size() > DIRECT_WRITE_MAX_BUFFERED
-        ):
-            return False
-        transport.write(_last_frame.of(event))
-        return True
+        )
 
 
 def direct_writer(scope: Mapping[str, Any]) -> DirectWriter | None:

@@ -149,8 +149,12 @@ def _stream(
 
     # Events that come while the socket keeps up go straight to its transport (`frames`).
     writer = direct_writer(websocket.scope)
-    write_now = writer.write if writer is not None else None
-    return EventStream(state, principal, channel, send, single_job=single_job, write_now=write_now)
+    if writer is None:
+        return EventStream(state, principal, channel, send, single_job=single_job)
+    write_now, write_all = writer.write, writer.write_all
+    return EventStream(
+        state, principal, channel, send, single_job=single_job, write_now=write_now, write_all=write_all
+    )
 
 
 async def _run(

@@ -13,7 +13,7 @@ import functools
 import json
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -110,6 +110,7 @@ class EventStream:
         *,
         single_job: bool = False,
         write_now: Callable[[JobEvent], bool] | None = None,
+        write_all: Callable[[Sequence[JobEvent]], bool] | None = None,
     ) -> None:
         self._hub = state.hub
         self._db = state.db
@@ -129,6 +130,8 @@ class EventStream:
         # Handling an item (awaiting a send or a read): an event offered meanwhile must queue behind it.
         self._busy = True
         self._write_now = write_now
+        # A resume's replay in one write, if the connection can take it at once (`frames`).
+        self._write_all = write_all
         if write_now is not None:
             channel.direct = self._offer_direct
 
@@ -231,8 +234,9 @@ class EventStream:
             await self._say(
                 {"type": "resumed", "job_id": job_id, "after_seq": after_seq, "last_seq": job.last_seq}
             )
-            for event in replay or ():
-                await self._deliver(event, event.seq)
+            if replay and (self._write_all is None or not self._write_all(replay)):
+                for event in replay:
+                    await self._deliver(event, event.seq)
         self._advance(job_id, job.last_seq)
         if job.status.is_terminal:
             return self._finished(job_id)
