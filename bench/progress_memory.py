@@ -222,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
         os.environ.update(stack.env())
         os.environ["CONVEYOR_KAFKA_BOOTSTRAP"] = f"{kit.LOCALHOST}:{stack.kafka_port}"
         os.environ["CONVEYOR_API_KEYS"] = f"{args.tenant}:{key}"
+        from conveyor.serving import uvicorn_options
         from conveyor.settings import Settings
         from services.progress.app import create_app
         from services.progress.frames import ProgressWebSocketProtocol
@@ -229,17 +230,8 @@ def run(args: argparse.Namespace) -> int:
         settings = Settings()
         port = kit.free_ports(1, set())
         app = create_app(settings)
-        config = uvicorn.Config(
-            app,
-            host=kit.LOCALHOST,
-            port=port,
-            log_config=None,
-            access_log=False,
-            ws=ProgressWebSocketProtocol,
-            ws_per_message_deflate=settings.progress_ws_deflate,
-            ws_ping_interval=settings.progress_ping_interval_s,
-            ws_ping_timeout=settings.progress_ping_timeout_s,
-        )
+        options = uvicorn_options(settings, port, ProgressWebSocketProtocol) | {"host": kit.LOCALHOST}
+        config = uvicorn.Config(app, **options)
         server = uvicorn.Server(config)
         url = f"ws://{kit.LOCALHOST}:{port}/v1/jobs/{job['id']}/events?token={key}"
 

@@ -34,7 +34,7 @@ from prometheus_client.multiprocess import mark_process_dead
 from uvicorn.config import STARTUP_FAILURE
 
 from conveyor.metrics import MULTIPROCESS_DIR_ENV
-from conveyor.serving import port_is_free
+from conveyor.ports import port_is_free
 from conveyor.settings import Settings
 from conveyor.stopping import STOP_SIGNALS
 from conveyor.supervisor import ServiceSpec, Supervisor

@@ -29,20 +29,7 @@ def serve_http(
 ) -> None:
     """`ws`: uvicorn's WebSocket protocol, by name or as a class; `reuse_port`: share the port with
     other processes (SO_REUSEPORT)."""
-    # Our structlog setup, not uvicorn's logging config; no access log on the hot path. WebSocket
-    # heartbeats are protocol pings sent by uvicorn: a peer that stops answering them is dropped.
-    options: dict[str, Any] = dict(
-        host=settings.host,
-        port=port,
-        log_config=None,
-        access_log=False,
-        ws=ws,
-        ws_ping_interval=settings.progress_ping_interval_s,
-        ws_ping_timeout=settings.progress_ping_timeout_s,
-        ws_per_message_deflate=settings.progress_ws_deflate,
-        # uvicorn's default is 16 MiB, read before the app has even seen a key.
-        ws_max_size=settings.progress_ws_max_bytes,
-    )
+    options = uvicorn_options(settings, port, ws)
     if not reuse_port:
         uvicorn.run(app, **options)
         return
@@ -59,6 +46,24 @@ def serve_http(
         sys.exit(STARTUP_FAILURE)
 
 
+def uvicorn_options(settings: Settings, port: int, ws: Any = "auto") -> dict[str, Any]:
+    """How our services run under uvicorn (`uvicorn.Config`'s keywords, the app aside)."""
+    # Our structlog setup, not uvicorn's logging config; no access log on the hot path. WebSocket
+    # heartbeats are protocol pings sent by uvicorn: a peer that stops answering them is dropped.
+    return dict(
+        host=settings.host,
+        port=port,
+        log_config=None,
+        access_log=False,
+        ws=ws,
+        ws_ping_interval=settings.progress_ping_interval_s,
+        ws_ping_timeout=settings.progress_ping_timeout_s,
+        ws_per_message_deflate=settings.progress_ws_deflate,
+        # uvicorn's default is 16 MiB, read before the app has even seen a key.
+        ws_max_size=settings.progress_ws_max_bytes,
+    )
+
+
 def shared_port_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port with SO_REUSEPORT, not listening yet (uvicorn listens on it)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -70,15 +75,3 @@ def shared_port_socket(host: str, port: int) -> socket.socket:
         sock.close()
         raise
     return sock
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether nothing listens on host:port, SO_REUSEPORT or not: bound without it, a socket is refused
-    a port that any other socket listens on."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True

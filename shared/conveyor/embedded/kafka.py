@@ -34,6 +34,7 @@ from conveyor.embedded.kafka_jars import (
     fetch_broker_jars,
     tail_text,
 )
+from conveyor.ports import port_is_free
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +98,7 @@ def free_port_block(count: int) -> int:
 
 def is_port_free(port: int) -> bool:
     """Whether a server could listen on 127.0.0.1:`port` (nothing is listening there)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        # Java's server sockets set SO_REUSEADDR, so connections lingering in TIME_WAIT from a
-        # previous run do not stop the broker from binding: the probe must ignore them likewise.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((LOCALHOST, port))
-        except OSError:
-            return False
-    return True
+    return port_is_free(LOCALHOST, port)
 
 
 def _accepts_connections(port: int) -> bool:
