@@ -29,7 +29,7 @@ from services.progress.streams import (
     StreamEnd,
 )
 
-from harness import write_now
+from harness import eventually, write_now
 
 PREFIX = "stream-test"
 EVENTS_URL = "ws://progress.test"
@@ -87,6 +87,23 @@ async def new_job(db: Database, tenant: str = TENANT.tenant) -> JobRecord:
 def publish(state: ProgressState, job: JobRecord, kind: Literal["state", "progress"] = "state") -> None:
     """The job's latest event, as the hub reads it from the events topic."""
     state.hub.dispatch(job.id.encode(), event_json(job, kind))
+
+
+class RecordedWrites:
+    """Direct writes to a socket that always takes them, recorded by seq: each write, a list of seqs."""
+
+    def __init__(self, *, live: bool = True) -> None:
+        self.live = live
+        self.writes: list[list[int]] = []
+
+    def write(self, event: JobEvent) -> bool:
+        if self.live:
+            self.writes.append([event.seq])
+        return self.live
+
+    def write_all(self, events: Sequence[JobEvent]) -> bool:
+        self.writes.append([event.seq for event in events])
+        return True
 
 
 def seqs(messages: list[Message]) -> list[tuple[str, int]]:
@@ -232,27 +249,21 @@ async def test_a_terminal_event_written_directly_ends_a_one_job_stream_after_it_
     queued = await new_job(db)
     channel = Channel(state.settings.progress_client_queue, TENANT.tenant)
     sent: asyncio.Queue[Outgoing] = asyncio.Queue()
-    direct: list[int] = []
-
-    def write_direct(event: JobEvent) -> bool:
-        direct.append(event.seq)
-        return True
-
-    stream = EventStream(state, TENANT, channel, sent.put, single_job=True, write_now=write_direct)
+    direct = RecordedWrites()
+    stream = EventStream(state, TENANT, channel, sent.put, single_job=True, direct=direct)
     task = asyncio.create_task(stream.run())
     channel.request(Subscribe((queued.id,)))
     assert json.loads((await asyncio.wait_for(sent.get(), WAIT_S)).text)["type"] == "snapshot"
-    while stream._busy:  # noqa: ASYNC110 - the stream goes back to waiting on its queue
-        await asyncio.sleep(0.01)
+    await eventually(lambda: not stream._busy, WAIT_S, "the stream waiting on its queue again")
     running = await written(db, changes.claim(queued.id, "w1", lease_s=30))
     publish(state, running)
     done = await written(db, changes.complete(running, {"ok": True}))
     publish(state, done)  # the terminal event: written at once, and the stream ends after it
-    assert direct == [2, 3]
+    assert direct.writes == [[2], [3]]
     assert await asyncio.wait_for(task, WAIT_S) == StreamEnd(CLOSE_NORMAL)
     assert sent.empty()  # nothing went through the queue after the snapshot
     publish(state, done)  # the stream left the hub
-    assert direct == [2, 3]
+    assert direct.writes == [[2], [3]]
 
 
 async def test_a_resumes_replay_goes_out_in_one_write_after_its_resumed_message(db: Database) -> None:
@@ -262,15 +273,8 @@ async def test_a_resumes_replay_goes_out_in_one_write_after_its_resumed_message(
     reported = await written(db, changes.progress(queued.id, 1, 50.0, "half"))
     channel = Channel(state.settings.progress_client_queue, TENANT.tenant)
     sent: asyncio.Queue[Outgoing] = asyncio.Queue()
-    replays: list[list[int]] = []
-
-    def write_all(events: Sequence[JobEvent]) -> bool:
-        replays.append([event.seq for event in events])
-        return True
-
-    stream = EventStream(
-        state, TENANT, channel, sent.put, single_job=True, write_now=lambda _: False, write_all=write_all
-    )
+    direct = RecordedWrites(live=False)
+    stream = EventStream(state, TENANT, channel, sent.put, single_job=True, direct=direct)
     task = asyncio.create_task(stream.run())
     try:
         channel.request(Subscribe((queued.id,), {queued.id: 1}))
@@ -281,7 +285,7 @@ async def test_a_resumes_replay_goes_out_in_one_write_after_its_resumed_message(
             "after_seq": 1,
             "last_seq": reported.last_seq,
         }
-        assert replays == [[running.last_seq, reported.last_seq]]  # 2 and 3, in one write
+        assert direct.writes == [[running.last_seq, reported.last_seq]]  # 2 and 3, in one write
         assert sent.empty()
     finally:
         task.cancel()

@@ -9,8 +9,8 @@ that negotiated it gets its frames from `websockets`, one by one).
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, TypeVar, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
@@ -23,6 +23,8 @@ DIRECT_WRITE_EXTENSION = "conveyor.direct_write"
 DIRECT_WRITE_MAX_BUFFERED = 16 * 1024
 
 _FIN_TEXT = 0x81
+
+S = TypeVar("S")
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -37,22 +39,29 @@ def text_frame(payload: bytes) -> bytes:
     return header + payload
 
 
-class _LastFrame:
-    """The hub hands one event to all its listeners in a row: remembering the last frame built is
-    enough for it to be built once per event."""
+class _Last(Generic[S]):
+    """The bytes built from the last object asked for. The hub hands one event to all its listeners
+    in a row, and one batched read hands one replay to all the resumes of a job from the same seq:
+    remembering the last is enough for each to be built once, not once per socket."""
 
-    def __init__(self) -> None:
-        self._event: JobEvent | None = None
-        self._frame = b""
+    def __init__(self, build: Callable[[S], bytes]) -> None:
+        self._build = build
+        self._source: S | None = None
+        self._built = b""
 
-    def of(self, event: JobEvent) -> bytes:
-        if event is not self._event:
-            self._frame = text_frame(event.as_json().encode())
-            self._event = event
-        return self._frame
+    def of(self, source: S) -> bytes:
+        if source is not self._source:
+            self._built = self._build(source)
+            self._source = source
+        return self._built
 
 
-_last_frame = _LastFrame()
+def _event_frame(event: JobEvent) -> bytes:
+    return text_frame(event.as_json().encode())
+
+
+_last_frame = _Last[JobEvent](_event_frame)
+_last_replay = _Last[Sequence[JobEvent]](lambda events: b"".join(_event_frame(event) for event in events))
 
 
 class DirectWriter:
@@ -82,7 +91,7 @@ class DirectWriter:
         False, with nothing written, if the caller must send them one by one instead."""
         if not self._can_write():
             return False
-        self._transport.write(b"".join(text_frame(event.as_json().encode()) for event in events))
+        self._transport.write(_last_replay.of(events))
         return True
 
     def _can_write(self) -> bool:

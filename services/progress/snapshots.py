@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection
 
@@ -29,6 +29,8 @@ ResumeKey = tuple[str, str, int]  # (tenant, job id, after_seq)
 # The job (None if the tenant has no such job) and its events after `after_seq` (None if `after_seq` is
 # not below the job's last seq, or some of those events were pruned).
 Replay = tuple[JobRecord | None, list[JobEvent] | None]
+K = TypeVar("K", JobKey, ResumeKey)
+T = TypeVar("T")
 
 
 @dataclass
@@ -53,26 +55,21 @@ class SnapshotReads:
 
     async def job(self, tenant: str, job_id: str) -> JobRecord | None:
         """The tenant's job as it is now (None if it has no such job), read after this call began."""
-        key = (tenant, job_id)
-        future = self._pending.jobs.get(key)
-        if future is None:
-            future = self._pending.jobs[key] = asyncio.get_running_loop().create_future()
-            self._start()
-        # Shielded: a subscriber that goes away does not cancel the read the others wait for.
-        return await asyncio.shield(future)
+        return await self._ask(self._pending.jobs, (tenant, job_id))
 
     async def resume(self, tenant: str, job_id: str, after_seq: int) -> Replay:
         """The tenant's job as it is now, and its events after `after_seq` up to its last seq."""
-        key = (tenant, job_id, after_seq)
-        future = self._pending.resumes.get(key)
-        if future is None:
-            future = self._pending.resumes[key] = asyncio.get_running_loop().create_future()
-            self._start()
-        return await asyncio.shield(future)
+        return await self._ask(self._pending.resumes, (tenant, job_id, after_seq))
 
-    def _start(self) -> None:
-        if self._reader is None:
-            self._reader = asyncio.create_task(self._read_batches())
+    async def _ask(self, asked: dict[K, asyncio.Future[T]], key: K) -> T:
+        """Join the next batch's askers of `key` (in `asked`, one of its two kinds of read)."""
+        future = asked.get(key)
+        if future is None:
+            future = asked[key] = asyncio.get_running_loop().create_future()
+            if self._reader is None:
+                self._reader = asyncio.create_task(self._read_batches())
+        # Shielded: a subscriber that goes away does not cancel the read the others wait for.
+        return await asyncio.shield(future)
 
     async def _read_batches(self) -> None:
         batch = _Batch()

@@ -3,7 +3,8 @@ app's middleware and router.
 
 A WebSocket is routed once and then lives for hours, and each layer it passes through (the HTTP
 metrics, CORS, the exception middlewares, FastAPI's dependency and exit stacks) stays on its call
-stack all that time: about 10 KiB and a fifth of the CPU of a connection (bench/progress_fanout.py).
+stack all that time: about 10 KiB of a connection's memory, and CPU at every connect
+(bench/progress_memory.py).
 None of those layers does anything for a WebSocket. Every other scope, and a WebSocket to any other
 path, goes to the HTTP app, which refuses it as before.
 """

@@ -148,13 +148,8 @@ def _stream(
         await websocket.send_text(message.text)
 
     # Events that come while the socket keeps up go straight to its transport (`frames`).
-    writer = direct_writer(websocket.scope)
-    if writer is None:
-        return EventStream(state, principal, channel, send, single_job=single_job)
-    write_now, write_all = writer.write, writer.write_all
-    return EventStream(
-        state, principal, channel, send, single_job=single_job, write_now=write_now, write_all=write_all
-    )
+    direct = direct_writer(websocket.scope)
+    return EventStream(state, principal, channel, send, single_job=single_job, direct=direct)
 
 
 async def _run(

@@ -24,7 +24,7 @@ class ProgressState:
     # The WebSockets and the SSE streams each tenant holds open on this instance.
     sockets: TenantSlots = field(init=False)
     streams: TenantSlots = field(init=False)
-    # One job read for many concurrent subscribers of the same job.
+    # Snapshots and resumes read in batches: one transaction for every subscriber asking meanwhile.
     snapshots: SnapshotReads = field(init=False)
 
     def __post_init__(self) -> None:

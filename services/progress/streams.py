@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from conveyor.auth import Principal
 from conveyor.eventlog import events_between
@@ -84,6 +84,17 @@ class Outgoing:
 Send = Callable[[Outgoing], Awaitable[None]]
 
 
+class DirectWrites(Protocol):
+    """Writes straight to a connection's socket (`frames.DirectWriter`); each False if the socket
+    cannot take it at once, and nothing was written."""
+
+    def write(self, event: JobEvent) -> bool:
+        """One live event."""
+
+    def write_all(self, events: Sequence[JobEvent]) -> bool:
+        """A resume's replay, in one write."""
+
+
 FELL_BEHIND = StreamEnd(CLOSE_FELL_BEHIND, "fell behind: reconnect with after_seq")
 
 
@@ -109,8 +120,7 @@ class EventStream:
         send: Send,
         *,
         single_job: bool = False,
-        write_now: Callable[[JobEvent], bool] | None = None,
-        write_all: Callable[[Sequence[JobEvent]], bool] | None = None,
+        direct: DirectWrites | None = None,
     ) -> None:
         self._hub = state.hub
         self._db = state.db
@@ -129,10 +139,9 @@ class EventStream:
         self._cursors: OrderedDict[str, int] = OrderedDict()
         # Handling an item (awaiting a send or a read): an event offered meanwhile must queue behind it.
         self._busy = True
-        self._write_now = write_now
-        # A resume's replay in one write, if the connection can take it at once (`frames`).
-        self._write_all = write_all
-        if write_now is not None:
+        # Events written straight to the socket while it keeps up, and a resume's replay in one write.
+        self._direct = direct
+        if direct is not None:
             channel.direct = self._offer_direct
 
     @property
@@ -162,16 +171,14 @@ class EventStream:
         empty queue; False leaves it to the queue. A job's terminal event is written at once too, and
         its subscription ends here: a one-job stream is then stopped, to close once every subscriber
         of the event has it (10,000 sockets closing one by one would hold the last ones' events)."""
-        if self._busy or self._write_now is None:
+        if self._busy or self._direct is None:
             return False
         cursor = self._cursors.get(event.job_id)
-        if cursor is None or event.seq != cursor + 1 or not self._write_now(event):
+        if cursor is None or event.seq != cursor + 1 or not self._direct.write(event):
             return False
-        self._sent_live(event)
-        if event.is_terminal and event.job_id in self._watched:
-            end = self._finished(event.job_id)
-            if end is not None:
-                self._channel.stop(end)
+        end = self._sent_live(event)
+        if end is not None:
+            self._channel.stop(end)
         return True
 
     async def _handle(self, item: Item) -> StreamEnd | None:
@@ -234,7 +241,7 @@ class EventStream:
             await self._say(
                 {"type": "resumed", "job_id": job_id, "after_seq": after_seq, "last_seq": job.last_seq}
             )
-            if replay and (self._write_all is None or not self._write_all(replay)):
+            if replay and (self._direct is None or not self._direct.write_all(replay)):
                 for event in replay:
                     await self._deliver(event, event.seq)
         self._advance(job_id, job.last_seq)
@@ -292,10 +299,7 @@ class EventStream:
         await self._deliver(event, first_seq)
         # A live event only: those filled in from the history above are late by design. For a WebSocket
         # the send has written the frame; for an SSE stream it has handed it to the response.
-        self._sent_live(event)
-        if event.is_terminal and event.job_id in self._watched:
-            return self._finished(event.job_id)
-        return None
+        return self._sent_live(event)
 
     async def _say(self, message: dict[str, Any]) -> None:
         await self._send(Outgoing.of(message))
@@ -303,10 +307,14 @@ class EventStream:
     async def _deliver(self, event: JobEvent, first_seq: int) -> None:
         await self._send(Outgoing.of_event(event, first_seq))
 
-    def _sent_live(self, event: JobEvent) -> None:
-        """A live event is out (queued path or direct write): its delivery latency, and the job's cursor."""
+    def _sent_live(self, event: JobEvent) -> StreamEnd | None:
+        """A live event is out (queued path or direct write): its delivery latency, the job's cursor,
+        and, if it was the terminal event of a job watched by id, the end of that subscription."""
         EVENT_DELIVERY_SECONDS.observe(max(0.0, time.time() - event.at_s))
         self._advance(event.job_id, event.seq)
+        if event.is_terminal and event.job_id in self._watched:
+            return self._finished(event.job_id)
+        return None
 
     def _advance(self, job_id: str, seq: int) -> None:
         self._cursors[job_id] = seq
