@@ -432,20 +432,21 @@ def stats_file(stats_dir: Path) -> Path:
     return path
 
 
-def selects(stats_dir: Path) -> int:
-    """The SELECTs that gateway has sent so far (conveyor.sqlstats writes them twice a second)."""
+def selects(stats_dir: Path, table: str | None = None) -> int:
+    """The SELECTs that gateway has sent so far (conveyor.sqlstats writes them twice a second); with
+    `table`, only those that read from it first."""
     path = stats_file(stats_dir)
     counts: dict[str, int] = json.loads(path.read_text())["counts"]
-    return counts.get("statements.select", 0)
+    return counts.get(f"selects.from.{table}" if table else "statements.select", 0)
 
 
-async def selects_since(stats_dir: Path, moment: float) -> int:
-    """The gateway's SELECTs once its counts file was written a full interval after `moment` (a
-    `time.time()`), so that it counts every statement sent before that moment."""
+async def selects_since(stats_dir: Path, moment: float, table: str | None = None) -> int:
+    """The gateway's SELECTs (from `table`, if named) once its counts file was written a full
+    interval after `moment` (a `time.time()`), so that it counts every statement sent before then."""
     path = stats_file(stats_dir)
     later = moment + sqlstats.WRITE_INTERVAL_S
     await eventually(lambda: path.stat().st_mtime > later, 10, "the SQL counts to be written again")
-    return selects(stats_dir)
+    return selects(stats_dir, table)
 
 
 # How long a window of counted statements lasts.

@@ -13,10 +13,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from conveyor import health, sqlstats
+from conveyor import health
 from conveyor.auth import PRINCIPAL_CACHE_S, hash_key
 from conveyor.database import Database
 from conveyor.health import READINESS_CACHE_S
+from conveyor.models import ApiKey
 from conveyor.readiness import check_readiness
 from conveyor.settings import Settings
 
@@ -29,7 +30,6 @@ from harness import (
     counted_gateway,
     eventually,
     run_cli,
-    select_rate,
     selects,
     selects_since,
     wait_alive,
@@ -217,15 +217,17 @@ REVOKED_WITHIN_S = PRINCIPAL_CACHE_S + 1.0
 
 
 FLOOD_REQUESTS = 600
+API_KEYS_TABLE = ApiKey.__tablename__
 FLOOD_CONCURRENCY = 30
 
 
 async def test_a_flood_of_bad_keys_gets_401_and_costs_a_query_a_second_at_most(
     module_stack: Stack, tmp_path: Path
 ) -> None:
+    # Only the API keys' queries are counted: the gateway's other queries (its outbox relay's, say)
+    # come and go with its own timers, and once took a flood's margin of a query or two.
     counted, stats_dir = await counted_gateway(module_stack, "gateway-auth-counted", tmp_path)
-    idle = await select_rate(stats_dir)
-    started, before = time.monotonic(), selects(stats_dir)
+    started, before = time.monotonic(), selects(stats_dir, API_KEYS_TABLE)
     limit = asyncio.Semaphore(FLOOD_CONCURRENCY)
     async with httpx.AsyncClient(base_url=counted, timeout=30) as client:
 
@@ -238,11 +240,13 @@ async def test_a_flood_of_bad_keys_gets_401_and_costs_a_query_a_second_at_most(
 
         statuses = await asyncio.gather(*(attempt(n) for n in range(FLOOD_REQUESTS)))
     elapsed = time.monotonic() - started
-    after = await selects_since(stats_dir, time.time())
+    after = await selects_since(stats_dir, time.time(), API_KEYS_TABLE)
     assert set(statuses) == {401}
-    extra = after - before - idle * (elapsed + sqlstats.WRITE_INTERVAL_S)
+    # A first lookup at the start, and one each time the memory of the keys runs out meanwhile.
     allowed = elapsed / PRINCIPAL_CACHE_S + 2
-    assert extra <= allowed, f"{FLOOD_REQUESTS} bad keys cost {extra:.0f} queries in {elapsed:.1f} s"
+    assert 1 <= after - before <= allowed, (
+        f"{FLOOD_REQUESTS} bad keys cost {after - before} queries in {elapsed:.1f} s"
+    )
 
 
 async def test_keys_revoked_with_the_cli_get_401_within_a_second(module_stack: Stack) -> None:
