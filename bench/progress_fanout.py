@@ -37,11 +37,13 @@ with the service they measure, so each message costs them about a microsecond of
 - ``--slow-clients N``: N subscribers read slowly on purpose (a 4 KiB receive buffer, reading paused
   ``--slow-pause`` seconds at a time, then on for 50 ms); coalesced events are counted for them and for
   the others apart.
+- ``--events-csv PATH``: every distinct event's ``at`` and its first and last subscriber's receipt, to
+  see when the slow ones happened (the ten slowest are printed anyway).
 
     python bench/progress_fanout.py [--subscribers 2000] [--jobs 20] [--clients 2] [--job-seconds 30]
                                     [--url URL --key KEY [--progress-url WS_URL] [--progress-pid PID]]
                                     [--reconnect-storm [--storm-at S] [--storm-concurrency N]]
-                                    [--slow-clients N] [--json PATH]
+                                    [--slow-clients N] [--events-csv PATH] [--json PATH]
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ MS_PER_S = 1000
 # Stack log lines worth reporting: structlog's console renderer writes `[warning  ]`, `[error    ]`...
 LOG_PROBLEM = re.compile(r"\[(warning|error|critical)\s*\]|Traceback|Exception", re.IGNORECASE)
 LOG_SAMPLES = 12
+SLOWEST_EVENTS = 10  # listed with when they happened: where the latency tail comes from
 
 
 # --- small helpers -----------------------------------------------------------------------------------
@@ -263,7 +266,11 @@ def connect_figures(
 
 
 def delivery_figures(
-    subs: Sequence[dict[str, Any]], final_seq: dict[str, int], window_start: float, window_end: float
+    subs: Sequence[dict[str, Any]],
+    final_seq: dict[str, int],
+    window_start: float,
+    window_end: float,
+    events_csv: Path | None = None,
 ) -> dict[str, Any]:
     latencies: list[float] = []
     progress_latencies: list[float] = []
@@ -314,15 +321,19 @@ def delivery_figures(
                 (state_latencies if is_state else progress_latencies).append(received - at)
                 first_at = min(first_at, at)
                 last_received = max(last_received, received)
-                slot = per_event.setdefault((job_id, seq), [at, received, received])
+                slot = per_event.setdefault((job_id, seq), [at, received, received, is_state])
                 slot[1] = min(slot[1], received)
                 slot[2] = max(slot[2], received)
             else:
                 before_window += 1
         delivered += len(seen)
         tail_missing += max(0, final - last)
-    first = [first_at - at for at, first_at, _ in per_event.values()]
-    spread = [last_at - first_at for _, first_at, last_at in per_event.values()]
+    first = [first_at - at for at, first_at, _, _ in per_event.values()]
+    spread = [last_at - first_at for _, first_at, last_at, _ in per_event.values()]
+    if events_csv is not None:
+        write_events_csv(events_csv, per_event, window_start)
+    # Where the tail comes from: the events whose last subscriber got them latest, and when.
+    slowest = sorted(per_event.values(), key=lambda slot: slot[2] - slot[0], reverse=True)[:SLOWEST_EVENTS]
     span = last_received - first_at if latencies else 0.0
     return {
         "expected": expected,
@@ -352,7 +363,27 @@ def delivery_figures(
         "state_deliveries": len(state_latencies),
         "first_receipt_ms": ms(first),
         "fanout_spread_ms": ms(spread),
+        "slowest_events": [
+            {
+                "at_s": round(at - window_start, 3),
+                "state": bool(is_state),
+                "first_ms": round((first_at - at) * 1000, 1),
+                "last_ms": round((last_at - at) * 1000, 1),
+            }
+            for at, first_at, last_at, is_state in slowest
+        ],
     }
+
+
+def write_events_csv(path: Path, per_event: dict[tuple[str, int], list[Any]], window_start: float) -> None:
+    """One line per distinct event, in the order of their `at`: when it happened and when its first
+    and last subscriber got it (seconds into the delivery window)."""
+    lines = ["job,seq,kind,at_s,first_s,last_s"]
+    for (job_id, seq), (at, first_at, last_at, is_state) in sorted(per_event.items(), key=lambda i: i[1][0]):
+        kind = "state" if is_state else "progress"
+        times = (f"{moment - window_start:.4f}" for moment in (at, first_at, last_at))
+        lines.append(f"{job_id},{seq},{kind},{','.join(times)}")
+    path.write_text("\n".join(lines) + "\n")
 
 
 def seq_timelines(subs: Sequence[dict[str, Any]]) -> dict[str, tuple[list[float], list[int]]]:
@@ -731,6 +762,17 @@ def print_delivery(fig: dict[str, Any]) -> None:
             )
         )
     kit.console.print(kit.table("Delivery", rows))
+    slowest = [
+        (
+            f"{event['at_s']:.2f}",
+            "state" if event["state"] else "progress",
+            f"{kit.fmt(event['first_ms'])} / {kit.fmt(event['last_ms'])}",
+        )
+        for event in fig["slowest_events"]
+    ]
+    kit.console.print(
+        kit.table("Slowest events (s into the window; kind; first / last subscriber's latency, ms)", slowest)
+    )
 
 
 def print_storm(fig: dict[str, Any]) -> None:
@@ -1067,7 +1109,7 @@ async def run_benchmark(
         pids_after,
     )
     print_memory(figures.memory)
-    figures.delivery = delivery_figures(subs, final_seq, window_start, window_end)
+    figures.delivery = delivery_figures(subs, final_seq, window_start, window_end, args.events_csv)
     print_delivery(figures.delivery)
     if args.reconnect_storm:
         figures.storm = storm_figures(subs, storms)
@@ -1149,6 +1191,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     kit.add_option(parser, "--progress-processes", DEFAULT_PROGRESS_PROCESSES, "started progress processes")
     kit.add_option(
         parser, "--slow-pause", DEFAULT_SLOW_PAUSE_S, "seconds a slow subscriber stops reading, each time"
+    )
+    parser.add_argument(
+        "--events-csv",
+        type=Path,
+        help="write each event's time and its first and last subscriber's receipt to this CSV file",
     )
     kit.add_database_option(parser)
     kit.add_stack_options(

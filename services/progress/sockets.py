@@ -190,10 +190,20 @@ async def _run(
     reader.add_done_callback(reader_done)
     try:
         end = await _stream_end(stream)
+        # A few sockets close at a time (`state.CLOSES_AT_ONCE`): the hub goes on delivering meanwhile.
+        async with state.closing:
+            await _close(websocket, channel, reader, end)
     finally:
         idle.cancel()
         reader.cancel()
-        await asyncio.gather(reader, return_exceptions=True)
+
+
+async def _close(
+    websocket: WebSocket, channel: Channel, reader: asyncio.Task[StreamEnd], end: StreamEnd
+) -> None:
+    """Stop the reader, and close the socket as `end` says (unless the client is gone)."""
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
     failure = None if reader.cancelled() else reader.exception()
     if failure is not None and not isinstance(failure, WebSocketDisconnect):
         raise failure
