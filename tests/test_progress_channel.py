@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from conveyor.events import JobEvent, Progress
@@ -77,3 +78,29 @@ async def test_a_full_channel_overflows_and_takes_nothing_more() -> None:
     assert channel.overflowed
     channel.offer(event(3, "state"))
     assert len(channel) == 2
+
+
+async def test_a_jobs_events_offered_together_go_to_the_direct_writer_together_if_nothing_is_queued() -> None:
+    channel = Channel(limit=10, tenant="t")
+    together: list[list[int]] = []
+
+    def direct_all(events: Sequence[JobEvent]) -> bool:
+        together.append([offered.seq for offered in events])
+        return True
+
+    channel.direct_all = direct_all
+    channel.offer_all([event(1), event(2, "state")])
+    assert together == [[1, 2]] and len(channel) == 0
+    channel.request(Reply({"type": "pong"}))
+    # Behind the queued reply, they queue one by one (and progress events coalesce as ever).
+    channel.offer_all([event(3), event(4), event(5, "state")])
+    assert together == [[1, 2]]
+    assert isinstance(await channel.get(), Reply)
+    assert await drain(channel) == [("j1", 3, 4), ("j1", 5, 5)]
+
+
+async def test_events_offered_together_that_the_direct_writer_refuses_are_queued() -> None:
+    channel = Channel(limit=10, tenant="t")
+    channel.direct_all = lambda events: False
+    channel.offer_all([event(1), event(2, "state")])
+    assert await drain(channel) == [("j1", 1, 1), ("j1", 2, 2)]

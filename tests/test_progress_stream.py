@@ -5,9 +5,12 @@ that records each message. A failure here names the stream, not a line in a serv
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from collections.abc import Sequence
 from typing import Any, Literal
+
+from aiokafka import ConsumerRecord, TopicPartition
 
 from conveyor import changes
 from conveyor.auth import ALL_SCOPES, Authenticator, Principal
@@ -18,7 +21,7 @@ from conveyor.models import JobRecord
 from conveyor.schemas import resource_document
 from conveyor.settings import Settings
 from services.progress.channel import Channel, Reply, Subscribe, SubscribeAll, UnsubscribeAll
-from services.progress.hub import EventHub
+from services.progress.hub import QUIET_CALLBACKS_PER_TURN, QUIET_MAX_WAIT_S, QUIET_S, EventHub
 from services.progress.state import ProgressState
 from services.progress.streams import (
     CLOSE_BAD_REQUEST,
@@ -290,3 +293,92 @@ async def test_a_resumes_replay_goes_out_in_one_write_after_its_resumed_message(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+def fetched(state: ProgressState, *events: tuple[JobRecord, Literal["state", "progress"]]) -> None:
+    """Each (job, kind): the job's latest event, all in one fetch from the events topic, in this order."""
+    records = [
+        ConsumerRecord(PREFIX, 0, n, 0, 0, job.id.encode(), event_json(job, kind), None, 0, 0, ())
+        for n, (job, kind) in enumerate(events)
+    ]
+    state.hub.dispatch_fetched({TopicPartition(PREFIX, 0): records})
+
+
+async def test_a_jobs_events_from_one_fetch_go_out_in_one_write_and_the_stream_ends_once_the_hub_is_quiet(
+    db: Database,
+) -> None:
+    state = progress_state(db)
+    queued = await new_job(db)
+    channel = Channel(state.settings.progress_client_queue, TENANT.tenant)
+    sent: asyncio.Queue[Outgoing] = asyncio.Queue()
+    direct = RecordedWrites()
+    stream = EventStream(state, TENANT, channel, sent.put, single_job=True, direct=direct)
+    task = asyncio.create_task(stream.run())
+    channel.request(Subscribe((queued.id,)))
+    assert json.loads((await asyncio.wait_for(sent.get(), WAIT_S)).text)["type"] == "snapshot"
+    await eventually(lambda: not stream._busy, WAIT_S, "the stream waiting on its queue again")
+    running = await written(db, changes.claim(queued.id, "w1", lease_s=30))
+    done = await written(db, changes.complete(running, {"ok": True}))
+    loop = asyncio.get_running_loop()
+    handed_out = loop.time()
+    fetched(state, (running, "state"), (done, "state"))
+    assert direct.writes == [[running.last_seq, done.last_seq]]  # both, in one write
+    assert await asyncio.wait_for(task, WAIT_S) == StreamEnd(CLOSE_NORMAL)
+    # The stream was stopped once the hub had handed out nothing for a while, not at once.
+    assert loop.time() - handed_out >= QUIET_S
+    assert sent.empty()
+
+
+async def test_a_fetch_whose_events_of_a_job_do_not_follow_on_goes_out_one_by_one(db: Database) -> None:
+    state = progress_state(db)
+    queued = await new_job(db)
+    channel = Channel(state.settings.progress_client_queue, TENANT.tenant)
+    sent: asyncio.Queue[Outgoing] = asyncio.Queue()
+    direct = RecordedWrites()
+    stream = EventStream(state, TENANT, channel, sent.put, single_job=True, direct=direct)
+    task = asyncio.create_task(stream.run())
+    try:
+        channel.request(Subscribe((queued.id,)))
+        assert json.loads((await asyncio.wait_for(sent.get(), WAIT_S)).text)["type"] == "snapshot"
+        await eventually(lambda: not stream._busy, WAIT_S, "the stream waiting on its queue again")
+        running = await written(db, changes.claim(queued.id, "w1", lease_s=30))
+        reported = await written(db, changes.progress(queued.id, 1, 50.0, "half"))
+        # 3 before 2, as a republished event may come.
+        fetched(state, (reported, "progress"), (running, "state"))
+        # 3 is not next, so it queues, and 2 queues behind it: the stream fills 2 in from the history,
+        # sends 3, and drops the queued 2 as a repeat.
+        messages = [json.loads((await asyncio.wait_for(sent.get(), WAIT_S)).text) for _ in range(2)]
+        assert seqs(messages) == [("state", running.last_seq), ("progress", reported.last_seq)]
+        assert direct.writes == []
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_what_waits_for_a_quiet_hub_runs_in_order_once_it_has_handed_out_nothing_for_a_while() -> None:
+    hub = EventHub("unused:9092", PREFIX)
+    loop = asyncio.get_running_loop()
+    record = ConsumerRecord(PREFIX, 0, 0, 0, 0, b"nobody-watches", b"{}", None, 0, 0, ())
+    hub.dispatch_fetched({TopicPartition(PREFIX, 0): [record]})
+    handed_out = loop.time()
+    ran: list[tuple[int, float]] = []
+    count = 3 * QUIET_CALLBACKS_PER_TURN
+    for n in range(count):
+        hub.when_quiet(functools.partial(lambda n: ran.append((n, loop.time())), n))
+    await eventually(lambda: len(ran) == count, WAIT_S, "every callback to run")
+    assert [n for n, _ in ran] == list(range(count))
+    assert min(at for _, at in ran) - handed_out >= QUIET_S
+
+
+async def test_what_waits_for_a_quiet_hub_runs_after_a_second_at_most_however_busy_it_is() -> None:
+    hub = EventHub("unused:9092", PREFIX)
+    loop = asyncio.get_running_loop()
+    record = ConsumerRecord(PREFIX, 0, 0, 0, 0, b"nobody-watches", b"{}", None, 0, 0, ())
+    ran: list[float] = []
+    asked = loop.time()
+    hub.when_quiet(lambda: ran.append(loop.time()))
+    while not ran:
+        assert loop.time() - asked < QUIET_MAX_WAIT_S + WAIT_S, "the callback never ran"
+        hub.dispatch_fetched({TopicPartition(PREFIX, 0): [record]})  # never quiet
+        await asyncio.sleep(QUIET_S / 4)
+    assert ran[0] - asked >= QUIET_MAX_WAIT_S

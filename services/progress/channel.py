@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,8 +86,10 @@ class Channel:
         self.overflowed = False
         self._stopped: StreamEnd | None = None
         # Set by a stream that can write an event at once when nothing is queued before it; True if it
-        # did. A client that keeps up thus never has its events queued, nor coalesced.
+        # did. A client that keeps up thus never has its events queued, nor coalesced. `direct_all`
+        # does the same for several events of one job, in one write.
         self.direct: Callable[[JobEvent], bool] | None = None
+        self.direct_all: Callable[[Sequence[JobEvent]], bool] | None = None
 
     def __len__(self) -> int:
         return len(self._items)
@@ -110,6 +112,17 @@ class Channel:
             self._coalescible[event.job_id] = item
         else:
             self._coalescible.pop(event.job_id, None)
+
+    def offer_all(self, events: Sequence[JobEvent]) -> None:
+        """Several events of one job with consecutive seqs, that arrived together (a job's last
+        progress report and its terminal event, say): written at once if the socket keeps up, else
+        offered one by one."""
+        if self.overflowed or self._stopped is not None:
+            return
+        if self.direct_all is not None and not self._items and self.direct_all(events):
+            return
+        for event in events:
+            self.offer(event)
 
     def request(self, request: Request) -> None:
         self._put(request)

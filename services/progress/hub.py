@@ -19,11 +19,14 @@ per event and client would cost more than the write.
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
+import functools
+import itertools
+from collections import defaultdict, deque
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import structlog
-from aiokafka import AIOKafkaConsumer
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.errors import KafkaError
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
@@ -39,6 +42,15 @@ log = structlog.get_logger(__name__)
 
 POLL_TIMEOUT_MS = 200
 FETCH_RETRY_S = 1.0
+# Work that can wait (ending and closing the sockets of jobs that are done) waits until the hub has
+# handed out no event for QUIET_S, so that a burst of events is out first, but never longer than
+# QUIET_MAX_WAIT_S; then it runs QUIET_CALLBACKS_PER_TURN at a time, the loop's I/O in between. When
+# 10,000 subscribers of 20 jobs that finish together get their terminal events, waking and closing
+# each socket (~150 µs) would otherwise come between the hub and its next events: 700 ms in
+# `bench/progress_fanout.py --subscribers 10000`.
+QUIET_S = 0.02
+QUIET_MAX_WAIT_S = 1.0
+QUIET_CALLBACKS_PER_TURN = 32
 
 
 class Listener(Protocol):
@@ -48,6 +60,9 @@ class Listener(Protocol):
 
     def offer(self, event: JobEvent) -> None:
         """Take an event without blocking: the hub never waits for one client."""
+
+    def offer_all(self, events: Sequence[JobEvent]) -> None:
+        """Take several events of one job, with consecutive seqs, without blocking."""
 
 
 class EventHub:
@@ -61,6 +76,11 @@ class EventHub:
         self._by_job: dict[str, set[Listener]] = defaultdict(set)
         self._by_tenant: dict[str, set[Listener]] = defaultdict(set)
         self._reader = BackgroundTask("event-hub", self._run)
+        # The loop's time when the hub last handed events to listeners.
+        self._handed_out_at = 0.0
+        # What waits for a quiet spell (`when_quiet`): when each was asked for, and the callback.
+        self._when_quiet: deque[tuple[float, Callable[[], None]]] = deque()
+        self._when_quiet_timer: asyncio.TimerHandle | asyncio.Handle | None = None
 
     async def start(self) -> None:
         self._consumer = await start_events_consumer(self._bootstrap, self._prefix, self._max_message_bytes)
@@ -83,6 +103,34 @@ class EventHub:
     def unwatch_tenant(self, tenant: str, listener: Listener) -> None:
         _discard(self._by_tenant, tenant, listener)
 
+    def when_quiet(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the hub has handed out no event for QUIET_S (or QUIET_MAX_WAIT_S from
+        now), in the order asked, QUIET_CALLBACKS_PER_TURN per turn of the loop."""
+        loop = asyncio.get_running_loop()
+        self._when_quiet.append((loop.time(), callback))
+        if self._when_quiet_timer is None:
+            self._when_quiet_timer = loop.call_soon(self._call_when_quiet)
+
+    async def quiet(self) -> None:
+        """Return once the hub is quiet (`when_quiet`)."""
+        done = asyncio.get_running_loop().create_future()
+        self.when_quiet(functools.partial(_resolve, done))
+        await done
+
+    def _call_when_quiet(self) -> None:
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        # A quiet spell is the absence of events, which no event can signal: it is timed.
+        busy_s = self._handed_out_at + QUIET_S - now
+        waited_s = now - self._when_quiet[0][0]
+        if busy_s > 0 and waited_s < QUIET_MAX_WAIT_S:
+            wait_s = min(busy_s, QUIET_MAX_WAIT_S - waited_s)
+            self._when_quiet_timer = loop.call_later(wait_s, self._call_when_quiet)
+            return
+        for _ in range(min(QUIET_CALLBACKS_PER_TURN, len(self._when_quiet))):
+            self._when_quiet.popleft()[1]()
+        self._when_quiet_timer = loop.call_soon(self._call_when_quiet) if self._when_quiet else None
+
     async def _run(self) -> None:
         assert self._consumer is not None
         while True:
@@ -92,9 +140,34 @@ class EventHub:
                 log.warning("hub.fetch_failed", error=str(exc))
                 await asyncio.sleep(FETCH_RETRY_S)
                 continue
+            self.dispatch_fetched(batches)
+
+    def dispatch_fetched(
+        self, batches: Mapping[TopicPartition, Sequence[ConsumerRecord[bytes, bytes]]]
+    ) -> None:
+        """Hand one fetch's events to their listeners."""
+        if not batches:
+            return
+        if tracing.enabled():  # a span per event
             for tp, records in batches.items():
                 for record in records:
                     self.dispatch(record.key, record.value, record.headers, tp.topic)
+        else:
+            # A job's events that came in one fetch go to each listener together: when a burst keeps
+            # the hub busy, a job's last progress report and its terminal event often do, and a
+            # socket then gets both in one write.
+            by_job: dict[str, list[bytes]] = {}
+            for records in batches.values():
+                for record in records:
+                    job_id = record.key.decode() if record.key else ""
+                    if job_id in self._by_job or self._by_tenant:
+                        by_job.setdefault(job_id, []).append(record.value)
+            for job_id, values in by_job.items():
+                if len(values) == 1:
+                    self._deliver(job_id, values[0])
+                else:
+                    self._deliver_all(job_id, values)
+        self._handed_out_at = asyncio.get_running_loop().time()
 
     def dispatch(
         self,
@@ -132,6 +205,37 @@ class EventHub:
                 listener.offer(event)
                 offered += 1
         return offered
+
+    def _deliver_all(self, job_id: str, values: Sequence[bytes]) -> None:
+        """Several events of one job, in the order they came: to each listener together if their
+        seqs follow on (else one by one, for each listener to sort out)."""
+        events = _parsed(job_id, values)
+        if not events:
+            return
+        if not all(later.seq == earlier.seq + 1 for earlier, later in itertools.pairwise(events)):
+            for value in values:
+                self._deliver(job_id, value)
+            return
+        first = events[0]
+        listeners = self._by_job.get(first.job_id, set()) | self._by_tenant.get(first.tenant, set())
+        for listener in listeners:
+            if listener.tenant == first.tenant:
+                listener.offer_all(events)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():  # its waiter may have been cancelled meanwhile
+        future.set_result(None)
+
+
+def _parsed(job_id: str, values: Sequence[bytes]) -> list[JobEvent]:
+    events = []
+    for value in values:
+        try:
+            events.append(JobEvent.from_json(value))
+        except ValidationError:
+            log.error("hub.bad_event", job_id=job_id)
+    return events
 
 
 def _discard(index: dict[str, set[Listener]], name: str, listener: Listener) -> None:

@@ -190,9 +190,10 @@ async def _run(
     reader.add_done_callback(reader_done)
     try:
         end = await _stream_end(stream)
-        # A few sockets close at a time (`state.CLOSES_AT_ONCE`): the hub goes on delivering meanwhile.
-        async with state.closing:
-            await _close(websocket, channel, reader, end)
+        # Once a burst of events is out (`EventHub.when_quiet`): 10,000 subscribers of jobs that
+        # finish together would otherwise hold up the events that follow.
+        await state.hub.quiet()
+        await _close(websocket, channel, reader, end)
     finally:
         idle.cancel()
         reader.cancel()

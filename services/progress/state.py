@@ -3,7 +3,6 @@ one context the service's modules take (a connection's stream too), rather than 
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 from starlette.requests import HTTPConnection
@@ -14,12 +13,6 @@ from conveyor.settings import Settings
 from services.progress.admission import TenantSlots
 from services.progress.hub import EventHub
 from services.progress.snapshots import SnapshotReads
-
-# Sockets that may be closing at once. When 10,000 subscribers of 20 jobs that finish together get
-# their terminal events, each socket's close (its close frame, its reader, its bookkeeping: ~130 µs)
-# would otherwise run in one go, and the hub's next events would wait behind all of them: 700 ms in
-# `bench/progress_fanout.py --subscribers 10000`. A few at a time leaves the loop to the hub between.
-CLOSES_AT_ONCE = 32
 
 
 @dataclass
@@ -33,14 +26,11 @@ class ProgressState:
     streams: TenantSlots = field(init=False)
     # Snapshots and resumes read in batches: one transaction for every subscriber asking meanwhile.
     snapshots: SnapshotReads = field(init=False)
-    # Taken by a socket while it closes (CLOSES_AT_ONCE).
-    closing: asyncio.Semaphore = field(init=False)
 
     def __post_init__(self) -> None:
         self.sockets = TenantSlots(self.settings.progress_tenant_max_sockets)
         self.streams = TenantSlots(self.settings.progress_tenant_max_streams)
         self.snapshots = SnapshotReads(self.db)
-        self.closing = asyncio.Semaphore(CLOSES_AT_ONCE)
 
 
 def progress_state(connection: HTTPConnection) -> ProgressState:

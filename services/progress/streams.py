@@ -141,12 +141,16 @@ class EventStream:
         self._busy = True
         # Events written straight to the socket while it keeps up, and a resume's replay in one write.
         self._direct = direct
+        # How the stream will end, once the hub is quiet (`_end_soon`).
+        self._ending: StreamEnd | None = None
         if direct is not None:
             channel.direct = self._offer_direct
+            channel.direct_all = self._offer_direct_all
 
     @property
     def idle(self) -> bool:
-        return not self._watched and not self._all
+        """Watching nothing, and not about to end for another reason (`_end_soon`)."""
+        return not self._watched and not self._all and self._ending is None
 
     async def run(self) -> StreamEnd:
         try:
@@ -163,14 +167,13 @@ class EventStream:
                     return end
         finally:
             self._busy = True
-            self._channel.direct = None
+            self._channel.direct = self._channel.direct_all = None
             self._leave()
 
     def _offer_direct(self, event: JobEvent) -> bool:
         """Write the event at once if it is the next one of a watched job and the stream waits on an
         empty queue; False leaves it to the queue. A job's terminal event is written at once too, and
-        its subscription ends here: a one-job stream is then stopped, to close once every subscriber
-        of the event has it (10,000 sockets closing one by one would hold the last ones' events)."""
+        its subscription ends here: a one-job stream is then stopped, once the hub is quiet."""
         if self._busy or self._direct is None:
             return False
         cursor = self._cursors.get(event.job_id)
@@ -178,8 +181,33 @@ class EventStream:
             return False
         end = self._sent_live(event)
         if end is not None:
-            self._channel.stop(end)
+            self._end_soon(end)
         return True
+
+    def _offer_direct_all(self, events: Sequence[JobEvent]) -> bool:
+        """Write a job's events, consecutive seqs, in one go (one system call, not one each), as
+        `_offer_direct` writes one: if the first is the next one of a watched job and the stream
+        waits on an empty queue. False leaves them to the queue."""
+        if self._busy or self._direct is None:
+            return False
+        first = events[0]
+        cursor = self._cursors.get(first.job_id)
+        if cursor is None or first.seq != cursor + 1:
+            return False
+        if not self._direct.write_all(events):
+            return False
+        for event in events:
+            end = self._sent_live(event)
+            if end is not None:
+                self._end_soon(end)
+                break
+        return True
+
+    def _end_soon(self, end: StreamEnd) -> None:
+        """End the stream once the hub is quiet: the hub is handing out an event now, maybe to
+        thousands of sockets, and waking each stream to close would hold up the rest."""
+        self._ending = end
+        self._hub.when_quiet(functools.partial(self._channel.stop, end))
 
     async def _handle(self, item: Item) -> StreamEnd | None:
         match item:
