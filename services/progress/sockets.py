@@ -190,9 +190,11 @@ async def _run(
     reader.add_done_callback(reader_done)
     try:
         end = await _stream_end(stream)
-        # Once a burst of events is out (`EventHub.when_quiet`): 10,000 subscribers of jobs that
-        # finish together would otherwise hold up the events that follow.
-        await state.hub.quiet()
+        if end is not CLIENT_GONE:
+            # Once a burst of events is out (`EventHub.when_quiet`): 10,000 subscribers of jobs that
+            # finish together would otherwise hold up the events that follow. A socket the client
+            # closed has nothing to send, and gives its tenant's slot back at once.
+            await state.hub.quiet()
         await _close(websocket, channel, reader, end)
     finally:
         idle.cancel()
