@@ -13,8 +13,10 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar, cast
 
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.frames import Frame
 
 from conveyor.events import JobEvent
+from services.progress.keepalive import Keepalive, KeepaliveSlot, keepalive_for
 
 # The scope extension through which a connection reaches its own protocol object.
 DIRECT_WRITE_EXTENSION = "conveyor.direct_write"
@@ -116,7 +118,40 @@ def direct_writer(scope: Mapping[str, Any]) -> DirectWriter | None:
 
 class ProgressWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, handing the app its own protocol object (through a scope
-    extension) so that events can be written to the transport without an ASGI `send` each."""
+    extension) so that events can be written to the transport without an ASGI `send` each, and pinged
+    from one timer for all sockets (`keepalive`) rather than two timers of its own."""
+
+    _keepalive: Keepalive | None = None
+    _keepalive_slot: KeepaliveSlot | None = None
+
+    def start_keepalive(self) -> None:
+        if not (self.ping_interval and self.ping_timeout):
+            super().start_keepalive()  # no timeout: uvicorn's own pings, which need no deadline
+            return
+        self._keepalive = keepalive_for(self.loop, self.ping_interval, self.ping_timeout)
+        self._keepalive_slot = self._keepalive.start(self)
+
+    def stop_keepalive(self) -> None:
+        if self._keepalive_slot is not None:
+            Keepalive.stop(self._keepalive_slot)
+            self._keepalive_slot = None
+        super().stop_keepalive()
+
+    def handle_pong(self, event: Frame) -> None:
+        if self._keepalive is None or self._keepalive_slot is None:
+            super().handle_pong(event)
+            return
+        self._keepalive.pong(self._keepalive_slot, bytes(event.data))
+
+    def ping(self, payload: bytes) -> bool:
+        if self.close_sent or self.transport.is_closing():
+            return False
+        self.conn.send_ping(payload)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+        return True
+
+    def pong_overdue(self) -> None:
+        self.keepalive_timeout()
 
     async def send(self, message: Any) -> None:
         await super().send(message)
