@@ -8,6 +8,7 @@ import asyncio
 import functools
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiokafka import ConsumerRecord, TopicPartition
@@ -247,7 +248,18 @@ async def test_all_of_a_tenants_jobs_from_a_snapshot_then_new_jobs_from_their_fi
         await client.close()
 
 
-async def test_a_terminal_event_written_directly_ends_a_one_job_stream_after_it_is_out(db: Database) -> None:
+@dataclass
+class DirectStream:
+    """A one-job stream whose socket takes every direct write, past its snapshot and waiting."""
+
+    state: ProgressState
+    job: JobRecord
+    sent: asyncio.Queue[Outgoing]
+    direct: RecordedWrites
+    task: asyncio.Task[StreamEnd]
+
+
+async def direct_stream(db: Database) -> DirectStream:
     state = progress_state(db)
     queued = await new_job(db)
     channel = Channel(state.settings.progress_client_queue, TENANT.tenant)
@@ -258,6 +270,12 @@ async def test_a_terminal_event_written_directly_ends_a_one_job_stream_after_it_
     channel.request(Subscribe((queued.id,)))
     assert json.loads((await asyncio.wait_for(sent.get(), WAIT_S)).text)["type"] == "snapshot"
     await eventually(lambda: not stream._busy, WAIT_S, "the stream waiting on its queue again")
+    return DirectStream(state, queued, sent, direct, task)
+
+
+async def test_a_terminal_event_written_directly_ends_a_one_job_stream_after_it_is_out(db: Database) -> None:
+    opened = await direct_stream(db)
+    state, queued, sent, direct, task = opened.state, opened.job, opened.sent, opened.direct, opened.task
     running = await written(db, changes.claim(queued.id, "w1", lease_s=30))
     publish(state, running)
     done = await written(db, changes.complete(running, {"ok": True}))
@@ -307,16 +325,8 @@ def fetched(state: ProgressState, *events: tuple[JobRecord, Literal["state", "pr
 async def test_a_jobs_events_from_one_fetch_go_out_in_one_write_and_the_stream_ends_once_the_hub_is_quiet(
     db: Database,
 ) -> None:
-    state = progress_state(db)
-    queued = await new_job(db)
-    channel = Channel(state.settings.progress_client_queue, TENANT.tenant)
-    sent: asyncio.Queue[Outgoing] = asyncio.Queue()
-    direct = RecordedWrites()
-    stream = EventStream(state, TENANT, channel, sent.put, single_job=True, direct=direct)
-    task = asyncio.create_task(stream.run())
-    channel.request(Subscribe((queued.id,)))
-    assert json.loads((await asyncio.wait_for(sent.get(), WAIT_S)).text)["type"] == "snapshot"
-    await eventually(lambda: not stream._busy, WAIT_S, "the stream waiting on its queue again")
+    opened = await direct_stream(db)
+    state, queued, sent, direct, task = opened.state, opened.job, opened.sent, opened.direct, opened.task
     running = await written(db, changes.claim(queued.id, "w1", lease_s=30))
     done = await written(db, changes.complete(running, {"ok": True}))
     loop = asyncio.get_running_loop()
@@ -330,17 +340,9 @@ async def test_a_jobs_events_from_one_fetch_go_out_in_one_write_and_the_stream_e
 
 
 async def test_a_fetch_whose_events_of_a_job_do_not_follow_on_goes_out_one_by_one(db: Database) -> None:
-    state = progress_state(db)
-    queued = await new_job(db)
-    channel = Channel(state.settings.progress_client_queue, TENANT.tenant)
-    sent: asyncio.Queue[Outgoing] = asyncio.Queue()
-    direct = RecordedWrites()
-    stream = EventStream(state, TENANT, channel, sent.put, single_job=True, direct=direct)
-    task = asyncio.create_task(stream.run())
+    opened = await direct_stream(db)
+    state, queued, sent, direct, task = opened.state, opened.job, opened.sent, opened.direct, opened.task
     try:
-        channel.request(Subscribe((queued.id,)))
-        assert json.loads((await asyncio.wait_for(sent.get(), WAIT_S)).text)["type"] == "snapshot"
-        await eventually(lambda: not stream._busy, WAIT_S, "the stream waiting on its queue again")
         running = await written(db, changes.claim(queued.id, "w1", lease_s=30))
         reported = await written(db, changes.progress(queued.id, 1, 50.0, "half"))
         # 3 before 2, as a republished event may come.
