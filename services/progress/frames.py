@@ -42,9 +42,10 @@ def text_frame(payload: bytes) -> bytes:
 
 
 class _Last(Generic[S]):
-    """The bytes built from the last object asked for. The hub hands one event to all its listeners
-    in a row, and one batched read hands one replay to all the resumes of a job from the same seq:
-    remembering the last is enough for each to be built once, not once per socket."""
+    """The bytes built from the last object asked for. The hub hands one event (or a job's events
+    from one fetch) to all its listeners in a row, and one batched read hands one replay to all the
+    resumes of a job from the same seq: remembering the last is enough for each to be built once,
+    not once per socket."""
 
     def __init__(self, build: Callable[[S], bytes]) -> None:
         self._build = build
@@ -63,7 +64,7 @@ def _event_frame(event: JobEvent) -> bytes:
 
 
 _last_frame = _Last[JobEvent](_event_frame)
-_last_replay = _Last[Sequence[JobEvent]](lambda events: b"".join(_event_frame(event) for event in events))
+_last_frames = _Last[Sequence[JobEvent]](lambda events: b"".join(_event_frame(event) for event in events))
 
 
 class DirectWriter:
@@ -89,11 +90,12 @@ class DirectWriter:
         return True
 
     def write_all(self, events: Sequence[JobEvent]) -> bool:
-        """The frames of a resume's replay in one write (one system call, not one ASGI send each);
-        False, with nothing written, if the caller must send them one by one instead."""
+        """Several events' frames (a resume's replay, a job's events from one fetch) in one write: one
+        system call, not one each. False, with nothing written, if the caller must send them one by
+        one instead."""
         if not self._can_write():
             return False
-        self._transport.write(_last_replay.of(events))
+        self._transport.write(_last_frames.of(events))
         return True
 
     def _can_write(self) -> bool:

@@ -193,34 +193,30 @@ class EventHub:
 
     def _deliver(self, job_id: str, value: bytes) -> int:
         """Parse the event and offer it to the listeners watching its job or tenant; how many took it."""
-        try:
-            event = JobEvent.from_json(value)
-        except ValidationError:
-            log.error("hub.bad_event", job_id=job_id)
-            return 0
-        listeners = self._by_job.get(event.job_id, set()) | self._by_tenant.get(event.tenant, set())
-        offered = 0
-        for listener in listeners:
-            if listener.tenant == event.tenant:
-                listener.offer(event)
-                offered += 1
-        return offered
+        event = _parsed(job_id, value)
+        return 0 if event is None else self._offer(event)
 
     def _deliver_all(self, job_id: str, values: Sequence[bytes]) -> None:
         """Several events of one job, in the order they came: to each listener together if their
         seqs follow on (else one by one, for each listener to sort out)."""
-        events = _parsed(job_id, values)
-        if not events:
-            return
+        events = [event for value in values if (event := _parsed(job_id, value)) is not None]
         if not all(later.seq == earlier.seq + 1 for earlier, later in itertools.pairwise(events)):
-            for value in values:
-                self._deliver(job_id, value)
+            for event in events:
+                self._offer(event)
             return
-        first = events[0]
-        listeners = self._by_job.get(first.job_id, set()) | self._by_tenant.get(first.tenant, set())
+        for listener in self._listeners(events[0]) if events else ():
+            listener.offer_all(events)
+
+    def _offer(self, event: JobEvent) -> int:
+        listeners = self._listeners(event)
         for listener in listeners:
-            if listener.tenant == first.tenant:
-                listener.offer_all(events)
+            listener.offer(event)
+        return len(listeners)
+
+    def _listeners(self, event: JobEvent) -> list[Listener]:
+        """Those watching the event's job or tenant that belong to its tenant."""
+        watching = self._by_job.get(event.job_id, set()) | self._by_tenant.get(event.tenant, set())
+        return [listener for listener in watching if listener.tenant == event.tenant]
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
@@ -228,14 +224,12 @@ def _resolve(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
-def _parsed(job_id: str, values: Sequence[bytes]) -> list[JobEvent]:
-    events = []
-    for value in values:
-        try:
-            events.append(JobEvent.from_json(value))
-        except ValidationError:
-            log.error("hub.bad_event", job_id=job_id)
-    return events
+def _parsed(job_id: str, value: bytes) -> JobEvent | None:
+    try:
+        return JobEvent.from_json(value)
+    except ValidationError:
+        log.error("hub.bad_event", job_id=job_id)
+        return None
 
 
 def _discard(index: dict[str, set[Listener]], name: str, listener: Listener) -> None:

@@ -92,7 +92,7 @@ class DirectWrites(Protocol):
         """One live event."""
 
     def write_all(self, events: Sequence[JobEvent]) -> bool:
-        """A resume's replay, in one write."""
+        """Several events (a resume's replay, a job's events from one fetch), in one write."""
 
 
 FELL_BEHIND = StreamEnd(CLOSE_FELL_BEHIND, "fell behind: reconnect with after_seq")
@@ -174,10 +174,8 @@ class EventStream:
         """Write the event at once if it is the next one of a watched job and the stream waits on an
         empty queue; False leaves it to the queue. A job's terminal event is written at once too, and
         its subscription ends here: a one-job stream is then stopped, once the hub is quiet."""
-        if self._busy or self._direct is None:
-            return False
-        cursor = self._cursors.get(event.job_id)
-        if cursor is None or event.seq != cursor + 1 or not self._direct.write(event):
+        direct = self._direct_for(event)
+        if direct is None or not direct.write(event):
             return False
         end = self._sent_live(event)
         if end is not None:
@@ -188,13 +186,8 @@ class EventStream:
         """Write a job's events, consecutive seqs, in one go (one system call, not one each), as
         `_offer_direct` writes one: if the first is the next one of a watched job and the stream
         waits on an empty queue. False leaves them to the queue."""
-        if self._busy or self._direct is None:
-            return False
-        first = events[0]
-        cursor = self._cursors.get(first.job_id)
-        if cursor is None or first.seq != cursor + 1:
-            return False
-        if not self._direct.write_all(events):
+        direct = self._direct_for(events[0])
+        if direct is None or not direct.write_all(events):
             return False
         for event in events:
             end = self._sent_live(event)
@@ -202,6 +195,14 @@ class EventStream:
                 self._end_soon(end)
                 break
         return True
+
+    def _direct_for(self, event: JobEvent) -> DirectWrites | None:
+        """The direct writer, if `event` may go through it now: the stream waits on an empty queue,
+        and the event is the next one of a job it watches."""
+        if self._busy or self._direct is None:
+            return None
+        cursor = self._cursors.get(event.job_id)
+        return self._direct if cursor is not None and event.seq == cursor + 1 else None
 
     def _end_soon(self, end: StreamEnd) -> None:
         """End the stream once the hub is quiet: the hub is handing out an event now, maybe to
