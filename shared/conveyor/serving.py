@@ -49,7 +49,8 @@ def serve_http(
 def uvicorn_options(settings: Settings, port: int, ws: Any = "auto") -> dict[str, Any]:
     """How our services run under uvicorn (`uvicorn.Config`'s keywords, the app aside)."""
     # Our structlog setup, not uvicorn's logging config; no access log on the hot path. WebSocket
-    # heartbeats are protocol pings sent by uvicorn: a peer that stops answering them is dropped.
+    # heartbeats are protocol pings at this interval (the progress service sends them from one timer,
+    # `services.progress.keepalive`): a peer that stops answering them is dropped.
     return dict(
         host=settings.host,
         port=port,
