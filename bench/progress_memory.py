@@ -11,7 +11,8 @@ snapshot). Unlike progress_fanout.py, the service's own heap can be looked at:
 - memory per connection: this process's RSS after connecting minus before, over N; with
   ``--tracemalloc``, the traced allocations that appeared, by line (tracing makes connecting ~20x slower);
 - ``--deliver M``: M progress events handed to the service's hub as if read from Kafka; each is
-  written to every socket; the CPU of those hand-overs over M x N;
+  written to every socket; the CPU of those hand-overs over M x N, in user space and in the kernel
+  (`os.times`, in ticks of 10 ms: hand over enough for many ticks);
 - after every socket has closed (the service's connection gauge back to 0): RSS and traced memory
   against before, then ``--cycles`` more rounds of connect-all / close-all. RSS that stays level over
   the rounds is memory reused by the allocator; RSS (or traced memory) that grows each round is a leak.
@@ -129,12 +130,13 @@ def print_allocations(after: tracemalloc.Snapshot, before: tracemalloc.Snapshot,
         print(f"  {stat.size_diff / per:7.0f} B {stat.count_diff / per:6.2f} blocks  {stat.traceback[0]}")
 
 
-def deliver(hub: Any, job_id: str, tenant: str, count: int) -> float:
-    """Hand `count` progress events of the job to the hub; the CPU seconds the hand-overs took."""
+def deliver(hub: Any, job_id: str, tenant: str, count: int) -> tuple[float, float]:
+    """Hand `count` progress events of the job to the hub; the CPU seconds the hand-overs took, in user
+    space and in the kernel (the sockets' writes)."""
     from conveyor.events import JobEvent, Progress
     from conveyor.lifecycle import JobState
 
-    spent = 0.0
+    user = system = 0.0
     for seq in range(2, 2 + count):  # the snapshot said seq 1 (queued): each event is the next one
         event = JobEvent(
             job_id=job_id,
@@ -147,10 +149,12 @@ def deliver(hub: Any, job_id: str, tenant: str, count: int) -> float:
             at=datetime.now(UTC),
         )
         value = event.as_json().encode()
-        started = time.process_time()
+        started = os.times()
         hub.dispatch(job_id.encode(), value)
-        spent += time.process_time() - started
-    return spent
+        ended = os.times()
+        user += ended.user - started.user
+        system += ended.system - started.system
+    return user, system
 
 
 async def measure(args: argparse.Namespace, server: uvicorn.Server, app: Any, url: str, job_id: str) -> None:
@@ -180,8 +184,12 @@ async def measure(args: argparse.Namespace, server: uvicorn.Server, app: Any, ur
             print_allocations(tracemalloc.take_snapshot(), before, n)
         if args.deliver:
             hub = app.app.state.progress.hub
-            spent = deliver(hub, job_id, args.tenant, args.deliver)
-            print(f"deliver {args.deliver} events x {n}: {1e6 * spent / (args.deliver * n):.2f} us CPU each")
+            user, system = deliver(hub, job_id, args.tenant, args.deliver)
+            each = 1e6 / (args.deliver * n)
+            print(
+                f"deliver {args.deliver} events x {n}: {(user + system) * each:.2f} us CPU each "
+                f"({user * each:.2f} user, {system * each:.2f} system)"
+            )
         await sockets.close()
         await all_closed()
         print(f"all closed: RSS +{(rss_kib() - rss_before) / 1024:.1f} MiB against before connecting")

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import websockets
 from aiokafka import TopicPartition
-from prometheus_client import REGISTRY, CollectorRegistry
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import Connection
 
@@ -24,7 +24,7 @@ from conveyor.broker import create_producer
 from conveyor.database import Database
 from conveyor.httpmetrics import rejection_reason, token_accepted
 from conveyor.lag import job_topic_levels, lag_by_priority
-from conveyor.metrics import JobSeries
+from conveyor.metrics import HistogramTally, JobSeries
 from conveyor.models import utcnow
 from conveyor.outbox import stage_messages
 from conveyor.problems import too_many_requests
@@ -161,10 +161,12 @@ async def test_every_service_serves_its_series_for_the_metrics_token_only(stack:
     assert value(worker_samples, "conveyor_job_end_to_end_seconds_sum") >= 3
     assert value(worker_samples, "conveyor_worker_slots", state="busy") == 0
 
-    progress = await scrape(progress_http)
+    # The live events of the job (running, its progress reports, succeeded), each written to the socket;
+    # a progress process adds what it tallied at least every TALLY_FLUSH_S.
+    progress = await eventually(
+        lambda: rises_to(progress_http, "conveyor_event_delivery_seconds_count", 2), 10, "the deliveries"
+    )
     assert value(progress, "conveyor_websocket_connections") == 0
-    # The live events of the job (running, its progress reports, succeeded), each written to the socket.
-    assert value(progress, "conveyor_event_delivery_seconds_count") >= 2
 
     # The deployment's backlog, read by the gateway: nothing waits once the job has run.
     backlog = await eventually(
@@ -325,3 +327,27 @@ def test_the_tenant_label_is_opt_in() -> None:
         == 1
     )
     assert not math.isnan(plain_registry.get_sample_value("conveyor_job_end_to_end_seconds_sum") or 0)
+
+
+def test_a_tally_flushed_exports_what_observing_each_value_would() -> None:
+    observed, tallied = CollectorRegistry(), CollectorRegistry()
+    buckets = (0.001, 0.01, 0.1, 1)
+    direct = Histogram("latency_seconds", "", buckets=buckets, registry=observed)
+    tally = HistogramTally(Histogram("latency_seconds", "", buckets=buckets, registry=tallied))
+    # On the bounds (a bound is in its own bucket), between them, beyond the last, and at 0.
+    values = [0.0, 0.001, 0.0011, 0.01, 0.05, 0.1, 0.5, 1, 7.5, 7.5]
+    for amount in values:
+        direct.observe(amount)
+        tally.observe(amount)
+    assert generate_latest(tallied) != generate_latest(observed)  # nothing shows before the flush
+    tally.flush()
+    tally.flush()  # a second flush adds nothing
+    assert _without_created(generate_latest(tallied)) == _without_created(generate_latest(observed))
+    tally.observe(0.02)
+    direct.observe(0.02)
+    tally.flush()
+    assert _without_created(generate_latest(tallied)) == _without_created(generate_latest(observed))
+
+
+def _without_created(exposition: bytes) -> list[bytes]:
+    return [line for line in exposition.splitlines() if b"_created" not in line]

@@ -15,7 +15,7 @@ from conveyor.changes import NewJob
 from conveyor.database import Database
 from conveyor.lifecycle import JobState
 from conveyor.models import JobRecord
-from services.progress.snapshots import SnapshotReads
+from services.progress.snapshots import READ_INTERVAL_S, SnapshotReads
 
 from harness import write_now
 
@@ -23,17 +23,20 @@ PREFIX = "snapshots-test"
 
 
 class CountedReads:
-    """The database's own reads, counted; `hold` keeps the next read's answer back until released."""
+    """The database's own reads, counted (with the loop's time at each start); `hold` keeps the next
+    read's answer back until released."""
 
     def __init__(self, db: Database) -> None:
         self._read = db.read
         self.count = 0
+        self.started_at: list[float] = []
         self.hold: asyncio.Event | None = None
         self.read_once = asyncio.Event()  # a read has been done (its answer maybe held back)
         db.read = self  # type: ignore[method-assign]
 
     async def __call__(self, work: Callable[[Connection], Any]) -> Any:
         self.count += 1
+        self.started_at.append(asyncio.get_running_loop().time())
         hold, self.hold = self.hold, None
         result = await self._read(work)
         self.read_once.set()
@@ -132,3 +135,24 @@ async def test_resumes_share_one_read_each_with_the_events_after_its_own_seq(db:
     assert replays == [[2, 3, 4], [2, 3, 4], [4], None, None]  # 4 is the last seq: nothing to replay
     assert all(found is not None and found.last_seq == 4 for found, _ in answers[:4])
     assert answers[4] == (None, None)  # another tenant's job: no job, no history
+
+
+async def test_reads_start_at_most_every_interval_and_each_answers_everyone_who_asked_meanwhile(
+    db: Database,
+) -> None:
+    job = await new_job(db, "t")
+    reads = CountedReads(db)
+    snapshots = SnapshotReads(db)
+    loop = asyncio.get_running_loop()
+    asked_at = loop.time()
+    first = await snapshots.job("t", job.id)  # nothing read lately: read at once
+    assert first is not None and reads.count == 1
+    assert reads.started_at[0] - asked_at < READ_INTERVAL_S
+    # A flood: one asker after another, each as soon as the one before was answered.
+    answers = []
+    for _ in range(5):
+        answers.append(asyncio.create_task(snapshots.job("t", job.id)))
+        await asyncio.sleep(0)
+    assert all(answer is not None for answer in await asyncio.gather(*answers))
+    assert reads.count == 2  # the five in one read
+    assert reads.started_at[1] - reads.started_at[0] >= READ_INTERVAL_S

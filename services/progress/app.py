@@ -3,6 +3,7 @@ topic, with gaps and resumes served from the job's history in the database."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -44,10 +45,13 @@ def create_app(settings: Settings) -> SocketRoutes:
         await pruner.start()
         authenticator = Authenticator(db, parse_bootstrap_keys(settings.api_keys))
         app.state.progress = ProgressState(settings, db, hub, authenticator)
+        tallies = asyncio.create_task(metrics.flush_tallies_every())
         collector.started()
         try:
             yield
         finally:
+            tallies.cancel()
+            await asyncio.gather(tallies, return_exceptions=True)
             await pruner.stop()
             await hub.stop()
             await topics.stop()

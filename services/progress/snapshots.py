@@ -32,6 +32,10 @@ Replay = tuple[JobRecord | None, list[JobEvent] | None]
 K = TypeVar("K", JobKey, ResumeKey)
 T = TypeVar("T")
 
+# The least time from one read's start to the next's: a subscriber waits at most this long more for
+# its snapshot, against a read of ~0.2 ms of CPU per subscriber in a flood without it.
+READ_INTERVAL_S = 0.01
+
 
 @dataclass
 class _Batch:
@@ -52,6 +56,8 @@ class SnapshotReads:
         self._pending = _Batch()
         # Reads the batches one after the other while there are any; None when there are none.
         self._reader: asyncio.Task[None] | None = None
+        # The loop's time when the last read started.
+        self._read_at = -READ_INTERVAL_S
 
     async def job(self, tenant: str, job_id: str) -> JobRecord | None:
         """The tenant's job as it is now (None if it has no such job), read after this call began."""
@@ -74,7 +80,12 @@ class SnapshotReads:
     async def _read_batches(self) -> None:
         batch = _Batch()
         try:
+            loop = asyncio.get_running_loop()
             while self._pending:
+                pause = self._read_at + READ_INTERVAL_S - loop.time()
+                if pause > 0:
+                    await asyncio.sleep(pause)  # askers meanwhile join this batch
+                self._read_at = loop.time()
                 batch, self._pending = self._pending, _Batch()  # started: later askers wait for the next
                 read = functools.partial(_read, jobs=list(batch.jobs), resumes=list(batch.resumes))
                 try:

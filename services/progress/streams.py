@@ -21,7 +21,7 @@ from conveyor.auth import Principal
 from conveyor.eventlog import events_between
 from conveyor.events import JobEvent
 from conveyor.jobstore import active_jobs
-from conveyor.metrics import EVENT_DELIVERY_SECONDS
+from conveyor.metrics import EVENT_DELIVERY_TALLY
 from conveyor.models import JobRecord
 from conveyor.schemas import resource_document
 from services.progress.channel import (
@@ -339,7 +339,7 @@ class EventStream:
     def _sent_live(self, event: JobEvent) -> StreamEnd | None:
         """A live event is out (queued path or direct write): its delivery latency, the job's cursor,
         and, if it was the terminal event of a job watched by id, the end of that subscription."""
-        EVENT_DELIVERY_SECONDS.observe(max(0.0, time.time() - event.at_s))
+        EVENT_DELIVERY_TALLY.observe(max(0.0, time.time() - event.at_s))
         self._advance(event.job_id, event.seq)
         if event.is_terminal and event.job_id in self._watched:
             return self._finished(event.job_id)

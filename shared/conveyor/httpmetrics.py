@@ -22,7 +22,13 @@ from pydantic import SecretStr
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from conveyor.auth import bearer_token
-from conveyor.metrics import HTTP_REQUEST_SECONDS, HTTP_REQUESTS, JOBS_REJECTED, exposed_registry
+from conveyor.metrics import (
+    HTTP_REQUEST_SECONDS,
+    HTTP_REQUESTS,
+    JOBS_REJECTED,
+    exposed_registry,
+    flush_tallies,
+)
 from conveyor.problems import PROBLEM_SCOPE_KEY, Problem, unauthorized
 
 METRICS_PATH = "/metrics"
@@ -104,6 +110,7 @@ def metrics_router(token: SecretStr) -> APIRouter:
     async def metrics(request: Request) -> Response:
         if not token_accepted(request.headers.get("authorization"), token.get_secret_value()):
             raise unauthorized("send the metrics token (CONVEYOR_METRICS_TOKEN) as `Authorization: Bearer`")
+        flush_tallies()  # this process's, up to now; the others' at their next TALLY_FLUSH_S
         return Response(generate_latest(exposed_registry()), media_type=CONTENT_TYPE_LATEST)
 
     return router

@@ -29,6 +29,8 @@ not exported then: one process's figures would pass for the service's.
 
 from __future__ import annotations
 
+import asyncio
+import bisect
 import os
 from dataclasses import dataclass, field
 from typing import Final, TypeVar
@@ -98,6 +100,67 @@ EVENT_DELIVERY_SECONDS = Histogram(
     "From a job event's time (the worker's or gateway's clock) to its write to a client's socket.",
     buckets=DELIVERY_SECONDS_BUCKETS,
 )
+
+
+# --- observations counted apart, for the series observed on a hot path ---------------------------------
+
+# How often a process adds what it tallied to its histograms (`flush_tallies_every`).
+TALLY_FLUSH_S = 1.0
+
+
+class HistogramTally:
+    """A histogram's observations counted in plain ints, then added to it in one go (`flush`).
+
+    `Histogram.observe` takes a lock for each value (and writes a file in multiprocess mode): about
+    1 to 3 µs, a fifth of the CPU of a progress event's write to a socket, done 20,000 times a second
+    at 10,000 subscribers. Here an observation is a bisect and two additions. The histogram shows it
+    after the next flush: every `TALLY_FLUSH_S` (`flush_tallies_every`), and before `/metrics` answers.
+    For a histogram without labels (or one child of a labelled one).
+    """
+
+    def __init__(self, histogram: Histogram) -> None:
+        # The histogram's own bounds and values: prometheus-client has no public call that adds many
+        # observations at once. tests/test_metrics.py checks that a flush exports what `observe` would.
+        self._histogram = histogram
+        self._bounds: list[float] = list(histogram._upper_bounds)
+        self._counts = [0] * len(self._bounds)
+        self._sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # The first bucket whose bound is >= value, as `Histogram.observe` picks; the last bound is +Inf.
+        self._counts[bisect.bisect_left(self._bounds, value)] += 1
+        self._sum += value
+
+    def flush(self) -> None:
+        counts, self._counts = self._counts, [0] * len(self._bounds)
+        total, self._sum = self._sum, 0.0
+        if not any(counts):
+            return
+        self._histogram._sum.inc(total)
+        for bucket, count in zip(self._histogram._buckets, counts, strict=True):
+            if count:
+                bucket.inc(count)
+
+
+def flush_tallies() -> None:
+    for tally in TALLIES:
+        tally.flush()
+
+
+async def flush_tallies_every(interval_s: float = TALLY_FLUSH_S) -> None:
+    """Flush this process's tallies every `interval_s`, until cancelled (then once more)."""
+    try:
+        while True:
+            await asyncio.sleep(interval_s)
+            flush_tallies()
+    finally:
+        flush_tallies()
+
+
+# What the progress service observes of every event it writes to a socket.
+EVENT_DELIVERY_TALLY = HistogramTally(EVENT_DELIVERY_SECONDS)
+# Those `flush_tallies` flushes.
+TALLIES = (EVENT_DELIVERY_TALLY,)
 
 
 # --- the job series, which may carry the tenant -------------------------------------------------------------
