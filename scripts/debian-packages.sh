@@ -2,7 +2,8 @@
 # on a re-run, and without starting the services they ship (the tests run private servers of their
 # own, in directories and on ports of their choosing). The caller defines log() and die() first.
 
-readonly POLICY_RC=/usr/sbin/policy-rc.d
+# Not readonly: ensure-docker.sh sources this file once per thing it installs.
+POLICY_RC=/usr/sbin/policy-rc.d
 
 # Root and apt-get, or say what to do instead. $1: what is missing; $2: how to get it without apt.
 require_apt() {
