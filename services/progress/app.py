@@ -3,7 +3,6 @@ topic, with gaps and resumes served from the job's history in the database."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -12,6 +11,7 @@ from fastapi.responses import Response
 
 from conveyor import collector, metrics
 from conveyor.auth import Authenticator, parse_bootstrap_keys
+from conveyor.background import BackgroundTask, run_every
 from conveyor.database import Database
 from conveyor.health import health_router
 from conveyor.httpmetrics import HttpMetrics, metrics_router
@@ -45,13 +45,17 @@ def create_app(settings: Settings) -> SocketRoutes:
         await pruner.start()
         authenticator = Authenticator(db, parse_bootstrap_keys(settings.api_keys))
         app.state.progress = ProgressState(settings, db, hub, authenticator)
-        tallies = asyncio.create_task(metrics.flush_tallies_every())
+        tallies = BackgroundTask(
+            "metrics-tallies",
+            lambda: run_every(metrics.TALLY_FLUSH_S, _flush_tallies, failure_event="metrics.flush_failed"),
+        )
+        tallies.start()
         collector.started()
         try:
             yield
         finally:
-            tallies.cancel()
-            await asyncio.gather(tallies, return_exceptions=True)
+            await tallies.stop()
+            metrics.flush_tallies()  # what the last interval tallied
             await pruner.stop()
             await hub.stop()
             await topics.stop()
@@ -79,3 +83,7 @@ def create_app(settings: Settings) -> SocketRoutes:
     app.include_router(health_router(progress_state))
     app.include_router(metrics_router(settings.metrics_token))
     return SocketRoutes(app)
+
+
+async def _flush_tallies() -> None:
+    metrics.flush_tallies()

@@ -29,7 +29,6 @@ not exported then: one process's figures would pass for the service's.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import os
 from dataclasses import dataclass, field
@@ -104,7 +103,7 @@ EVENT_DELIVERY_SECONDS = Histogram(
 
 # --- observations counted apart, for the series observed on a hot path ---------------------------------
 
-# How often a process adds what it tallied to its histograms (`flush_tallies_every`).
+# How often a process adds what it tallied to its histograms (the progress app's `metrics-tallies` task).
 TALLY_FLUSH_S = 1.0
 
 
@@ -115,7 +114,7 @@ class HistogramTally:
     2 µs on the development VM, beside ~12 µs for the progress service's write of an event to a socket,
     done 20,000 times a second at 10,000 subscribers. Here an observation is a bisect and two
     additions (~0.15 µs). The histogram shows it
-    after the next flush: every `TALLY_FLUSH_S` (`flush_tallies_every`), and before `/metrics` answers.
+    after the next flush: every `TALLY_FLUSH_S`, and before `/metrics` answers.
     For a histogram without labels (or one child of a labelled one).
     """
 
@@ -146,16 +145,6 @@ class HistogramTally:
 def flush_tallies() -> None:
     for tally in TALLIES:
         tally.flush()
-
-
-async def flush_tallies_every(interval_s: float = TALLY_FLUSH_S) -> None:
-    """Flush this process's tallies every `interval_s`, until cancelled (then once more)."""
-    try:
-        while True:
-            await asyncio.sleep(interval_s)
-            flush_tallies()
-    finally:
-        flush_tallies()
 
 
 # What the progress service observes of every event it writes to a socket.
