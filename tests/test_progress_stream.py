@@ -211,6 +211,33 @@ async def test_a_channel_is_offered_only_its_own_tenants_events_whatever_it_watc
         await client.close()
 
 
+class Offered:
+    """A listener that records the seqs it is offered."""
+
+    def __init__(self, tenant: str) -> None:
+        self.tenant = tenant
+        self.seqs: list[int] = []
+
+    def offer(self, event: JobEvent) -> None:
+        self.seqs.append(event.seq)
+
+    def offer_all(self, events: Sequence[JobEvent]) -> None:
+        self.seqs.extend(event.seq for event in events)
+
+
+async def test_a_jobs_events_go_to_its_own_tenants_watchers_only_and_not_after_they_unwatch(db: Database) -> None:
+    state = progress_state(db)
+    job = await new_job(db)
+    ours, also_ours, theirs = Offered(TENANT.tenant), Offered(TENANT.tenant), Offered(OTHER_TENANT.tenant)
+    for listener in (ours, also_ours, theirs):
+        state.hub.watch_job(job.id, listener)
+    publish(state, job)
+    state.hub.unwatch_job(job.id, ours)
+    state.hub.unwatch_job(job.id, theirs)  # a tenant's last watcher of the job goes: nothing breaks
+    publish(state, await written(db, changes.claim(job.id, "w1", lease_s=30)))
+    assert (ours.seqs, also_ours.seqs, theirs.seqs) == ([1], [1, 2], [])
+
+
 async def test_an_after_seq_past_the_jobs_last_seq_is_refused(db: Database) -> None:
     state = progress_state(db)
     queued = await new_job(db)

@@ -8,7 +8,8 @@ snapshot is certain to reach it; older ones are dropped by their `seq`.
 
 A listener belongs to one tenant and is offered only that tenant's events, whatever it watches: a
 job id is watched before the database says whose job it is, and that read may come back "not
-yours" after the job's events have arrived. The check is one string comparison per listener.
+yours" after the job's events have arrived. So the watchers of a job are kept by tenant, and an
+event goes to those of its own tenant: no test per listener, and no way to reach another's.
 
 With tracing on, handing a watched event to its listeners is a `deliver <topic>` span (a consumer
 span) in the trace its message's headers carry: the worker's, or the gateway's. Each connection then
@@ -73,7 +74,8 @@ class EventHub:
         self._prefix = prefix
         self._max_message_bytes = max_message_bytes
         self._consumer: AIOKafkaConsumer | None = None
-        self._by_job: dict[str, set[Listener]] = defaultdict(set)
+        # Job id -> tenant -> its listeners: an event is offered to its own tenant's listeners only.
+        self._by_job: dict[str, dict[str, set[Listener]]] = {}
         self._by_tenant: dict[str, set[Listener]] = defaultdict(set)
         self._reader = BackgroundTask("event-hub", self._run)
         # The loop's time when the hub last handed events to listeners.
@@ -92,10 +94,14 @@ class EventHub:
             log.warning("hub.consumer_stop_unclean")
 
     def watch_job(self, job_id: str, listener: Listener) -> None:
-        self._by_job[job_id].add(listener)
+        self._by_job.setdefault(job_id, {}).setdefault(listener.tenant, set()).add(listener)
 
     def unwatch_job(self, job_id: str, listener: Listener) -> None:
-        _discard(self._by_job, job_id, listener)
+        tenants = self._by_job.get(job_id)
+        if tenants is not None:
+            _discard(tenants, listener.tenant, listener)
+            if not tenants:
+                del self._by_job[job_id]
 
     def watch_tenant(self, tenant: str, listener: Listener) -> None:
         self._by_tenant[tenant].add(listener)
@@ -214,9 +220,14 @@ class EventHub:
         return len(listeners)
 
     def _listeners(self, event: JobEvent) -> list[Listener]:
-        """Those watching the event's job or tenant that belong to its tenant."""
-        watching = self._by_job.get(event.job_id, set()) | self._by_tenant.get(event.tenant, set())
-        return [listener for listener in watching if listener.tenant == event.tenant]
+        """Those of the event's tenant watching its job or the whole tenant (a copy: offering an
+        event may end a subscription)."""
+        tenants = self._by_job.get(event.job_id)
+        by_job = tenants.get(event.tenant) if tenants is not None else None
+        by_tenant = self._by_tenant.get(event.tenant)
+        if by_tenant is None:
+            return list(by_job) if by_job is not None else []
+        return list(by_tenant if by_job is None else by_job | by_tenant)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
