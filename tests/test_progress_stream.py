@@ -225,7 +225,7 @@ class Offered:
         self.seqs.extend(event.seq for event in events)
 
 
-async def test_a_jobs_events_go_to_its_own_tenants_watchers_only_and_not_after_they_unwatch(db: Database) -> None:
+async def test_a_jobs_events_go_to_its_tenants_watchers_only_and_not_after_they_unwatch(db: Database) -> None:
     state = progress_state(db)
     job = await new_job(db)
     ours, also_ours, theirs = Offered(TENANT.tenant), Offered(TENANT.tenant), Offered(OTHER_TENANT.tenant)
