@@ -66,14 +66,15 @@ def waiting_stream(hub: EventHub, job_id: str) -> tuple[Channel, EventStream]:
     return channel, stream
 
 
-def progress_event(job_id: str, seq: int) -> bytes:
+def progress_event(job_id: str, tenant: str, seq: int) -> bytes:
+    """A progress event of the job, as it is on the events topic."""
     event = JobEvent(
         job_id=job_id,
-        tenant=TENANT,
+        tenant=tenant,
         seq=seq,
         type="progress",
         status=JobState.RUNNING,
-        progress=Progress(percent=1.0),
+        progress=Progress(percent=float(min(seq, 100))),
         attempt=1,
         at=datetime.now(UTC),
     )
@@ -89,7 +90,7 @@ def run(subscribers: int, jobs: int, rounds: int) -> list[float]:
     gc.freeze()  # as `conveyor.collector` does once a service has started
     per_delivery = []
     for seq in range(2, 2 + rounds):
-        values = [(job_id, progress_event(job_id, seq)) for job_id in job_ids]
+        values = [(job_id, progress_event(job_id, TENANT, seq)) for job_id in job_ids]
         started = time.process_time()
         for job_id, value in values:
             hub.dispatch(job_id.encode(), value)

@@ -31,7 +31,6 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 import benchkit as kit
@@ -133,22 +132,11 @@ def print_allocations(after: tracemalloc.Snapshot, before: tracemalloc.Snapshot,
 def deliver(hub: Any, job_id: str, tenant: str, count: int) -> tuple[float, float]:
     """Hand `count` progress events of the job to the hub; the CPU seconds the hand-overs took, in user
     space and in the kernel (the sockets' writes)."""
-    from conveyor.events import JobEvent, Progress
-    from conveyor.lifecycle import JobState
+    from progress_dispatch import progress_event
 
     user = system = 0.0
     for seq in range(2, 2 + count):  # the snapshot said seq 1 (queued): each event is the next one
-        event = JobEvent(
-            job_id=job_id,
-            tenant=tenant,
-            seq=seq,
-            type="progress",
-            status=JobState.RUNNING,
-            progress=Progress(percent=float(seq)),
-            attempt=1,
-            at=datetime.now(UTC),
-        )
-        value = event.as_json().encode()
+        value = progress_event(job_id, tenant, seq)
         started = os.times()
         hub.dispatch(job_id.encode(), value)
         ended = os.times()
