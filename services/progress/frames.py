@@ -84,17 +84,9 @@ class DirectWriter:
 
     def write(self, event: JobEvent) -> bool:
         """True if the frame was written; False if the caller must queue the event instead."""
-        # `_can_write`, inline: this runs once per event and subscriber.
-        protocol = self._protocol
-        transport = self._transport
-        if (
-            protocol.close_sent
-            or protocol.disconnected
-            or transport.is_closing()
-            or transport.get_write_buffer_size() > DIRECT_WRITE_MAX_BUFFERED
-        ):
+        if not self._can_write():
             return False
-        transport.write(_last_frame.of(event))
+        self._transport.write(_last_frame.of(event))
         return True
 
     def write_all(self, events: Sequence[JobEvent]) -> bool:
