@@ -47,14 +47,18 @@ def test_uvicorns_websocket_handshake_lines_are_logged_at_debug_only() -> None:
     started = uvicorn_errors.makeRecord(
         "uvicorn.error", logging.INFO, __file__, 1, "Application startup complete.", (), None
     )
+    # configure_logging adds filters to uvicorn's logger and to the root's handlers: put back what the
+    # other tests of this process found.
+    handlers = list(logging.getLogger().handlers)
+    filters_before = [list(uvicorn_errors.filters), *(list(handler.filters) for handler in handlers)]
     try:
         configure_logging("INFO")
         assert (uvicorn_errors.filter(handshake), uvicorn_errors.filter(started)) == (False, True)
         configure_logging("DEBUG")
         assert (uvicorn_errors.filter(handshake), uvicorn_errors.filter(started)) == (True, True)
-    finally:  # as the other tests of this process found logging
-        for added in list(uvicorn_errors.filters):
-            uvicorn_errors.removeFilter(added)
+    finally:
+        for filterer, filters in zip([uvicorn_errors, *handlers], filters_before, strict=True):
+            filterer.filters[:] = filters
         structlog.reset_defaults()
 
 
