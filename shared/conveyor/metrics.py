@@ -113,9 +113,8 @@ class HistogramTally:
     `Histogram.observe` takes a lock for each value (and writes a file in multiprocess mode): 0.7 to
     2 µs on the development VM, beside ~12 µs for the progress service's write of an event to a socket,
     done 20,000 times a second at 10,000 subscribers. Here an observation is a bisect and two
-    additions (~0.15 µs). The histogram shows it
-    after the next flush: every `TALLY_FLUSH_S`, and before `/metrics` answers.
-    For a histogram without labels (or one child of a labelled one).
+    additions (~0.15 µs). The histogram shows it after the next flush: every `TALLY_FLUSH_S`, and
+    before `/metrics` answers. For a histogram without labels (or one child of a labelled one).
     """
 
     def __init__(self, histogram: Histogram) -> None:
