@@ -348,6 +348,11 @@ def test_a_tally_flushed_exports_what_observing_each_value_would() -> None:
     direct.observe(0.02)
     tally.flush()
     assert _without_created(generate_latest(tallied)) == _without_created(generate_latest(observed))
+    tally.observe(0.25, 3)  # one latency for three sockets, as a fan-out counts its writes
+    for _ in range(3):
+        direct.observe(0.25)
+    tally.flush()
+    assert _without_created(generate_latest(tallied)) == _without_created(generate_latest(observed))
 
 
 def _without_created(exposition: bytes) -> list[bytes]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiokafka import ConsumerRecord, TopicPartition
+from websockets.frames import Frame
+from websockets.streams import StreamReader
 
 from conveyor import changes
 from conveyor.auth import ALL_SCOPES, Authenticator, Principal
@@ -22,6 +24,7 @@ from conveyor.models import JobRecord
 from conveyor.schemas import resource_document
 from conveyor.settings import Settings
 from services.progress.channel import Channel, Reply, Subscribe, SubscribeAll, UnsubscribeAll
+from services.progress.fanout import Fanout
 from services.progress.hub import QUIET_CALLBACKS_PER_TURN, QUIET_MAX_WAIT_S, QUIET_S, EventHub
 from services.progress.state import ProgressState
 from services.progress.streams import (
@@ -94,11 +97,15 @@ def publish(state: ProgressState, job: JobRecord, kind: Literal["state", "progre
 
 
 class RecordedWrites:
-    """Direct writes to a socket that always takes them, recorded by seq: each write, a list of seqs."""
+    """Direct writes to a socket that always takes them, recorded by seq: each write, a list of seqs.
+    A fan-out's writes (raw frames, to `writable_transport`) are recorded the same way."""
 
     def __init__(self, *, live: bool = True) -> None:
         self.live = live
         self.writes: list[list[int]] = []
+
+    def writable_transport(self) -> FrameRecorder | None:
+        return FrameRecorder(self.writes) if self.live else None
 
     def write(self, event: JobEvent) -> bool:
         if self.live:
@@ -108,6 +115,38 @@ class RecordedWrites:
     def write_all(self, events: Sequence[JobEvent]) -> bool:
         self.writes.append([event.seq for event in events])
         return True
+
+
+class FrameRecorder:
+    """A transport that records the seqs of the events in each write's text frames."""
+
+    def __init__(self, writes: list[list[int]]) -> None:
+        self.writes = writes
+        self.closing = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append([json.loads(payload)["seq"] for payload in frame_payloads(data)])
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def frame_payloads(data: bytes) -> list[bytes]:
+    """The payloads of unmasked text frames written one after the other."""
+    reader = StreamReader()
+    reader.feed_data(data)
+    payloads = []
+    while reader.buffer:
+        parser = Frame.parse(reader.read_exact, mask=False)
+        try:
+            next(parser)
+            raise AssertionError("a frame is incomplete")
+        except StopIteration as done:
+            payloads.append(done.value.data)
+    return payloads
 
 
 def seqs(messages: list[Message]) -> list[tuple[str, int]]:
@@ -224,6 +263,12 @@ class Offered:
     def offer_all(self, events: Sequence[JobEvent]) -> None:
         self.seqs.extend(event.seq for event in events)
 
+    def ride(self, fanout: Fanout) -> None:
+        return None  # offered every event
+
+    def left_fanout(self, job_id: str, seq: int, terminal: bool) -> None:
+        raise AssertionError("never rode")
+
 
 async def test_a_jobs_events_go_to_its_tenants_watchers_only_and_not_after_they_unwatch(db: Database) -> None:
     state = progress_state(db)
@@ -284,6 +329,7 @@ class DirectStream:
     sent: asyncio.Queue[Outgoing]
     direct: RecordedWrites
     task: asyncio.Task[StreamEnd]
+    channel: Channel
 
 
 async def direct_stream(db: Database) -> DirectStream:
@@ -297,7 +343,7 @@ async def direct_stream(db: Database) -> DirectStream:
     channel.request(Subscribe((queued.id,)))
     assert json.loads((await asyncio.wait_for(sent.get(), WAIT_S)).text)["type"] == "snapshot"
     await eventually(lambda: not stream._busy, WAIT_S, "the stream waiting on its queue again")
-    return DirectStream(state, queued, sent, direct, task)
+    return DirectStream(state, queued, sent, direct, task, channel)
 
 
 async def test_a_terminal_event_written_directly_ends_a_one_job_stream_after_it_is_out(db: Database) -> None:
@@ -312,6 +358,32 @@ async def test_a_terminal_event_written_directly_ends_a_one_job_stream_after_it_
     assert sent.empty()  # nothing went through the queue after the snapshot
     publish(state, done)  # the stream left the hub
     assert direct.writes == [[2], [3]]
+
+
+async def test_a_stream_given_a_request_leaves_the_fanout_at_the_seq_it_was_written(
+    db: Database,
+) -> None:
+    opened = await direct_stream(db)
+    state, queued, sent, direct, task = opened.state, opened.job, opened.sent, opened.direct, opened.task
+    try:
+        running = await written(db, changes.claim(queued.id, "w1", lease_s=30))
+        publish(state, running)
+        reported = await written(db, changes.progress(queued.id, 1, 50.0, "half"))
+        publish(state, reported, "progress")
+        assert direct.writes == [[2], [3]]
+        [[(_, fanout)]] = [list(tenants.items()) for tenants in state.hub._by_job.values()]
+        assert fanout.rides(opened.channel)  # written by the job's fan-out, not offered
+        opened.channel.request(Reply({"type": "pong"}))
+        assert json.loads((await asyncio.wait_for(sent.get(), WAIT_S)).text) == {"type": "pong"}
+        publish(state, reported, "progress")  # a repeat: the stream knows it was sent 3, and drops it
+        again = await written(db, changes.progress(queued.id, 1, 75.0, "more"))
+        publish(state, again, "progress")
+        assert direct.writes == [[2], [3], [4]]
+        await eventually(lambda: fanout.rides(opened.channel), WAIT_S, "the stream riding again")
+        assert sent.empty()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_a_resumes_replay_goes_out_in_one_write_after_its_resumed_message(db: Database) -> None:

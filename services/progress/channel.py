@@ -13,6 +13,10 @@ A channel waits on a bare future rather than an `asyncio.Event`: an event holds 
 
 Requests from the client (subscribe, unsubscribe, ping) travel through the same queue, so everything
 the client is sent keeps the order in which it happened.
+
+A channel whose stream waits on an empty queue may ride its jobs' fan-outs (`fanout.Fanout`): their
+events are then written to its socket without being offered to it. Anything put in the queue, or a
+stop, takes it out of them first: the jobs' next events are offered again, and wait behind that.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from conveyor.events import JobEvent
+from services.progress.fanout import Fanout, Transport
 
 
 @dataclass
@@ -90,6 +95,12 @@ class Channel:
         # does the same for several events of one job, in one write.
         self.direct: Callable[[JobEvent], bool] | None = None
         self.direct_all: Callable[[Sequence[JobEvent]], bool] | None = None
+        # Set by the same stream: whether it may ride a job's fan-out from the given seq on (its
+        # transport, if so), and where a fan-out it rode left it (`fanout.Listener`).
+        self.rides: Callable[[str, int], Transport | None] | None = None
+        self.rode: Callable[[str, int, bool], None] | None = None
+        # The fan-outs this channel rides, by job id: left as soon as the channel is given anything.
+        self._fanouts: dict[str, Fanout] = {}
 
     def __len__(self) -> int:
         return len(self._items)
@@ -124,6 +135,19 @@ class Channel:
         for event in events:
             self.offer(event)
 
+    def ride(self, fanout: Fanout) -> Transport | None:
+        if self._items or self.overflowed or self._stopped is not None or self.rides is None:
+            return None
+        transport = self.rides(fanout.job_id, fanout.seq)
+        if transport is not None:
+            self._fanouts[fanout.job_id] = fanout
+        return transport
+
+    def left_fanout(self, job_id: str, seq: int, terminal: bool) -> None:
+        self._fanouts.pop(job_id, None)
+        if self.rode is not None:
+            self.rode(job_id, seq, terminal)
+
     def request(self, request: Request) -> None:
         self._put(request)
 
@@ -131,6 +155,7 @@ class Channel:
         """End the stream: its next `get()` returns `end` (the first reason given, if several)."""
         if self._stopped is None:
             self._stopped = end
+            self._leave_fanouts()
             self._wake()
 
     async def get(self) -> Item:
@@ -148,6 +173,7 @@ class Channel:
         return item
 
     def _put(self, item: Item) -> bool:
+        self._leave_fanouts()
         if self.overflowed or self._stopped is not None:
             return False
         if len(self._items) >= self._limit:
@@ -156,6 +182,13 @@ class Channel:
         self._items.append(item)
         self._wake()
         return True
+
+    def _leave_fanouts(self) -> None:
+        """The stream has something to do: the jobs' next events wait behind it, in this queue."""
+        if self._fanouts:
+            fanouts, self._fanouts = self._fanouts, {}
+            for fanout in fanouts.values():
+                fanout.release(self)
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

@@ -8,6 +8,7 @@ that negotiated it gets its frames from `websockets`, one by one).
 
 from __future__ import annotations
 
+import asyncio
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar, cast
@@ -67,6 +68,11 @@ _last_frame = _Last[JobEvent](_event_frame)
 _last_frames = _Last[Sequence[JobEvent]](lambda events: b"".join(_event_frame(event) for event in events))
 
 
+def event_frames(events: Sequence[JobEvent]) -> bytes:
+    """The frames of a job's events, one after the other: the bytes every subscriber is written."""
+    return _last_frame.of(events[0]) if len(events) == 1 else _last_frames.of(events)
+
+
 class DirectWriter:
     """Writes an event's frame to one socket's transport when the socket can take it at once.
 
@@ -97,6 +103,11 @@ class DirectWriter:
             return False
         self._transport.write(_last_frames.of(events))
         return True
+
+    def writable_transport(self) -> asyncio.WriteTransport | None:
+        """The transport, if it can take a write now: for a fan-out to write the job's next events
+        to (`fanout.Fanout`), which tests for itself, on each write, what can change."""
+        return self._transport if self._can_write() else None
 
     def _can_write(self) -> bool:
         protocol = self._protocol

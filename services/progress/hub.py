@@ -8,13 +8,14 @@ snapshot is certain to reach it; older ones are dropped by their `seq`.
 
 A listener belongs to one tenant and is offered only that tenant's events, whatever it watches: a
 job id is watched before the database says whose job it is, and that read may come back "not
-yours" after the job's events have arrived. So the watchers of a job are kept by tenant, and an
-event goes to those of its own tenant: no test per listener, and no way to reach another's.
+yours" after the job's events have arrived. So the watchers of a job are kept by tenant (a
+`fanout.Fanout` each), and an event goes to those of its own tenant: no test per listener, and no way
+to reach another's. Of those, the ones that keep up ride the fan-out: the event is written to their
+sockets in one loop. The others are offered it, each through its own channel.
 
 With tracing on, handing a watched event to its listeners is a `deliver <topic>` span (a consumer
-span) in the trace its message's headers carry: the worker's, or the gateway's. Each connection then
-writes the event to its socket from its own queue; that write is not a span of its own, since a span
-per event and client would cost more than the write.
+span) in the trace its message's headers carry: the worker's, or the gateway's. The writes to the
+sockets are not spans of their own, since a span per event and client would cost more than the write.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import functools
 import itertools
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
 
 import structlog
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -38,6 +38,7 @@ from conveyor.background import BackgroundTask
 from conveyor.broker import start_events_consumer, stop_consumer
 from conveyor.events import JobEvent
 from conveyor.sizes import DEFAULT_TOPIC_MAX_MESSAGE_BYTES
+from services.progress.fanout import Fanout, Listener
 
 log = structlog.get_logger(__name__)
 
@@ -54,18 +55,6 @@ QUIET_MAX_WAIT_S = 1.0
 QUIET_CALLBACKS_PER_TURN = 32
 
 
-class Listener(Protocol):
-    @property
-    def tenant(self) -> str:
-        """The tenant whose events, and only whose, this listener may be offered."""
-
-    def offer(self, event: JobEvent) -> None:
-        """Take an event without blocking: the hub never waits for one client."""
-
-    def offer_all(self, events: Sequence[JobEvent]) -> None:
-        """Take several events of one job, with consecutive seqs, without blocking."""
-
-
 class EventHub:
     def __init__(
         self, bootstrap: str, prefix: str, max_message_bytes: int = DEFAULT_TOPIC_MAX_MESSAGE_BYTES
@@ -74,8 +63,8 @@ class EventHub:
         self._prefix = prefix
         self._max_message_bytes = max_message_bytes
         self._consumer: AIOKafkaConsumer | None = None
-        # Job id -> tenant -> its listeners: an event is offered to its own tenant's listeners only.
-        self._by_job: dict[str, dict[str, set[Listener]]] = {}
+        # Job id -> tenant -> its watchers: an event goes to its own tenant's watchers only.
+        self._by_job: dict[str, dict[str, Fanout]] = {}
         self._by_tenant: dict[str, set[Listener]] = defaultdict(set)
         self._reader = BackgroundTask("event-hub", self._run)
         # The loop's time when the hub last handed events to listeners.
@@ -94,14 +83,30 @@ class EventHub:
             log.warning("hub.consumer_stop_unclean")
 
     def watch_job(self, job_id: str, listener: Listener) -> None:
-        self._by_job.setdefault(job_id, {}).setdefault(listener.tenant, set()).add(listener)
+        tenants = self._by_job.setdefault(job_id, {})
+        fanout = tenants.get(listener.tenant)
+        if fanout is None:
+            fanout = tenants[listener.tenant] = Fanout(job_id, self.when_quiet)
+        fanout.add(listener)
 
     def unwatch_job(self, job_id: str, listener: Listener) -> None:
         tenants = self._by_job.get(job_id)
-        if tenants is not None:
-            _discard(tenants, listener.tenant, listener)
+        fanout = tenants.get(listener.tenant) if tenants is not None else None
+        if tenants is None or fanout is None:
+            return
+        fanout.discard(listener)
+        if not fanout:
+            del tenants[listener.tenant]
             if not tenants:
                 del self._by_job[job_id]
+
+    def ride(self, job_id: str, listener: Listener, seq: int) -> None:
+        """The listener watches the job, was sent its events up to `seq`, and waits on an empty
+        queue: it may ride the job's fan-out from here (`Fanout.join`)."""
+        tenants = self._by_job.get(job_id)
+        fanout = tenants.get(listener.tenant) if tenants is not None else None
+        if fanout is not None:
+            fanout.join(listener, seq)
 
     def watch_tenant(self, tenant: str, listener: Listener) -> None:
         self._by_tenant[tenant].add(listener)
@@ -198,9 +203,9 @@ class EventHub:
             span.set_attribute("conveyor.listeners", self._deliver(job_id, value))
 
     def _deliver(self, job_id: str, value: bytes) -> int:
-        """Parse the event and offer it to the listeners watching its job or tenant; how many took it."""
+        """Parse the event and hand it to the listeners watching its job or tenant; how many took it."""
         event = _parsed(job_id, value)
-        return 0 if event is None else self._offer(event)
+        return 0 if event is None else self._hand_out((event,))
 
     def _deliver_all(self, job_id: str, values: Sequence[bytes]) -> None:
         """Several events of one job, in the order they came: to each listener together if their
@@ -208,25 +213,35 @@ class EventHub:
         events = [event for value in values if (event := _parsed(job_id, value)) is not None]
         if not all(later.seq == earlier.seq + 1 for earlier, later in itertools.pairwise(events)):
             for event in events:
-                self._offer(event)
-            return
-        for listener in self._listeners(events[0]) if events else ():
-            listener.offer_all(events)
+                self._hand_out((event,))
+        elif events:
+            self._hand_out(events)
 
-    def _offer(self, event: JobEvent) -> int:
-        listeners = self._listeners(event)
-        for listener in listeners:
-            listener.offer(event)
-        return len(listeners)
+    def _hand_out(self, events: Sequence[JobEvent]) -> int:
+        """A job's events, consecutive seqs: written to the riders of its fan-out, then offered to
+        the other listeners of its tenant watching the job or the whole tenant. How many took them."""
+        first = events[0]
+        tenants = self._by_job.get(first.job_id)
+        fanout = tenants.get(first.tenant) if tenants is not None else None
+        written = fanout.write(events) if fanout is not None else 0
+        listeners = self._offered(fanout, first.tenant)
+        if len(events) == 1:
+            for listener in listeners:
+                listener.offer(first)
+        else:
+            for listener in listeners:
+                listener.offer_all(events)
+        if fanout is not None:
+            fanout.take_riders(events[-1])
+        return written + len(listeners)
 
-    def _listeners(self, event: JobEvent) -> list[Listener]:
-        """Those of the event's tenant watching its job or the whole tenant (a copy: offering an
-        event may end a subscription)."""
-        tenants = self._by_job.get(event.job_id)
-        by_job = tenants.get(event.tenant) if tenants is not None else None
-        by_tenant = self._by_tenant.get(event.tenant)
+    def _offered(self, fanout: Fanout | None, tenant: str) -> list[Listener]:
+        """The tenant's listeners to offer an event to: those of the job's fan-out that do not ride
+        it, and those watching the whole tenant (a copy: offering an event may end a subscription)."""
+        by_job = fanout.offered if fanout is not None else None
+        by_tenant = self._by_tenant.get(tenant)
         if by_tenant is None:
-            return list(by_job) if by_job is not None else []
+            return list(by_job) if by_job else []
         return list(by_tenant if by_job is None else by_job | by_tenant)
 
 

@@ -35,6 +35,7 @@ from services.progress.channel import (
     Unsubscribe,
     UnsubscribeAll,
 )
+from services.progress.fanout import Transport
 from services.progress.state import ProgressState
 
 # WebSocket close codes. 4000-4999 are the application's own: the client asked for something wrong,
@@ -94,6 +95,9 @@ class DirectWrites(Protocol):
     def write_all(self, events: Sequence[JobEvent]) -> bool:
         """Several events (a resume's replay, a job's events from one fetch), in one write."""
 
+    def writable_transport(self) -> Transport | None:
+        """The socket's transport if it can take a write now, for a fan-out to write to."""
+
 
 FELL_BEHIND = StreamEnd(CLOSE_FELL_BEHIND, "fell behind: reconnect with after_seq")
 
@@ -146,6 +150,8 @@ class EventStream:
         if direct is not None:
             channel.direct = self._offer_direct
             channel.direct_all = self._offer_direct_all
+            channel.rides = self._rides
+            channel.rode = self._rode
 
     @property
     def idle(self) -> bool:
@@ -156,6 +162,7 @@ class EventStream:
         try:
             while True:
                 self._busy = False
+                self._ride_fanouts()
                 item = await self._channel.get()
                 self._busy = True
                 if isinstance(item, StreamEnd):
@@ -168,6 +175,7 @@ class EventStream:
         finally:
             self._busy = True
             self._channel.direct = self._channel.direct_all = None
+            self._channel.rides = self._channel.rode = None
             self._leave()
 
     def _offer_direct(self, event: JobEvent) -> bool:
@@ -203,6 +211,35 @@ class EventStream:
             return None
         cursor = self._cursors.get(event.job_id)
         return self._direct if cursor is not None and event.seq == cursor + 1 else None
+
+    def _ride_fanouts(self) -> None:
+        """The stream waits from here: its jobs' next events may be written by their fan-outs."""
+        if self._direct is None or self._all or self._ending is not None or len(self._channel):
+            return
+        for job_id in self._watched:
+            cursor = self._cursors.get(job_id)
+            if cursor is not None:
+                self._hub.ride(job_id, self._channel, cursor)
+
+    def _rides(self, job_id: str, seq: int) -> Transport | None:
+        """The socket's transport, if the job's fan-out may write its events from `seq` on: the stream
+        waits on an empty queue, watches the job by id, and was sent it up to `seq`. A `subscribe
+        all` stream keeps its cursors its own way (`_advance`), and is not a rider."""
+        if self._busy or self._all or self._direct is None or self._ending is not None:
+            return None
+        if job_id not in self._watched or self._cursors.get(job_id) != seq:
+            return None
+        return self._direct.writable_transport()
+
+    def _rode(self, job_id: str, seq: int, terminal: bool) -> None:
+        """The job's fan-out wrote the events up to `seq` (and `terminal`: the job's terminal event)."""
+        if job_id not in self._watched:
+            return
+        self._advance(job_id, seq)
+        if terminal:
+            end = self._finished(job_id)
+            if end is not None:
+                self._end_soon(end)
 
     def _end_soon(self, end: StreamEnd) -> None:
         """End the stream once the hub is quiet: the hub is handing out an event now, maybe to
