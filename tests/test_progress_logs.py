@@ -1,6 +1,7 @@
 """Keys never reach the logs: a browser's `?token=<key>` on a WebSocket or an EventSource URL is in no
 log line of any service, at INFO or at DEBUG. uvicorn's WebSocket handshake lines, which carry URLs,
-are logged at DEBUG only (one per socket, as an access log)."""
+and websockets' "connection open" and "connection closed" are logged at DEBUG only (three per socket,
+as an access log would be)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import httpx
 import structlog
 import websockets
 
-from conveyor.logs import REDACTED, configure_logging, redact
+from conveyor.logs import REDACTED, WEBSOCKET_LOGGER, configure_logging, redact
 
 from harness import KEY_A, Stack, eventually, wait_for_status
 
@@ -33,7 +34,7 @@ def test_the_value_of_every_token_parameter_is_redacted_and_nothing_else() -> No
     )
 
 
-def test_uvicorns_websocket_handshake_lines_are_logged_at_debug_only() -> None:
+def test_the_lines_about_each_websocket_are_logged_at_debug_only() -> None:
     uvicorn_errors = logging.getLogger("uvicorn.error")
     handshake = uvicorn_errors.makeRecord(
         "uvicorn.error",
@@ -49,16 +50,23 @@ def test_uvicorns_websocket_handshake_lines_are_logged_at_debug_only() -> None:
     )
     # configure_logging adds filters to uvicorn's logger and to the root's handlers: put back what the
     # other tests of this process found.
+    sockets = logging.getLogger(WEBSOCKET_LOGGER)
     handlers = list(logging.getLogger().handlers)
     filters_before = [list(uvicorn_errors.filters), *(list(handler.filters) for handler in handlers)]
+    level_before = sockets.level
     try:
         configure_logging("INFO")
         assert (uvicorn_errors.filter(handshake), uvicorn_errors.filter(started)) == (False, True)
+        # The progress service's sockets: their INFO lines are not even made, their errors are logged.
+        assert (sockets.isEnabledFor(logging.INFO), sockets.isEnabledFor(logging.WARNING)) == (False, True)
         configure_logging("DEBUG")
         assert (uvicorn_errors.filter(handshake), uvicorn_errors.filter(started)) == (True, True)
+        # ...and at DEBUG whatever uvicorn's logger logs (the integration test below sees them).
+        assert sockets.level == logging.NOTSET
     finally:
         for filterer, filters in zip([uvicorn_errors, *handlers], filters_before, strict=True):
             filterer.filters[:] = filters
+        sockets.setLevel(level_before)
         structlog.reset_defaults()
 
 
@@ -107,6 +115,8 @@ async def test_a_key_in_a_url_is_in_no_log_line_at_info_or_debug(module_stack: S
 
         await eventually(handshakes_logged, LOG_TIMEOUT_S, "the DEBUG progress service to log the handshakes")
         assert "WebSocket /v1/" not in module_stack.log("progress")
+        assert "connection open" not in module_stack.log("progress")
+        assert "connection open" in module_stack.log("progress-debug")
         # ...with the key's place kept and its value gone, here and in every other line of every service.
         for log in module_stack.log_dir.glob("*.log"):
             text = log.read_text(errors="replace")

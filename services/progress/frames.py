@@ -9,6 +9,7 @@ that negotiated it gets its frames from `websockets`, one by one).
 from __future__ import annotations
 
 import asyncio
+import logging
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, TypeVar, cast
@@ -17,6 +18,7 @@ from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIO
 from websockets.frames import Frame
 
 from conveyor.events import JobEvent
+from conveyor.logs import WEBSOCKET_LOGGER
 from services.progress.keepalive import Keepalive, KeepaliveSlot, keepalive_for
 
 # The scope extension through which a connection reaches its own protocol object.
@@ -131,11 +133,18 @@ def direct_writer(scope: Mapping[str, Any]) -> DirectWriter | None:
 
 class ProgressWebSocketProtocol(WebSocketsSansIOProtocol):
     """uvicorn's sans-I/O WebSocket protocol, handing the app its own protocol object (through a scope
-    extension) so that events can be written to the transport without an ASGI `send` each, and pinged
-    from one timer for all sockets (`keepalive`) rather than two timers of its own."""
+    extension) so that events can be written to the transport without an ASGI `send` each, pinged
+    from one timer for all sockets (`keepalive`) rather than two timers of its own, and logging the
+    socket's open, handshake and close at DEBUG only."""
 
     _keepalive: Keepalive | None = None
     _keepalive_slot: KeepaliveSlot | None = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # uvicorn's lines about the socket and websockets' go through a logger of their own, quiet
+        # below DEBUG (`conveyor.logs.WEBSOCKET_LOGGER`).
+        self.logger = self.conn.logger = logging.getLogger(WEBSOCKET_LOGGER)
 
     def start_keepalive(self) -> None:
         if not (self.ping_interval and self.ping_timeout):

@@ -16,6 +16,12 @@ SECRET_PARAMETER = re.compile(r"(?P<name>[?&]token=)[^&\s\"']*", re.IGNORECASE)
 REDACTED = "[redacted]"
 # How uvicorn begins the line it logs for every WebSocket handshake (`[accepted]`, `403`, a status).
 WEBSOCKET_HANDSHAKE_LINE = '%s - "WebSocket %s"'
+# The logger the progress service's sockets log through (`services/progress/frames.py`), a child of
+# uvicorn's error logger: uvicorn's handshake line and websockets' "connection open" and "connection
+# closed", three INFO lines per socket that say nothing the metrics do not. Below DEBUG it is set to
+# WARNING, so those records are never made (a filter sees a record only once it is made: at 10,000
+# sockets connecting, ~7% of the service's CPU); a socket's errors still reach the log.
+WEBSOCKET_LOGGER = "uvicorn.error.websockets"
 
 
 def redact(text: str) -> str:
@@ -65,8 +71,12 @@ def configure_logging(level: str = "INFO", json: bool = False) -> None:
     uvicorn_errors = logging.getLogger("uvicorn.error")
     for earlier in [f for f in uvicorn_errors.filters if isinstance(f, SkipHandshakeLines)]:
         uvicorn_errors.removeFilter(earlier)  # configured again (a child process): its level decides
-    if logging.getLevelName(level.upper()) != logging.DEBUG:
+    debug = logging.getLevelName(level.upper()) == logging.DEBUG
+    if not debug:
         uvicorn_errors.addFilter(SkipHandshakeLines())
+    # At DEBUG it takes uvicorn's level, and its lines are logged, like the handshake lines above (the
+    # filter on uvicorn's logger never sees a child's records: they go straight to the handlers).
+    logging.getLogger(WEBSOCKET_LOGGER).setLevel(logging.NOTSET if debug else logging.WARNING)
     # aiokafka is chatty about reconnects that we already report ourselves.
     logging.getLogger("aiokafka").setLevel(logging.ERROR)
     # Alembic announces its dialect at every start; keep only the upgrades it runs.
