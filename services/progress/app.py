@@ -50,7 +50,7 @@ def create_app(settings: Settings) -> SocketRoutes:
             lambda: run_every(metrics.TALLY_FLUSH_S, _flush_tallies, failure_event="metrics.flush_failed"),
         )
         tallies.start()
-        collector.started()
+        collector.started(old_threshold=collector.GROWING_HEAP_OLD_THRESHOLD)
         try:
             yield
         finally:
