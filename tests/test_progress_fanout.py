@@ -4,7 +4,6 @@ ride, what is written to their transports, and where each one is left when it st
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Sequence
 
 from conveyor.events import JobEvent
@@ -13,30 +12,12 @@ from services.progress.fanout import Fanout
 from services.progress.frames import DIRECT_WRITE_MAX_BUFFERED, event_frames
 from services.progress.hub import QUIET_S, EventHub
 from tests.test_progress_channel import event
-from tests.test_progress_stream import frame_payloads
+from tests.test_progress_stream import FrameRecorder
 
 from harness import eventually
 
 JOB = "j1"
 TENANT = "t"
-
-
-class Socket:
-    """A transport that records the seqs of each write, and can be made slow or closing."""
-
-    def __init__(self) -> None:
-        self.writes: list[list[int]] = []
-        self.buffered = 0
-        self.closing = False
-
-    def write(self, data: bytes) -> None:
-        self.writes.append([json.loads(payload)["seq"] for payload in frame_payloads(data)])
-
-    def is_closing(self) -> bool:
-        return self.closing
-
-    def get_write_buffer_size(self) -> int:
-        return self.buffered
 
 
 class Watcher:
@@ -46,7 +27,7 @@ class Watcher:
         self.tenant = tenant
         self.cursor = cursor
         self.busy = False
-        self.socket = Socket()
+        self.socket = FrameRecorder()
         self.offered: list[int] = []
         self.left: list[tuple[int, bool]] = []
 
@@ -61,7 +42,7 @@ class Watcher:
         for offered in events:
             self.offer(offered)
 
-    def ride(self, fanout: Fanout) -> Socket | None:
+    def ride(self, fanout: Fanout) -> FrameRecorder | None:
         return self.socket if not self.busy and self.cursor == fanout.seq else None
 
     def left_fanout(self, job_id: str, seq: int, terminal: bool) -> None:

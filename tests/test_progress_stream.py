@@ -120,10 +120,12 @@ class RecordedWrites:
 
 
 class FrameRecorder:
-    """A transport that records the seqs of the events in each write's text frames."""
+    """A transport that records the seqs of the events in each write's text frames (in `writes`), and
+    can be made slow (`buffered`) or closing."""
 
-    def __init__(self, writes: list[list[int]]) -> None:
-        self.writes = writes
+    def __init__(self, writes: list[list[int]] | None = None) -> None:
+        self.writes: list[list[int]] = [] if writes is None else writes
+        self.buffered = 0
         self.closing = False
 
     def write(self, data: bytes) -> None:
@@ -133,7 +135,7 @@ class FrameRecorder:
         return self.closing
 
     def get_write_buffer_size(self) -> int:
-        return 0
+        return self.buffered
 
 
 def frame_payloads(data: bytes) -> list[bytes]:
