@@ -26,6 +26,8 @@ DIRECT_WRITE_EXTENSION = "conveyor.direct_write"
 # A socket with more than this waiting in its transport's buffer is slow: its events go through its
 # channel's queue, where progress events coalesce, instead of straight to the transport.
 DIRECT_WRITE_MAX_BUFFERED = 16 * 1024
+# Where each socket's own lines go: quiet below DEBUG (`conveyor.logs.WEBSOCKET_LOGGER`).
+SOCKET_LOGGER = logging.getLogger(WEBSOCKET_LOGGER)
 
 _FIN_TEXT = 0x81
 
@@ -142,9 +144,8 @@ class ProgressWebSocketProtocol(WebSocketsSansIOProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # uvicorn's lines about the socket and websockets' go through a logger of their own, quiet
-        # below DEBUG (`conveyor.logs.WEBSOCKET_LOGGER`).
-        self.logger = self.conn.logger = logging.getLogger(WEBSOCKET_LOGGER)
+        # uvicorn's lines about the socket and websockets' go through a logger of their own.
+        self.logger = self.conn.logger = SOCKET_LOGGER
 
     def start_keepalive(self) -> None:
         if not (self.ping_interval and self.ping_timeout):
